@@ -1,0 +1,84 @@
+"""Small real models for tests, made on the fly (random init; for plumbing, never for accuracy).
+
+Accuracy assertions use the trained reference models (trtconv.reference_models) instead: on a
+random model the logits are near uniform and top-1 agreement is noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_TOKENIZER_TEXT = [
+    "def main(argv):\n    return parse(argv)\n",
+    "Return the number of items in a container.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "class Parser:\n    '''Parse command line arguments.'''\n",
+    "Raise ValueError if the value is negative; otherwise return its square root.",
+]
+
+
+def make_tokenizer(out_dir: Path, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on a few lines, saved as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_TEXT * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
+    """Config of a tiny model whose Linear dims are multiples of 128 (so AWQ group 128 applies)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if arch == "llama":
+        # Llama-3 style rope: theta 500000 with llama3 scaling, so a dropped rotary setting shows.
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
+        return LlamaConfig(rope_parameters=rope, **common)
+    if arch == "qwen2":
+        return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def make_tiny_model(out_dir: Path, arch: str = "llama", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides) -> Path:
+    """Save a random-init tiny model + tokenizer as a normal HF folder and return its path."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out_dir)
+    cfg = tiny_config(arch, vocab_size=len(tok), **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model.save_pretrained(out_dir)
+    return out_dir
