@@ -1,0 +1,358 @@
+"""The pipeline: load -> calibrate -> export -> engine -> evaluate -> manifest, one exit code.
+
+Each stage lives in its own module with one small entry point; this file only sequences them,
+times them, and writes the artifact atomically. Everything that can be checked before the
+expensive work (recipe, output folder, model folder, data, engine plan, precision on this device)
+is checked first, so a mistake costs seconds, not an hour of calibration.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trtconv import __version__
+from trtconv.artifact import ArtifactWriter, sha256_file
+from trtconv.environment import detect_device, host_summary, numeric_environment, package_versions
+from trtconv.errors import DataError, GateFailed, Interrupted, UserError
+from trtconv.manifest import FileRecord, InputRecord, Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
+from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+from trtconv.recipe import Recipe
+from trtconv.ui import Reporter
+
+
+@dataclass
+class BuildOptions:
+    out: Path
+    force: bool = False
+    require_engine: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    command: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildOutcome:
+    manifest: Manifest
+    path: Path  # where the artifact was written (OUT, or OUT.failed when a good one was kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time and memory per stage
+
+
+def _rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class StageMeter:
+    """Wall time, peak resident memory (sampled every 50 ms) and peak CUDA memory of one stage."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.peak_rss = 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            rss = _rss_mib()
+            if rss is not None:
+                self.peak_rss = max(self.peak_rss, rss)
+
+    def __enter__(self) -> StageMeter:
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.peak_rss = _rss_mib() or 0.0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self.wall_s = time.monotonic() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, _rss_mib() or 0.0)
+        self.peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+
+    def record(self, status: str = "ok", **details) -> StageRecord:
+        return StageRecord(
+            name=self.name,
+            status=status,
+            wall_s=round(self.wall_s, 3),
+            peak_rss_mib=round(self.peak_rss, 1),
+            peak_gpu_mib=round(self.peak_gpu, 1) if self.peak_gpu is not None else None,
+            details=details,
+        )
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (CI cancelling a job) cleans up exactly like Ctrl-C."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: every cheap check before any expensive work
+
+
+def data_path(section_data: str | None, builtin: str) -> Path:
+    from trtconv.datapack import builtin_pack
+
+    if section_data is None:
+        return builtin_pack(builtin)
+    path = Path(section_data)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; give a .jsonl, .txt or a folder of them")
+    return path
+
+
+def check_lengths(recipe: Recipe, hf_cfg: dict, model_dir: Path) -> None:
+    limit = hf_cfg.get("max_position_embeddings")
+    if not limit:
+        return
+    for key, value in (("calibration.seq_len", recipe.calibration.seq_len), ("evaluate.seq_len", recipe.evaluate.seq_len)):
+        if value > limit:
+            raise UserError(
+                f"{key} = {value} is above the model's max_position_embeddings = {limit} "
+                f"({model_dir / 'config.json'}); use at most {limit}"
+            )
+
+
+def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
+    tp = recipe.export.tp_size
+    kv_heads = hf_cfg.get("num_key_value_heads") or hf_cfg.get("num_attention_heads")
+    if kv_heads and kv_heads % tp:
+        raise UserError(
+            f"export.tp_size = {tp} does not divide the model's {kv_heads} KV heads; allowed tp sizes: "
+            + ", ".join(str(d) for d in range(1, kv_heads + 1) if kv_heads % d == 0)
+        )
+    layers = hf_cfg.get("num_hidden_layers")
+    if layers and recipe.export.pp_size > layers:
+        raise UserError(f"export.pp_size = {recipe.export.pp_size} exceeds the model's {layers} layers")
+
+
+def check_engine(recipe: Recipe, hf_cfg: dict, device, reporter: Reporter) -> None:
+    from trtconv.engine_checks import check_engine_plan, check_precision_on_device
+    from trtconv.environment import package_version
+
+    quant_algo = PRECISIONS[recipe.quantization.precision].quant_algo
+    kv_algo = KV_CACHE_FORMATS[recipe.quantization.kv_cache].kv_cache_quant_algo
+    warnings = []
+    if device.kind == "cuda":
+        warnings += check_precision_on_device(quant_algo, kv_algo, device)
+    warnings += check_engine_plan(
+        recipe.engine,
+        quant_algo=quant_algo,
+        kv_cache_quant_algo=kv_algo,
+        tp_size=recipe.export.tp_size,
+        pp_size=recipe.export.pp_size,
+        num_kv_heads=hf_cfg.get("num_key_value_heads") or hf_cfg.get("num_attention_heads") or 1,
+        device=device if device.kind == "cuda" else None,
+        trtllm_version=package_version("tensorrt_llm"),
+    )
+    for w in warnings:
+        reporter.warn(w)
+
+
+def data_input(role: str, path: Path) -> InputRecord:
+    if path.is_file():
+        files = [FileRecord(path=path.name, sha256=sha256_file(path), size=path.stat().st_size)]
+        return InputRecord(role=role, root=str(path.parent), files=files)
+    return InputRecord(role=role, root=str(path), files=hash_tree(path, skip=set()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
+    recipe = recipe.resolved()
+    with sigterm_as_interrupt():
+        try:
+            return _build(recipe, opts, reporter)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; nothing was written to {opts.out} (the previous artifact, if any, is intact)") from None
+
+
+def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
+    from trtconv import load
+
+    device = detect_device(opts.device)
+    torch_device = "cuda" if device.kind == "cuda" else "cpu"
+    stages: list[StageRecord] = []
+    writer = ArtifactWriter(opts.out, force=opts.force)
+    writer.preflight()  # output folder problems first: they cost nothing to find
+
+    with StageMeter("load") as m:
+        reporter.stage("load", "resolving the model")
+        model_dir, hf_cfg, arch, _weights = load.inspect_checkpoint(recipe.model, progress=reporter.info)
+        check_lengths(recipe, hf_cfg, model_dir)
+        check_parallelism(recipe, hf_cfg)
+        check_engine(recipe, hf_cfg, device, reporter)
+        calib_path = data_path(recipe.calibration.data, "calib")
+        eval_path = data_path(recipe.evaluate.data, "eval")
+        loaded = load.run(recipe.model, device=torch_device)
+        reporter.stage("load", f"{arch} from {model_dir} ({loaded.model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype})")
+    stages.append(m.record(architecture=arch, model_dir=str(model_dir)))
+
+    from trtconv import calibrate, evaluate, export, samples
+
+    calibrate.check_group_size(loaded.model, recipe.quantization, recipe.export.tp_size)
+    calib_tokens = samples.calibration_rows(
+        calib_path, loaded.tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
+    )
+    eval_tokens = None
+    if recipe.evaluate.enabled:
+        eval_tokens = samples.evaluation_rows(
+            eval_path, loaded.tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
+        )
+        samples.check_disjoint(calib_tokens, eval_tokens)
+
+    with writer:
+        with StageMeter("calibrate") as m:
+            reporter.stage("calibrate", f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "
+                           f"{len(calib_tokens.rows)} x {recipe.calibration.seq_len} tokens")
+            calib = calibrate.run(
+                loaded.model, recipe.quantization, calib_tokens, recipe.calibration.batch_size, torch_device, reporter
+            )
+        stages.append(m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census))
+
+        with StageMeter("export") as m:
+            reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
+            exported = export.run(
+                loaded.model, loaded.tokenizer, loaded.hf_config, arch, recipe.export, recipe.quantization, writer.tmp
+            )
+            for r in exported.repairs:
+                reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
+        stages.append(m.record(repairs=len(exported.repairs)))
+        del loaded.model  # the quantized in-memory model is not needed again: the gate reads the files
+
+        engine_record = run_engine_stage(recipe, exported, writer.tmp, opts, reporter, stages)
+
+        metrics, gates, evaluation = {}, [], {}
+        if eval_tokens is not None:
+            with StageMeter("evaluate") as m:
+                metrics, gates, evaluation = run_evaluate(recipe, model_dir, exported, eval_tokens, torch_device, reporter)
+            stages.append(m.record(candidate=evaluation.get("candidate")))
+
+        passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
+        (writer.tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        outputs = hash_tree(writer.tmp)
+        manifest = Manifest(
+            trtconv_version=__version__,
+            command=opts.command,
+            created_utc=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            status="passed" if passed else "failed",
+            status_reason="" if passed else "accuracy gate failed: " + ", ".join(g.metric for g in gates if g.verdict != "pass"),
+            recipe=recipe.model_dump(mode="json"),
+            recipe_sha256=recipe.sha256(),
+            inputs=loaded.inputs
+            + [data_input("calibration_data", calib_path)]
+            + ([data_input("evaluation_data", eval_path)] if eval_tokens is not None else []),
+            outputs=outputs,
+            artifact_digest=artifact_digest(outputs),
+            versions=package_versions(),
+            device=device.to_dict(),
+            host=host_summary(),
+            environment=numeric_environment(),
+            seeds={"calibration": recipe.calibration.seed, "evaluation": recipe.evaluate.seed},
+            calibration={**calib_tokens.manifest_record(), "quant_config": calib.quant_config},
+            evaluation=evaluation,
+            export=exported.manifest_record(),
+            engine=engine_record,
+            stages=stages,
+            metrics=metrics,
+            gates=gates,
+        )
+        write_manifest(manifest, writer.tmp)
+        path = writer.commit() if passed else writer.commit_failed()
+    outcome = BuildOutcome(manifest=manifest, path=path)
+    if not passed:
+        raise GateFailed(outcome)
+    return outcome
+
+
+def run_engine_stage(recipe: Recipe, exported, root: Path, opts: BuildOptions, reporter: Reporter, stages: list) -> dict:
+    if recipe.engine.target == "none":
+        stages.append(StageRecord(name="engine", status="skipped", wall_s=0.0, details={"target": "none"}))
+        return {"target": "none", "status": "skipped"}
+    from trtconv import engine
+
+    with StageMeter("engine") as m:
+        record = engine.run_engine_target(recipe, exported, root, require=opts.require_engine)
+    status = {"built": "ok", "not_built": "not_built", "failed": "failed"}[record.status]
+    stages.append(m.record(status=status, target=record.target))
+    reporter.stage("engine", f"{record.target}: {record.status}" + (f" ({record.reason})" if record.reason else ""))
+    if record.status == "failed":
+        raise UserError(f"engine build failed: {record.reason}")
+    return record.model_dump(mode="json")
+
+
+def run_evaluate(recipe: Recipe, model_dir: Path, exported, tokens, device: str, reporter: Reporter):
+    from trtconv import evaluate, load
+
+    # The original model, freshly read from disk in float32: the in-memory one was quantized in place.
+    baseline = load.load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
+    candidate, kind = candidate_logits(exported, device)
+
+    def baseline_logits(ids):
+        return baseline(input_ids=ids, use_cache=False).logits
+
+    n_batches = -(-len(tokens.rows) // recipe.evaluate.batch_size)
+    with reporter.progress("evaluation batches", total=n_batches) as advance:
+        stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, advance)
+    summary = evaluate.summarize(stats, recipe.evaluate.seed)
+    gates = evaluate.apply_gates(summary, recipe.evaluate)
+    evaluation = {
+        **tokens.manifest_record(),
+        "candidate": kind,
+        "baseline": "original HF checkpoint (transformers, float32)",
+        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
+    }
+    for g in gates:
+        reporter.stage("evaluate", f"{g.metric}: {g.value:.5g} [{g.ci_low if g.ci_low is not None else float('nan'):.5g}, "
+                       f"{g.ci_high if g.ci_high is not None else float('nan'):.5g}] {g.comparator} {g.threshold:g} -> {g.verdict}")
+    return summary, gates, evaluation
+
+
+def candidate_logits(exported, device: str):
+    """The artifact as a function input_ids -> logits, and a description of what it is."""
+    from trtconv.reference_executor import load_checkpoint_model
+
+    if exported.checkpoint_dir is None:
+        raise UserError(
+            "evaluate needs the TensorRT-LLM checkpoint to judge the artifact; set export.tensorrt_llm_checkpoint: true "
+            "or evaluate.enabled: false"
+        )
+    model = load_checkpoint_model(exported.checkpoint_dir, device=device)
+    return model.logits, "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"
+
