@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -21,13 +21,14 @@ from trtconv.errors import DataError, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe import QuantizationSection
 from trtconv.samples import TokenSet
+from trtconv.ui import quiet_dependency
 
 
 @dataclass
 class CalibrationResult:
     quant_config: dict  # what was handed to mtq.quantize, JSON-able
     census: dict  # enabled quantizers by kind, excluded modules
-    wall_s: float = 0.0
+    dependency_output: list[str] = field(default_factory=list)  # what ModelOpt printed/warned
 
 
 def import_modelopt():
@@ -142,7 +143,8 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
         cfg = build_quant_config(section)
     n_batches = math.ceil(len(tokens.rows) / batch_size)
     # AWQ runs the calibration data several times (search, then calibrate); the bar counts passes.
-    with reporter.progress("calibration batches", total=n_batches) as advance:
+    log: list[str] = []
+    with reporter.progress("calibration batches", total=n_batches) as advance, quiet_dependency(log):
         mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, advance))
     census = quantizer_census(model)
     if section.precision != "none" and not census["enabled"].get("weight_quantizer"):
@@ -156,7 +158,7 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
             f"(zero or non-finite amax), e.g. {census['invalid_amax'][:3]}; the calibration data may be too "
             "short or degenerate: raise calibration.num_samples or use other text"
         )
-    return CalibrationResult(quant_config=_jsonable(cfg), census=census)
+    return CalibrationResult(quant_config=_jsonable(cfg), census=census, dependency_output=log)
 
 
 def _jsonable(obj):

@@ -10,11 +10,8 @@ validate the written files against the format.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from typing import Any
 from trtconv.errors import CheckpointError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe import ExportSection, QuantizationSection
+from trtconv.ui import quiet_dependency
 
 CHECKPOINT_DIR = "checkpoint"
 HF_CHECKPOINT_DIR = "hf_checkpoint"
@@ -54,18 +52,6 @@ class ExportResult:
             "validation": self.validation,
             "dependency_warnings": self.dependency_warnings,
         }
-
-
-@contextlib.contextmanager
-def quiet_dependency(collected: list[str]):
-    """ModelOpt prints to stdout and warns freely; keep stdout clean for --json and keep the warnings."""
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        text = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0] if str(w.message).strip() else ''}"
-        if text not in collected:
-            collected.append(text)
 
 
 def rope_settings(hf_config) -> tuple[float | None, dict | None]:

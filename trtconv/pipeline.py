@@ -26,6 +26,9 @@ from trtconv.recipe import Recipe
 from trtconv.ui import Reporter
 
 
+ENGINE_DIR = "engine"
+
+
 @dataclass
 class BuildOptions:
     out: Path
@@ -205,7 +208,9 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
     from trtconv import load
+    from trtconv.ui import silence_library_progress_bars
 
+    silence_library_progress_bars()
     device = detect_device(opts.device)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
     stages: list[StageRecord] = []
@@ -244,7 +249,9 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             calib = calibrate.run(
                 loaded.model, recipe.quantization, calib_tokens, recipe.calibration.batch_size, torch_device, reporter
             )
-        stages.append(m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census))
+        stages.append(
+            m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output)
+        )
 
         with StageMeter("export") as m:
             reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
@@ -305,10 +312,22 @@ def run_engine_stage(recipe: Recipe, exported, root: Path, opts: BuildOptions, r
     if recipe.engine.target == "none":
         stages.append(StageRecord(name="engine", status="skipped", wall_s=0.0, details={"target": "none"}))
         return {"target": "none", "status": "skipped"}
-    from trtconv import engine
+    from trtconv.engine import build_tensorrt_engine, prepare_pytorch_target
 
     with StageMeter("engine") as m:
-        record = engine.run_engine_target(recipe, exported, root, require=opts.require_engine)
+        if recipe.engine.target == "tensorrt":
+            reporter.stage("engine", "tensorrt: trtllm-build from the TensorRT-LLM checkpoint")
+            record = build_tensorrt_engine(exported.checkpoint_dir, root / ENGINE_DIR, recipe.engine.tensorrt, require=opts.require_engine)
+        else:
+            reporter.stage("engine", "pytorch: LLM-API options for the unified HF checkpoint")
+            record = prepare_pytorch_target(
+                exported.hf_checkpoint_dir,
+                root / ENGINE_DIR,
+                recipe.engine.pytorch,
+                tp_size=recipe.export.tp_size,
+                pp_size=recipe.export.pp_size,
+                require=opts.require_engine,
+            )
     status = {"built": "ok", "not_built": "not_built", "failed": "failed"}[record.status]
     stages.append(m.record(status=status, target=record.target))
     reporter.stage("engine", f"{record.target}: {record.status}" + (f" ({record.reason})" if record.reason else ""))

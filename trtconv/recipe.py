@@ -120,6 +120,14 @@ class Recipe(Strict):
     engine: EngineSection = Field(default_factory=EngineSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
 
+    @model_validator(mode="after")
+    def _engine_needs_its_export(self) -> Recipe:
+        if self.engine.target == "tensorrt" and not self.export.tensorrt_llm_checkpoint:
+            raise ValueError("engine.target tensorrt builds from the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true")
+        if self.engine.target == "pytorch" and not self.export.hf_checkpoint:
+            raise ValueError("engine.target pytorch serves the unified HF checkpoint: set export.hf_checkpoint: true")
+        return self
+
     def resolved(self) -> Recipe:
         """A copy with every default made explicit (gate thresholds from the precision's defaults)."""
         data = self.model_dump(mode="json")

@@ -7,8 +7,11 @@ the final result; ``json`` leaves stdout to the machine-readable summary.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -76,3 +79,40 @@ class Reporter:
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+@contextmanager
+def quiet_dependency(collected: list[str]) -> Iterator[None]:
+    """Run ModelOpt/transformers code that prints to stdout and warns freely.
+
+    stdout must stay clean for `--json`, and CI logs readable; what they said is kept (deduplicated)
+    in `collected`, which the manifest records, so nothing is hidden, only moved.
+    """
+    buffer = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(buffer):
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                message = str(w.message).strip().splitlines()
+                _add(collected, f"{w.category.__name__}: {message[0] if message else ''}")
+            for line in buffer.getvalue().splitlines():
+                if line.strip():
+                    _add(collected, line.strip())
+
+
+def _add(collected: list[str], text: str, limit: int = 200) -> None:
+    if text not in collected and len(collected) < limit:
+        collected.append(text)
+
+
+def silence_library_progress_bars() -> None:
+    """transformers' per-file progress bars would flood CI logs; our own progress covers the stages."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

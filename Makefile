@@ -1,0 +1,36 @@
+# Two commands a fresh machine needs (see README):
+#   make demo   set up .venv and run `trtconv build` on the built-in default recipe
+#   make test   set up .venv and run the test suite (CI runs exactly this, via .ci/run)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch first, so that nothing below pulls a multi-GB CUDA build. On a GPU machine
+# pass your own, e.g. `make setup TORCH=torch` (trtconv itself accepts any torch >= 2.8).
+TORCH ?= torch==2.13.0
+OUT ?= out/default
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/trtconv build default -o $(OUT) --force
+	$(BIN)/trtconv verify $(OUT)
+
+# pytest's exit 5 ("no tests collected") must never pass CI by accident: it is turned into a failure.
+test: setup
+	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
