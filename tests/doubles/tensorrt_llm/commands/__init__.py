@@ -1,0 +1,1 @@
+"""TEST DOUBLE: tensorrt_llm.commands (only `build`, the trtllm-build entry point)."""
