@@ -1,0 +1,125 @@
+"""Test helpers: quantize a tiny model with ModelOpt and export a real TensorRT-LLM checkpoint.
+
+Shared by the format/executor tests and usable by others. Everything here calls ModelOpt 0.47 for
+real (CPU); nothing is mocked. Keep models tiny: a quantize+export takes 1-4 s on one core.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from tests.factories import make_tiny_model
+
+# trtconv precision names used in tests -> ModelOpt preset names (modelopt.recipe.presets).
+PRECISIONS = ("none", "fp8", "int8_smoothquant", "int4_awq", "w4a8_awq_beta")
+
+# AWQ group 128 must divide every rank-local input dim, so tp 2 AWQ needs hidden 256 (notes §5).
+AWQ_TP2_SIZES = {"hidden_size": 256, "intermediate_size": 512}
+
+
+def load_bf16_exact_model(model_dir: Path) -> torch.nn.Module:
+    """The saved model in float32, with every weight rounded to bfloat16 first.
+
+    The exporter writes unquantized tensors in bf16 (it refuses fp32), so a model whose weights
+    are already bf16 values exports losslessly and can be compared to float tolerance.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model.eval()
+
+
+def make_model(tmp_dir: Path, arch: str = "llama", **sizes) -> torch.nn.Module:
+    return load_bf16_exact_model(make_tiny_model(Path(tmp_dir) / f"hf_{arch}", arch=arch, dtype=torch.float32, **sizes))
+
+
+def token_batches(vocab_size: int, count: int = 4, batch: int = 2, length: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (batch, length), generator=generator) for _ in range(count)]
+
+
+def quant_config(precision: str, kv_fp8: bool = False) -> dict:
+    import modelopt.torch.quantization as mtq
+    from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES, QUANT_CFG_CHOICES
+
+    cfg = copy.deepcopy(QUANT_CFG_CHOICES[precision])
+    if kv_fp8:
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
+    return cfg
+
+
+def quantize(model: torch.nn.Module, precision: str, kv_fp8: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A calibrated fake-quant copy of ``model`` (the original is left untouched)."""
+    import modelopt.torch.quantization as mtq
+
+    quantized = copy.deepcopy(model)
+    if precision == "none":
+        return quantized
+    batches = token_batches(model.config.vocab_size, seed=seed)
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        for ids in batches:
+            m(ids)
+
+    with torch.no_grad():
+        mtq.quantize(quantized, quant_config(precision, kv_fp8), forward_loop)
+    return quantized.eval()
+
+
+def trtllm_rope_fields(hf_config) -> dict:
+    """rotary_base / rotary_scaling as TensorRT-LLM's own converter derives them from HF."""
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    fields: dict = {"rotary_base": float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        fields["rotary_scaling"] = {"type": rope_type, **{k: rope[k] for k in keys if k in rope}}
+    return fields
+
+
+def write_rope_fields(ckpt_dir: Path, hf_config) -> None:
+    """Put back what the exporter drops under transformers 5 (the repair trtconv.export does)."""
+    path = Path(ckpt_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(trtllm_rope_fields(hf_config))
+    path.write_text(json.dumps(config, indent=2))
+
+
+def export_trtllm(model: torch.nn.Module, out_dir: Path, tp: int = 1, pp: int = 1, repair_rope: bool = True) -> Path:
+    """export_tensorrt_llm_checkpoint in bf16 (always with an explicit tp: the default 0 crashes)."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from modelopt.torch.export.model_utils import get_model_type
+
+    out_dir = Path(out_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Cannot export tensorrt_llm checkpoint config ..." etc.
+        export_tensorrt_llm_checkpoint(
+            model,
+            get_model_type(model),
+            dtype=torch.bfloat16,
+            export_dir=out_dir,
+            inference_tensor_parallel=tp,
+            inference_pipeline_parallel=pp,
+        )
+    if repair_rope:
+        write_rope_fields(out_dir, model.config)
+    return out_dir
+
+
+@torch.no_grad()
+def hf_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids).logits.float()
+
+
+def rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖candidate − reference‖ / ‖reference‖ over the reference's vocab (drops AWQ vocab padding)."""
+    candidate = candidate[..., : reference.shape[-1]]
+    return float((candidate - reference).norm() / reference.norm())
