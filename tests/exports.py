@@ -123,3 +123,56 @@ def rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     """‖candidate − reference‖ / ‖reference‖ over the reference's vocab (drops AWQ vocab padding)."""
     candidate = candidate[..., : reference.shape[-1]]
     return float((candidate - reference).norm() / reference.norm())
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def edit_config(ckpt_dir: Path, edit) -> None:
+    """Apply ``edit(config_dict)`` to a checkpoint's config.json in place."""
+    path = Path(ckpt_dir) / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def rewrite_tensor(ckpt_dir: Path, rank: int, name: str, change) -> None:
+    """Replace tensor ``name`` of rank{rank}.safetensors by ``change(tensor)`` (safetensors only)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(ckpt_dir) / f"rank{rank}.safetensors"
+    tensors = load_file(path)
+    tensors[name] = change(tensors[name]).contiguous()
+    save_file(tensors, path)
+
+
+def align_fake_quant_with_checkpoint(quantized: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Make the fake-quant model compute what the checkpoint says, where the exporter rounded or
+    clamped a value without updating the model:
+
+    - prequant (smoothing) scales are stored in bf16 while the model keeps fp32;
+    - FP8 KV-cache scales are clamped to >= 1.0 on export (ModelOpt's get_kv_cache_scaling_factor)
+      and k/v are merged into one kv_cache_scaling_factor.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(Path(ckpt_dir) / "rank0.safetensors"), framework="pt") as f:
+        kv_scales = {
+            int(k.split(".")[2]): f.get_tensor(k).float()
+            for k in f.keys()
+            if k.endswith("attention.kv_cache_scaling_factor")
+        }
+    with torch.no_grad():
+        for module in quantized.modules():
+            quantizer = getattr(module, "input_quantizer", None)
+            scale = getattr(quantizer, "pre_quant_scale", None) if quantizer is not None else None
+            if scale is not None:
+                scale.copy_(scale.to(torch.bfloat16).float())
+        for index, layer in enumerate(quantized.model.layers):
+            if index in kv_scales:
+                for name in ("k_bmm_quantizer", "v_bmm_quantizer"):
+                    getattr(layer.self_attn, name).amax.fill_(float(kv_scales[index]) * 448.0)
