@@ -119,7 +119,8 @@ def quantizer_census(model) -> dict:
     for name, mod in model.named_modules():
         if not isinstance(mod, TensorQuantizer) or not mod.is_enabled:
             continue
-        kind = name.rsplit(".", 1)[-1]
+        # W4A8 weight quantizers are sequential ("...weight_quantizer.0"): name them by their parent.
+        kind = next((part for part in reversed(name.split(".")) if part.endswith("quantizer")), name)
         counts[kind] = counts.get(kind, 0) + 1
         amax = getattr(mod, "amax", None)
         if amax is not None and not getattr(mod, "_dynamic", False):

@@ -341,7 +341,7 @@ def run_evaluate(recipe: Recipe, model_dir: Path, exported, tokens, device: str,
 
     # The original model, freshly read from disk in float32: the in-memory one was quantized in place.
     baseline = load.load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
-    candidate, kind = candidate_logits(exported, device)
+    candidate, kind = candidate_logits(exported, device, vocab=baseline.config.vocab_size)
 
     def baseline_logits(ids):
         return baseline(input_ids=ids, use_cache=False).logits
@@ -363,7 +363,7 @@ def run_evaluate(recipe: Recipe, model_dir: Path, exported, tokens, device: str,
     return summary, gates, evaluation
 
 
-def candidate_logits(exported, device: str):
+def candidate_logits(exported, device: str, vocab: int):
     """The artifact as a function input_ids -> logits, and a description of what it is."""
     from trtconv.reference_executor import load_checkpoint_model
 
@@ -373,5 +373,11 @@ def candidate_logits(exported, device: str):
             "or evaluate.enabled: false"
         )
     model = load_checkpoint_model(exported.checkpoint_dir, device=device)
-    return model.logits, "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"
+
+    def logits(ids):
+        # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
+        # multiple of 64; the padded ids are never real tokens, so compare over the real vocabulary.
+        return model.logits(ids)[..., :vocab]
+
+    return logits, "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"
 

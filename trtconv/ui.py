@@ -24,8 +24,10 @@ class Reporter:
         self.quiet = quiet
         self.json_mode = json_mode
         # Messages go to stderr when stdout carries JSON, so `--json | jq` always works.
-        self.console = Console(stderr=json_mode, highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        # Bound to the streams as they are now: ModelOpt's prints are redirected away from stdout
+        # while it runs (quiet_dependency), and our own progress must not be swallowed with them.
+        self.console = Console(file=sys.stderr if json_mode else sys.stdout, highlight=False)
+        self.err = Console(file=sys.stderr, highlight=False)
         interactive = self.console.is_terminal if force_plain is None else not force_plain
         self.plain = not interactive
         self._t0 = time.monotonic()
