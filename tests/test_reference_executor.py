@@ -179,3 +179,21 @@ def test_unpack_int4_low_nibble_is_even_row():
     # rows (out) 0..3 = [-8, 7, 1, -1] packed along out: byte0 = (7<<4)|(-8&0xF), byte1 = (-1<<4)|1
     packed = torch.tensor([[0x78], [0xF1 - 256]], dtype=torch.int8)
     assert unpack_int4_rows(packed).flatten().tolist() == [-8.0, 7.0, 1.0, -1.0]
+
+
+def test_bf16_compute_is_close_to_fp32(llama_unquantized, input_ids):
+    fp32 = load_checkpoint_model(llama_unquantized).logits(input_ids)
+    bf16 = load_checkpoint_model(llama_unquantized, compute_dtype=torch.bfloat16).logits(input_ids)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    assert rel_error(bf16, fp32) < 0.05
+
+
+def test_awq_export_pads_vocab_and_executor_keeps_it(quant_case):
+    """AWQ exports pad the vocab to a multiple of 64; the padding rows are zero logits."""
+    executor = load_checkpoint_model(quant_case["ckpt"])
+    logits = executor.logits(quant_case["ids"])
+    real_vocab = quant_case["original"].config.vocab_size
+    assert logits.shape[-1] == executor.vocab_size
+    if "awq" in quant_case["name"]:
+        assert executor.vocab_size % 64 == 0 and executor.vocab_size > real_vocab
+        assert torch.count_nonzero(logits[..., real_vocab:]) == 0

@@ -135,21 +135,24 @@ class RankFiles:
         from safetensors import safe_open
 
         self._handles = {}
+        self._names: dict[int, frozenset[str]] = {}  # keys() builds a list: look names up in a set
         for rank in range(world_size):
             path = ckpt_dir / f"rank{rank}.safetensors"
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing (mapping.world_size is {world_size})")
             try:
-                self._handles[rank] = (path, safe_open(str(path), framework="pt"))
+                handle = safe_open(str(path), framework="pt")
             except Exception as exc:
                 raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+            self._handles[rank] = (path, handle)
+            self._names[rank] = frozenset(handle.keys())
 
     def has(self, rank: int, name: str) -> bool:
-        return name in self._handles[rank][1].keys()
+        return name in self._names[rank]
 
     def get(self, rank: int, name: str) -> torch.Tensor:
         path, handle = self._handles[rank]
-        if name not in handle.keys():
+        if name not in self._names[rank]:
             raise CheckpointError(f"{path}: tensor {name} missing")
         return handle.get_tensor(name)
 
@@ -485,12 +488,12 @@ def load_checkpoint_model(
 # Per-layer weight error against the original model
 # --------------------------------------------------------------------------------------------
 
-# checkpoint linear -> HF module names (qkv is split into three).
+# DecoderLayer field -> HF module name (qkv is split into q/k/v separately).
 _HF_LINEARS = {
-    "attention.dense": "self_attn.o_proj",
-    "mlp.fc": "mlp.gate_proj",
-    "mlp.gate": "mlp.up_proj",
-    "mlp.proj": "mlp.down_proj",
+    "dense": "self_attn.o_proj",
+    "fc": "mlp.gate_proj",  # TensorRT-LLM's fc is HF gate_proj
+    "gate": "mlp.up_proj",  # and its gate is HF up_proj
+    "proj": "mlp.down_proj",
 }
 
 
@@ -522,7 +525,7 @@ def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) 
         q, k, v = layer.qkv.effective_weight().float().cpu().split([q_rows, kv_rows, kv_rows], dim=0)
         for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}"))))
-        for ckpt_name, hf_name in _HF_LINEARS.items():
-            lin = {"attention.dense": layer.dense, "mlp.fc": layer.fc, "mlp.gate": layer.gate, "mlp.proj": layer.proj}[ckpt_name]
-            errors.append((f"{prefix}.{hf_name}", _rel_error(lin.effective_weight().float().cpu(), _hf_weight(hf_layer, hf_name))))
+        for field_name, hf_name in _HF_LINEARS.items():
+            weight = getattr(layer, field_name).effective_weight().float().cpu()
+            errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name))))
     return errors
