@@ -416,11 +416,10 @@ class _Loader:
     def layer(self, pp_rank: int, local_index: int) -> DecoderLayer:
         ranks = self.stage_ranks(pp_rank)
         prefix = f"transformer.layers.{local_index}"
-        linears = {
-            name: (self.merged_qkv(ranks, f"{prefix}.{name}") if name == "attention.qkv"
-                   else self.merged_linear(ranks, f"{prefix}.{name}", kind))
-            for name, kind in LAYER_LINEARS.items()
-        }
+        linears = {"attention.qkv": self.merged_qkv(ranks, f"{prefix}.attention.qkv")}
+        for name, kind in LAYER_LINEARS.items():
+            if name != "attention.qkv":
+                linears[name] = self.merged_linear(ranks, f"{prefix}.{name}", kind)
         kv_scale = None
         if self.shape.kv_cache_quant_algo == "FP8":
             kv_scale = self.files.get(ranks[0], f"{prefix}.attention.kv_cache_scaling_factor").float().to(self.device)
