@@ -12,7 +12,7 @@ count, so the same code, corpus and package versions give byte-identical ``model
 
 The cache folder is ``<cache>/reference-models/<name>-<key>``, where ``<cache>`` is the
 ``cache_dir`` argument, else ``$TRTCONV_CACHE``, else ``platformdirs.user_cache_dir("trtconv")``.
-The key hashes this module's source (the training code), the spec, the corpus and evaluation
+The key hashes the source of the training functions, the spec, the corpus and evaluation
 pack sha256 and the torch/transformers/tokenizers versions: anything that could change the bytes.
 Training runs under a file lock into a temporary sibling that is renamed into place when
 complete, so an interrupted run never leaves a folder that looks complete, and two processes
@@ -132,10 +132,25 @@ def package_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
 
 
+def training_code_sha256() -> str:
+    """sha256 of the source of the functions that produce the trained bytes.
+
+    Only the training code is hashed, not this whole module, so an edit to the cache or lock
+    handling does not make every machine retrain. A new helper that affects the bytes must be
+    added to ``_TRAINING_CODE``.
+    """
+    import inspect
+
+    digest = hashlib.sha256(f"{EOS_TOKEN}\0{FINAL_LOSS_WINDOW}\0".encode())
+    for function in _TRAINING_CODE:
+        digest.update(inspect.getsource(function).encode())
+    return digest.hexdigest()
+
+
 def cache_key(spec: ReferenceModelSpec, corpus: Path, eval_pack: Path) -> str:
     """16 hex chars of sha256 over everything that can change the trained bytes."""
     material = {
-        "training_code_sha256": file_sha256(Path(__file__)),
+        "training_code_sha256": training_code_sha256(),
         "spec": spec.to_json(),
         "corpus_sha256": file_sha256(corpus),
         "eval_pack_sha256": file_sha256(eval_pack),
@@ -324,6 +339,13 @@ def _training_record(spec, losses, eval_loss, vocab, blocks, corpus, eval_pack, 
     }
 
 
+# Everything that decides the bytes of a trained folder (see training_code_sha256).
+_TRAINING_CODE = (
+    train_tokenizer, token_blocks, model_config, learning_rate_at, torch_threads, mean_loss, run_training,
+    train_reference_model, _training_record,
+)
+
+
 def _reporter(progress: Progress | None) -> Progress:
     def report(message: str) -> None:
         logger.info(message)
@@ -376,6 +398,7 @@ def ensure_reference_model(
         try:
             report(f"{name}: not in the cache; training it into {final} (about a minute on 2 cores)")
             train_reference_model(spec, temp, corpus=corpus, eval_pack=eval_pack, progress=progress)
+            temp.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache must be readable by all
             os.rename(temp, final)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
