@@ -60,6 +60,13 @@ def test_unknown_name_lists_the_known_ones(tmp_path: Path) -> None:
         rm.ensure_reference_model("gpt-ref", tmp_path)
 
 
+def test_unwritable_cache_is_a_model_error_naming_the_variable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ModelError, match=r"Cannot create the reference-model cache .*file/reference-models .*set TRTCONV_CACHE"):
+        rm.ensure_reference_model("llama-ref", blocker)
+
+
 def test_registry_specs_match_the_brief() -> None:
     llama, qwen = rm.REFERENCE_MODELS["llama-ref"], rm.REFERENCE_MODELS["qwen2-ref"]
     assert (llama.architecture, qwen.architecture) == ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -219,10 +226,9 @@ def test_real_reference_model_learns_far_below_uniform(name: str) -> None:
     assert record["eval_loss"] < record["uniform_loss"] - 2.0
 
     # The saved bf16 folder (not the in-memory fp32 model) predicts held-out text as well.
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = "\n".join(doc.text for doc in read_text_documents(builtin_pack("eval"))[:8])
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :512]
-    with torch.no_grad():
-        loss = model(ids, labels=ids).loss.item()
+    blocks = rm.token_blocks(tokenizer, [doc.text for doc in read_text_documents(builtin_pack("eval"))], 128)
+    with rm.torch_threads(1):
+        loss = rm.mean_loss(model, blocks)  # the whole held-out pack
     assert loss < record["uniform_loss"] - 2.0

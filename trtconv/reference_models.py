@@ -381,7 +381,13 @@ def ensure_reference_model(
     eval_pack = builtin_pack("eval")
     parent = Path(cache_dir) if cache_dir else default_cache_dir()
     parent = parent / CACHE_SUBDIR
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelError(
+            f"Cannot create the reference-model cache {parent} ({err.strerror}); "
+            f"set {CACHE_ENV_VAR} to a writable folder."
+        ) from None
     folder_name = f"{name}-{cache_key(spec, corpus, eval_pack)}"
     final = parent / folder_name
     if _is_complete(final):
