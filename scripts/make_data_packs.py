@@ -273,6 +273,14 @@ How it was made:
   package in sha256 order of the document ids) so no package dominates, cut at the pack's budget
   (eval 160 documents, calib 400 documents, train 1.5 MB), then written sorted by id.
 
+Uses:
+- `calib.jsonl`: the default calibration data (`trtconv.datapack.builtin_pack("calib")`);
+- `eval.jsonl`: the default held-out evaluation data (perplexity, KL, top-1 agreement);
+- `reference-train.jsonl`: the training text (and tokenizer training text) of the reference
+  models `llama-ref` and `qwen2-ref` (`trtconv/reference_models.py`). Their weights are not
+  committed: they are trained on first use (about 90 s each on one CPU thread) into the cache,
+  keyed by this file's sha256 among other things.
+
 License: Python's standard library is distributed under the Python Software Foundation
 License (PSF-2.0, https://docs.python.org/3/license.html); these files are excerpts of it.
 """
