@@ -361,6 +361,9 @@ def test_pack_sha256_of_a_folder_changes_with_any_file(corpus: Path) -> None:
     assert before == pack_sha256(corpus)
     write(corpus / "notes" / "b.md", "changed " + PROSE)
     assert pack_sha256(corpus) != before
+    assert pack_sha256(corpus / "a.txt") == file_sha256(corpus / "a.txt")
+    with pytest.raises(DataError, match="does not exist"):
+        pack_sha256(corpus / "missing")
 
 
 # --------------------------------------------------------------------------------------------

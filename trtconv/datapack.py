@@ -101,6 +101,8 @@ def pack_sha256(path: Path) -> str:
     path = Path(path)
     if path.is_file():
         return file_sha256(path)
+    if not path.is_dir():
+        raise DataError(f"Cannot hash {path}: it does not exist (expected a pack file or a folder of packs).")
     digest = hashlib.sha256()
     for file in _files_in_folder(path, exclude=None):
         digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
