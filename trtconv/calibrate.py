@@ -134,17 +134,18 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
     if section.precision == "none" and section.kv_cache == "none":
         return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
     mtq = import_modelopt()
-    if section.precision == "none":
-        # KV-cache-only quantization: everything else off.
-        from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES
+    log: list[str] = []
+    with quiet_dependency(log):  # ModelOpt prints the merged config to stdout
+        if section.precision == "none":
+            # KV-cache-only quantization: everything else off.
+            from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES
 
-        cfg: dict[str, Any] = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
-        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
-    else:
-        cfg = build_quant_config(section)
+            cfg: dict[str, Any] = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
+            cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
+        else:
+            cfg = build_quant_config(section)
     n_batches = math.ceil(len(tokens.rows) / batch_size)
     # AWQ runs the calibration data several times (search, then calibrate); the bar counts passes.
-    log: list[str] = []
     with reporter.progress("calibration batches", total=n_batches) as advance, quiet_dependency(log):
         mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, advance))
     census = quantizer_census(model)

@@ -45,6 +45,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final result.")]
 RequireEngineOpt = Annotated[bool, typer.Option("--require-engine", help="Fail (exit 3) if the engine cannot be built here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
 
 
 def _fail(err: UserError, json_mode: bool = False) -> None:
@@ -95,12 +96,14 @@ def _print_result(outcome, reporter, json_mode: bool) -> None:
     reporter.console.print(f"{m.status}: {outcome.path} (digest {m.artifact_digest[:16]}…)", markup=False)
 
 
-def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool) -> None:
+def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None) -> None:
     from trtconv.pipeline import BuildOptions, build
     from trtconv.ui import Reporter
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
-    opts = BuildOptions(out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]])
+    opts = BuildOptions(
+        out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit
+    )
     try:
         outcome = build(recipe, opts, reporter)
     except GateFailed as exc:
@@ -127,6 +130,7 @@ def build(
     device: DeviceOpt = "auto",
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
+    junit: JunitOpt = None,
 ) -> None:
     """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed."""
     from trtconv.recipe import load_recipe
@@ -138,7 +142,7 @@ def build(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, require_engine, device, json_mode, quiet)
+    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit)
 
 
 @app.command()
@@ -161,6 +165,7 @@ def calibrate(
     device: DeviceOpt = "auto",
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
+    junit: JunitOpt = None,
 ) -> None:
     """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally)."""
     from trtconv.recipe import recipe_from_dict
@@ -181,7 +186,7 @@ def calibrate(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, False, device, json_mode, quiet)
+    _run_build(r, output, force, False, device, json_mode, quiet, junit)
 
 
 @app.command()
@@ -242,6 +247,65 @@ def inspect(
             g.add_row(x.metric, f"{x.value:.4g}", ci, f"{x.comparator} {x.threshold:g}", x.verdict)
         c.print(g)
     c.print(f"  files       {len(m.outputs)} ({sum(f.size for f in m.outputs) / 2**20:.1f} MiB)", markup=False)
+
+
+@app.command()
+def check(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by trtconv.")],
+    against: Annotated[Optional[Path], typer.Option("--against", help="A second artifact to compare on the same tokens.")] = None,
+    junit: JunitOpt = None,
+    device: DeviceOpt = "auto",
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the accuracy gate again on an existing artifact (exit 1 if a gate fails)."""
+    from rich.table import Table
+
+    from trtconv.check import check_artifact
+    from trtconv.report import write_junit
+    from trtconv.ui import Reporter
+
+    reporter = Reporter(quiet=quiet, json_mode=json_mode)
+    try:
+        results = check_artifact(artifact, device, reporter, against)
+    except UserError as exc:
+        _fail(exc, json_mode)
+    except KeyboardInterrupt:
+        reporter.error("interrupted")
+        raise typer.Exit(Interrupted.exit_code)
+    main_result = results[0]
+    recipe = main_result.manifest.recipe
+    if junit:
+        write_junit(junit, main_result.outcome.gates, recipe["name"], recipe["evaluate"]["allow_inconclusive"])
+    if json_mode:
+        print(json.dumps([
+            {"artifact": str(r.artifact), "passed": r.passed, "metrics": r.outcome.summary,
+             "gates": [g.model_dump(mode="json") for g in r.outcome.gates],
+             "worst_layers": r.outcome.record["worst_layers"], "worst_documents": r.outcome.record["worst_documents"]}
+            for r in results
+        ], indent=2))
+    else:
+        t = Table(title="check: original vs artifact" + (" vs other" if against else ""))
+        t.add_column("metric")
+        for r in results:
+            t.add_column(str(r.artifact))
+        for metric in ("ppl_baseline", "ppl_candidate", "ppl_increase_pct", "mean_kl", "top1_agreement"):
+            cells = []
+            for r in results:
+                m = r.outcome.summary[metric]
+                cells.append(f"{m['value']:.5g}" + (f" [{m['ci_low']:.4g}, {m['ci_high']:.4g}]" if m["ci_low"] is not None else ""))
+            t.add_row(metric, *cells)
+        for i, g in enumerate(main_result.outcome.gates):
+            cells = [f"{r.outcome.gates[i].verdict} ({g.comparator} {g.threshold:g})" for r in results]
+            t.add_row(f"gate {g.metric}", *cells)
+        reporter.console.print(t)
+        for r in results:
+            reporter.console.print(f"{r.artifact}: {'passed' if r.passed else 'FAILED'}", markup=False)
+            if not r.passed:
+                worst = ", ".join(f"{w['layer']} ({w['relative_weight_error']:.3g})" for w in r.outcome.record["worst_layers"][:3])
+                reporter.console.print(f"  worst layers by weight error: {worst}", markup=False)
+    if not main_result.passed:
+        raise typer.Exit(GateFailed.exit_code)
 
 
 @app.command()

@@ -98,9 +98,15 @@ def hash_tree(root: Path, skip: set[str] = UNHASHED) -> list[FileRecord]:
     return records
 
 
+# Run records: listed and verified like every file, but left out of the digest, because they hold
+# wall times and dates that differ between two runs that produced the same artifact.
+RUN_RECORDS = {"report.md"}
+
+
 def artifact_digest(files: list[FileRecord]) -> str:
-    """One hash CI can pin: sha256 over the sorted "path sha256" lines of the artifact's files."""
-    lines = "".join(f"{f.path} {f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
+    """One hash CI can pin: sha256 over the sorted "path sha256" lines of the artifact's payload."""
+    payload = [f for f in files if f.path not in RUN_RECORDS]
+    lines = "".join(f"{f.path} {f.sha256}\n" for f in sorted(payload, key=lambda f: f.path))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 

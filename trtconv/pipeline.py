@@ -23,6 +23,7 @@ from trtconv.errors import DataError, GateFailed, Interrupted, UserError
 from trtconv.manifest import FileRecord, InputRecord, Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe import Recipe
+from trtconv.report import write_junit, write_report
 from trtconv.ui import Reporter
 
 
@@ -36,6 +37,7 @@ class BuildOptions:
     require_engine: bool = False
     device: str = "auto"  # auto | cpu | cuda
     command: list[str] = field(default_factory=list)
+    junit: Path | None = None  # write each gate as a JUnit test case here
 
 
 @dataclass
@@ -265,15 +267,22 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 
         engine_record = run_engine_stage(recipe, exported, writer.tmp, opts, reporter, stages)
 
-        metrics, gates, evaluation = {}, [], {}
+        outcome_eval = None
         if eval_tokens is not None:
+            if exported.checkpoint_dir is None:
+                raise UserError(
+                    "evaluate judges the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true, "
+                    "or evaluate.enabled: false"
+                )
             with StageMeter("evaluate") as m:
-                metrics, gates, evaluation = run_evaluate(recipe, model_dir, exported, eval_tokens, torch_device, reporter)
-            stages.append(m.record(candidate=evaluation.get("candidate")))
+                outcome_eval = evaluate_checkpoint(recipe, model_dir, exported.checkpoint_dir, eval_tokens, torch_device, reporter)
+            stages.append(m.record(candidate=outcome_eval.record.get("candidate")))
+        metrics = outcome_eval.summary if outcome_eval else {}
+        gates = outcome_eval.gates if outcome_eval else []
+        evaluation = outcome_eval.record if outcome_eval else {}
 
         passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
         (writer.tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        outputs = hash_tree(writer.tmp)
         manifest = Manifest(
             trtconv_version=__version__,
             command=opts.command,
@@ -285,8 +294,6 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             inputs=loaded.inputs
             + [data_input("calibration_data", calib_path)]
             + ([data_input("evaluation_data", eval_path)] if eval_tokens is not None else []),
-            outputs=outputs,
-            artifact_digest=artifact_digest(outputs),
             versions=package_versions(),
             device=device.to_dict(),
             host=host_summary(),
@@ -300,6 +307,12 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             metrics=metrics,
             gates=gates,
         )
+        if outcome_eval is not None:
+            write_report(writer.tmp, manifest, outcome_eval.weight_errors, outcome_eval.stats.token_kl)
+        if opts.junit:
+            write_junit(opts.junit, gates, recipe.name, recipe.evaluate.allow_inconclusive)
+        manifest.outputs = hash_tree(writer.tmp)
+        manifest.artifact_digest = artifact_digest(manifest.outputs)
         write_manifest(manifest, writer.tmp)
         path = writer.commit() if passed else writer.commit_failed()
     outcome = BuildOutcome(manifest=manifest, path=path)
@@ -336,12 +349,23 @@ def run_engine_stage(recipe: Recipe, exported, root: Path, opts: BuildOptions, r
     return record.model_dump(mode="json")
 
 
-def run_evaluate(recipe: Recipe, model_dir: Path, exported, tokens, device: str, reporter: Reporter):
-    from trtconv import evaluate, load
+@dataclass
+class EvalOutcome:
+    summary: dict
+    gates: list
+    record: dict  # what the manifest's `evaluation` section holds
+    stats: object  # evaluate.DocumentStats
+    weight_errors: list
 
-    # The original model, freshly read from disk in float32: the in-memory one was quantized in place.
+
+def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
+                        weight_errors: bool = True) -> EvalOutcome:
+    """The original model (fresh from disk, float32) against the checkpoint on disk, gated."""
+    from trtconv import evaluate, load
+    from trtconv.reference_executor import weight_quantization_errors
+
     baseline = load.load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
-    candidate, kind = candidate_logits(exported, device, vocab=baseline.config.vocab_size)
+    candidate, kind = candidate_logits(checkpoint_dir, device, vocab=baseline.config.vocab_size)
 
     def baseline_logits(ids):
         return baseline(input_ids=ids, use_cache=False).logits
@@ -351,28 +375,27 @@ def run_evaluate(recipe: Recipe, model_dir: Path, exported, tokens, device: str,
         stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, advance)
     summary = evaluate.summarize(stats, recipe.evaluate.seed)
     gates = evaluate.apply_gates(summary, recipe.evaluate)
-    evaluation = {
+    errors = weight_quantization_errors(checkpoint_dir, baseline.cpu()) if weight_errors else []
+    worst_layers = sorted(errors, key=lambda x: -x[1])[:5]
+    record = {
         **tokens.manifest_record(),
         "candidate": kind,
         "baseline": "original HF checkpoint (transformers, float32)",
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
+        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in worst_layers],
     }
     for g in gates:
-        reporter.stage("evaluate", f"{g.metric}: {g.value:.5g} [{g.ci_low if g.ci_low is not None else float('nan'):.5g}, "
-                       f"{g.ci_high if g.ci_high is not None else float('nan'):.5g}] {g.comparator} {g.threshold:g} -> {g.verdict}")
-    return summary, gates, evaluation
+        lo = g.ci_low if g.ci_low is not None else float("nan")
+        hi = g.ci_high if g.ci_high is not None else float("nan")
+        reporter.stage("evaluate", f"{g.metric}: {g.value:.5g} [{lo:.5g}, {hi:.5g}] {g.comparator} {g.threshold:g} -> {g.verdict}")
+    return EvalOutcome(summary, gates, record, stats, errors)
 
 
-def candidate_logits(exported, device: str, vocab: int):
+def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
     """The artifact as a function input_ids -> logits, and a description of what it is."""
     from trtconv.reference_executor import load_checkpoint_model
 
-    if exported.checkpoint_dir is None:
-        raise UserError(
-            "evaluate needs the TensorRT-LLM checkpoint to judge the artifact; set export.tensorrt_llm_checkpoint: true "
-            "or evaluate.enabled: false"
-        )
-    model = load_checkpoint_model(exported.checkpoint_dir, device=device)
+    model = load_checkpoint_model(checkpoint_dir, device=device)
 
     def logits(ids):
         # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
