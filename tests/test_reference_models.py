@@ -88,6 +88,7 @@ def test_first_use_trains_a_loadable_folder_and_then_reuses_it(tiny: dict, monke
         p.name for p in folder.iterdir()
     }
     assert any("step 3/3" in m for m in messages)
+    assert (folder.stat().st_mode & 0o777, (folder / "model.safetensors").stat().st_mode & 0o777) == (0o755, 0o644)
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)

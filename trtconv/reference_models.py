@@ -407,7 +407,7 @@ def ensure_reference_model(
         try:
             report(f"{name}: not in the cache; training it into {final} (about a minute on 2 cores)")
             train_reference_model(spec, temp, corpus=corpus, eval_pack=eval_pack, progress=progress)
-            temp.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache must be readable by all
+            _make_readable(temp)
             os.rename(temp, final)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
@@ -415,6 +415,13 @@ def ensure_reference_model(
         return final
     finally:
         lock.release()
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only entries; a shared cache must be readable by all."""
+    folder.chmod(0o755)
+    for file in folder.iterdir():
+        file.chmod(0o644)
 
 
 def _is_complete(folder: Path) -> bool:
