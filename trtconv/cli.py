@@ -329,6 +329,62 @@ def verify(artifact: Annotated[Path, typer.Argument(help="An artifact folder wri
     reporter.console.print(f"verified: {len(m.outputs)} files match {artifact / 'manifest.json'} (digest {m.artifact_digest})", markup=False)
 
 
+@app.command()
+def engine(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by trtconv build/calibrate.")],
+    target: Annotated[Optional[str], typer.Option("--target", help="tensorrt or pytorch; default: the recipe's engine.target.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Build even though the artifact's accuracy gate failed.")] = False,
+    require_engine: RequireEngineOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """(Re)build the engine of an existing artifact, e.g. on the GPU after a CPU job made the checkpoint."""
+    from trtconv.engine import rebuild_engine_for_artifact
+    from trtconv.manifest import artifact_digest, hash_tree, read_manifest, write_manifest
+    from trtconv.ui import Reporter
+
+    reporter = Reporter(json_mode=json_mode)
+    if target not in (None, "tensorrt", "pytorch"):
+        _fail(UserError(f"--target {target!r}: allowed: tensorrt, pytorch"), json_mode)
+    try:
+        manifest = read_manifest(artifact)
+        record = rebuild_engine_for_artifact(artifact, force=force, require=require_engine, target=target)
+    except UserError as exc:
+        _fail(exc, json_mode)
+    # The artifact changed: its manifest records the new engine, files and digest.
+    manifest.engine = record.model_dump(mode="json")
+    manifest.outputs = hash_tree(artifact)
+    manifest.artifact_digest = artifact_digest(manifest.outputs)
+    manifest.command = manifest.command + ["&&", "trtconv", *sys.argv[1:]]
+    write_manifest(manifest, artifact)
+    if json_mode:
+        print(json.dumps(record.model_dump(mode="json"), indent=2))
+    else:
+        reporter.console.print(f"engine ({record.target}): {record.status}" + (f" — {record.reason}" if record.reason else ""), markup=False)
+        if record.command:
+            reporter.console.print("command: " + " ".join(record.command), markup=False)
+    if record.status == "failed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    recipe: Annotated[Optional[str], typer.Argument(help="Also check that this recipe can run here.")] = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """This machine vs what trtconv (and a recipe) needs: GPU, SM, packages, TensorRT-LLM, cache."""
+    from trtconv.doctor import run_doctor
+
+    ok, report = run_doctor(recipe)
+    if json_mode:
+        print(json.dumps(report, indent=2))
+    else:
+        for check in report["checks"]:
+            mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}[check["status"]]
+            print(f"[{mark}] {check['name']}: {check['detail']}")
+    if not ok:
+        raise typer.Exit(2)
+
+
 @recipe_app.command("list")
 def recipe_list() -> None:
     """The shipped recipes."""

@@ -110,9 +110,15 @@ def pack_sha256(path: Path) -> str:
 
 
 def calibration_data_dir() -> Path:
-    """The folder of committed packs: ``$TRTCONV_DATA_DIR``, else ``calibration_data/`` of the checkout."""
+    """The folder of committed packs: ``$TRTCONV_DATA_DIR``, else ``calibration_data/`` of the checkout,
+    else the copy installed as package data (``trtconv.calibration_data``, see pyproject.toml)."""
     override = os.environ.get("TRTCONV_DATA_DIR")
-    folder = Path(override) if override else Path(__file__).resolve().parent.parent / "calibration_data"
+    if override:
+        folder = Path(override)
+    else:
+        folder = Path(__file__).resolve().parent.parent / "calibration_data"
+        if not folder.is_dir():
+            folder = _installed_data_dir() or folder
     if not folder.is_dir():
         where = f"TRTCONV_DATA_DIR={override}" if override else str(folder)
         raise DataError(
@@ -120,6 +126,15 @@ def calibration_data_dir() -> Path:
             "the trtconv source tree; set TRTCONV_DATA_DIR to that folder."
         )
     return folder
+
+
+def _installed_data_dir() -> Path | None:
+    from importlib import resources
+
+    try:
+        return Path(str(resources.files("trtconv.calibration_data")))
+    except (ModuleNotFoundError, TypeError):
+        return None
 
 
 def builtin_pack(name: str) -> Path:
