@@ -442,3 +442,23 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30
     with pytest.raises(CacheError):
         parse_size("lots")
+
+
+def test_materialize_waits_for_a_locked_entry_then_gives_up(cache, source, tmp_path):
+    key = key_of()
+    entry = cache.put("export", key, source)
+    with FileLock(str(entry.parent / f".{key}.lock")):
+        with pytest.raises(CacheBusy, match="stayed locked"):
+            cache.materialize(entry, tmp_path / "a", lock_wait_s=0.1)
+    assert cache.restore("export", key, tmp_path / "c") == tmp_path / "c"
+    assert os.access(tmp_path / "c" / "tokenizer.json", os.W_OK)  # the artifact's copy is writable
+
+
+def test_disk_full_during_put_is_a_clear_error_and_leaves_nothing(cache, source, monkeypatch):
+    def no_space(src, dst, *, fsync):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "_copy_file", no_space)
+    with pytest.raises(CacheError, match="No space left on device.*prune --max-size"):
+        cache.put("export", key_of(), source)
+    assert [p.name for p in cache.stage_dir("export").iterdir() if not p.name.startswith(".")] == []

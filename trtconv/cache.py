@@ -333,8 +333,7 @@ class StageCache:
         delete it half way; CacheBusy after ``lock_wait_s``.
         """
         entry = Path(entry)
-        stage, key = entry.parent.name, entry.name
-        lock = self._lock(stage, key)
+        lock = FileLock(str(entry.parent / f".{entry.name}.lock"))  # the entry's own lock, whatever root it is in
         try:
             lock.acquire(timeout=lock_wait_s)
         except Timeout:
@@ -559,8 +558,7 @@ def _copy_payload(payload: Path, dest: Path, records: list[dict]) -> str | None:
             except FileNotFoundError:
                 problem = f"missing: {PAYLOAD_DIR}/{rec['path']}"
                 break
-            created.append(dst)
-            os.chmod(dst, 0o644)  # the artifact's copy is the user's: writable again
+            created.append(dst)  # a new file with the user's default mode, not the cache's read-only one
             if (sha256, size) != (rec["sha256"], rec["size"]):
                 problem = f"changed: {PAYLOAD_DIR}/{rec['path']} (sha256 {sha256[:12]}..., {ENTRY_RECORD} says {rec['sha256'][:12]}...)"
                 break
@@ -631,7 +629,10 @@ def _stage_entries(stages: Path) -> Iterator[ListedEntry]:
         for path in sorted(stage_dir.iterdir()):
             if path.name.startswith(".") or not path.is_dir():
                 continue  # lock files
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError:  # removed by another process while we list
+                continue
             if _KEY_RE.match(path.name):
                 record = path / ENTRY_RECORD
                 used = record.stat().st_mtime if record.is_file() else stat.st_mtime
@@ -746,11 +747,27 @@ def prune(candidates: list[ListedEntry], *, dry_run: bool = False) -> PrunePlan:
             continue
         try:
             if not dry_run:
-                _remove_entry(entry.path) if entry.kind == "stage" else _remove_tree(entry.path)
+                _remove_listed(entry)
             plan.remove.append(entry)
         finally:
             lock.release()
     return plan
+
+
+def _remove_listed(entry: ListedEntry) -> None:
+    if entry.kind == "stage":
+        _remove_entry(entry.path)
+    elif entry.kind == "reference-model":
+        # Renamed to the temp-folder name trtconv.reference_models cleans up, so a half-deleted
+        # model never looks like a cached one, even if this process dies mid-delete.
+        doomed = entry.path.parent / f".{entry.path.name}.tmp-del-{os.getpid()}"
+        try:
+            os.rename(entry.path, doomed)
+        except FileNotFoundError:
+            return
+        _remove_tree(doomed)
+    else:
+        _remove_tree(entry.path)
 
 
 # ---------------------------------------------------------------------------------------------
