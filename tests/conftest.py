@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Reference models are trained once per cache; a repo-local cache keeps CI runs and local runs
 # separate from a user's own ~/.cache/trtconv.
 os.environ.setdefault("TRTCONV_CACHE", str(REPO / ".cache" / "test-trtconv"))
+# Builds in tests run cold (so determinism tests compare two real runs); the stage-cache tests
+# (test_stage_cache.py) switch it back on with a cache folder of their own.
+os.environ.setdefault("TRTCONV_NO_CACHE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -29,13 +29,15 @@ recipe_app = typer.Typer(help="List, show, validate shipped and local recipes; w
 app.add_typer(recipe_app, name="recipe")
 
 
-def _register_data_app() -> None:
+def _register_sub_apps() -> None:
+    from trtconv.cache import cache_app
     from trtconv.datapack import data_app
 
     app.add_typer(data_app, name="data")
+    app.add_typer(cache_app, name="cache")
 
 
-_register_data_app()
+_register_sub_apps()
 
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to write (written atomically).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: KEY.PATH=VALUE (YAML value). Repeatable.")]
@@ -45,6 +47,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final result.")]
 RequireEngineOpt = Annotated[bool, typer.Option("--require-engine", help="Fail (exit 3) if the engine cannot be built here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor store stage results (also: TRTCONV_NO_CACHE=1).")]
 JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
 
 
@@ -96,13 +99,17 @@ def _print_result(outcome, reporter, json_mode: bool) -> None:
     reporter.console.print(f"{m.status}: {outcome.path} (digest {m.artifact_digest[:16]}…)", markup=False)
 
 
-def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None) -> None:
+def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
+               no_cache: bool = False) -> None:
+    import os
+
     from trtconv.pipeline import BuildOptions, build
     from trtconv.ui import Reporter
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
     opts = BuildOptions(
-        out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit
+        out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
+        no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),
     )
     try:
         outcome = build(recipe, opts, reporter)
@@ -131,6 +138,7 @@ def build(
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
     junit: JunitOpt = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed."""
     from trtconv.recipe import load_recipe
@@ -142,7 +150,7 @@ def build(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit)
+    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache)
 
 
 @app.command()
@@ -166,6 +174,7 @@ def calibrate(
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
     junit: JunitOpt = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally)."""
     from trtconv.recipe import recipe_from_dict
@@ -186,7 +195,7 @@ def calibrate(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, False, device, json_mode, quiet, junit)
+    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache)
 
 
 @app.command()
@@ -224,6 +233,8 @@ def inspect(
     if eng.get("sm"):
         line += f"; bound to SM {eng['sm']}, TensorRT-LLM {eng.get('tensorrt_llm_version')}, TensorRT {eng.get('tensorrt_version')}"
     c.print(f"  engine      {line}", markup=False)
+    if eng.get("status") == "built" and (Path(artifact) / "engine").is_dir():
+        c.print(f"  loads here  {_engine_loads_here(Path(artifact) / 'engine')}", markup=False)
     c.print(f"  made        {m.created_utc} by trtconv {m.trtconv_version} on {m.device.get('name')} "
             f"({m.device.get('kind')}{', SM ' + m.device['sm'] if m.device.get('sm') else ''})", markup=False)
     v = m.versions
@@ -308,8 +319,24 @@ def check(
         raise typer.Exit(GateFailed.exit_code)
 
 
+def _engine_loads_here(engine_dir: Path) -> str:
+    """Engines are bound to the GPU SM and the TensorRT / TensorRT-LLM that built them."""
+    from trtconv.engine import check_engine_compatible
+    from trtconv.environment import detect_device, package_versions
+
+    try:
+        check_engine_compatible(engine_dir, detect_device(), package_versions())
+    except UserError as exc:
+        return f"no: {exc}"
+    return "yes"
+
+
 @app.command()
-def verify(artifact: Annotated[Path, typer.Argument(help="An artifact folder written by trtconv.")]) -> None:
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by trtconv.")],
+    deep: Annotated[bool, typer.Option("--deep", help="Also re-check the checkpoint format and re-run the accuracy gate.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
     """Re-hash every file against the manifest; fail on any missing, extra or changed file."""
     from trtconv.manifest import artifact_digest, read_manifest, verify_files
     from trtconv.ui import Reporter
@@ -327,6 +354,18 @@ def verify(artifact: Annotated[Path, typer.Argument(help="An artifact folder wri
             reporter.error(f"{artifact}: {p}")
         raise typer.Exit(1)
     reporter.console.print(f"verified: {len(m.outputs)} files match {artifact / 'manifest.json'} (digest {m.artifact_digest})", markup=False)
+    if deep:
+        from trtconv.check import check_artifact
+
+        try:
+            results = check_artifact(artifact, device, reporter)
+        except UserError as exc:
+            _fail(exc)
+        if not results[0].passed:
+            reporter.error(f"{artifact}: the accuracy gate fails now: " + ", ".join(
+                f"{g.metric} {g.verdict}" for g in results[0].outcome.gates if g.verdict != "pass"))
+            raise typer.Exit(1)
+        reporter.console.print("deep: checkpoint format valid, accuracy gate passes again", markup=False)
 
 
 @app.command()

@@ -43,6 +43,18 @@ class ExportResult:
     validation: dict = field(default_factory=dict)
     dependency_warnings: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_record(cls, record: dict, root: Path) -> ExportResult:
+        """The result of an earlier export (a cache hit) whose files are now under root."""
+        return cls(
+            checkpoint_dir=root / record["checkpoint"] if record["checkpoint"] else None,
+            hf_checkpoint_dir=root / record["hf_checkpoint"] if record["hf_checkpoint"] else None,
+            tokenizer_dir=root / record["tokenizer"],
+            repairs=[Repair(**r) for r in record["config_repairs"]],
+            validation=record["validation"],
+            dependency_warnings=record["dependency_warnings"],
+        )
+
     def manifest_record(self) -> dict:
         return {
             "checkpoint": CHECKPOINT_DIR if self.checkpoint_dir else None,
@@ -174,5 +186,6 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
         result.checkpoint_dir = root / CHECKPOINT_DIR
         result.repairs = export_trtllm(model, hf_config, architecture, section, quant, result.checkpoint_dir, warns)
         report = validate_checkpoint(result.checkpoint_dir)
-        result.validation = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
+        raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
+        result.validation = json.loads(json.dumps(raw, default=str))  # paths -> strings: it goes into JSON records
     return result

@@ -38,7 +38,7 @@ class InputRecord(Record):
 
 class StageRecord(Record):
     name: str
-    status: Literal["ok", "skipped", "not_built", "failed"]
+    status: Literal["ok", "skipped", "not_built", "failed", "reused"]
     wall_s: float
     peak_rss_mib: float | None = None
     peak_gpu_mib: float | None = None

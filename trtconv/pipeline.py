@@ -9,6 +9,8 @@ is checked first, so a mistake costs seconds, not an hour of calibration.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import shutil
 import signal
 import threading
 import time
@@ -18,8 +20,9 @@ from pathlib import Path
 
 from trtconv import __version__
 from trtconv.artifact import ArtifactWriter, sha256_file
+from trtconv.cache import StageCache
 from trtconv.environment import detect_device, host_summary, numeric_environment, package_versions
-from trtconv.errors import DataError, GateFailed, Interrupted, UserError
+from trtconv.errors import ArtifactError, DataError, GateFailed, Interrupted, UserError
 from trtconv.manifest import FileRecord, InputRecord, Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe import Recipe
@@ -38,6 +41,7 @@ class BuildOptions:
     device: str = "auto"  # auto | cpu | cuda
     command: list[str] = field(default_factory=list)
     junit: Path | None = None  # write each gate as a JUnit test case here
+    no_cache: bool = False  # neither read nor write the stage cache
 
 
 @dataclass
@@ -206,77 +210,80 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
             return _build(recipe, opts, reporter)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; nothing was written to {opts.out} (the previous artifact, if any, is intact)") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise ArtifactError(
+                    f"cannot write {exc.filename or opts.out}: {exc.strerror}; nothing was written to {opts.out} "
+                    "(the previous artifact, if any, is intact): free space or choose another -o / TRTCONV_CACHE"
+                ) from None
+            raise
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
-    from trtconv import load
+    from trtconv import calibrate, evaluate, export, load, reuse, samples
+    from trtconv.datapack import pack_sha256
     from trtconv.ui import silence_library_progress_bars
 
     silence_library_progress_bars()
     device = detect_device(opts.device)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
+    cache = None if opts.no_cache else StageCache()
     stages: list[StageRecord] = []
     writer = ArtifactWriter(opts.out, force=opts.force)
     writer.preflight()  # output folder problems first: they cost nothing to find
 
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")
-        model_dir, hf_cfg, arch, _weights = load.inspect_checkpoint(recipe.model, progress=reporter.info)
+        model_dir, hf_cfg, arch, weights = load.inspect_checkpoint(recipe.model, progress=reporter.info)
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)
         calib_path = data_path(recipe.calibration.data, "calib")
         eval_path = data_path(recipe.evaluate.data, "eval")
-        loaded = load.run(recipe.model, device=torch_device)
-        reporter.stage("load", f"{arch} from {model_dir} ({loaded.model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype})")
+        inputs = load.describe_inputs(model_dir, weights)
+        tokenizer = load.load_tokenizer(model_dir, recipe.model.trust_remote_code)
+        export_key = reuse.export_key(recipe, inputs, pack_sha256(calib_path), device)
     stages.append(m.record(architecture=arch, model_dir=str(model_dir)))
 
-    from trtconv import calibrate, evaluate, export, samples
-
-    calibrate.check_group_size(loaded.model, recipe.quantization, recipe.export.tp_size)
     calib_tokens = samples.calibration_rows(
-        calib_path, loaded.tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
+        calib_path, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
     )
     eval_tokens = None
     if recipe.evaluate.enabled:
+        if not recipe.export.tensorrt_llm_checkpoint:
+            raise UserError(
+                "evaluate judges the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true, or evaluate.enabled: false"
+            )
         eval_tokens = samples.evaluation_rows(
-            eval_path, loaded.tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
+            eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
         )
         samples.check_disjoint(calib_tokens, eval_tokens)
 
     with writer:
-        with StageMeter("calibrate") as m:
-            reporter.stage("calibrate", f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "
-                           f"{len(calib_tokens.rows)} x {recipe.calibration.seq_len} tokens")
-            calib = calibrate.run(
-                loaded.model, recipe.quantization, calib_tokens, recipe.calibration.batch_size, torch_device, reporter
-            )
-        stages.append(
-            m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output)
-        )
-
-        with StageMeter("export") as m:
-            reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
-            exported = export.run(
-                loaded.model, loaded.tokenizer, loaded.hf_config, arch, recipe.export, recipe.quantization, writer.tmp
-            )
-            for r in exported.repairs:
-                reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
-        stages.append(m.record(repairs=len(exported.repairs)))
-        del loaded.model  # the quantized in-memory model is not needed again: the gate reads the files
+        cached = reuse.restore_export(cache, export_key, writer.tmp, reporter) if cache else None
+        if cached is not None:
+            exported = export.ExportResult.from_record(cached["export"], writer.tmp)
+            calib_record = cached["calibration"]
+            for rec in cached["stages"]:
+                rec = StageRecord.model_validate(rec)
+                reporter.stage(rec.name, f"reused from the cache (key {export_key[:12]}, saves {rec.wall_s:.1f} s)")
+                stages.append(rec.model_copy(update={"status": "reused", "details": {**rec.details, "cache_key": export_key}}))
+        else:
+            exported, calib_record, unit_stages = run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, writer.tmp,
+                                                                           torch_device, reporter)
+            stages += unit_stages
+            if cache:
+                meta = {"export": exported.manifest_record(), "calibration": calib_record,
+                        "stages": [r.model_dump(mode="json") for r in unit_stages]}
+                reuse.store_export(cache, export_key, writer.tmp, meta, reporter)
 
         engine_record = run_engine_stage(recipe, exported, writer.tmp, opts, reporter, stages)
 
         outcome_eval = None
         if eval_tokens is not None:
-            if exported.checkpoint_dir is None:
-                raise UserError(
-                    "evaluate judges the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true, "
-                    "or evaluate.enabled: false"
-                )
-            with StageMeter("evaluate") as m:
-                outcome_eval = evaluate_checkpoint(recipe, model_dir, exported.checkpoint_dir, eval_tokens, torch_device, reporter)
-            stages.append(m.record(candidate=outcome_eval.record.get("candidate")))
+            eval_key = reuse.evaluate_key(recipe, export_key, pack_sha256(eval_path), device)
+            outcome_eval = run_evaluate_stage(recipe, model_dir, exported, eval_tokens, eval_key, cache, writer, torch_device,
+                                              reporter, stages)
         metrics = outcome_eval.summary if outcome_eval else {}
         gates = outcome_eval.gates if outcome_eval else []
         evaluation = outcome_eval.record if outcome_eval else {}
@@ -291,7 +298,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             status_reason="" if passed else "accuracy gate failed: " + ", ".join(g.metric for g in gates if g.verdict != "pass"),
             recipe=recipe.model_dump(mode="json"),
             recipe_sha256=recipe.sha256(),
-            inputs=loaded.inputs
+            inputs=inputs
             + [data_input("calibration_data", calib_path)]
             + ([data_input("evaluation_data", eval_path)] if eval_tokens is not None else []),
             versions=package_versions(),
@@ -299,7 +306,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             host=host_summary(),
             environment=numeric_environment(),
             seeds={"calibration": recipe.calibration.seed, "evaluation": recipe.evaluate.seed},
-            calibration={**calib_tokens.manifest_record(), "quant_config": calib.quant_config},
+            calibration={**calib_tokens.manifest_record(), **calib_record},
             evaluation=evaluation,
             export=exported.manifest_record(),
             engine=engine_record,
@@ -319,6 +326,64 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     if not passed:
         raise GateFailed(outcome)
     return outcome
+
+
+def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
+                             reporter: Reporter):
+    """The expensive unit: load the model, calibrate it, export it into root. Returns its records."""
+    from trtconv import calibrate, export, load
+
+    stages = []
+    with StageMeter("calibrate") as m:
+        model = load.load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
+        reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype}) to "
+                       f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "
+                       f"{len(calib_tokens.rows)} x {recipe.calibration.seq_len} tokens")
+        calibrate.check_group_size(model, recipe.quantization, recipe.export.tp_size)
+        calib = calibrate.run(model, recipe.quantization, calib_tokens, recipe.calibration.batch_size, device, reporter)
+    stages.append(
+        m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output)
+    )
+    with StageMeter("export") as m:
+        reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
+        exported = export.run(model, tokenizer, model.config, arch, recipe.export, recipe.quantization, root)
+        for r in exported.repairs:
+            reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
+    stages.append(m.record(repairs=len(exported.repairs)))
+    return exported, {"quant_config": calib.quant_config, "census": calib.census}, stages
+
+
+def run_evaluate_stage(recipe: Recipe, model_dir: Path, exported, tokens, key: str, cache, writer, device: str,
+                       reporter: Reporter, stages: list) -> EvalOutcome:
+    from trtconv import evaluate, reuse
+
+    scratch = writer.tmp.parent / f"{writer.tmp.name}.eval"
+    try:
+        cached = reuse.restore_evaluation(cache, key, scratch, reporter) if cache else None
+        if cached is not None:
+            stats, errors, meta = cached
+            reporter.stage("evaluate", f"statistics reused from the cache (key {key[:12]}, saves {meta['wall_s']:.1f} s); gates recomputed")
+            summary = evaluate.summarize(stats, recipe.evaluate.seed)
+            gates = evaluate.apply_gates(summary, recipe.evaluate)
+            report_gates(gates, reporter)
+            stages.append(StageRecord(name="evaluate", status="reused", wall_s=0.0, details={"cache_key": key, "candidate": meta["record"]["candidate"]}))
+            return EvalOutcome(summary, gates, meta["record"], stats, errors)
+        with StageMeter("evaluate") as m:
+            outcome = evaluate_checkpoint(recipe, model_dir, exported.checkpoint_dir, tokens, device, reporter)
+        stages.append(m.record(candidate=outcome.record.get("candidate")))
+        if cache:
+            reuse.store_evaluation(cache, key, outcome.stats, outcome.weight_errors, {"record": outcome.record, "wall_s": m.wall_s},
+                                   scratch, reporter)
+        return outcome
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def report_gates(gates, reporter: Reporter) -> None:
+    for g in gates:
+        lo = g.ci_low if g.ci_low is not None else float("nan")
+        hi = g.ci_high if g.ci_high is not None else float("nan")
+        reporter.stage("evaluate", f"{g.metric}: {g.value:.5g} [{lo:.5g}, {hi:.5g}] {g.comparator} {g.threshold:g} -> {g.verdict}")
 
 
 def run_engine_stage(recipe: Recipe, exported, root: Path, opts: BuildOptions, reporter: Reporter, stages: list) -> dict:
@@ -384,10 +449,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
         "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in worst_layers],
     }
-    for g in gates:
-        lo = g.ci_low if g.ci_low is not None else float("nan")
-        hi = g.ci_high if g.ci_high is not None else float("nan")
-        reporter.stage("evaluate", f"{g.metric}: {g.value:.5g} [{lo:.5g}, {hi:.5g}] {g.comparator} {g.threshold:g} -> {g.verdict}")
+    report_gates(gates, reporter)
     return EvalOutcome(summary, gates, record, stats, errors)
 
 

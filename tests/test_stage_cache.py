@@ -1,0 +1,167 @@
+"""Stage cache, resume and atomic output through the real pipeline (issue 6 acceptance)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+ARGS = [
+    "--precision", "int4_awq", "--num-samples", "8", "--seq-len", "64",
+    "--set", "evaluate.num_samples=16", "--set", "evaluate.seq_len=64",
+    "--set", "evaluate.allow_inconclusive=true", "--set", "evaluate.gates.min_top1_agreement=0",
+]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRTCONV_NO_CACHE", raising=False)
+    d = tmp_path / "cache"
+    monkeypatch.setenv("TRTCONV_CACHE", str(d))
+    return d
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def statuses(out: Path) -> dict:
+    return {s["name"]: s["status"] for s in manifest(out)["stages"]}
+
+
+def test_warm_build_reuses_every_stage_and_gives_the_same_digest(cli, tiny_llama, tmp_path, cache_dir):
+    t0 = time.monotonic()
+    assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "cold", *ARGS).exit_code == 0
+    cold_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    warm = cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "warm", *ARGS)
+    warm_s = time.monotonic() - t0
+    assert warm.exit_code == 0, warm.output
+    assert "reused from the cache" in warm.output
+    assert statuses(tmp_path / "warm") == {"load": "ok", "calibrate": "reused", "export": "reused", "engine": "skipped", "evaluate": "reused"}
+    assert manifest(tmp_path / "cold")["artifact_digest"] == manifest(tmp_path / "warm")["artifact_digest"]
+    assert manifest(tmp_path / "cold")["metrics"] == manifest(tmp_path / "warm")["metrics"]
+    print(f"cold {cold_s:.2f} s, warm {warm_s:.2f} s, ratio {warm_s / cold_s:.2f}")  # in-process (imports already warm)
+
+
+def test_changing_only_thresholds_reruns_only_the_gate(cli, tiny_llama, tmp_path, cache_dir):
+    assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "a", *ARGS).exit_code == 0
+    res = cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "b", *ARGS, "--set", "evaluate.gates.max_kl=0")
+    assert res.exit_code == 1  # same statistics, stricter gate: fails now
+    st = statuses(tmp_path / "b")
+    assert st["calibrate"] == st["export"] == st["evaluate"] == "reused"
+    gates = {g["metric"]: g["verdict"] for g in manifest(tmp_path / "b")["gates"]}
+    assert gates["max_kl"] == "fail"
+
+
+def test_changing_calibration_recalibrates(cli, tiny_llama, tmp_path, cache_dir):
+    assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "a", *ARGS).exit_code == 0
+    assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "b", *ARGS, "--seed", "7").exit_code == 0
+    assert statuses(tmp_path / "b")["calibrate"] == "ok"
+
+
+def test_a_corrupted_cache_entry_is_detected_and_rebuilt(cli, tiny_llama, tmp_path, cache_dir):
+    assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "a", *ARGS).exit_code == 0
+    entry_files = sorted((cache_dir / "stages" / "export").glob("*/payload/checkpoint/rank0.safetensors"))
+    assert len(entry_files) == 1
+    target = entry_files[0]
+    target.chmod(0o644)
+    target.write_bytes(target.read_bytes()[:-10])  # truncate
+    res = cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "b", *ARGS)
+    assert res.exit_code == 0, res.output
+    assert "cache entry not used (corrupted" in res.output
+    assert statuses(tmp_path / "b")["calibrate"] == "ok"
+    assert manifest(tmp_path / "a")["artifact_digest"] == manifest(tmp_path / "b")["artifact_digest"]
+
+
+def _spawn(args: list[str], env: dict, patch: str = "") -> subprocess.Popen:
+    code = f"{patch}\nfrom trtconv.cli import main\nimport sys\nsys.argv = ['trtconv'] + {args!r}\nmain()"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when(proc: subprocess.Popen, marker: str, timeout: float = 180) -> str:
+    seen = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return "".join(seen)
+
+
+# Slows export down (only in this child process) so SIGKILL can land while it writes.
+SLOW_EXPORT = (
+    "import time, trtconv.export as e\n"
+    "_orig = e.export_trtllm\n"
+    "def _slow(*a, **k):\n    r = _orig(*a, **k)\n    time.sleep(30)\n    return r\n"
+    "e.export_trtllm = _slow\n"
+)
+
+
+@pytest.mark.parametrize("where,marker,patch", [("calibration", "calibrate:", ""), ("export", "export:", SLOW_EXPORT)])
+def test_sigkill_then_rerun_finishes_with_the_same_digest(tiny_llama, tmp_path, cache_dir, where, marker, patch):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TRTCONV_NO_CACHE", None)
+    out = tmp_path / "out"
+    args = ["calibrate", "--model", str(tiny_llama), "-o", str(out), *ARGS, "--batch-size", "1"]
+    output = _kill_when(_spawn(args, env, patch), marker)
+    assert marker in output
+    assert not out.exists()  # nothing that looks like an artifact
+    rerun = subprocess.run([sys.executable, "-m", "trtconv.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    # An uninterrupted build without the cache gives the same artifact.
+    ref = tmp_path / "ref"
+    clean = subprocess.run([sys.executable, "-m", "trtconv.cli", *args[:4], str(ref), *ARGS, "--batch-size", "1", "--no-cache"],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert manifest(out)["artifact_digest"] == manifest(ref)["artifact_digest"]
+
+
+def test_concurrent_build_into_the_same_out_is_refused(tiny_llama, tmp_path, cache_dir):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TRTCONV_NO_CACHE", None)
+    out = tmp_path / "out"
+    args = ["calibrate", "--model", str(tiny_llama), "-o", str(out), *ARGS, "--batch-size", "1"]
+    first = _spawn(args, env, SLOW_EXPORT)
+    for line in first.stdout:
+        if "export:" in line:
+            break
+    second = subprocess.run([sys.executable, "-m", "trtconv.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    first.kill()
+    first.wait(timeout=60)
+    assert second.returncode == 2
+    assert "another trtconv run is writing" in second.stderr + second.stdout
+
+
+def test_disk_full_during_export_leaves_the_previous_artifact(cli, tiny_llama, tmp_path, monkeypatch):
+    import errno
+
+    import trtconv.export
+
+    out = tmp_path / "out"
+    assert cli("calibrate", "--model", tiny_llama, "-o", out, *ARGS).exit_code == 0
+    before = (out / "manifest.json").read_bytes()
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoint" / "rank0.safetensors"))
+
+    monkeypatch.setattr(trtconv.export, "export_trtllm", disk_full)
+    res = cli("calibrate", "--model", tiny_llama, "-o", out, "--force", *ARGS, "--seed", "3")
+    assert res.exit_code == 2, res.output
+    assert "No space left on device" in res.output and "Traceback" not in res.output
+    assert (out / "manifest.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
