@@ -199,6 +199,9 @@ class DecoderLayer:
     gate: EmulatedLinear  # up_proj
     proj: EmulatedLinear  # down_proj
     kv_cache_scale: torch.Tensor | None  # FP8 KV cache scale, None when the cache is not quantized
+    # The unified HF checkpoint has separate k_scale / v_scale; None = V uses kv_cache_scale too
+    # (TensorRT-LLM checkpoints have one kv_cache_scaling_factor for both).
+    v_cache_scale: torch.Tensor | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -309,8 +312,10 @@ class CheckpointModel:
         v = v.view(batch, length, s.num_kv_heads, s.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin, self.rotary_dim), apply_rope(k, cos, sin, self.rotary_dim)
         if layer.kv_cache_scale is not None:
-            # TensorRT-LLM writes K (after rope) and V into the FP8 cache with one shared scale.
-            k, v = fp8_round_trip(k, layer.kv_cache_scale), fp8_round_trip(v, layer.kv_cache_scale)
+            # K is written to the FP8 cache after rope. TensorRT-LLM checkpoints share one scale for
+            # K and V; HF checkpoints (vLLM) give V its own.
+            v_scale = layer.kv_cache_scale if layer.v_cache_scale is None else layer.v_cache_scale
+            k, v = fp8_round_trip(k, layer.kv_cache_scale), fp8_round_trip(v, v_scale)
         repeat = s.num_heads // s.num_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(s.head_size))
