@@ -171,3 +171,13 @@ def test_build_from_a_recipe_file_with_overrides(cli, tiny_llama, tmp_path):
     m = manifest(out)
     assert m["recipe"]["quantization"]["kv_cache"] == "fp8"
     assert m["gates"] == [] and m["status"] == "passed"
+
+
+def test_hf_only_export_is_gated_through_the_hf_checkpoint_reader(cli, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    res = calibrate(cli, tiny_llama, out, "fp8", "none", "--hf-checkpoint", "--set", "export.tensorrt_llm_checkpoint=false")
+    assert res.exit_code == 0, res.output
+    m = manifest(out)
+    assert not (out / "checkpoint").exists()
+    assert m["evaluation"]["candidate"].startswith("unified HF checkpoint")
+    assert {g["metric"] for g in m["gates"]} == {"max_ppl_increase_pct", "max_kl", "min_top1_agreement"}

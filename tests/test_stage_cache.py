@@ -165,3 +165,16 @@ def test_disk_full_during_export_leaves_the_previous_artifact(cli, tiny_llama, t
     assert "No space left on device" in res.output and "Traceback" not in res.output
     assert (out / "manifest.json").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_repro_check_finds_no_difference_on_cpu(cli, tiny_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: repro\nmodel:\n  path: {tiny_llama}\nquantization:\n  precision: w4a8_awq\n"
+        "calibration:\n  num_samples: 4\n  seq_len: 64\nevaluate:\n  enabled: false\n"
+    )
+    res = cli("build", recipe, "-o", tmp_path / "out", "--repro-check")
+    assert res.exit_code == 0, res.output
+    rep = manifest(tmp_path / "out")["export"]["reproducibility"]
+    assert rep["identical"] is True and rep["tensors_compared"] > 20 and rep["differing"] == []
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".repro")]

@@ -14,7 +14,7 @@ from pathlib import Path
 from trtconv.artifact import sha256_file
 from trtconv.errors import ArtifactError
 from trtconv.manifest import InputRecord, Manifest, read_manifest
-from trtconv.pipeline import EvalOutcome, evaluate_checkpoint
+from trtconv.pipeline import EvalOutcome, candidate_dir, evaluate_checkpoint, is_hf_checkpoint
 from trtconv.recipe import Recipe
 from trtconv.ui import Reporter
 
@@ -66,10 +66,11 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
 
     results = []
     for target in [artifact] + ([Path(against)] if against else []):
-        ckpt = target / "checkpoint"
+        ckpt = candidate_dir(recipe, target)
         if not (ckpt / "config.json").is_file():
-            raise ArtifactError(f"{target} has no TensorRT-LLM checkpoint ({ckpt / 'config.json'} is missing)")
-        validate_checkpoint(ckpt)
+            raise ArtifactError(f"{target} has no checkpoint to check ({ckpt / 'config.json'} is missing)")
+        if not is_hf_checkpoint(ckpt):
+            validate_checkpoint(ckpt)
         reporter.stage("check", f"{ckpt} against the original {model_dir}")
         outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter)
         from trtconv.evaluate import gates_passed

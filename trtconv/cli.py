@@ -47,6 +47,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final result.")]
 RequireEngineOpt = Annotated[bool, typer.Option("--require-engine", help="Fail (exit 3) if the engine cannot be built here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+ReproOpt = Annotated[bool, typer.Option("--repro-check", help="Calibrate and export twice; report any tensor that differs.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor store stage results (also: TRTCONV_NO_CACHE=1).")]
 JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
 
@@ -100,7 +101,7 @@ def _print_result(outcome, reporter, json_mode: bool) -> None:
 
 
 def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
-               no_cache: bool = False) -> None:
+               no_cache: bool = False, repro_check: bool = False) -> None:
     import os
 
     from trtconv.pipeline import BuildOptions, build
@@ -110,6 +111,7 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
     opts = BuildOptions(
         out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
         no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),
+        repro_check=repro_check,
     )
     try:
         outcome = build(recipe, opts, reporter)
@@ -139,6 +141,7 @@ def build(
     quiet: QuietOpt = False,
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
+    repro_check: ReproOpt = False,
 ) -> None:
     """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed."""
     from trtconv.recipe import load_recipe
@@ -150,7 +153,7 @@ def build(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache)
+    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check)
 
 
 @app.command()

@@ -42,6 +42,7 @@ class BuildOptions:
     command: list[str] = field(default_factory=list)
     junit: Path | None = None  # write each gate as a JUnit test case here
     no_cache: bool = False  # neither read nor write the stage cache
+    repro_check: bool = False  # calibrate + export a second time and compare every tensor
 
 
 @dataclass
@@ -250,10 +251,6 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     )
     eval_tokens = None
     if recipe.evaluate.enabled:
-        if not recipe.export.tensorrt_llm_checkpoint:
-            raise UserError(
-                "evaluate judges the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true, or evaluate.enabled: false"
-            )
         eval_tokens = samples.evaluation_rows(
             eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
         )
@@ -276,6 +273,10 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
                 meta = {"export": exported.manifest_record(), "calibration": calib_record,
                         "stages": [r.model_dump(mode="json") for r in unit_stages]}
                 reuse.store_export(cache, export_key, writer.tmp, meta, reporter)
+
+        reproducibility = {}
+        if opts.repro_check:
+            reproducibility = repro_check(recipe, model_dir, arch, tokenizer, calib_tokens, writer, torch_device, reporter)
 
         engine_record = run_engine_stage(recipe, exported, writer.tmp, opts, reporter, stages)
 
@@ -308,7 +309,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             seeds={"calibration": recipe.calibration.seed, "evaluation": recipe.evaluate.seed},
             calibration={**calib_tokens.manifest_record(), **calib_record},
             evaluation=evaluation,
-            export=exported.manifest_record(),
+            export={**exported.manifest_record(), **({"reproducibility": reproducibility} if reproducibility else {})},
             engine=engine_record,
             stages=stages,
             metrics=metrics,
@@ -369,7 +370,7 @@ def run_evaluate_stage(recipe: Recipe, model_dir: Path, exported, tokens, key: s
             stages.append(StageRecord(name="evaluate", status="reused", wall_s=0.0, details={"cache_key": key, "candidate": meta["record"]["candidate"]}))
             return EvalOutcome(summary, gates, meta["record"], stats, errors)
         with StageMeter("evaluate") as m:
-            outcome = evaluate_checkpoint(recipe, model_dir, exported.checkpoint_dir, tokens, device, reporter)
+            outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter)
         stages.append(m.record(candidate=outcome.record.get("candidate")))
         if cache:
             reuse.store_evaluation(cache, key, outcome.stats, outcome.weight_errors, {"record": outcome.record, "wall_s": m.wall_s},
@@ -377,6 +378,35 @@ def run_evaluate_stage(recipe: Recipe, model_dir: Path, exported, tokens, key: s
         return outcome
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def repro_check(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, writer, device: str, reporter: Reporter) -> dict:
+    """`--repro-check`: calibrate and export again from scratch; every tensor must match bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    second = writer.tmp.parent / f"{writer.tmp.name}.repro"
+    reporter.stage("repro-check", "calibrating and exporting a second time")
+    try:
+        run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, second, device, reporter)
+        differing, compared = [], 0
+        for first_file in sorted((writer.tmp / "checkpoint").glob("*.safetensors")):
+            with safe_open(first_file, "pt") as a, safe_open(second / "checkpoint" / first_file.name, "pt") as b:
+                for name in a.keys():
+                    compared += 1
+                    x, y = a.get_tensor(name), b.get_tensor(name)
+                    if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
+                        diff = (x.float() - y.float()).abs().max().item() if x.shape == y.shape else float("inf")
+                        differing.append({"file": first_file.name, "tensor": name, "max_abs_diff": diff})
+        differing.sort(key=lambda d: -d["max_abs_diff"])
+        verdict = "identical" if not differing else f"{len(differing)} of {compared} tensors differ (largest {differing[0]['max_abs_diff']:.3g} in {differing[0]['tensor']})"
+        if differing:
+            reporter.warn(f"repro-check: {verdict}")
+        else:
+            reporter.stage("repro-check", verdict)
+        return {"tensors_compared": compared, "identical": not differing, "differing": differing[:50]}
+    finally:
+        shutil.rmtree(second, ignore_errors=True)
 
 
 def report_gates(gates, reporter: Reporter) -> None:
@@ -440,7 +470,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
         stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, advance)
     summary = evaluate.summarize(stats, recipe.evaluate.seed)
     gates = evaluate.apply_gates(summary, recipe.evaluate)
-    errors = weight_quantization_errors(checkpoint_dir, baseline.cpu()) if weight_errors else []
+    # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
+    errors = weight_quantization_errors(checkpoint_dir, baseline.cpu()) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
     worst_layers = sorted(errors, key=lambda x: -x[1])[:5]
     record = {
         **tokens.manifest_record(),
@@ -454,15 +485,38 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 
 
 def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
-    """The artifact as a function input_ids -> logits, and a description of what it is."""
-    from trtconv.reference_executor import load_checkpoint_model
+    """The artifact as a function input_ids -> logits, and a description of what it is.
 
-    model = load_checkpoint_model(checkpoint_dir, device=device)
+    A folder with hf_quant_config.json or HF weights is ModelOpt's unified HF checkpoint (what the
+    pytorch target serves); one with rank{N}.safetensors is the TensorRT-LLM checkpoint.
+    """
+    if is_hf_checkpoint(checkpoint_dir):
+        from trtconv.hf_checkpoint_executor import load_hf_checkpoint_model
+
+        model = load_hf_checkpoint_model(checkpoint_dir, device=device)
+        description = "unified HF checkpoint via trtconv's reference executor (float32)"
+    else:
+        from trtconv.reference_executor import load_checkpoint_model
+
+        model = load_checkpoint_model(checkpoint_dir, device=device)
+        description = "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"
 
     def logits(ids):
         # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
         # multiple of 64; the padded ids are never real tokens, so compare over the real vocabulary.
         return model.logits(ids)[..., :vocab]
 
-    return logits, "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"
+    return logits, description
+
+
+def is_hf_checkpoint(folder: Path) -> bool:
+    return not (folder / "rank0.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+def candidate_dir(recipe: Recipe, root: Path) -> Path:
+    """What ships is what the gate judges: the unified HF checkpoint when the pytorch target serves
+    it (or it is the only export), else the TensorRT-LLM checkpoint the engine is built from."""
+    if recipe.engine.target == "pytorch" or not recipe.export.tensorrt_llm_checkpoint:
+        return root / "hf_checkpoint"
+    return root / "checkpoint"
 
