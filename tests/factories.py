@@ -55,16 +55,11 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     )
     common.update(overrides)
     if arch == "llama":
-        # Llama-3 style rope: theta 500000 with llama3 scaling, so a dropped rotary setting shows.
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 128,
-        }
-        return LlamaConfig(rope_parameters=rope, **common)
+        # Llama-3 style rope (theta 500000, llama3 scaling) like the reference model, so a dropped
+        # rotary setting shows.
+        from trtconv.reference_models import LLAMA3_ROPE
+
+        return LlamaConfig(rope_parameters=dict(LLAMA3_ROPE), **common)
     if arch == "qwen2":
         return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
     raise ValueError(f"unknown arch {arch!r}")
