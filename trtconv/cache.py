@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal, Optional
 import typer
 from filelock import FileLock, Timeout
 
+from trtconv.artifact import sha256_file
 from trtconv.errors import ArtifactError
 from trtconv.reference_models import CACHE_ENV_VAR, CACHE_SUBDIR as REFERENCE_MODELS_SUBDIR, default_cache_dir
 
@@ -179,14 +180,6 @@ def _copy_file(src: Path, dst: Path, *, fsync: bool) -> tuple[str, int]:
             fout.flush()
             os.fsync(fout.fileno())
     return digest.hexdigest(), size
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _payload_files(folder: Path) -> list[str]:
@@ -526,7 +519,7 @@ def entry_problem(entry: Path, stage: str, key: str, verify: Verify) -> str | No
         if size != rec.get("size"):
             return f"changed: {PAYLOAD_DIR}/{rel} is {size} bytes, {ENTRY_RECORD} says {rec.get('size')}"
         if verify == "full":
-            sha256 = _hash_file(path)
+            sha256 = sha256_file(path)
             if sha256 != rec.get("sha256"):
                 return f"changed: {PAYLOAD_DIR}/{rel} (sha256 {sha256[:12]}..., {ENTRY_RECORD} says {str(rec.get('sha256'))[:12]}...)"
     return None

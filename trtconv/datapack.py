@@ -44,6 +44,7 @@ from typing import Annotated, Any
 
 import typer
 
+from trtconv.artifact import sha256_file as file_sha256  # one hashing helper for the package
 from trtconv.errors import DataError, UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -82,14 +83,6 @@ class PackSummary:
 
 # --------------------------------------------------------------------------------------------
 # Hashes and the committed packs
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pack_sha256(path: Path) -> str:
