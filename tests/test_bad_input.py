@@ -187,3 +187,12 @@ def test_ctrl_c_during_calibration_leaves_nothing(tiny_llama, tmp_path):
     assert "interrupted; nothing was written" in output and "Traceback" not in output
     assert not out.exists()
     no_leftovers(tmp_path)
+
+
+def test_hub_model_offline_fails_fast_with_advice(cli, tmp_path):
+    r = tmp_path / "hub.yaml"
+    r.write_text("name: hub\nmodel:\n  hub_id: example-org/not-cached\n  revision: 0123456789abcdef\nquantization:\n  precision: fp8\n")
+    t0 = time.monotonic()
+    res = cli("build", r, "-o", tmp_path / "o")
+    assert time.monotonic() - t0 < 30
+    assert_user_error(res, "example-org/not-cached@0123456789abcdef is not in the local Hugging Face cache", "model.path")
