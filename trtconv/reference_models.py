@@ -18,7 +18,7 @@ Training runs under a file lock into a temporary sibling that is renamed into pl
 complete, so an interrupted run never leaves a folder that looks complete, and two processes
 asking at once train only once.
 
-Weights are not committed: training takes about a minute per model on 2 cores and needs only
+Weights are not committed: training takes about 90 s per model on one CPU thread and needs only
 PyPI packages, and 7 MB of binary per model per version would bloat the repository history.
 """
 
@@ -80,7 +80,7 @@ class ReferenceModelSpec:
     max_position_embeddings: int = 1024
     rope_parameters: dict[str, Any] = field(default_factory=dict)
     vocab_size: int = 2048
-    # Training. Chosen to finish in about a minute on 2 cores with a loss far below uniform.
+    # Training. Chosen to finish in about 90 s on one CPU thread with a loss far below uniform.
     steps: int = 300
     batch_size: int = 8
     seq_len: int = 128
@@ -405,7 +405,7 @@ def ensure_reference_model(
         _remove_leftovers(parent, folder_name, final)
         temp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder_name}.tmp-"))
         try:
-            report(f"{name}: not in the cache; training it into {final} (about a minute on 2 cores)")
+            report(f"{name}: not in the cache; training it into {final} (about 90 s on one CPU thread)")
             train_reference_model(spec, temp, corpus=corpus, eval_pack=eval_pack, progress=progress)
             _make_readable(temp)
             os.rename(temp, final)
