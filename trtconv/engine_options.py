@@ -78,6 +78,12 @@ class TensorRTEngineOptions(BaseModel):
         "(--output_timing_cache). Speeds up rebuilds on the same GPU and TensorRT. null = none read; TensorRT-LLM writes its default.",
     )
     log_level: LogLevel = Field("info", description="trtllm-build log level (--log_level).")
+    gather_context_logits: bool = Field(
+        False,
+        description="Keep the logits of every prompt token (--gather_context_logits), so the accuracy gate can judge the "
+        "engine itself through the LLM API (SamplingParams.return_context_logits). Costs GPU memory: the logits buffer "
+        "grows from one row per sequence to one row per context token (max_num_tokens x vocab); see docs/engine.md.",
+    )
 
 
 class PyTorchBackendOptions(BaseModel):

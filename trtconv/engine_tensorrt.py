@@ -81,6 +81,8 @@ def trtllm_build_command(
             cmd += ["--input_timing_cache", str(cache)]
         cmd += ["--output_timing_cache", str(cache)]
     cmd += ["--log_level", o.log_level]
+    if o.gather_context_logits:  # a store_true flag: off is expressed by leaving it out
+        cmd += ["--gather_context_logits"]
     return cmd
 
 
@@ -268,3 +270,8 @@ def _check_build_config(build_config: dict[str, Any], options: TensorRTEngineOpt
     for key in ("max_batch_size", "max_beam_width"):
         if build_config.get(key) != getattr(options, key):
             raise EngineDirInvalid(f"build_config.{key} is {build_config.get(key)!r}, but {getattr(options, key)!r} was asked for")
+    # An engine that drops context logits would silently send the gate back to the checkpoint.
+    if options.gather_context_logits and build_config.get("gather_context_logits") is not True:
+        raise EngineDirInvalid(
+            f"build_config.gather_context_logits is {build_config.get('gather_context_logits')!r}, but --gather_context_logits was passed"
+        )

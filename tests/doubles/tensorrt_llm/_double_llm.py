@@ -1,9 +1,23 @@
-"""TEST DOUBLE of `tensorrt_llm.LLM` (PyTorch backend, 1.0+) and `SamplingParams`. Runs no model.
+"""TEST DOUBLE of `tensorrt_llm.LLM` (PyTorch backend, 1.0+), `SamplingParams` and `RequestOutput`.
 
-Enforces what trtconv relies on: the LLM-API keyword arguments it writes (unknown ones raise, as
-the real pydantic TorchLlmArgs forbids extras), config objects of the right types, and a model
-folder that is a unified HF checkpoint (config.json, *.safetensors, tokenizer). generate() returns
-deterministic fake token ids. Hook: TRTCONV_DOUBLE_LLM_FAIL=1 makes construction fail.
+!!! NOT TensorRT-LLM. Context logits come from TRTCONV'S OWN REFERENCE EXECUTOR !!!
+`generate(prompt_token_ids, SamplingParams(return_context_logits=True))` computes `.context_logits`
+by running trtconv's checkpoint executor (trtconv.hf_checkpoint_executor here; the TensorRT
+double in tensorrt_llm/_tensorrt_engine runs trtconv.reference_executor on the TensorRT-LLM
+checkpoint the engine was built from). So tests that go through this path check ORCHESTRATION —
+which calls are made, shapes, padding, vocabulary slicing, refusals — and never TensorRT-LLM's
+numerics: "engine logits == checkpoint-executor logits" holds here by construction.
+
+Enforces what trtconv relies on:
+- the LLM-API keyword arguments it writes (unknown ones raise, as the real pydantic TorchLlmArgs
+  forbids extras), config objects of the right types, and a model folder that is a unified HF
+  checkpoint (config.json, *.safetensors, tokenizer);
+- `SamplingParams` is a keyword-only dataclass like the real one (tensorrt_llm/sampling_params.py),
+  so an unknown keyword raises TypeError;
+- `generate(inputs, sampling_params=None, use_tqdm=True)` with the real batching rule
+  (tensorrt_llm/llmapi/llm.py: a list whose first item is an int is ONE prompt), and an empty
+  prompt is refused.
+Hook: TRTCONV_DOUBLE_LLM_FAIL=1 makes construction fail.
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tensorrt_llm.llmapi import CudaGraphConfig, KvCacheConfig
 
@@ -24,10 +38,20 @@ ACCEPTED_KWARGS = {
 ATTN_BACKENDS = {"TRTLLM", "FLASHINFER", "VANILLA", "FLASHINFER_STAR_ATTENTION"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingParams:
+    """The fields of the real SamplingParams that trtconv may pass (keyword-only: unknown ones -> TypeError)."""
+
     max_tokens: int = 32
     temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    end_id: int | None = None
+    pad_id: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
 
 
 @dataclass
@@ -39,16 +63,51 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    prompt: str
+    prompt: str | None
     outputs: list[CompletionOutput]
+    prompt_token_ids: list[int] = field(default_factory=list)
+    context_logits: Any = None  # torch.Tensor [prompt_len, vocab] when return_context_logits
+
+
+def simulated_failure() -> None:
+    if os.environ.get("TRTCONV_DOUBLE_LLM_FAIL"):
+        raise RuntimeError("TEST DOUBLE: simulated failure while loading the model")
+
+
+def split_batch(inputs: Any) -> list[Any]:
+    """The real generate()'s rule: a non-list is one prompt; a list of ints is one token-id prompt."""
+    if not isinstance(inputs, list) or (inputs and isinstance(inputs[0], int)):
+        return [inputs]
+    return list(inputs)
+
+
+def run_generate(
+    inputs: Any, params: SamplingParams | None, vocab: int, context_logits: Callable[[list[int]], Any], max_input_len: int | None = None
+) -> list[RequestOutput]:
+    """Shared by both double LLMs: fake tokens, and context logits from trtconv's executor when asked."""
+    params = params or SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    results = []
+    for prompt in split_batch(inputs):
+        ids = list(prompt) if isinstance(prompt, list) else None
+        if ids is not None and not ids:
+            raise ValueError("TEST DOUBLE: the prompt is empty (the LLM API refuses empty token lists)")
+        if ids is not None and max_input_len is not None and len(ids) > max_input_len:
+            raise ValueError(f"TEST DOUBLE: prompt length {len(ids)} exceeds max_input_len {max_input_len}")
+        seed = hashlib.sha256(json.dumps(prompt).encode()).digest()
+        generated = [seed[i % len(seed)] % vocab for i in range(params.max_tokens)]
+        logits = context_logits(ids) if params.return_context_logits and ids is not None else None
+        text = prompt if isinstance(prompt, str) else None
+        results.append(RequestOutput(text, [CompletionOutput(0, "<test double text>", generated)], ids or [], logits))
+    return results
 
 
 class LLM:
-    """TEST DOUBLE: checks arguments and the model folder; generate() invents tokens."""
+    """TEST DOUBLE of the PyTorch-backend LLM: checks arguments and the model folder; see the module docstring."""
 
     def __init__(self, model: str, **kwargs: Any):
-        if os.environ.get("TRTCONV_DOUBLE_LLM_FAIL"):
-            raise RuntimeError("TEST DOUBLE: simulated failure while loading the model")
+        simulated_failure()
         for key, value in kwargs.items():
             if key not in ACCEPTED_KWARGS:
                 raise ValueError(f"Unknown LLM argument {key!r} (TEST DOUBLE knows {sorted(ACCEPTED_KWARGS)})")
@@ -60,6 +119,8 @@ class LLM:
         self._check_model_dir()
         self.kwargs = kwargs
         self._vocab = int(json.loads((self.model_dir / "config.json").read_text()).get("vocab_size", 32000))
+        self._executor = None
+        self.shut_down = False
 
     def _check_model_dir(self) -> None:
         if not (self.model_dir / "config.json").is_file():
@@ -69,14 +130,27 @@ class LLM:
         if not any((self.model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
             raise FileNotFoundError(f"no tokenizer in {self.model_dir}")
 
-    def generate(self, prompts: list[str] | str, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        params = sampling_params or SamplingParams()
-        results = []
-        for prompt in [prompts] if isinstance(prompts, str) else prompts:
-            seed = hashlib.sha256(prompt.encode()).digest()
-            ids = [seed[i % len(seed)] % self._vocab for i in range(params.max_tokens)]
-            results.append(RequestOutput(prompt, [CompletionOutput(0, "<test double text>", ids)]))
-        return results
+    def _context_logits(self, ids: list[int]):
+        # BORROWED: trtconv's own unified-HF-checkpoint executor, not a TensorRT-LLM runtime.
+        import torch
+
+        from trtconv.hf_checkpoint_executor import load_hf_checkpoint_model
+
+        if self._executor is None:
+            self._executor = load_hf_checkpoint_model(self.model_dir)
+        return self._executor.logits(torch.tensor([ids], dtype=torch.long))[0]
+
+    def generate(self, inputs: Any, sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        if self.shut_down:
+            raise RuntimeError("TEST DOUBLE: generate() after shutdown()")
+        max_seq_len = self.kwargs.get("max_seq_len")
+        return run_generate(inputs, sampling_params, self._vocab, self._context_logits, max_input_len=max_seq_len)
 
     def shutdown(self) -> None:
-        pass
+        self.shut_down = True
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class KvCacheConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    enable_block_reuse: bool = True  # TensorRT-LLM 1.x default (llm_args.KvCacheConfig)
     dtype: Literal["auto", "fp8"] = "auto"
     free_gpu_memory_fraction: Optional[float] = Field(0.9, gt=0.0, le=1.0)
 

@@ -7,7 +7,8 @@ Enforces the documented contract (trtllm-reference.md §3, §4.1, §2) and build
 - choices of every enum / enable|disable flag;
 - --opt_num_tokens with --multiple_profiles enable is refused (RuntimeError);
 - the checkpoint is load-checked like TensorRT-LLM's loader (tensorrt_llm/_double_checkpoint.py);
-- output: config.json with exactly version / pretrained_config / build_config, and one
+- output: config.json with exactly version / pretrained_config / build_config (which records
+  gather_context_logits / gather_generation_logits, read back by the double's runtime LLM), and one
   rank{N}.engine per rank whose content is a clearly fake header + the rank file's sha256.
 Hooks for failure tests (env): TRTCONV_DOUBLE_BUILD_CRASH_AFTER_RANK=N (write rank0..N engines,
 then die with exit 134), TRTCONV_DOUBLE_BUILD_SKIP_RANK=N (exit 0 but leave rankN.engine out).
@@ -113,6 +114,9 @@ def build_config(args: argparse.Namespace, config: dict) -> dict:
         "opt_batch_size": 8,
         "kv_cache_type": kv_cache_type.upper(),
         "strongly_typed": True,
+        # BuildConfig fields (default False); --gather_all_token_logits sets both, as in build.py.
+        "gather_context_logits": bool(args.gather_context_logits or args.gather_all_token_logits),
+        "gather_generation_logits": bool(args.gather_generation_logits or args.gather_all_token_logits),
         "plugin_config": plugin_config,
     }
 
