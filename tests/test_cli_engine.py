@@ -105,3 +105,33 @@ def test_engine_command_refuses_a_failed_artifact(cli, tiny_llama, tmp_path):
     assert res.exit_code == 1, res.output
     refused = cli("engine", out)
     assert refused.exit_code == 2 and "not 'passed'" in refused.output and "--force" in refused.output
+
+
+def test_gate_judges_the_engine_where_tensorrt_llm_runs(cli, tiny_llama, tmp_path, trtllm_double, pretend_gpu, monkeypatch):
+    """With context logits in the engine, the candidate is the engine through the LLM API (here: the
+    double's LLM, which borrows trtconv's executor, so this checks orchestration, not TensorRT)."""
+    import trtconv.engine_logits
+
+    monkeypatch.setattr(trtconv.engine_logits, "detect_device", lambda *a, **k: H100, raising=False)
+    out = tmp_path / "out"
+    res = cli(
+        "build", recipe(tmp_path, tiny_llama), "-o", out, "--require-engine",
+        "--set", "calibration.num_samples=4", "--set", "calibration.seq_len=64",
+        "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64",
+        "--set", "evaluate.allow_inconclusive=true", "--set", "evaluate.gates.min_top1_agreement=0",
+        "--set", "engine.tensorrt.gather_context_logits=true",
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert "engine" in m["evaluation"]["candidate"].lower() and "engine_fallback_reason" not in m["evaluation"]
+    # Without context logits in the engine, the gate falls back to the checkpoint and says why.
+    out2 = tmp_path / "out2"
+    res = cli(
+        "build", recipe(tmp_path, tiny_llama), "-o", out2, "--require-engine",
+        "--set", "calibration.num_samples=4", "--set", "calibration.seq_len=64",
+        "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64",
+        "--set", "evaluate.allow_inconclusive=true", "--set", "evaluate.gates.min_top1_agreement=0",
+    )
+    assert res.exit_code == 0, res.output
+    ev = json.loads((out2 / "manifest.json").read_text())["evaluation"]
+    assert ev["candidate"].startswith("TensorRT-LLM checkpoint") and "gather_context_logits" in ev["engine_fallback_reason"]

@@ -72,7 +72,9 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
         if not is_hf_checkpoint(ckpt):
             validate_checkpoint(ckpt)
         reporter.stage("check", f"{ckpt} against the original {model_dir}")
-        outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter)
+        engine_record = read_manifest(target).engine if target != artifact else manifest.engine
+        outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter,
+                                      artifact_root=target, engine_record=engine_record)
         from trtconv.evaluate import gates_passed
 
         passed = gates_passed(outcome.gates, recipe.evaluate.allow_inconclusive)

@@ -282,9 +282,12 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 
         outcome_eval = None
         if eval_tokens is not None:
-            eval_key = reuse.evaluate_key(recipe, export_key, pack_sha256(eval_path), device)
+            # A built engine may be the candidate: its files are part of what the statistics depend on.
+            engine_files = hash_tree(writer.tmp / ENGINE_DIR) if engine_record.get("status") == "built" else []
+            eval_key = reuse.evaluate_key(recipe, export_key, pack_sha256(eval_path), device,
+                                          engine_files=[(f.path, f.sha256) for f in engine_files])
             outcome_eval = run_evaluate_stage(recipe, model_dir, exported, eval_tokens, eval_key, cache, writer, torch_device,
-                                              reporter, stages)
+                                              reporter, stages, engine_record=engine_record)
         metrics = outcome_eval.summary if outcome_eval else {}
         gates = outcome_eval.gates if outcome_eval else []
         evaluation = outcome_eval.record if outcome_eval else {}
@@ -355,7 +358,7 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
 
 
 def run_evaluate_stage(recipe: Recipe, model_dir: Path, exported, tokens, key: str, cache, writer, device: str,
-                       reporter: Reporter, stages: list) -> EvalOutcome:
+                       reporter: Reporter, stages: list, engine_record: dict | None = None) -> EvalOutcome:
     from trtconv import evaluate, reuse
 
     scratch = writer.tmp.parent / f"{writer.tmp.name}.eval"
@@ -370,7 +373,8 @@ def run_evaluate_stage(recipe: Recipe, model_dir: Path, exported, tokens, key: s
             stages.append(StageRecord(name="evaluate", status="reused", wall_s=0.0, details={"cache_key": key, "candidate": meta["record"]["candidate"]}))
             return EvalOutcome(summary, gates, meta["record"], stats, errors)
         with StageMeter("evaluate") as m:
-            outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter)
+            outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter,
+                                          artifact_root=writer.tmp, engine_record=engine_record)
         stages.append(m.record(candidate=outcome.record.get("candidate")))
         if cache:
             reuse.store_evaluation(cache, key, outcome.stats, outcome.weight_errors, {"record": outcome.record, "wall_s": m.wall_s},
@@ -454,20 +458,42 @@ class EvalOutcome:
 
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
-                        weight_errors: bool = True) -> EvalOutcome:
-    """The original model (fresh from disk, float32) against the checkpoint on disk, gated."""
+                        weight_errors: bool = True, artifact_root: Path | None = None,
+                        engine_record: dict | None = None) -> EvalOutcome:
+    """The original model (fresh from disk, float32) against the artifact, gated.
+
+    The candidate is the built engine through TensorRT-LLM's own API where that runs here (and the
+    engine was built with context logits); otherwise the checkpoint on disk through trtconv's
+    reference executor, with the reason recorded.
+    """
     from trtconv import evaluate, load
     from trtconv.reference_executor import weight_quantization_errors
 
     baseline = load.load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
-    candidate, kind = candidate_logits(checkpoint_dir, device, vocab=baseline.config.vocab_size)
+    vocab = baseline.config.vocab_size
+    engine = None
+    if engine_record and engine_record.get("status") == "built" and artifact_root is not None:
+        from trtconv.engine_logits import engine_candidate
 
-    def baseline_logits(ids):
-        return baseline(input_ids=ids, use_cache=False).logits
+        engine = engine_candidate(artifact_root, engine_record, vocab, tokenizer_dir=artifact_root / "tokenizer",
+                                  seq_len=recipe.evaluate.seq_len)
+        if not engine.available:
+            reporter.warn(f"evaluate: judging the checkpoint, not the engine: {engine.reason}")
+    try:
+        if engine is not None and engine.available:
+            candidate, kind = engine.fn, engine.description
+        else:
+            candidate, kind = candidate_logits(checkpoint_dir, device, vocab=vocab)
 
-    n_batches = -(-len(tokens.rows) // recipe.evaluate.batch_size)
-    with reporter.progress("evaluation batches", total=n_batches) as advance:
-        stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, advance)
+        def baseline_logits(ids):
+            return baseline(input_ids=ids, use_cache=False).logits
+
+        n_batches = -(-len(tokens.rows) // recipe.evaluate.batch_size)
+        with reporter.progress("evaluation batches", total=n_batches) as advance:
+            stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, advance)
+    finally:
+        if engine is not None:
+            engine.close()
     summary = evaluate.summarize(stats, recipe.evaluate.seed)
     gates = evaluate.apply_gates(summary, recipe.evaluate)
     # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
@@ -480,6 +506,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
         "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in worst_layers],
     }
+    if engine is not None and not engine.available:
+        record["engine_fallback_reason"] = engine.reason
     report_gates(gates, reporter)
     return EvalOutcome(summary, gates, record, stats, errors)
 

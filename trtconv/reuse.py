@@ -60,14 +60,14 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
     )
 
 
-def evaluate_key(recipe: Recipe, upstream: str, eval_sha256: str, device: DeviceInfo) -> str:
+def evaluate_key(recipe: Recipe, upstream: str, eval_sha256: str, device: DeviceInfo, engine_files: list | None = None) -> str:
     section = recipe.evaluate.model_dump(mode="json")
     for not_an_input in ("gates", "allow_inconclusive", "enabled", "data"):
         section.pop(not_an_input)
     return stage_key(
         EVALUATE_STAGE,
         {"export_key": upstream, "evaluate": section, "evaluation_data_sha256": eval_sha256,
-         "versions": versions_for_key(), "device": _device_part(device)},
+         "versions": versions_for_key(), "device": _device_part(device), "engine_files": sorted(engine_files or [])},
     )
 
 
