@@ -135,3 +135,22 @@ def test_check_refuses_an_artifact_without_manifest(cli, tmp_path):
     (tmp_path / "x").mkdir()
     res = cli("check", tmp_path / "x")
     assert res.exit_code == 2 and "manifest.json is missing" in res.output
+
+
+def test_multiple_choice_task_is_scored_and_gated(llama_ref, cli, tmp_path):
+    from tests.conftest import REPO
+
+    task = REPO / "calibration_data" / "eval-cloze.jsonl"
+    out = tmp_path / "mc"
+    res = cli("build", "llama-ref-int8-sq", "-o", out, "--json", "-q", "--set", f"evaluate.multiple_choice={task}")
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    gate = next(g for g in m["gates"] if g["metric"] == "max_task_accuracy_drop_pp")
+    assert gate["threshold"] == 3.0 and gate["verdict"] == "pass"
+    t = m["metrics"]["task"]
+    assert t["num_items"] == 159 and 0.25 < t["accuracy_baseline"]["value"] < 1
+    assert "task_data" in {i["role"] for i in m["inputs"]}
+    assert "multiple-choice accuracy (159 items)" in (out / "report.md").read_text()
+    # The same gate comes back from `trtconv check`.
+    checked = cli("check", out, "--json")
+    assert checked.exit_code == 0 and any(g["metric"] == "max_task_accuracy_drop_pp" for g in json.loads(checked.stdout)[0]["gates"])

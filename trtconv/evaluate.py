@@ -166,7 +166,7 @@ def apply_gates(summary: dict, section: EvaluateSection) -> list[GateResult]:
     results = []
     for key, (metric, comparator) in GATES.items():
         threshold = getattr(section.gates, key)
-        if threshold is None:
+        if threshold is None or metric not in summary:
             continue
         verdict, reason = decide(summary[metric], threshold, comparator)
         if verdict == "inconclusive" and section.allow_inconclusive:

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from trtconv import __version__
 from trtconv.artifact import ArtifactWriter, sha256_file
 from trtconv.cache import StageCache
@@ -304,7 +306,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             recipe_sha256=recipe.sha256(),
             inputs=inputs
             + [data_input("calibration_data", calib_path)]
-            + ([data_input("evaluation_data", eval_path)] if eval_tokens is not None else []),
+            + ([data_input("evaluation_data", eval_path)] if eval_tokens is not None else [])
+            + ([data_input("task_data", Path(recipe.evaluate.multiple_choice))] if eval_tokens is not None and recipe.evaluate.multiple_choice else []),
             versions=package_versions(),
             device=device.to_dict(),
             host=host_summary(),
@@ -368,7 +371,9 @@ def run_evaluate_stage(recipe: Recipe, model_dir: Path, exported, tokens, key: s
             stats, errors, meta = cached
             reporter.stage("evaluate", f"statistics reused from the cache (key {key[:12]}, saves {meta['wall_s']:.1f} s); gates recomputed")
             summary = evaluate.summarize(stats, recipe.evaluate.seed)
-            gates = evaluate.apply_gates(summary, recipe.evaluate)
+            stored = meta["record"].get("task_correct")
+            task_correct = {k: np.asarray(v, dtype=bool) for k, v in stored.items()} if stored else None
+            gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
             report_gates(gates, reporter)
             stages.append(StageRecord(name="evaluate", status="reused", wall_s=0.0, details={"cache_key": key, "candidate": meta["record"]["candidate"]}))
             return EvalOutcome(summary, gates, meta["record"], stats, errors)
@@ -491,11 +496,12 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
         n_batches = -(-len(tokens.rows) // recipe.evaluate.batch_size)
         with reporter.progress("evaluation batches", total=n_batches) as advance:
             stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, advance)
+        task_correct = score_task(recipe, model_dir, baseline_logits, candidate, device, reporter) if recipe.evaluate.multiple_choice else None
     finally:
         if engine is not None:
             engine.close()
     summary = evaluate.summarize(stats, recipe.evaluate.seed)
-    gates = evaluate.apply_gates(summary, recipe.evaluate)
+    gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
     errors = weight_quantization_errors(checkpoint_dir, baseline.cpu()) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
     worst_layers = sorted(errors, key=lambda x: -x[1])[:5]
@@ -508,8 +514,37 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     }
     if engine is not None and not engine.available:
         record["engine_fallback_reason"] = engine.reason
+    if task_correct is not None:
+        record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
     report_gates(gates, reporter)
     return EvalOutcome(summary, gates, record, stats, errors)
+
+
+def score_task(recipe: Recipe, model_dir: Path, baseline_logits, candidate, device: str, reporter: Reporter) -> dict:
+    """Per-item correctness of both models on the recipe's multiple-choice file."""
+    from trtconv import load
+    from trtconv.tasks import read_multiple_choice, score_multiple_choice
+
+    items = read_multiple_choice(recipe.evaluate.multiple_choice)
+    tokenizer = load.load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    reporter.stage("evaluate", f"multiple-choice task: {len(items)} items from {recipe.evaluate.multiple_choice}")
+    return {
+        "baseline": score_multiple_choice(items, tokenizer, baseline_logits, device, recipe.evaluate.seq_len),
+        "candidate": score_multiple_choice(items, tokenizer, candidate, device, recipe.evaluate.seq_len),
+    }
+
+
+def task_gates(recipe: Recipe, task_correct: dict | None, summary: dict) -> list:
+    """The task's summary goes into `summary["task"]`; its gate, if a threshold is set."""
+    if task_correct is None:
+        return []
+    from trtconv.tasks import task_gate, task_summary
+
+    summary["task"] = task_summary(task_correct["baseline"], task_correct["candidate"], recipe.evaluate.seed)
+    threshold = recipe.evaluate.gates.max_task_accuracy_drop_pp
+    if threshold is None:
+        return []
+    return [task_gate(summary["task"], threshold, recipe.evaluate.allow_inconclusive)]
 
 
 def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):

@@ -22,6 +22,8 @@ from trtconv.errors import RecipeError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 
 SCHEMA_VERSION = 1
+# Default multiple-choice gate: a candidate may lose at most this many accuracy points (interval-based).
+DEFAULT_TASK_ACCURACY_DROP_PP = 3.0
 REFERENCE_MODEL_NAMES = ("llama-ref", "qwen2-ref")
 
 PrecisionName = Literal["none", "fp8", "int8_sq", "int4_awq", "w4a8_awq"]
@@ -94,6 +96,9 @@ class GatesSection(Strict):
     max_ppl_increase_pct: float | None = Field(None, ge=0, description="Max perplexity increase over the original, in %.")
     max_kl: float | None = Field(None, ge=0, description="Max mean KL(original || candidate) per token.")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Min fraction of tokens whose argmax agrees.")
+    max_task_accuracy_drop_pp: float | None = Field(
+        None, ge=0, description="Max drop of multiple-choice accuracy, in percentage points (with evaluate.multiple_choice)."
+    )
 
 
 class EvaluateSection(Strict):
@@ -103,6 +108,10 @@ class EvaluateSection(Strict):
     seq_len: PositiveInt = Field(256, description="Tokens per evaluation sequence.")
     batch_size: PositiveInt = Field(4, description="Sequences per forward pass.")
     seed: int = Field(0, description="Seed that picks the evaluation documents and the bootstrap resamples.")
+    multiple_choice: str | None = Field(
+        None,
+        description="Optional local multiple-choice task (.jsonl: id, question, choices, answer) scored on both models.",
+    )
     allow_inconclusive: bool = Field(
         False, description="Let a gate whose confidence interval straddles its threshold pass (default: it fails)."
     )
@@ -136,6 +145,8 @@ class Recipe(Strict):
         for key in ("max_ppl_increase_pct", "max_kl", "min_top1_agreement"):
             if gates[key] is None:
                 gates[key] = getattr(defaults, key)
+        if data["evaluate"]["multiple_choice"] and gates["max_task_accuracy_drop_pp"] is None:
+            gates["max_task_accuracy_drop_pp"] = DEFAULT_TASK_ACCURACY_DROP_PP
         return Recipe.model_validate(data)
 
     def to_yaml(self) -> str:
@@ -263,7 +274,7 @@ def locate_recipe(ref: str) -> Path:
 
 def _resolve_relative_paths(data: dict, base: Path) -> dict:
     """Paths in a recipe file are relative to that file, so a recipe works from any current folder."""
-    for section, key in (("model", "path"), ("calibration", "data"), ("evaluate", "data")):
+    for section, key in (("model", "path"), ("calibration", "data"), ("evaluate", "data"), ("evaluate", "multiple_choice")):
         sec = data.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             p = Path(sec[key]).expanduser()

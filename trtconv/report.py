@@ -86,6 +86,14 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
             f"| perplexity | {m['ppl_baseline']['value']:.4f} | {m['ppl_candidate']['value']:.4f} | {_fmt_ci(m['ppl_increase_pct'])} % |",
             f"| mean KL per token | – | – | {_fmt_ci(m['mean_kl'])} |",
             f"| top-1 agreement | – | – | {_fmt_ci(m['top1_agreement'])} |",
+        ]
+        if "task" in m:
+            t = m["task"]
+            lines.append(
+                f"| multiple-choice accuracy ({t['num_items']} items) | {t['accuracy_baseline']['value']:.4f} | "
+                f"{t['accuracy_candidate']['value']:.4f} | {_fmt_ci(t['accuracy_difference_pp'])} pp |"
+            )
+        lines += [
             "",
             "| gate | value | 95% interval | threshold | verdict |",
             "|---|---|---|---|---|",

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from trtconv.cache import StageCache, stage_key, versions_for_key
+from trtconv.datapack import pack_sha256
 from trtconv.environment import DeviceInfo
 from trtconv.manifest import InputRecord
 from trtconv.recipe import Recipe
@@ -62,8 +63,10 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
 
 def evaluate_key(recipe: Recipe, upstream: str, eval_sha256: str, device: DeviceInfo, engine_files: list | None = None) -> str:
     section = recipe.evaluate.model_dump(mode="json")
-    for not_an_input in ("gates", "allow_inconclusive", "enabled", "data"):
+    for not_an_input in ("gates", "allow_inconclusive", "enabled", "data", "multiple_choice"):
         section.pop(not_an_input)
+    task = recipe.evaluate.multiple_choice
+    section["multiple_choice_sha256"] = pack_sha256(Path(task)) if task else None
     return stage_key(
         EVALUATE_STAGE,
         {"export_key": upstream, "evaluate": section, "evaluation_data_sha256": eval_sha256,
