@@ -178,3 +178,30 @@ def test_repro_check_finds_no_difference_on_cpu(cli, tiny_llama, tmp_path):
     rep = manifest(tmp_path / "out")["export"]["reproducibility"]
     assert rep["identical"] is True and rep["tensors_compared"] > 20 and rep["differing"] == []
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".repro")]
+
+
+def test_real_disk_full_on_a_small_tmpfs(cli, tiny_llama, tmp_path):
+    """A size-limited filesystem that holds one artifact but not a second one being written."""
+    import shutil
+
+    first = tmp_path / "first"
+    assert cli("calibrate", "--model", tiny_llama, "-o", first, *ARGS).exit_code == 0
+    size = sum(p.stat().st_size for p in first.rglob("*") if p.is_file())
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 4096 * 4096 + 4096}", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        out = mnt / "out"
+        shutil.copytree(first, out)
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        res = cli("calibrate", "--model", tiny_llama, "-o", out, "--force", *ARGS)
+        assert res.exit_code == 2, res.output
+        assert "No space left on device" in res.output and "Traceback" not in res.output
+        after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert after == before  # the previous artifact, byte for byte
+        assert sorted(p.name for p in mnt.iterdir()) == [".out.lock", "out"]  # nothing partial beside it
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -205,6 +205,22 @@ def data_input(role: str, path: Path) -> InputRecord:
 # ---------------------------------------------------------------------------------------------
 # The run
 
+_STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                   errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """A full, read-only or forbidden disk, however the writing library reports it (an OSError, or
+    safetensors' own error carrying "os error 28"), as a message; None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return exc.strerror or _STORAGE_ERRNOS[exc.errno]
+    text = str(exc)
+    for code, message in _STORAGE_ERRNOS.items():
+        if f"os error {code})" in text or message in text:
+            return message
+    return None
+
+
 
 def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
     recipe = recipe.resolved()
@@ -213,13 +229,16 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
             return _build(recipe, opts, reporter)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; nothing was written to {opts.out} (the previous artifact, if any, is intact)") from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                raise ArtifactError(
-                    f"cannot write {exc.filename or opts.out}: {exc.strerror}; nothing was written to {opts.out} "
-                    "(the previous artifact, if any, is intact): free space or choose another -o / TRTCONV_CACHE"
-                ) from None
+        except (UserError, GateFailed):
             raise
+        except Exception as exc:
+            reason = storage_failure(exc)
+            if reason is None:
+                raise
+            raise ArtifactError(
+                f"cannot write {getattr(exc, 'filename', None) or opts.out}: {reason}; nothing was written to {opts.out} "
+                "(the previous artifact, if any, is intact): free space or choose another -o / TRTCONV_CACHE"
+            ) from None
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
