@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
-from trtconv import __version__
 from trtconv.errors import GateFailed, Interrupted, UserError
 
 app = typer.Typer(

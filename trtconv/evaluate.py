@@ -107,19 +107,18 @@ GATES = {
 }
 
 
-def bootstrap_interval(stats: DocumentStats, metric: str, seed: int) -> tuple[float, float] | None:
-    """Paired percentile bootstrap over documents (same resampled documents for both models)."""
+def paired_interval(samples: tuple[np.ndarray, ...], statistic, seed: int, vectorized: bool = False) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic` over paired samples (the same resampled units
+    for every array), or None when it cannot be formed (fewer than 2 units, non-finite bounds)."""
     from scipy.stats import bootstrap
 
-    arrays = (stats.n_tokens, stats.nll_baseline, stats.nll_candidate, stats.kl, stats.top1_agree)
-    if len(stats.n_tokens) < 2:
+    if len(samples[0]) < 2:
         return None
-    fn = METRICS[metric]
     res = bootstrap(
-        arrays,
-        lambda *a: fn(*a),
+        samples,
+        statistic,
         paired=True,
-        vectorized=False,
+        vectorized=vectorized,
         n_resamples=N_RESAMPLES,
         confidence_level=CONFIDENCE,
         method="percentile",
@@ -129,6 +128,13 @@ def bootstrap_interval(stats: DocumentStats, metric: str, seed: int) -> tuple[fl
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return None
     return lo, hi
+
+
+def bootstrap_interval(stats: DocumentStats, metric: str, seed: int) -> tuple[float, float] | None:
+    """Paired percentile bootstrap over documents (same resampled documents for both models)."""
+    arrays = (stats.n_tokens, stats.nll_baseline, stats.nll_candidate, stats.kl, stats.top1_agree)
+    fn = METRICS[metric]
+    return paired_interval(arrays, lambda *a: fn(*a), seed)
 
 
 def summarize(stats: DocumentStats, seed: int) -> dict:

@@ -242,7 +242,7 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
-    from trtconv import calibrate, evaluate, export, load, reuse, samples
+    from trtconv import evaluate, export, load, reuse, samples
     from trtconv.datapack import pack_sha256
     from trtconv.ui import silence_library_progress_bars
 

@@ -37,7 +37,6 @@ Scoring rule (what a user would otherwise have to guess):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch
 
 from trtconv.datapack import _parse_json_line, _read_text_file
 from trtconv.errors import DataError
-from trtconv.evaluate import CONFIDENCE, N_RESAMPLES, decide
+from trtconv.evaluate import CONFIDENCE, N_RESAMPLES, decide, paired_interval
 from trtconv.manifest import GateResult
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [B,T] -> logits [B,T,V] (float)
@@ -265,24 +264,8 @@ def score_multiple_choice(
 
 
 def _interval(samples: tuple[np.ndarray, ...], statistic: Callable[..., Any], seed: int) -> tuple[float | None, float | None]:
-    from scipy.stats import bootstrap
-
-    if len(samples[0]) < 2:
-        return None, None
-    res = bootstrap(
-        samples,
-        statistic,
-        paired=True,
-        vectorized=True,
-        n_resamples=N_RESAMPLES,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return None, None
-    return lo, hi
+    interval = paired_interval(samples, statistic, seed, vectorized=True)
+    return interval if interval is not None else (None, None)
 
 
 def _metric(samples: tuple[np.ndarray, ...], statistic: Callable[..., Any], seed: int) -> dict:
