@@ -11,6 +11,7 @@ import json
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.factories import make_tiny_model
@@ -176,3 +177,26 @@ def align_fake_quant_with_checkpoint(quantized: torch.nn.Module, ckpt_dir: Path)
             if index in kv_scales:
                 for name in ("k_bmm_quantizer", "v_bmm_quantizer"):
                     getattr(layer.self_attn, name).amax.fill_(float(kv_scales[index]) * 448.0)
+
+
+# -- shared pytest fixtures: import them into a test module to use them ------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 cores shared with other jobs: keep every test single-threaded.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: make_model(root, arch) for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def input_ids(models):
+    return token_batches(models["llama"].config.vocab_size, count=1, batch=2, length=24, seed=7)[0]

@@ -26,38 +26,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.exports import _one_thread, input_ids, models  # noqa: F401  (shared fixtures)
 from tests.exports import (
     copy_checkpoint,
     export_trtllm,
     hf_logits,
-    make_model,
     quantize,
     rel_error,
-    token_batches,
 )
 from trtconv.errors import CheckpointError
 from trtconv.hf_checkpoint_executor import load_hf_checkpoint_model
 from trtconv.reference_executor import load_checkpoint_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 cores shared with other jobs: keep every test single-threaded.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {arch: make_model(root, arch) for arch in ("llama", "qwen2")}
-
-
-@pytest.fixture(scope="module")
-def input_ids(models):
-    return token_batches(models["llama"].config.vocab_size, count=1, batch=2, length=24, seed=7)[0]
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.exports import _one_thread  # noqa: F401  (shared fixture)
 from tests.exports import (
     AWQ_TP2_SIZES,
     copy_checkpoint,
@@ -20,14 +21,6 @@ from trtconv.trtllm_format import (
     expected_tensors,
     validate_checkpoint,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
