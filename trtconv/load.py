@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from trtconv.errors import ModelError
 from trtconv.manifest import FileRecord, InputRecord
@@ -30,16 +28,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # transformers PreTrainedModel
-    tokenizer: Any
-    source_dir: Path
-    architecture: str
-    hf_config: Any
-    inputs: list[InputRecord]
 
 
 def resolve_model_dir(section: ModelSection, progress=None) -> Path:
@@ -195,10 +183,3 @@ def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict
     weights = check_weight_files(model_dir)
     return model_dir, cfg, arch, weights
 
-
-def run(section: ModelSection, device: str = "cpu", progress=None) -> LoadedModel:
-    model_dir, _cfg, arch, weights = inspect_checkpoint(section, progress=progress)
-    inputs = describe_inputs(model_dir, weights)
-    tokenizer = load_tokenizer(model_dir, section.trust_remote_code)
-    model = load_hf_model(model_dir, section.dtype, section.trust_remote_code, device)
-    return LoadedModel(model, tokenizer, model_dir, arch, model.config, inputs)

@@ -79,10 +79,6 @@ class Reporter:
             yield lambda n=1: bar.advance(task, n)
 
 
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
-
-
 @contextmanager
 def quiet_dependency(collected: list[str]) -> Iterator[None]:
     """Run ModelOpt/transformers code that prints to stdout and warns freely.
