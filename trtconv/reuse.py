@@ -88,13 +88,7 @@ def store_export(cache: StageCache, key: str, artifact_tmp: Path, meta: dict[str
 
 def restore_export(cache: StageCache, key: str, artifact_tmp: Path, reporter) -> dict | None:
     """Copy a cached export into the artifact; its metadata, or None on a miss (reason reported)."""
-    entry = cache.get(EXPORT_STAGE, key)
-    if entry is None:
-        _report_miss(cache, EXPORT_STAGE, reporter)
-        return None
-    meta = cache.read_record(entry)["meta"]
-    cache.materialize(entry, artifact_tmp)
-    return meta
+    return _restore(cache, EXPORT_STAGE, key, artifact_tmp, reporter)
 
 
 # -- evaluate unit ------------------------------------------------------------------------------
@@ -120,19 +114,24 @@ def restore_evaluation(cache: StageCache, key: str, scratch: Path, reporter):
 
     from trtconv.evaluate import DocumentStats
 
-    entry = cache.get(EVALUATE_STAGE, key)
-    if entry is None:
-        _report_miss(cache, EVALUATE_STAGE, reporter)
+    meta = _restore(cache, EVALUATE_STAGE, key, scratch, reporter)
+    if meta is None:
         return None
-    meta = cache.read_record(entry)["meta"]
-    cache.materialize(entry, scratch)
     tensors = load_file(scratch / STATS_FILE)
     stats = DocumentStats(**{name: tensors[name].numpy() for name in _STAT_FIELDS})
     errors = [tuple(x) for x in meta.pop("weight_errors")]
     return stats, errors, meta
 
 
-def _report_miss(cache: StageCache, stage: str, reporter) -> None:
-    miss = cache.last_miss
-    if miss is not None and miss.kind != "absent":
-        reporter.warn(f"{stage}: cache entry not used ({miss.kind}: {miss.detail}); rebuilding")
+def _restore(cache: StageCache, stage: str, key: str, dest: Path, reporter) -> dict | None:
+    """The entry's files copied into dest and its metadata, or None on a miss (reason reported).
+
+    `restore` checks sizes, then hashes while copying: the data is read once, and a corrupted
+    entry leaves nothing in dest.
+    """
+    if cache.restore(stage, key, dest) is None:
+        miss = cache.last_miss
+        if miss is not None and miss.kind != "absent":
+            reporter.warn(f"{stage}: cache entry not used ({miss.kind}: {miss.detail}); rebuilding")
+        return None
+    return cache.read_record(cache.entry_dir(stage, key))["meta"]
