@@ -32,7 +32,6 @@ Safetensors only (never pickle): ``model.safetensors`` or shards + ``model.safet
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,6 +54,7 @@ from trtconv.trtllm_format import (
     SUPPORTED_KV_CACHE_QUANT_ALGOS,
     SUPPORTED_QUANT_ALGOS,
     ModelShape,
+    read_json_file,
 )
 
 SUPPORTED_HF_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -81,12 +81,7 @@ KVCacheScales = Literal["checkpoint", "unit"]
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; a unified HF checkpoint needs config.json and its safetensors")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    return read_json_file(path, "a unified HF checkpoint needs config.json and its safetensors")
 
 
 def check_hf_architecture(config: dict, path: Path) -> str:

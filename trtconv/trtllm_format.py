@@ -187,15 +187,20 @@ class ModelShape:
         return self.num_layers // self.pp_size
 
 
-def read_config(ckpt_dir: Path) -> dict:
-    """config.json as a dict; CheckpointError if it is missing or not JSON."""
-    path = Path(ckpt_dir) / "config.json"
+def read_json_file(path: Path, needed_because: str) -> dict:
+    """A checkpoint's JSON file as a dict; CheckpointError (naming the file) if missing or not JSON."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; a TensorRT-LLM checkpoint needs config.json next to rank{{N}}.safetensors")
+        raise CheckpointError(f"{path}: missing; {needed_because}")
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_config(ckpt_dir: Path) -> dict:
+    """config.json as a dict; CheckpointError if it is missing or not JSON."""
+    return read_json_file(Path(ckpt_dir) / "config.json", "a TensorRT-LLM checkpoint needs config.json next to rank{N}.safetensors")
 
 
 def check_architecture(config: dict, where: str = "config.json") -> str:
