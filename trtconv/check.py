@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trtconv.artifact import sha256_file
 from trtconv.errors import ArtifactError
+from trtconv.evaluate import gates_passed
 from trtconv.manifest import InputRecord, Manifest, read_manifest
 from trtconv.pipeline import EvalOutcome, candidate_dir, evaluate_checkpoint, is_hf_checkpoint
 from trtconv.recipe import Recipe
@@ -75,8 +76,6 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
         engine_record = read_manifest(target).engine if target != artifact else manifest.engine
         outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter,
                                       artifact_root=target, engine_record=engine_record)
-        from trtconv.evaluate import gates_passed
-
         passed = gates_passed(outcome.gates, recipe.evaluate.allow_inconclusive)
         results.append(CheckResult(target, manifest, outcome, passed))
     return results
