@@ -17,11 +17,11 @@ from pathlib import Path
 
 
 def main() -> int:
-    from trtconv.environment import detect_device, package_versions
-    from trtconv.errors import GateFailed
+    from trtconv.core.environment import detect_device, package_versions
+    from trtconv.core.errors import GateFailed
     from trtconv.pipeline import BuildOptions, build
-    from trtconv.recipe import builtin_recipe_names, load_recipe
-    from trtconv.ui import Reporter
+    from trtconv.recipe.schema import builtin_recipe_names, load_recipe
+    from trtconv.core.ui import Reporter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="*", default=[n for n in builtin_recipe_names() if n != "default"])

@@ -11,12 +11,12 @@ export PYTHONPATH=/tmp/site:$PWD TRTCONV_CACHE=/tmp/trtconv-cache HF_HUB_OFFLINE
 run() {  # run NAME RECIPE [extra args...]
   local name=$1 recipe=$2; shift 2
   local t0=$(date +%s%N)
-  python3 -m trtconv.cli build "$recipe" -o "/tmp/art/$name" --force --device cuda "$@" > "$OUT/$name.log" 2>&1
+  python3 -m trtconv.cli.app build "$recipe" -o "/tmp/art/$name" --force --device cuda "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc wall_s=$(( ($(date +%s%N) - t0) / 1000000 ))e-3" | tee -a "$OUT/walls.txt"
   cp "/tmp/art/$name/manifest.json" "$OUT/$name.manifest.json" 2>/dev/null || cp "/tmp/art/$name.failed/manifest.json" "$OUT/$name.manifest.json" 2>/dev/null
 }
-python3 -m trtconv.cli build default -o /tmp/art/warmup --device cuda --no-cache -q > "$OUT/warmup.log" 2>&1  # trains llama-ref, compiles kernels
+python3 -m trtconv.cli.app build default -o /tmp/art/warmup --device cuda --no-cache -q > "$OUT/warmup.log" 2>&1  # trains llama-ref, compiles kernels
 run cold default --repro-check
 run warm default
 run w4a8 llama-ref-w4a8-awq

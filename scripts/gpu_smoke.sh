@@ -18,7 +18,7 @@ cat "$OUT/gpu.txt"
 run() {  # run NAME RECIPE DEVICE
   local name=$1 recipe=$2 device=$3 start end
   start=$(date +%s.%N)
-  python3 -m trtconv.cli build "$recipe" -o "/tmp/art/$name" --force --device "$device" > "$OUT/$name.log" 2>&1
+  python3 -m trtconv.cli.app build "$recipe" -o "/tmp/art/$name" --force --device "$device" > "$OUT/$name.log" 2>&1
   echo "exit $? after $(echo "$(date +%s.%N) - $start" | bc) s" >> "$OUT/$name.log"
   cp "/tmp/art/$name/manifest.json" "$OUT/$name.manifest.json" 2>/dev/null
   tail -n 25 "$OUT/$name.log"

@@ -32,7 +32,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from trtconv.datapack import builtin_pack, read_text_documents, write_atomically
+from trtconv.data.packs import builtin_pack, read_text_documents, write_atomically
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO / "calibration_data" / "eval-cloze.jsonl"

@@ -274,10 +274,10 @@ How it was made:
   (eval 160 documents, calib 400 documents, train 1.5 MB), then written sorted by id.
 
 Uses:
-- `calib.jsonl`: the default calibration data (`trtconv.datapack.builtin_pack("calib")`);
+- `calib.jsonl`: the default calibration data (`trtconv.data.packs.builtin_pack("calib")`);
 - `eval.jsonl`: the default held-out evaluation data (perplexity, KL, top-1 agreement);
 - `reference-train.jsonl`: the training text (and tokenizer training text) of the reference
-  models `llama-ref` and `qwen2-ref` (`trtconv/reference_models.py`). Their weights are not
+  models `llama-ref` and `qwen2-ref` (`trtconv/data/reference_models.py`). Their weights are not
   committed: they are trained on first use (about 90 s each on one CPU thread) into the cache,
   keyed by this file's sha256 among other things.
 

@@ -5,7 +5,7 @@
     python scripts/train_reference_models.py llama-ref --out DIR    # train into DIR/llama-ref
     python scripts/train_reference_models.py --check-reproducible   # train each twice, compare bytes
 
-The training code itself lives in ``trtconv/reference_models.py`` so the installed package can
+The training code itself lives in ``trtconv/data/reference_models.py`` so the installed package can
 train on first use; this script is a thin command line around it.
 """
 
@@ -22,8 +22,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trtconv.datapack import file_sha256
-from trtconv.reference_models import REFERENCE_MODELS, ensure_reference_model, get_spec, train_reference_model
+from trtconv.data.packs import file_sha256
+from trtconv.data.reference_models import REFERENCE_MODELS, ensure_reference_model, get_spec, train_reference_model
 
 
 def check_reproducible(name: str) -> bool:

@@ -38,14 +38,14 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_ref() -> Path:
     """The trained reference Llama (trained into the cache on first use)."""
-    from trtconv.reference_models import ensure_reference_model
+    from trtconv.data.reference_models import ensure_reference_model
 
     return ensure_reference_model("llama-ref")
 
 
 @pytest.fixture(scope="session")
 def qwen2_ref() -> Path:
-    from trtconv.reference_models import ensure_reference_model
+    from trtconv.data.reference_models import ensure_reference_model
 
     return ensure_reference_model("qwen2-ref")
 
@@ -56,7 +56,7 @@ class CLI:
     def __call__(self, *args: str):
         from typer.testing import CliRunner
 
-        from trtconv.cli import app
+        from trtconv.cli.app import app
 
         result = CliRunner().invoke(app, [str(a) for a in args])
         if result.exception and not isinstance(result.exception, SystemExit):

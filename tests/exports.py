@@ -87,7 +87,7 @@ def trtllm_rope_fields(hf_config) -> dict:
 
 
 def write_rope_fields(ckpt_dir: Path, hf_config) -> None:
-    """Put back what the exporter drops under transformers 5 (the repair trtconv.export does)."""
+    """Put back what the exporter drops under transformers 5 (the repair trtconv.stages.export does)."""
     path = Path(ckpt_dir) / "config.json"
     config = json.loads(path.read_text())
     config.update(trtllm_rope_fields(hf_config))

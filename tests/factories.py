@@ -1,6 +1,6 @@
 """Small real models for tests, made on the fly (random init; for plumbing, never for accuracy).
 
-Accuracy assertions use the trained reference models (trtconv.reference_models) instead: on a
+Accuracy assertions use the trained reference models (trtconv.data.reference_models) instead: on a
 random model the logits are near uniform and top-1 agreement is noise.
 """
 
@@ -57,7 +57,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     if arch == "llama":
         # Llama-3 style rope (theta 500000, llama3 scaling) like the reference model, so a dropped
         # rotary setting shows.
-        from trtconv.reference_models import LLAMA3_ROPE
+        from trtconv.data.reference_models import LLAMA3_ROPE
 
         return LlamaConfig(rope_parameters=dict(LLAMA3_ROPE), **common)
     if arch == "qwen2":

@@ -99,10 +99,10 @@ def test_wrong_rotary_base_fails_the_gate(built, cli, tmp_path):
 
 
 def test_build_without_the_rotary_repair_fails_its_gate(llama_ref, cli, tmp_path, monkeypatch):
-    import trtconv.export
+    import trtconv.stages.export
 
     # Simulate ModelOpt's own config: the rope theta a runtime falls back to, no llama3 scaling.
-    monkeypatch.setattr(trtconv.export, "rope_settings", lambda hf_config: (10000.0, None))
+    monkeypatch.setattr(trtconv.stages.export, "rope_settings", lambda hf_config: (10000.0, None))
     out = tmp_path / "out"
     res = cli("build", "llama-ref-fp8", "-o", out, "--json", "-q")
     assert res.exit_code == 1, res.output

@@ -169,7 +169,7 @@ def test_ctrl_c_during_calibration_leaves_nothing(tiny_llama, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trtconv.cli", "calibrate", "--model", str(tiny_llama), "--precision", "int4_awq",
+        [sys.executable, "-m", "trtconv.cli.app", "calibrate", "--model", str(tiny_llama), "--precision", "int4_awq",
          "-o", str(out), "--num-samples", "64", "--seq-len", "256", "--batch-size", "1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -1,4 +1,4 @@
-"""trtconv.cache: keys, atomic entries, corruption handling, locking, and ls/du/prune."""
+"""trtconv.cache.store: keys, atomic entries, corruption handling, locking, and ls/du/prune."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from filelock import FileLock
 from typer.testing import CliRunner
 
-from trtconv import cache as cache_mod
-from trtconv.cache import (
+from trtconv.cache import store as cache_mod
+from trtconv.cache.store import (
     CACHE_FORMAT,
     ENTRY_RECORD,
     PAYLOAD_DIR,
@@ -22,12 +22,12 @@ from trtconv.cache import (
     CacheCorrupted,
     CacheError,
     StageCache,
-    cache_app,
     parse_size,
     stage_key,
     versions_for_key,
 )
-from trtconv.errors import ArtifactError, UserError
+from trtconv.cli.cache import cache_app
+from trtconv.core.errors import ArtifactError, UserError
 
 PARTS = {
     "model_files": {"model.safetensors": "ab" * 32, "config.json": "cd" * 32},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from trtconv.artifact import sha256_file
+from trtconv.artifact.writer import sha256_file
 
 pytestmark = pytest.mark.integration
 

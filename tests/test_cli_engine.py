@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.doubles.conftest_double import DOUBLES_DIR, no_trtllm, trtllm_double  # noqa: F401  (fixtures)
-from trtconv.environment import DeviceInfo
+from trtconv.core.environment import DeviceInfo
 
 pytestmark = pytest.mark.integration
 
@@ -34,11 +34,11 @@ def recipe(tmp_path: Path, model: Path, tp: int = 1, target: str = "tensorrt") -
 
 @pytest.fixture
 def pretend_gpu(monkeypatch):
-    import trtconv.engine_pytorch
-    import trtconv.engine_tensorrt
+    import trtconv.engine.pytorch
+    import trtconv.engine.tensorrt
 
-    monkeypatch.setattr(trtconv.engine_tensorrt, "detect_device", lambda *a, **k: H100)
-    monkeypatch.setattr(trtconv.engine_pytorch, "detect_device", lambda *a, **k: H100)
+    monkeypatch.setattr(trtconv.engine.tensorrt, "detect_device", lambda *a, **k: H100)
+    monkeypatch.setattr(trtconv.engine.pytorch, "detect_device", lambda *a, **k: H100)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -84,9 +84,9 @@ def test_engine_command_builds_for_an_existing_artifact(cli, tiny_llama, tmp_pat
     assert json.loads((out / "manifest.json").read_text())["engine"]["status"] == "not_built"
     monkeypatch.undo()
     # Job 2 (GPU runner): `trtconv engine OUT` builds it and updates the manifest.
-    import trtconv.engine_tensorrt
+    import trtconv.engine.tensorrt
 
-    monkeypatch.setattr(trtconv.engine_tensorrt, "detect_device", lambda *a, **k: H100)
+    monkeypatch.setattr(trtconv.engine.tensorrt, "detect_device", lambda *a, **k: H100)
     monkeypatch.setenv("PATH", os.pathsep.join([str(DOUBLES_DIR / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]]))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(DOUBLES_DIR), str(DOUBLES_DIR.parent.parent)]))
     res = cli("engine", out, "--require-engine")
@@ -110,9 +110,9 @@ def test_engine_command_refuses_a_failed_artifact(cli, tiny_llama, tmp_path):
 def test_gate_judges_the_engine_where_tensorrt_llm_runs(cli, tiny_llama, tmp_path, trtllm_double, pretend_gpu, monkeypatch):
     """With context logits in the engine, the candidate is the engine through the LLM API (here: the
     double's LLM, which borrows trtconv's executor, so this checks orchestration, not TensorRT)."""
-    import trtconv.engine_logits
+    import trtconv.engine.logits
 
-    monkeypatch.setattr(trtconv.engine_logits, "detect_device", lambda *a, **k: H100, raising=False)
+    monkeypatch.setattr(trtconv.engine.logits, "detect_device", lambda *a, **k: H100, raising=False)
     out = tmp_path / "out"
     res = cli(
         "build", recipe(tmp_path, tiny_llama), "-o", out, "--require-engine",

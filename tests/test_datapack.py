@@ -1,4 +1,4 @@
-"""trtconv.datapack: building packs, reading documents, every bad input, and the committed packs."""
+"""trtconv.data.packs: building packs, reading documents, every bad input, and the committed packs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from trtconv import datapack
-from trtconv.datapack import Document, build_pack, builtin_pack, data_app, file_sha256, pack_sha256, read_text_documents
-from trtconv.errors import DataError
+from trtconv.data import packs as datapack
+from trtconv.cli.data import data_app
+from trtconv.data.packs import Document, build_pack, builtin_pack, file_sha256, pack_sha256, read_text_documents
+from trtconv.core.errors import DataError
 
 PROSE = "The quick brown fox jumps over the lazy dog while the compiler checks every branch. "
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from trtconv.engine import (
+from trtconv.engine.targets import (
     EngineSection,
     PyTorchBackendOptions,
     TensorRTEngineOptions,
@@ -16,8 +16,8 @@ from trtconv.engine import (
     llm_api_options,
     trtllm_build_command,
 )
-from trtconv.environment import DeviceInfo
-from trtconv.errors import UserError
+from trtconv.core.environment import DeviceInfo
+from trtconv.core.errors import UserError
 
 H100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", sm="9.0", count=1)
 A100 = DeviceInfo(kind="cuda", name="NVIDIA A100-SXM4-80GB", sm="8.0", count=1)
@@ -152,7 +152,7 @@ def test_reject_tensorrt_target_before_1_0():
 
 
 def test_option_missing_from_installed_version_rejected(monkeypatch):
-    from trtconv import engine_checks
+    from trtconv.engine import plan as engine_checks
 
     row = engine_checks.OptionAvailability("tensorrt", "tokens_per_block", (1, 1), None, "test row")
     monkeypatch.setattr(engine_checks, "OPTION_AVAILABILITY", (row,))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.doubles.conftest_double import no_trtllm, requires_real_tensorrt_llm, trtllm_double  # noqa: F401  (fixtures)
-from trtconv.engine import (
+from trtconv.engine.targets import (
     NOT_INSTALLED_REASON,
     STAMP_NAME,
     EngineSection,
@@ -20,8 +20,8 @@ from trtconv.engine import (
     probe_tensorrt_llm,
     rebuild_engine_for_artifact,
 )
-from trtconv.environment import DeviceInfo
-from trtconv.errors import ArtifactError, CheckpointError, EngineUnavailable, UserError
+from trtconv.core.environment import DeviceInfo
+from trtconv.core.errors import ArtifactError, CheckpointError, EngineUnavailable, UserError
 
 H100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", sm="9.0", count=2)
 SMALL = TensorRTEngineOptions(max_batch_size=4, max_input_len=64, max_seq_len=128, max_num_tokens=256)

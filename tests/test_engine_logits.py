@@ -1,4 +1,4 @@
-"""trtconv.engine_logits through the TensorRT-LLM TEST DOUBLE (tests/doubles/).
+"""trtconv.engine.logits through the TensorRT-LLM TEST DOUBLE (tests/doubles/).
 
 The double computes context logits with trtconv's OWN reference executor, so "engine logits ==
 checkpoint executor logits" holds by construction there: these tests check orchestration (which
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.doubles.conftest_double import no_trtllm, trtllm_double  # noqa: F401  (fixtures)
-from trtconv.engine import PyTorchBackendOptions, TensorRTEngineOptions, build_tensorrt_engine, prepare_pytorch_target, trtllm_build_command
-from trtconv.engine_logits import engine_candidate
-from trtconv.engine_record import TrtllmInstall
-from trtconv.environment import DeviceInfo
+from trtconv.engine.targets import PyTorchBackendOptions, TensorRTEngineOptions, build_tensorrt_engine, prepare_pytorch_target, trtllm_build_command
+from trtconv.engine.logits import engine_candidate
+from trtconv.engine.record import TrtllmInstall
+from trtconv.core.environment import DeviceInfo
 
 H100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3 (pretend)", sm="9.0", count=1)
 A100 = DeviceInfo(kind="cuda", name="NVIDIA A100-SXM4-80GB (pretend)", sm="8.0", count=1)
@@ -50,11 +50,11 @@ def vocab_of(checkpoint: Path) -> int:
 
 
 def test_tensorrt_engine_logits_padding_and_vocab(trtllm_double, export, tmp_path, monkeypatch):
-    from trtconv.reference_executor import load_checkpoint_model
+    from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
-    import trtconv.engine_logits
+    import trtconv.engine.logits
 
-    monkeypatch.setattr(trtconv.engine_logits, "detect_device", lambda *a, **k: H100)
+    monkeypatch.setattr(trtconv.engine.logits, "detect_device", lambda *a, **k: H100)
     out, record = tensorrt_artifact(tmp_path, export, gather=True)
     assert "--gather_context_logits" in record["command"]
     assert json.loads((out / "engine" / "config.json").read_text())["build_config"]["gather_context_logits"] is True
@@ -130,7 +130,7 @@ def test_not_installed_and_not_built(no_trtllm, tmp_path):
 
 
 def test_pytorch_backend_logits(trtllm_double, tiny_llama, tmp_path):
-    from trtconv.hf_checkpoint_executor import load_hf_checkpoint_model
+    from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
 
     out = tmp_path / "out"
     shutil.copytree(tiny_llama, out / "hf_checkpoint")

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from tests.doubles.conftest_double import no_trtllm, trtllm_double  # noqa: F401  (fixtures)
-from trtconv.engine import OPTIONS_FILE, STAMP_NAME, PyTorchBackendOptions, prepare_pytorch_target, rebuild_engine_for_artifact
-from trtconv.environment import DeviceInfo
-from trtconv.errors import EngineUnavailable
+from trtconv.engine.targets import OPTIONS_FILE, STAMP_NAME, PyTorchBackendOptions, prepare_pytorch_target, rebuild_engine_for_artifact
+from trtconv.core.environment import DeviceInfo
+from trtconv.core.errors import EngineUnavailable
 
 H100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", sm="9.0", count=2)
 OPTIONS = PyTorchBackendOptions(max_batch_size=8, max_seq_len=256, cuda_graphs=[1, 4])

@@ -34,9 +34,9 @@ from tests.exports import (
     quantize,
     rel_error,
 )
-from trtconv.errors import CheckpointError
-from trtconv.hf_checkpoint_executor import load_hf_checkpoint_model
-from trtconv.reference_executor import load_checkpoint_model
+from trtconv.core.errors import CheckpointError
+from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
+from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trtconv.errors import RecipeError
-from trtconv.recipe import (
+from trtconv.core.errors import RecipeError
+from trtconv.recipe.schema import (
     Recipe,
     apply_overrides,
     builtin_recipe_names,

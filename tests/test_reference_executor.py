@@ -24,7 +24,7 @@ from tests.exports import (
     rewrite_tensor,
     token_batches,
 )
-from trtconv.reference_executor import (
+from trtconv.checkpoints.trtllm_reader import (
     DEFAULT_ROTARY_BASE,
     load_checkpoint_model,
     unpack_int4_rows,

@@ -1,4 +1,4 @@
-"""trtconv.reference_models: cache, atomicity, lock, reproducibility (tiny spec), and real quality (slow)."""
+"""trtconv.data.reference_models: cache, atomicity, lock, reproducibility (tiny spec), and real quality (slow)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from trtconv import reference_models as rm
-from trtconv.datapack import builtin_pack, file_sha256, read_text_documents
-from trtconv.errors import ModelError
+from trtconv.data import reference_models as rm
+from trtconv.data.packs import builtin_pack, file_sha256, read_text_documents
+from trtconv.core.errors import ModelError
 
 # A model small enough to train in well under a second: the cache machinery is what is tested.
 TINY = dataclasses.replace(

@@ -85,7 +85,7 @@ def test_a_corrupted_cache_entry_is_detected_and_rebuilt(cli, tiny_llama, tmp_pa
 
 
 def _spawn(args: list[str], env: dict, patch: str = "") -> subprocess.Popen:
-    code = f"{patch}\nfrom trtconv.cli import main\nimport sys\nsys.argv = ['trtconv'] + {args!r}\nmain()"
+    code = f"{patch}\nfrom trtconv.cli.app import main\nimport sys\nsys.argv = ['trtconv'] + {args!r}\nmain()"
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -105,7 +105,7 @@ def _kill_when(proc: subprocess.Popen, marker: str, timeout: float = 180) -> str
 
 # Slows export down (only in this child process) so SIGKILL can land while it writes.
 SLOW_EXPORT = (
-    "import time, trtconv.export as e\n"
+    "import time, trtconv.stages.export as e\n"
     "_orig = e.export_trtllm\n"
     "def _slow(*a, **k):\n    r = _orig(*a, **k)\n    time.sleep(30)\n    return r\n"
     "e.export_trtllm = _slow\n"
@@ -121,11 +121,11 @@ def test_sigkill_then_rerun_finishes_with_the_same_digest(tiny_llama, tmp_path, 
     output = _kill_when(_spawn(args, env, patch), marker)
     assert marker in output
     assert not out.exists()  # nothing that looks like an artifact
-    rerun = subprocess.run([sys.executable, "-m", "trtconv.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    rerun = subprocess.run([sys.executable, "-m", "trtconv.cli.app", *args], cwd=REPO, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     # An uninterrupted build without the cache gives the same artifact.
     ref = tmp_path / "ref"
-    clean = subprocess.run([sys.executable, "-m", "trtconv.cli", *args[:4], str(ref), *ARGS, "--batch-size", "1", "--no-cache"],
+    clean = subprocess.run([sys.executable, "-m", "trtconv.cli.app", *args[:4], str(ref), *ARGS, "--batch-size", "1", "--no-cache"],
                            cwd=REPO, env=env, capture_output=True, text=True)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert manifest(out)["artifact_digest"] == manifest(ref)["artifact_digest"]
@@ -140,7 +140,7 @@ def test_concurrent_build_into_the_same_out_is_refused(tiny_llama, tmp_path, cac
     for line in first.stdout:
         if "export:" in line:
             break
-    second = subprocess.run([sys.executable, "-m", "trtconv.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-m", "trtconv.cli.app", *args], cwd=REPO, env=env, capture_output=True, text=True)
     first.kill()
     first.wait(timeout=60)
     assert second.returncode == 2
@@ -150,7 +150,7 @@ def test_concurrent_build_into_the_same_out_is_refused(tiny_llama, tmp_path, cac
 def test_disk_full_during_export_leaves_the_previous_artifact(cli, tiny_llama, tmp_path, monkeypatch):
     import errno
 
-    import trtconv.export
+    import trtconv.stages.export
 
     out = tmp_path / "out"
     assert cli("calibrate", "--model", tiny_llama, "-o", out, *ARGS).exit_code == 0
@@ -159,7 +159,7 @@ def test_disk_full_during_export_leaves_the_previous_artifact(cli, tiny_llama, t
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoint" / "rank0.safetensors"))
 
-    monkeypatch.setattr(trtconv.export, "export_trtllm", disk_full)
+    monkeypatch.setattr(trtconv.stages.export, "export_trtllm", disk_full)
     res = cli("calibrate", "--model", tiny_llama, "-o", out, "--force", *ARGS, "--seed", "3")
     assert res.exit_code == 2, res.output
     assert "No space left on device" in res.output and "Traceback" not in res.output

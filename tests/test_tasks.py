@@ -1,4 +1,4 @@
-"""Task accuracy on a local multiple-choice file (trtconv/tasks.py) and the shipped eval-cloze.jsonl."""
+"""Task accuracy on a local multiple-choice file (trtconv/gate/tasks.py) and the shipped eval-cloze.jsonl."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from trtconv import tasks
-from trtconv.errors import DataError
+from trtconv.gate import tasks
+from trtconv.core.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 CLOZE = REPO / "calibration_data" / "eval-cloze.jsonl"

@@ -15,8 +15,8 @@ from tests.exports import (
     quantize,
     rewrite_tensor,
 )
-from trtconv.errors import CheckpointError, UserError
-from trtconv.trtllm_format import (
+from trtconv.core.errors import CheckpointError, UserError
+from trtconv.checkpoints.trtllm_format import (
     SUPPORTED_QUANT_ALGOS,
     expected_tensors,
     validate_checkpoint,

@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from trtconv import __version__
-from trtconv.artifact import ArtifactWriter, sha256_file
-from trtconv.cache import StageCache
-from trtconv.environment import detect_device, host_summary, numeric_environment, package_versions
-from trtconv.errors import ArtifactError, DataError, GateFailed, Interrupted, UserError
-from trtconv.manifest import FileRecord, InputRecord, Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
+from trtconv.artifact.writer import ArtifactWriter, sha256_file
+from trtconv.cache.store import StageCache
+from trtconv.core.environment import detect_device, host_summary, numeric_environment, package_versions
+from trtconv.core.errors import ArtifactError, DataError, GateFailed, Interrupted, UserError
+from trtconv.artifact.manifest import FileRecord, InputRecord, Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
-from trtconv.recipe import Recipe
-from trtconv.report import write_junit, write_report
-from trtconv.ui import Reporter
+from trtconv.recipe.schema import Recipe
+from trtconv.artifact.report import write_junit, write_report
+from trtconv.core.ui import Reporter
 
 
 ENGINE_DIR = "engine"
@@ -137,7 +137,7 @@ def sigterm_as_interrupt():
 
 
 def data_path(section_data: str | None, builtin: str) -> Path:
-    from trtconv.datapack import builtin_pack
+    from trtconv.data.packs import builtin_pack
 
     if section_data is None:
         return builtin_pack(builtin)
@@ -173,8 +173,8 @@ def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
 
 
 def check_engine(recipe: Recipe, hf_cfg: dict, device, reporter: Reporter) -> None:
-    from trtconv.engine_checks import check_engine_plan, check_precision_on_device
-    from trtconv.environment import package_version
+    from trtconv.engine.plan import check_engine_plan, check_precision_on_device
+    from trtconv.core.environment import package_version
 
     quant_algo = PRECISIONS[recipe.quantization.precision].quant_algo
     kv_algo = KV_CACHE_FORMATS[recipe.quantization.kv_cache].kv_cache_quant_algo
@@ -242,9 +242,11 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
-    from trtconv import evaluate, export, load, reuse, samples
-    from trtconv.datapack import pack_sha256
-    from trtconv.ui import silence_library_progress_bars
+    from trtconv.data import samples
+    from trtconv.gate import stats as evaluate
+    from trtconv.stages import export, load, reuse
+    from trtconv.data.packs import pack_sha256
+    from trtconv.core.ui import silence_library_progress_bars
 
     silence_library_progress_bars()
     device = detect_device(opts.device)
@@ -357,7 +359,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
                              reporter: Reporter):
     """The expensive unit: load the model, calibrate it, export it into root. Returns its records."""
-    from trtconv import calibrate, export, load
+    from trtconv.stages import calibrate, export, load
 
     stages = []
     with StageMeter("calibrate") as m:
@@ -381,7 +383,8 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
 
 def run_evaluate_stage(recipe: Recipe, model_dir: Path, exported, tokens, key: str, cache, writer, device: str,
                        reporter: Reporter, stages: list, engine_record: dict | None = None) -> EvalOutcome:
-    from trtconv import evaluate, reuse
+    from trtconv.gate import stats as evaluate
+    from trtconv.stages import reuse
 
     scratch = writer.tmp.parent / f"{writer.tmp.name}.eval"
     try:
@@ -448,7 +451,7 @@ def run_engine_stage(recipe: Recipe, exported, root: Path, opts: BuildOptions, r
     if recipe.engine.target == "none":
         stages.append(StageRecord(name="engine", status="skipped", wall_s=0.0, details={"target": "none"}))
         return {"target": "none", "status": "skipped"}
-    from trtconv.engine import build_tensorrt_engine, prepare_pytorch_target
+    from trtconv.engine.targets import build_tensorrt_engine, prepare_pytorch_target
 
     with StageMeter("engine") as m:
         if recipe.engine.target == "tensorrt":
@@ -490,14 +493,15 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     engine was built with context logits); otherwise the checkpoint on disk through trtconv's
     reference executor, with the reason recorded.
     """
-    from trtconv import evaluate, load
-    from trtconv.reference_executor import weight_quantization_errors
+    from trtconv.gate import stats as evaluate
+    from trtconv.stages import load
+    from trtconv.checkpoints.trtllm_reader import weight_quantization_errors
 
     baseline = load.load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
     vocab = baseline.config.vocab_size
     engine = None
     if engine_record and engine_record.get("status") == "built" and artifact_root is not None:
-        from trtconv.engine_logits import engine_candidate
+        from trtconv.engine.logits import engine_candidate
 
         engine = engine_candidate(artifact_root, engine_record, vocab, tokenizer_dir=artifact_root / "tokenizer",
                                   seq_len=recipe.evaluate.seq_len)
@@ -541,8 +545,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 
 def score_task(recipe: Recipe, model_dir: Path, baseline_logits, candidate, device: str, reporter: Reporter) -> dict:
     """Per-item correctness of both models on the recipe's multiple-choice file."""
-    from trtconv import load
-    from trtconv.tasks import read_multiple_choice, score_multiple_choice
+    from trtconv.stages import load
+    from trtconv.gate.tasks import read_multiple_choice, score_multiple_choice
 
     items = read_multiple_choice(recipe.evaluate.multiple_choice)
     tokenizer = load.load_tokenizer(model_dir, recipe.model.trust_remote_code)
@@ -557,7 +561,7 @@ def task_gates(recipe: Recipe, task_correct: dict | None, summary: dict) -> list
     """The task's summary goes into `summary["task"]`; its gate, if a threshold is set."""
     if task_correct is None:
         return []
-    from trtconv.tasks import task_gate, task_summary
+    from trtconv.gate.tasks import task_gate, task_summary
 
     summary["task"] = task_summary(task_correct["baseline"], task_correct["candidate"], recipe.evaluate.seed)
     threshold = recipe.evaluate.gates.max_task_accuracy_drop_pp
@@ -573,12 +577,12 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
     pytorch target serves); one with rank{N}.safetensors is the TensorRT-LLM checkpoint.
     """
     if is_hf_checkpoint(checkpoint_dir):
-        from trtconv.hf_checkpoint_executor import load_hf_checkpoint_model
+        from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
 
         model = load_hf_checkpoint_model(checkpoint_dir, device=device)
         description = "unified HF checkpoint via trtconv's reference executor (float32)"
     else:
-        from trtconv.reference_executor import load_checkpoint_model
+        from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
         model = load_checkpoint_model(checkpoint_dir, device=device)
         description = "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"

@@ -95,7 +95,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 
 
 def get_precision(name: str) -> Precision:
-    from trtconv.errors import RecipeError
+    from trtconv.core.errors import RecipeError
 
     if name not in PRECISIONS:
         raise RecipeError(f"unknown precision {name!r}; allowed: {', '.join(PRECISIONS)}")

@@ -2,8 +2,8 @@
 
 !!! NOT TensorRT-LLM. Context logits come from TRTCONV'S OWN REFERENCE EXECUTOR !!!
 `generate(prompt_token_ids, SamplingParams(return_context_logits=True))` computes `.context_logits`
-by running trtconv's checkpoint executor (trtconv.hf_checkpoint_executor here; the TensorRT
-double in tensorrt_llm/_tensorrt_engine runs trtconv.reference_executor on the TensorRT-LLM
+by running trtconv's checkpoint executor (trtconv.checkpoints.hf_reader here; the TensorRT
+double in tensorrt_llm/_tensorrt_engine runs trtconv.checkpoints.trtllm_reader on the TensorRT-LLM
 checkpoint the engine was built from). So tests that go through this path check ORCHESTRATION —
 which calls are made, shapes, padding, vocabulary slicing, refusals — and never TensorRT-LLM's
 numerics: "engine logits == checkpoint-executor logits" holds here by construction.
@@ -134,7 +134,7 @@ class LLM:
         # BORROWED: trtconv's own unified-HF-checkpoint executor, not a TensorRT-LLM runtime.
         import torch
 
-        from trtconv.hf_checkpoint_executor import load_hf_checkpoint_model
+        from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
 
         if self._executor is None:
             self._executor = load_hf_checkpoint_model(self.model_dir)

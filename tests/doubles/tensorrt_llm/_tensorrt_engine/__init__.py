@@ -1,7 +1,7 @@
 """TEST DOUBLE of `tensorrt_llm._tensorrt_engine.LLM` (the TensorRT engine backend, 1.0-1.2).
 
 !!! NOT TensorRT-LLM, runs no TensorRT plan. Context logits come from TRTCONV'S OWN REFERENCE
-EXECUTOR (trtconv.reference_executor) run on the TensorRT-LLM checkpoint the fake engine was built
+EXECUTOR (trtconv.checkpoints.trtllm_reader) run on the TensorRT-LLM checkpoint the fake engine was built
 from, so tests of this path check ORCHESTRATION (calls, shapes, padding, vocab slicing, refusals),
 never TensorRT numerics. !!!
 
@@ -88,7 +88,7 @@ class LLM:
         # BORROWED: trtconv's own TensorRT-LLM-checkpoint executor, not TensorRT.
         import torch
 
-        from trtconv.reference_executor import load_checkpoint_model
+        from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
         if self._executor is None:
             self._executor = load_checkpoint_model(self.checkpoint_dir)

@@ -1,0 +1,1 @@
+"""The artifact folder: atomic writer, manifest, report."""

@@ -1,0 +1,147 @@
+"""manifest.json: a typed record of what an artifact is and how it was made.
+
+Like lm-eval's results schema, the manifest is a schema (pydantic models), not a loose dict: the
+recipe as resolved, every input and output file with sha256, versions, device, per-stage time and
+peak memory, metrics, gate results and the final status. `trtconv verify` re-hashes against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trtconv.artifact.writer import MANIFEST_NAME, sha256_file
+from trtconv.core.errors import ArtifactError
+
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileRecord(Record):
+    path: str  # relative to the folder it was hashed in (artifact files) or absolute (inputs)
+    sha256: str
+    size: int
+
+
+class InputRecord(Record):
+    role: str  # "model", "tokenizer", "calibration_data", "evaluation_data", "reference_training"
+    root: str  # the folder or file the paths are relative to
+    files: list[FileRecord]
+
+
+class StageRecord(Record):
+    name: str
+    status: Literal["ok", "skipped", "not_built", "failed", "reused"]
+    wall_s: float
+    peak_rss_mib: float | None = None
+    peak_gpu_mib: float | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class GateResult(Record):
+    metric: str
+    comparator: Literal["<=", ">="]
+    threshold: float
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    verdict: Literal["pass", "fail", "inconclusive"]
+    reason: str = ""
+
+
+class Manifest(Record):
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    trtconv_version: str
+    command: list[str]
+    created_utc: str
+    status: Literal["passed", "failed", "incomplete"]
+    status_reason: str = ""
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    inputs: list[InputRecord]
+    outputs: list[FileRecord] = Field(default_factory=list)
+    artifact_digest: str = ""
+    versions: dict[str, str | None]
+    device: dict[str, Any]
+    host: dict[str, Any]
+    environment: dict[str, str]
+    seeds: dict[str, int]
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    export: dict[str, Any] = Field(default_factory=dict)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageRecord] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gates: list[GateResult] = Field(default_factory=list)
+
+
+# Files that describe the artifact rather than belong to it: not listed in `outputs`.
+UNHASHED = {MANIFEST_NAME}
+
+
+def hash_tree(root: Path, skip: set[str] = UNHASHED) -> list[FileRecord]:
+    """Every file under root (sorted, relative POSIX paths) with sha256 and size."""
+    records = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(root).as_posix()
+            if rel in skip:
+                continue
+            records.append(FileRecord(path=rel, sha256=sha256_file(p), size=p.stat().st_size))
+    return records
+
+
+# Run records: listed and verified like every file, but left out of the digest, because they hold
+# wall times and dates that differ between two runs that produced the same artifact.
+RUN_RECORDS = {"report.md"}
+
+
+def artifact_digest(files: list[FileRecord]) -> str:
+    """One hash CI can pin: sha256 over the sorted "path sha256" lines of the artifact's payload."""
+    payload = [f for f in files if f.path not in RUN_RECORDS]
+    lines = "".join(f"{f.path} {f.sha256}\n" for f in sorted(payload, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def write_manifest(manifest: Manifest, folder: Path) -> Path:
+    path = folder / MANIFEST_NAME
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not a trtconv artifact: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not readable JSON: {exc}") from None
+    try:
+        return Manifest.model_validate(data)
+    except Exception as exc:  # pydantic.ValidationError: report it as a damaged manifest
+        raise ArtifactError(f"{path}: does not match the manifest schema: {exc}") from None
+
+
+def verify_files(folder: Path, manifest: Manifest) -> list[str]:
+    """Problems found re-hashing the artifact: changed, missing and extra files, by name."""
+    problems = []
+    expected = {f.path: f for f in manifest.outputs}
+    actual = {f.path: f for f in hash_tree(Path(folder))}
+    for path, rec in expected.items():
+        got = actual.get(path)
+        if got is None:
+            problems.append(f"missing: {path}")
+        elif got.sha256 != rec.sha256 or got.size != rec.size:
+            problems.append(f"changed: {path} (sha256 {got.sha256[:12]}…, manifest says {rec.sha256[:12]}…)")
+    for path in sorted(set(actual) - set(expected)):
+        problems.append(f"extra: {path} (not in the manifest)")
+    return problems

@@ -1,0 +1,124 @@
+"""The artifact folder: written whole or not at all.
+
+A run writes into a temporary sibling of OUT and renames it into place only at the end, so an
+interrupted run never leaves a half artifact that looks whole, and a failed run never replaces an
+earlier good artifact. A lock file beside OUT refuses a second concurrent build into the same OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from trtconv.core.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_artifact(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
+
+
+def artifact_status(path: Path) -> str | None:
+    """The manifest's status ("passed", "failed", ...), or None where it cannot be read."""
+    import json
+
+    try:
+        return json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class ArtifactWriter:
+    """Owns OUT for one run: lock, temporary sibling, and the final rename.
+
+    Use as a context manager; call :meth:`commit` (good run) or :meth:`commit_failed` (gate failed)
+    before leaving it. Leaving it any other way (exception, Ctrl-C) removes the temporary folder.
+    """
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = Path(out).resolve()
+        self.force = force
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self._lock = FileLock(str(self.out.parent / f".{self.out.name}.lock"))
+        self.final_path: Path | None = None
+
+    # -- checks made before any work, so a mistake costs nothing -------------------------------
+    def preflight(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ArtifactError(f"output {out} exists and is a file, not a folder; choose another -o path")
+        if out.is_dir() and any(out.iterdir()):
+            if not is_artifact(out):
+                raise ArtifactError(
+                    f"output {out} exists, is not empty and holds no trtconv artifact ({MANIFEST_NAME}); "
+                    "refusing to replace it: choose an empty or new folder"
+                )
+            if not self.force:
+                raise ArtifactError(
+                    f"output {out} already holds an artifact; pass --force to replace it "
+                    "(a failed run keeps the existing artifact)"
+                )
+        parent = out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(f"cannot create the folder {parent} for output {out}: {exc.strerror}") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ArtifactError(f"output folder {parent} is not writable; choose another -o path")
+
+    def __enter__(self) -> ArtifactWriter:
+        self.preflight()
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise ArtifactError(
+                f"another trtconv run is writing {self.out} (lock {self._lock.lock_file}); wait for it or choose another -o"
+            ) from None
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self._lock.release()
+
+    def _replace(self, target: Path) -> None:
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(self.tmp, target)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        self.final_path = target
+
+    def commit(self) -> Path:
+        """A good run: the new artifact takes OUT's place."""
+        self._replace(self.out)
+        return self.out
+
+    def commit_failed(self) -> Path:
+        """A run whose gate failed: kept for inspection, but never in place of a good artifact."""
+        if is_artifact(self.out) and artifact_status(self.out) == "passed":
+            target = self.out.parent / f"{self.out.name}.failed"
+            self._replace(target)
+            return target
+        self._replace(self.out)
+        return self.out

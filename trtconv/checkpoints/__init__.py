@@ -1,0 +1,1 @@
+"""The on-disk checkpoint formats and the PyTorch executors that read them back."""

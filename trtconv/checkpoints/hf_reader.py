@@ -1,0 +1,516 @@
+"""Run ModelOpt's unified HF checkpoint in plain PyTorch, with the TensorRT-LLM executor's forward.
+
+``export_hf_checkpoint`` writes what the TensorRT-LLM PyTorch backend and vLLM load: hub tensor
+names (``model.layers.N.self_attn.q_proj.weight``), ``weight_scale`` / ``input_scale`` /
+``pre_quant_scale`` / ``weight_scale_2`` next to each linear, ``k_proj.k_scale`` /
+``v_proj.v_scale`` for the FP8 KV cache, and the quantization in ``hf_quant_config.json`` (and
+``config.json:quantization_config``). This module reads those files the way such a runtime does and
+builds the same ``DecoderLayer`` / ``EmulatedLinear`` structures as
+``trtconv.checkpoints.trtllm_reader``, so both checkpoint formats run through ONE forward pass
+(``CheckpointModel.logits``).
+
+What a runtime does when loading, and therefore what this reader does too:
+- q/k/v and gate/up are fused into one GEMM each, so they share one activation quantizer: the
+  largest ``input_scale`` of the group (TensorRT-LLM ``rescale_fused_weights``).
+- FP8: ModelOpt does not unify ``weight_scale`` across a fused group on this path; the runtime
+  re-quantizes every member to the group's largest scale (FP8 -> model dtype, x own scale, / max,
+  -> FP8). That second rounding is emulated.
+- W4A8_AWQ: the kernel's group scales are ``weight_scale / weight_scale_2`` stored in float16;
+  int4 x that scale becomes FP8 and ``weight_scale_2`` goes into alpha. ``input_scale`` and
+  ``weight_scale_2`` must agree across a fused group (TensorRT-LLM refuses to load otherwise).
+- AWQ: ``pre_quant_scale`` of q/k/v and gate/up is folded into the RMSNorm weight by the exporter;
+  where a fused group still carries one, every member must carry the same (a fused GEMM has one
+  input) and it is applied; o_proj / down_proj keep theirs.
+- FP8 KV cache: K (after rope) with ``k_scale`` and V with ``v_scale``, as vLLM does. Unlike the
+  TensorRT-LLM checkpoint exporter, ``export_hf_checkpoint`` does not clamp them to >= 1.
+  ``kv_cache_scales="unit"`` emulates a runtime that ignores them and runs the cache at scale 1.0
+  (the TensorRT-LLM PyTorch backend's trtllm attention does so for FP8 caches).
+
+Safetensors only (never pickle): ``model.safetensors`` or shards + ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from trtconv.core.errors import CheckpointError
+from trtconv.checkpoints.trtllm_reader import (
+    ActivationQuant,
+    CheckpointModel,
+    DecoderLayer,
+    EmulatedLinear,
+    activation_quant_for,
+    dequantize_linear_weight,
+)
+from trtconv.checkpoints.trtllm_format import (
+    ARCHITECTURES_WITH_QKV_BIAS,
+    DEFAULT_AWQ_GROUP_SIZE,
+    MODEL_DTYPES,
+    SUPPORTED_KV_CACHE_QUANT_ALGOS,
+    SUPPORTED_QUANT_ALGOS,
+    ModelShape,
+    read_json_file,
+)
+
+SUPPORTED_HF_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+HF_QUANT_CONFIG = "hf_quant_config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default for Llama/Qwen2 when config.json has none
+
+# Stored weight dtype each quant_algo must have (a float weight there means the export went wrong).
+QUANTIZED_WEIGHT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "FP8": (torch.float8_e4m3fn,),
+    "W8A8_SQ_PER_CHANNEL": (torch.int8,),
+    "W4A16_AWQ": (torch.uint8, torch.int8),
+    "W4A8_AWQ": (torch.uint8, torch.int8),
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+KVCacheScales = Literal["checkpoint", "unit"]
+
+
+# --------------------------------------------------------------------------------------------
+# config.json + hf_quant_config.json
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return read_json_file(path, "a unified HF checkpoint needs config.json and its safetensors")
+
+
+def check_hf_architecture(config: dict, path: Path) -> str:
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else config.get("model_type")
+    if arch not in SUPPORTED_HF_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: architecture {arch!r} is not supported by the reference executor; "
+            f"supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)}"
+        )
+    if config.get("use_sliding_window"):
+        raise CheckpointError(f"{path}: use_sliding_window is true; sliding-window attention is not emulated")
+    return arch
+
+
+@dataclass(frozen=True)
+class HFQuantization:
+    """The quantization a runtime reads from the checkpoint, and which file said so."""
+
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    group_size: int
+    exclude_modules: tuple[str, ...]
+    source: Path | None  # None: the checkpoint is not quantized
+
+    def excludes(self, module: str) -> bool:
+        """ModelOpt writes exact names and fnmatch patterns ("lm_head", "*layers.0.mlp*")."""
+        return any(fnmatch.fnmatchcase(module, pattern) for pattern in self.exclude_modules)
+
+
+def _kv_algo_from_scheme(scheme: object, path: Path) -> str | None:
+    """config.json's kv_cache_scheme ({"num_bits": 8, "type": "float"}) -> "FP8"."""
+    if scheme is None:
+        return None
+    if isinstance(scheme, dict) and scheme.get("num_bits") == 8 and scheme.get("type") == "float":
+        return "FP8"
+    raise CheckpointError(f"{path}: quantization_config.kv_cache_scheme {scheme!r} is not supported; supported: FP8")
+
+
+def _quantization_fields(hf_dir: Path, config: dict) -> tuple[dict, Path] | None:
+    """(fields, file) from hf_quant_config.json, else config.json's quantization_config.
+
+    TensorRT-LLM prefers hf_quant_config.json; vLLM reads config.json. When both exist they must
+    name the same quant_algo, otherwise the two runtimes would serve different models.
+    """
+    config_path = hf_dir / "config.json"
+    qc = config.get("quantization_config")
+    if qc is not None and qc.get("quant_method") != "modelopt":
+        raise CheckpointError(
+            f"{config_path}: quantization_config.quant_method {qc.get('quant_method')!r} is not supported; "
+            "only ModelOpt's unified checkpoint ('modelopt') is"
+        )
+    hf_quant_path = hf_dir / HF_QUANT_CONFIG
+    if hf_quant_path.is_file():
+        fields = _read_json(hf_quant_path).get("quantization")
+        if not isinstance(fields, dict):
+            raise CheckpointError(f"{hf_quant_path}: no 'quantization' object")
+        if qc is not None and qc.get("quant_algo") != fields.get("quant_algo"):
+            raise CheckpointError(
+                f"{hf_quant_path}: quant_algo {fields.get('quant_algo')!r} disagrees with {config_path} "
+                f"quantization_config.quant_algo {qc.get('quant_algo')!r}"
+            )
+        return fields, hf_quant_path
+    if qc is None:
+        return None
+    fields = {
+        "quant_algo": qc.get("quant_algo"),
+        "kv_cache_quant_algo": qc.get("kv_cache_quant_algo") or _kv_algo_from_scheme(qc.get("kv_cache_scheme"), config_path),
+        "group_size": qc.get("group_size"),
+        "exclude_modules": qc.get("ignore") or qc.get("exclude_modules") or [],
+    }
+    return fields, config_path
+
+
+def read_quantization(hf_dir: Path, config: dict) -> HFQuantization:
+    found = _quantization_fields(hf_dir, config)
+    if found is None:
+        return HFQuantization(None, None, DEFAULT_AWQ_GROUP_SIZE, (), None)
+    fields, path = found
+    algo, kv_algo = fields.get("quant_algo"), fields.get("kv_cache_quant_algo")
+    if algo not in SUPPORTED_QUANT_ALGOS:
+        allowed = ", ".join("null" if a is None else a for a in SUPPORTED_QUANT_ALGOS)
+        raise CheckpointError(f"{path}: quant_algo {algo!r} is not supported; allowed: {allowed}")
+    if kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
+        allowed = ", ".join("null" if a is None else a for a in SUPPORTED_KV_CACHE_QUANT_ALGOS)
+        raise CheckpointError(f"{path}: kv_cache_quant_algo {kv_algo!r} is not supported; allowed: {allowed}")
+    return HFQuantization(
+        quant_algo=algo,
+        kv_cache_quant_algo=kv_algo,
+        group_size=int(fields.get("group_size") or DEFAULT_AWQ_GROUP_SIZE),
+        exclude_modules=tuple(fields.get("exclude_modules") or ()),
+        source=path,
+    )
+
+
+def model_dtype(config: dict) -> torch.dtype:
+    """The runtime's activation dtype (transformers 5 writes "dtype", 4.x "torch_dtype")."""
+    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return TORCH_DTYPES.get(name, torch.bfloat16)
+
+
+def hf_model_shape(config: dict, arch: str, quant: HFQuantization, vocab_rows: int) -> ModelShape:
+    """The ModelShape CheckpointModel needs (one rank, no parallel embedding)."""
+    heads = config["num_attention_heads"]
+    dtype_name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return ModelShape(
+        architecture=arch,
+        dtype=MODEL_DTYPES.get(dtype_name, "BF16"),
+        vocab_size=vocab_rows,
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_size=config.get("head_dim") or config["hidden_size"] // heads,
+        intermediate_size=config["intermediate_size"],
+        tp_size=1,
+        pp_size=1,
+        quant_algo=quant.quant_algo,
+        kv_cache_quant_algo=quant.kv_cache_quant_algo,
+        group_size=quant.group_size,
+        qkv_bias=arch in ARCHITECTURES_WITH_QKV_BIAS or bool(config.get("attention_bias")),
+        use_parallel_embedding=False,
+        embedding_sharding_dim=0,
+        shares_embedding=bool(config.get("tie_word_embeddings")),
+    )
+
+
+def rope_config(config: dict) -> dict:
+    """HF rope settings in the TensorRT-LLM key names CheckpointModel reads.
+
+    transformers 5 nests theta and scaling in ``rope_parameters``; 4.x has ``rope_theta`` and
+    ``rope_scaling`` at the top level. Both are accepted.
+    """
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    return {
+        "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        "rotary_base": float(theta),
+        "rotary_scaling": None if kind == "default" else rope,
+        "rotary_pct": float(config.get("partial_rotary_factor", 1.0)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor files: one model.safetensors or shards named by the index
+# --------------------------------------------------------------------------------------------
+
+
+class HFTensors:
+    """Lazy tensor access by hub name; errors name the file that should hold the tensor."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        self.hf_dir = hf_dir
+        self._where: dict[str, Path] = self._weight_map(hf_dir)
+        self.source = hf_dir / (INDEX_FILE if (hf_dir / INDEX_FILE).is_file() else SINGLE_FILE)
+        self._handles = {}
+        for path in sorted(set(self._where.values())):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing (named by {self.source})")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+
+    @staticmethod
+    def _weight_map(hf_dir: Path) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        index = hf_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            return {name: hf_dir / file for name, file in weight_map.items()}
+        single = hf_dir / SINGLE_FILE
+        if not single.is_file():
+            if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
+                raise CheckpointError(f"{hf_dir}: only pickle weights (*.bin/*.pt); the executor reads safetensors only")
+            raise CheckpointError(f"{single}: missing (and no {INDEX_FILE})")
+        try:
+            with safe_open(str(single), framework="pt") as handle:
+                return {name: single for name in handle.keys()}
+        except Exception as exc:
+            raise CheckpointError(f"{single}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._where.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.source}: tensor {name} missing")
+        return self._handles[path].get_tensor(name)
+
+    def get_optional(self, name: str) -> torch.Tensor | None:
+        return self.get(name) if self.has(name) else None
+
+
+# --------------------------------------------------------------------------------------------
+# One HF linear as stored, and fused groups of them as the runtime runs them
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StoredLinear:
+    """The tensors of one HF linear (``prefix`` = module name, e.g. model.layers.0.mlp.up_proj)."""
+
+    prefix: str
+    algo: str | None  # None when the checkpoint or this module (exclude_modules) is unquantized
+    weight: torch.Tensor
+    weight_scale: torch.Tensor | None
+    weight_scale_2: torch.Tensor | None
+    input_scale: torch.Tensor | None
+    pre_quant_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+# Which scale tensors each quant_algo must have on every quantized linear (pre_quant_scale is
+# optional: AWQ folds it into the norm for q/k/v and gate/up).
+REQUIRED_SCALES: dict[str, tuple[str, ...]] = {
+    "FP8": ("weight_scale", "input_scale"),
+    "W8A8_SQ_PER_CHANNEL": ("weight_scale", "input_scale"),
+    "W4A16_AWQ": ("weight_scale",),
+    "W4A8_AWQ": ("weight_scale", "weight_scale_2", "input_scale"),
+}
+
+
+def read_linear(files: HFTensors, quant: HFQuantization, prefix: str, has_bias: bool) -> StoredLinear:
+    algo = None if quant.excludes(prefix) else quant.quant_algo
+    get = lambda suffix: files.get_optional(f"{prefix}.{suffix}")  # noqa: E731
+    for suffix in REQUIRED_SCALES.get(algo, ()):
+        files.get(f"{prefix}.{suffix}")  # raises CheckpointError naming the file and the tensor
+    weight = files.get(f"{prefix}.weight")
+    if algo is not None and weight.dtype not in QUANTIZED_WEIGHT_DTYPES[algo]:
+        raise CheckpointError(
+            f"{files.source}: tensor {prefix}.weight is {weight.dtype}, but quant_algo {algo} "
+            f"stores {' or '.join(str(d) for d in QUANTIZED_WEIGHT_DTYPES[algo])}"
+        )
+    return StoredLinear(
+        prefix=prefix,
+        algo=algo,
+        weight=weight,
+        weight_scale=get("weight_scale"),
+        weight_scale_2=get("weight_scale_2"),
+        input_scale=get("input_scale"),
+        pre_quant_scale=get("pre_quant_scale"),
+        bias=files.get(f"{prefix}.bias") if has_bias else None,
+    )
+
+
+def requantize_fp8(weight: torch.Tensor, scale: torch.Tensor, group_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """TensorRT-LLM's fused FP8 load: FP8 -> model dtype, x own scale, / group max, -> FP8 (in that dtype)."""
+    rescaled = weight.to(dtype) * scale.to(dtype)
+    return (rescaled / group_scale.to(dtype)).to(torch.float8_e4m3fn)
+
+
+def w4a8_weight(stored: StoredLinear, weight_scale_2: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int4 x float16(weight_scale / weight_scale_2) -> FP8, then x weight_scale_2 (the kernel's alpha)."""
+    kernel_scale = (stored.weight_scale.float() / weight_scale_2.float()).to(torch.float16).float()
+    fp8_weight = dequantize_linear_weight("W4A8_AWQ", stored.weight.view(torch.int8), kernel_scale, torch.ones(()), group_size)
+    return fp8_weight * weight_scale_2.float()
+
+
+def _check_group_size(stored: StoredLinear, group_size: int, where: Path) -> None:
+    inputs, groups = stored.weight.shape[1], stored.weight_scale.shape[-1]
+    if groups * group_size != inputs:
+        raise CheckpointError(
+            f"{where}: tensor {stored.prefix}.weight_scale has {groups} groups for {inputs} inputs, "
+            f"but group_size is {group_size}"
+        )
+
+
+def _same_across_group(group: list[StoredLinear], field: str, where: Path) -> torch.Tensor | None:
+    """A value a fused GEMM can hold once: present on all members or none, and equal."""
+    values = [getattr(s, field) for s in group]
+    if all(v is None for v in values):
+        return None
+    for member, value in zip(group, values):
+        if value is None or not torch.equal(value, values[0]):
+            raise CheckpointError(
+                f"{where}: {member.prefix}.{field} differs from {group[0].prefix}.{field} (or is missing), "
+                "but they are fused into one GEMM and must be equal"
+            )
+    return values[0]
+
+
+def dequantized_weights(group: list[StoredLinear], quant: HFQuantization, runtime_dtype: torch.dtype, where: Path) -> list[torch.Tensor]:
+    """Each member's weight as the fused GEMM sees it, float32 (out, in)."""
+    algo = group[0].algo
+    if algo is None:
+        return [s.weight.float() for s in group]
+    if algo == "FP8":
+        group_scale = torch.stack([s.weight_scale.float().reshape(()) for s in group]).max()
+        return [
+            dequantize_linear_weight("FP8", requantize_fp8(s.weight, s.weight_scale.float(), group_scale, runtime_dtype), group_scale, None, 0)
+            for s in group
+        ]
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        return [dequantize_linear_weight(algo, s.weight, s.weight_scale.reshape(-1), None, 0) for s in group]
+    for s in group:
+        _check_group_size(s, quant.group_size, where)
+    if algo == "W4A16_AWQ":
+        return [dequantize_linear_weight(algo, s.weight.view(torch.int8), s.weight_scale, None, quant.group_size) for s in group]
+    weight_scale_2 = _same_across_group(group, "weight_scale_2", where)
+    return [w4a8_weight(s, weight_scale_2, quant.group_size) for s in group]
+
+
+def group_activation_quant(group: list[StoredLinear], where: Path) -> ActivationQuant | None:
+    """One activation quantizer per fused GEMM: the group's largest input_scale (W4A8: must be equal)."""
+    algo = group[0].algo
+    if algo == "W4A8_AWQ":
+        _same_across_group(group, "input_scale", where)
+    scales = [s.input_scale for s in group if s.input_scale is not None]
+    scale = torch.stack([t.float().reshape(()) for t in scales]).max() if scales else None
+    return activation_quant_for(algo, scale)
+
+
+def fused_linears(group: list[StoredLinear], quant: HFQuantization, runtime_dtype: torch.dtype, where: Path) -> list[EmulatedLinear]:
+    """The members of one fused GEMM as EmulatedLinears sharing its input smoothing and quantizer."""
+    if len({s.algo for s in group}) > 1:
+        names = ", ".join(s.prefix for s in group)
+        raise CheckpointError(f"{where}: exclude_modules quantizes only part of a fused group ({names})")
+    act = group_activation_quant(group, where)
+    prequant = _same_across_group(group, "pre_quant_scale", where)
+    weights = dequantized_weights(group, quant, runtime_dtype, where)
+    return [EmulatedLinear(w, s.bias, prequant, act) for w, s in zip(weights, group)]
+
+
+def concat_linears(parts: list[EmulatedLinear]) -> EmulatedLinear:
+    """q, k, v of one fused GEMM -> the single qkv linear DecoderLayer holds ([all q; all k; all v])."""
+    bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+    return EmulatedLinear(torch.cat([p.weight for p in parts]), bias, parts[0].prequant_scale, parts[0].activation_quant)
+
+
+# --------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------
+
+
+class _HFLoader:
+    def __init__(self, hf_dir: Path, device: torch.device, compute_dtype: torch.dtype, kv_cache_scales: KVCacheScales):
+        self.hf_dir = hf_dir
+        self.config = _read_json(hf_dir / "config.json")
+        self.arch = check_hf_architecture(self.config, hf_dir / "config.json")
+        self.quant = read_quantization(hf_dir, self.config)
+        self.files = HFTensors(hf_dir)
+        self.device, self.dtype = device, compute_dtype
+        self.runtime_dtype = model_dtype(self.config)
+        self.kv_cache_scales = kv_cache_scales
+        self.where = self.files.source
+
+    def _cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=self.device, dtype=self.dtype)
+
+    def _finish(self, lin: EmulatedLinear) -> EmulatedLinear:
+        act = lin.activation_quant.to(self.device) if lin.activation_quant is not None else None
+        return EmulatedLinear(self._cast(lin.weight), self._cast(lin.bias), self._cast(lin.prequant_scale), act)
+
+    def _group(self, prefixes: list[str], has_bias: bool) -> list[EmulatedLinear]:
+        stored = [read_linear(self.files, self.quant, p, has_bias) for p in prefixes]
+        return [self._finish(lin) for lin in fused_linears(stored, self.quant, self.runtime_dtype, self.where)]
+
+    def _kv_scales(self, attn: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.quant.kv_cache_quant_algo != "FP8":
+            return None, None
+        if self.kv_cache_scales == "unit":
+            one = torch.ones((), device=self.device)
+            return one, one
+        k = self.files.get(f"{attn}.k_proj.k_scale").float().to(self.device)
+        v = self.files.get(f"{attn}.v_proj.v_scale").float().to(self.device)
+        return k, v
+
+    def layer(self, index: int) -> DecoderLayer:
+        prefix = f"model.layers.{index}"
+        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        qkv_bias = self.arch in ARCHITECTURES_WITH_QKV_BIAS or bool(self.config.get("attention_bias"))
+        mlp_bias = bool(self.config.get("mlp_bias"))
+        q, k, v = self._group([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], qkv_bias)
+        (dense,) = self._group([f"{attn}.o_proj"], bool(self.config.get("attention_bias")))
+        gate_proj, up_proj = self._group([f"{mlp}.gate_proj", f"{mlp}.up_proj"], mlp_bias)
+        (down_proj,) = self._group([f"{mlp}.down_proj"], mlp_bias)
+        k_scale, v_scale = self._kv_scales(attn)
+        return DecoderLayer(
+            input_norm=self._cast(self.files.get(f"{prefix}.input_layernorm.weight")),
+            post_norm=self._cast(self.files.get(f"{prefix}.post_attention_layernorm.weight")),
+            qkv=concat_linears([q, k, v]),
+            dense=dense,
+            fc=gate_proj,  # TensorRT-LLM naming, as DecoderLayer uses it
+            gate=up_proj,
+            proj=down_proj,
+            kv_cache_scale=k_scale,
+            v_cache_scale=v_scale,
+        )
+
+    def _float_table(self, name: str) -> torch.Tensor:
+        table = self.files.get(name)
+        if not table.is_floating_point() or table.dtype == torch.float8_e4m3fn:
+            raise CheckpointError(f"{self.where}: tensor {name} is {table.dtype}; the executor needs it unquantized")
+        return table
+
+    def lm_head(self, embedding: torch.Tensor) -> torch.Tensor:
+        if not self.files.has("lm_head.weight") and self.config.get("tie_word_embeddings"):
+            return embedding
+        return self._cast(self._float_table("lm_head.weight"))
+
+    def model(self) -> CheckpointModel:
+        embedding = self._cast(self._float_table("model.embed_tokens.weight"))
+        lm_head = self.lm_head(embedding)
+        layers = [self.layer(i) for i in range(self.config["num_hidden_layers"])]
+        shape = hf_model_shape(self.config, self.arch, self.quant, vocab_rows=lm_head.shape[0])
+        final_norm = self._cast(self.files.get("model.norm.weight"))
+        return CheckpointModel(rope_config(self.config), shape, embedding, layers, final_norm, lm_head, self.device, self.dtype)
+
+
+def load_hf_checkpoint_model(
+    hf_dir: str | Path,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    kv_cache_scales: KVCacheScales = "checkpoint",
+) -> CheckpointModel:
+    """Read a unified HF checkpoint (config.json, hf_quant_config.json, safetensors) as a runtime would.
+
+    Returns the same ``CheckpointModel`` as ``load_checkpoint_model``: ``.logits(input_ids)`` gives
+    float32 [B, T, vocab]. ``kv_cache_scales="unit"`` runs an FP8 KV cache at scale 1.0 instead of
+    the checkpoint's k_scale / v_scale (see the module docstring).
+    """
+    if kv_cache_scales not in ("checkpoint", "unit"):
+        raise ValueError(f"kv_cache_scales must be 'checkpoint' or 'unit', not {kv_cache_scales!r}")
+    return _HFLoader(Path(hf_dir), torch.device(device), compute_dtype, kv_cache_scales).model()

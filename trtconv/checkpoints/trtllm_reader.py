@@ -1,0 +1,535 @@
+"""Run an exported TensorRT-LLM checkpoint in plain PyTorch (CPU or CUDA).
+
+The accuracy gate must judge the files a runtime loads, not the in-memory model that produced
+them: an export bug (a dropped rope theta, a wrong scale, a mis-packed int4 weight) has to show up
+as an accuracy difference. So this module reads ``config.json`` + ``rank{N}.safetensors`` the way a
+TensorRT-LLM loader does, reassembles tensor/pipeline-parallel shards, dequantizes the weights and
+emulates the activation and KV-cache quantization the engine applies, then runs a Llama/Qwen2
+decoder forward.
+
+What it deliberately copies from TensorRT-LLM, including its traps:
+- ``rotary_base`` missing -> 10000 (TensorRT-LLM's default). That is how a dropped rope theta
+  becomes a measurable accuracy loss instead of silently "working".
+- ``mlp.fc`` is HF gate_proj, ``mlp.gate`` is HF up_proj, ``mlp.proj`` is down_proj.
+- K and V are quantized with the single ``kv_cache_scaling_factor`` after rope.
+
+Tensor layouts come from trtconv.checkpoints.trtllm_format (measured on ModelOpt 0.47 exports).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trtconv.core.errors import CheckpointError
+from trtconv.checkpoints.trtllm_format import (
+    LAYER_LINEARS,
+    ModelShape,
+    kv_heads_per_rank,
+    model_shape,
+    read_config,
+    stage_layers,
+)
+
+DEFAULT_ROTARY_BASE = 10000.0  # TensorRT-LLM's default when config.json has no rotary_base
+FP8_E4M3_MAX = 448.0
+INT8_MIN, INT8_MAX = -128, 127
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization emulation
+# --------------------------------------------------------------------------------------------
+
+
+def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x quantized to FP8 e4m3 with a per-tensor scale (saturating, as the kernels do), back in x's dtype."""
+    q = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+def int8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = torch.round(x.float() / scale).clamp(INT8_MIN, INT8_MAX)
+    return (q * scale).to(x.dtype)
+
+
+@dataclass
+class ActivationQuant:
+    """Static per-tensor activation quantization with the checkpoint's activation_scaling_factor."""
+
+    kind: str  # "fp8" or "int8"
+    scale: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_round_trip(x, self.scale) if self.kind == "fp8" else int8_round_trip(x, self.scale)
+
+    def to(self, device: torch.device) -> "ActivationQuant":
+        return ActivationQuant(self.kind, self.scale.to(device))
+
+
+# Which activation format each quant_algo runs its GEMM inputs in (W4A16 keeps them unquantized).
+ACTIVATION_FORMAT: dict[str | None, str | None] = {
+    None: None,
+    "FP8": "fp8",
+    "W8A8_SQ_PER_CHANNEL": "int8",
+    "W4A16_AWQ": None,
+    "W4A8_AWQ": "fp8",
+}
+
+
+def activation_quant_for(algo: str | None, scale: torch.Tensor | None) -> ActivationQuant | None:
+    kind = ACTIVATION_FORMAT[algo]
+    if kind is None:
+        return None
+    if scale is None:
+        raise CheckpointError(f"quant_algo {algo}: a linear has no activation_scaling_factor")
+    return ActivationQuant(kind, scale.float())
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """(out/2, in) int8 bytes -> (out, in) signed int4 values: low nibble = even output row."""
+    as_int = packed.to(torch.int16)
+    low = ((as_int & 0x0F) ^ 0x08) - 0x08  # sign-extend a nibble
+    high = (((as_int >> 4) & 0x0F) ^ 0x08) - 0x08
+    return torch.stack((low, high), dim=1).reshape(-1, packed.shape[1]).float()
+
+
+def dequantize_linear_weight(
+    algo: str | None,
+    weight: torch.Tensor,
+    weights_scaling_factor: torch.Tensor | None,
+    weights_scaling_factor_2: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """A linear's stored weight -> float32 (out, in), as the engine's GEMM sees it."""
+    if algo is None:
+        return weight.float()
+    if weights_scaling_factor is None:
+        raise CheckpointError(f"quant_algo {algo}: a linear has no weights_scaling_factor")
+    wsf = weights_scaling_factor.float()
+    if algo == "FP8":
+        return weight.float() * wsf
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        return weight.float() * wsf[:, None]  # per output channel
+    # W4A16_AWQ / W4A8_AWQ: one scale per (output row, group of `group_size` inputs).
+    dequantized = unpack_int4_rows(weight) * wsf.repeat_interleave(group_size, dim=1)
+    if algo == "W4A8_AWQ":
+        # The W4A8 kernel turns int4*scale into FP8 with the per-tensor weights_scaling_factor_2
+        # and restores it in alpha: that FP8 rounding is part of what the engine computes.
+        dequantized = fp8_round_trip(dequantized, weights_scaling_factor_2.float())
+    return dequantized
+
+
+# --------------------------------------------------------------------------------------------
+# Reading rank files
+# --------------------------------------------------------------------------------------------
+
+
+class RankFiles:
+    """Lazy access to the tensors of every rank{N}.safetensors (safetensors only, never pickle)."""
+
+    def __init__(self, ckpt_dir: Path, world_size: int):
+        from safetensors import safe_open
+
+        self._handles = {}
+        self._names: dict[int, frozenset[str]] = {}  # keys() builds a list: look names up in a set
+        for rank in range(world_size):
+            path = ckpt_dir / f"rank{rank}.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing (mapping.world_size is {world_size})")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+            self._handles[rank] = (path, handle)
+            self._names[rank] = frozenset(handle.keys())
+
+    def has(self, rank: int, name: str) -> bool:
+        return name in self._names[rank]
+
+    def get(self, rank: int, name: str) -> torch.Tensor:
+        path, handle = self._handles[rank]
+        if name not in self._names[rank]:
+            raise CheckpointError(f"{path}: tensor {name} missing")
+        return handle.get_tensor(name)
+
+    def get_optional(self, rank: int, name: str) -> torch.Tensor | None:
+        return self.get(rank, name) if self.has(rank, name) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmulatedLinear:
+    """A linear as the engine computes it: smooth the input, quantize it, multiply by the
+    dequantized weight. ``weight`` is (out, in) in the compute dtype."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    prequant_scale: torch.Tensor | None = None  # SmoothQuant/AWQ smoothing, applied to the input
+    activation_quant: ActivationQuant | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prequant_scale is not None:
+            x = x * self.prequant_scale
+        if self.activation_quant is not None:
+            x = self.activation_quant(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight an unquantized model would need for the same output: smoothing folded back."""
+        if self.prequant_scale is None:
+            return self.weight
+        return self.weight * self.prequant_scale[None, :]
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: EmulatedLinear
+    dense: EmulatedLinear
+    fc: EmulatedLinear  # gate_proj
+    gate: EmulatedLinear  # up_proj
+    proj: EmulatedLinear  # down_proj
+    kv_cache_scale: torch.Tensor | None  # FP8 KV cache scale, None when the cache is not quantized
+    # The unified HF checkpoint has separate k_scale / v_scale; None = V uses kv_cache_scale too
+    # (TensorRT-LLM checkpoints have one kv_cache_scaling_factor for both).
+    v_cache_scale: torch.Tensor | None = None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(variance + eps) * weight
+
+
+# --------------------------------------------------------------------------------------------
+# Rope (TensorRT-LLM: rope_gpt_neox, rotary_base, rotary_scaling)
+# --------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(rotary_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies for default, ``linear`` and ``llama3`` rotary scaling."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("type") or scaling.get("rope_type")
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_scaled(inv_freq, scaling)
+    raise CheckpointError(
+        f"config.json: rotary_scaling type {kind!r} is not supported by the reference executor; "
+        "supported: default, linear, llama3"
+    )
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    # Llama 3.1: keep high frequencies, divide low ones by factor, blend in between.
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """GPT-NeoX rope on the first rotary_dim channels of each head; x is [B, heads, T, head]."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointModel:
+    """A TensorRT-LLM checkpoint loaded for emulation. Call ``logits(input_ids)``."""
+
+    def __init__(
+        self,
+        config: dict,
+        shape: ModelShape,
+        embedding: torch.Tensor,
+        layers: list[DecoderLayer],
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+    ):
+        self.config = config
+        self.shape = shape
+        self.embedding = embedding
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.norm_epsilon = float(config.get("norm_epsilon", 1e-5))
+        self.rotary_base = float(config.get("rotary_base", DEFAULT_ROTARY_BASE))
+        self.rotary_scaling = config.get("rotary_scaling")
+        self.rotary_dim = int(config.get("rotary_embedding_dim") or shape.head_size * float(config.get("rotary_pct", 1.0)))
+        self.inv_freq = rope_inverse_frequencies(self.rotary_dim, self.rotary_base, self.rotary_scaling)
+
+    @property
+    def vocab_size(self) -> int:
+        """Logit columns: config.json vocab_size (AWQ exports pad it to a multiple of 64)."""
+        return self.shape.vocab_size
+
+    def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, dtype=torch.float64)
+        angles = torch.outer(positions, self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        cast = dict(device=self.device, dtype=self.compute_dtype)
+        return angles.cos().to(**cast), angles.sin().to(**cast)
+
+    def _attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s = self.shape
+        batch, length, _ = x.shape
+        q_size, kv_size = s.num_heads * s.head_size, s.num_kv_heads * s.head_size
+        q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, length, s.num_heads, s.head_size).transpose(1, 2)
+        k = k.view(batch, length, s.num_kv_heads, s.head_size).transpose(1, 2)
+        v = v.view(batch, length, s.num_kv_heads, s.head_size).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin, self.rotary_dim), apply_rope(k, cos, sin, self.rotary_dim)
+        if layer.kv_cache_scale is not None:
+            # K is written to the FP8 cache after rope. TensorRT-LLM checkpoints share one scale for
+            # K and V; HF checkpoints (vLLM) give V its own.
+            v_scale = layer.kv_cache_scale if layer.v_cache_scale is None else layer.v_cache_scale
+            k, v = fp8_round_trip(k, layer.kv_cache_scale), fp8_round_trip(v, v_scale)
+        repeat = s.num_heads // s.num_kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(s.head_size))
+        return layer.dense(out.transpose(1, 2).reshape(batch, length, q_size))
+
+    def _mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        return layer.proj(F.silu(layer.fc(x)) * layer.gate(x))
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Causal logits [B, T, vocab_size] (float32) for positions 0..T-1."""
+        input_ids = input_ids.to(self.device)
+        hidden = self.embedding[input_ids]
+        cos, sin = self._rope_tables(input_ids.shape[1])
+        for layer in self.layers:
+            hidden = hidden + self._attention(layer, rms_norm(hidden, layer.input_norm, self.norm_epsilon), cos, sin)
+            hidden = hidden + self._mlp(layer, rms_norm(hidden, layer.post_norm, self.norm_epsilon))
+        hidden = rms_norm(hidden, self.final_norm, self.norm_epsilon)
+        return F.linear(hidden, self.lm_head).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: reassemble shards into full tensors
+# --------------------------------------------------------------------------------------------
+
+
+class _Loader:
+    """Reassembles TP shards (and PP stages) of one checkpoint into EmulatedLinears and tensors."""
+
+    def __init__(self, ckpt_dir: Path, config: dict, device: torch.device, compute_dtype: torch.dtype):
+        self.ckpt_dir = ckpt_dir
+        self.config = config
+        self.shape = model_shape(config)
+        self.files = RankFiles(ckpt_dir, self.shape.world_size)
+        self.device = device
+        self.dtype = compute_dtype
+
+    def _cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=self.device, dtype=self.dtype)
+
+    def stage_ranks(self, pp_rank: int) -> list[int]:
+        return [pp_rank * self.shape.tp_size + t for t in range(self.shape.tp_size)]
+
+    def local_linear(self, rank: int, prefix: str) -> EmulatedLinear:
+        """One rank's shard of a linear, dequantized (in float32 until the final cast)."""
+        algo = self.shape.quant_algo
+        get = lambda suffix: self.files.get_optional(rank, f"{prefix}.{suffix}")  # noqa: E731
+        weight = dequantize_linear_weight(
+            algo,
+            weight=self.files.get(rank, f"{prefix}.weight"),
+            weights_scaling_factor=get("weights_scaling_factor"),
+            weights_scaling_factor_2=get("weights_scaling_factor_2"),
+            group_size=self.shape.group_size,
+        )
+        return EmulatedLinear(
+            weight=weight,
+            bias=get("bias"),
+            prequant_scale=get("prequant_scaling_factor"),
+            activation_quant=activation_quant_for(algo, get("activation_scaling_factor")),
+        )
+
+    def merged_linear(self, ranks: list[int], prefix: str, kind: str) -> EmulatedLinear:
+        shards = [self.local_linear(r, prefix) for r in ranks]
+        first = shards[0]
+        if kind == "column":
+            # Output rows are split; input smoothing and activation scale are replicated.
+            weight = torch.cat([s.weight for s in shards], dim=0)
+            bias = torch.cat([s.bias for s in shards]) if first.bias is not None else None
+            prequant = first.prequant_scale
+        else:
+            # Input columns are split: so are the per-input-channel smoothing scales.
+            weight = torch.cat([s.weight for s in shards], dim=1)
+            bias = first.bias
+            prequant = torch.cat([s.prequant_scale for s in shards]) if first.prequant_scale is not None else None
+        return self._finish(EmulatedLinear(weight, bias, prequant, first.activation_quant))
+
+    def merged_qkv(self, ranks: list[int], prefix: str) -> EmulatedLinear:
+        """Each rank holds [q; k; v] of its own heads: regroup into [all q; all k; all v]."""
+        s = self.shape
+        q_rows = s.num_heads // s.tp_size * s.head_size
+        kv_rows = kv_heads_per_rank(s) * s.head_size
+        shards = [self.local_linear(r, prefix) for r in ranks]
+        # With fewer kv heads than ranks the heads are replicated: keep one copy of each.
+        kv_stride = max(s.tp_size // s.num_kv_heads, 1)
+
+        def regroup(parts: list[torch.Tensor]) -> torch.Tensor:
+            split = [p.split([q_rows, kv_rows, kv_rows], dim=0) for p in parts]
+            q = [x[0] for x in split]
+            k = [x[1] for x in split][::kv_stride]
+            v = [x[2] for x in split][::kv_stride]
+            return torch.cat(q + k + v, dim=0)
+
+        weight = regroup([sh.weight for sh in shards])
+        bias = regroup([sh.bias for sh in shards]) if shards[0].bias is not None else None
+        first = shards[0]
+        return self._finish(EmulatedLinear(weight, bias, first.prequant_scale, first.activation_quant))
+
+    def _finish(self, lin: EmulatedLinear) -> EmulatedLinear:
+        if lin.activation_quant is not None:
+            lin.activation_quant = lin.activation_quant.to(self.device)
+        return EmulatedLinear(self._cast(lin.weight), self._cast(lin.bias), self._cast(lin.prequant_scale), lin.activation_quant)
+
+    def layer(self, pp_rank: int, local_index: int) -> DecoderLayer:
+        ranks = self.stage_ranks(pp_rank)
+        prefix = f"transformer.layers.{local_index}"
+        linears = {"attention.qkv": self.merged_qkv(ranks, f"{prefix}.attention.qkv")}
+        for name, kind in LAYER_LINEARS.items():
+            if name != "attention.qkv":
+                linears[name] = self.merged_linear(ranks, f"{prefix}.{name}", kind)
+        kv_scale = None
+        if self.shape.kv_cache_quant_algo == "FP8":
+            kv_scale = self.files.get(ranks[0], f"{prefix}.attention.kv_cache_scaling_factor").float().to(self.device)
+        return DecoderLayer(
+            input_norm=self._cast(self.files.get(ranks[0], f"{prefix}.input_layernorm.weight")),
+            post_norm=self._cast(self.files.get(ranks[0], f"{prefix}.post_layernorm.weight")),
+            qkv=linears["attention.qkv"],
+            dense=linears["attention.dense"],
+            fc=linears["mlp.fc"],
+            gate=linears["mlp.gate"],
+            proj=linears["mlp.proj"],
+            kv_cache_scale=kv_scale,
+        )
+
+    def embedding(self) -> torch.Tensor:
+        ranks = self.stage_ranks(0)
+        name = "transformer.vocab_embedding.weight"
+        s = self.shape
+        if not s.use_parallel_embedding or s.tp_size == 1:
+            table = self.files.get(ranks[0], name)
+        elif s.embedding_sharding_dim == 0:
+            table = torch.cat([self.files.get(r, name) for r in ranks], dim=0)[: s.vocab_size]
+        else:
+            table = torch.cat([self.files.get(r, name) for r in ranks], dim=1)
+        return self._cast(table)
+
+    def lm_head(self, embedding: torch.Tensor) -> torch.Tensor:
+        ranks = self.stage_ranks(self.shape.pp_size - 1)
+        if not self.files.has(ranks[0], "lm_head.weight"):
+            if self.shape.shares_embedding:
+                return embedding
+            self.files.get(ranks[0], "lm_head.weight")  # raises CheckpointError naming the file
+        # Vocab was zero-padded to a multiple of tp before the split: drop the padding rows.
+        table = torch.cat([self.files.get(r, "lm_head.weight") for r in ranks], dim=0)
+        return self._cast(table[: self.shape.vocab_size])
+
+    def model(self) -> CheckpointModel:
+        s = self.shape
+        layers = [
+            self.layer(pp_rank, local)
+            for pp_rank in range(s.pp_size)
+            for local, _ in enumerate(stage_layers(s, pp_rank))
+        ]
+        embedding = self.embedding()
+        final_norm = self._cast(self.files.get(self.stage_ranks(s.pp_size - 1)[0], "transformer.ln_f.weight"))
+        return CheckpointModel(
+            self.config, s, embedding, layers, final_norm, self.lm_head(embedding), self.device, self.dtype
+        )
+
+
+def load_checkpoint_model(
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32
+) -> CheckpointModel:
+    """Read config.json + every rank{N}.safetensors as a TensorRT-LLM loader would.
+
+    It does not require validate_checkpoint to pass: a checkpoint without rotary_base still loads
+    (with TensorRT-LLM's default 10000), so the accuracy gate can measure what that costs.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    config = read_config(ckpt_dir)
+    return _Loader(ckpt_dir, config, torch.device(device), compute_dtype).model()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer weight error against the original model
+# --------------------------------------------------------------------------------------------
+
+# DecoderLayer field -> HF module name (qkv is split into q/k/v separately).
+_HF_LINEARS = {
+    "dense": "self_attn.o_proj",
+    "fc": "mlp.gate_proj",  # TensorRT-LLM's fc is HF gate_proj
+    "gate": "mlp.up_proj",  # and its gate is HF up_proj
+    "proj": "mlp.down_proj",
+}
+
+
+def _hf_weight(hf_layer: torch.nn.Module, dotted: str) -> torch.Tensor:
+    module = hf_layer
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module.weight.detach().float().cpu()
+
+
+def _rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((candidate - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) -> list[tuple[str, float]]:
+    """(HF linear name, relative Frobenius error) for every linear, in model order.
+
+    Compares the checkpoint's dequantized weight, with its smoothing scale folded back in, to the
+    weight of ``hf_model``, which must be the ORIGINAL unquantized model (ModelOpt's SmoothQuant and
+    AWQ rewrite the weights of the model they calibrate in place).
+    """
+    ckpt = load_checkpoint_model(ckpt_dir)
+    s = ckpt.shape
+    q_rows, kv_rows = s.num_heads * s.head_size, s.num_kv_heads * s.head_size
+    errors: list[tuple[str, float]] = []
+    hf_layers = hf_model.model.layers
+    for index, (layer, hf_layer) in enumerate(zip(ckpt.layers, hf_layers)):
+        prefix = f"model.layers.{index}"
+        q, k, v = layer.qkv.effective_weight().float().cpu().split([q_rows, kv_rows, kv_rows], dim=0)
+        for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+            errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}"))))
+        for field_name, hf_name in _HF_LINEARS.items():
+            weight = getattr(layer, field_name).effective_weight().float().cpu()
+            errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name))))
+    return errors

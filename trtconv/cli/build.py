@@ -1,0 +1,115 @@
+"""`trtconv build` and `trtconv calibrate`: build a recipe (from a file, or from flags) and run the pipeline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitOpt, NoCacheOpt, OutOpt, QuietOpt,
+                                 ReproOpt, RequireEngineOpt, SetOpt, fail)
+from trtconv.cli.render import print_result
+from trtconv.core.errors import GateFailed, Interrupted, UserError
+
+
+def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
+               no_cache: bool = False, repro_check: bool = False) -> None:
+    import os
+
+    from trtconv.pipeline import BuildOptions, build
+    from trtconv.core.ui import Reporter
+
+    reporter = Reporter(quiet=quiet, json_mode=json_mode)
+    opts = BuildOptions(
+        out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
+        no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),
+        repro_check=repro_check,
+    )
+    try:
+        outcome = build(recipe, opts, reporter)
+    except GateFailed as exc:
+        outcome = exc.args[0]
+        print_result(outcome, reporter, json_mode)
+        reporter.error(f"{outcome.manifest.status_reason}; the failed artifact is in {outcome.path}")
+        raise typer.Exit(GateFailed.exit_code)
+    except Interrupted as exc:
+        reporter.error(str(exc))
+        raise typer.Exit(Interrupted.exit_code)
+    except UserError as exc:
+        fail(exc, json_mode)
+    print_result(outcome, reporter, json_mode)
+
+
+def build(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe (see `trtconv recipe list`).")] = "default",
+    output: OutOpt = Path("out"),
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    require_engine: RequireEngineOpt = False,
+    device: DeviceOpt = "auto",
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+    junit: JunitOpt = None,
+    no_cache: NoCacheOpt = False,
+    repro_check: ReproOpt = False,
+) -> None:
+    """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed."""
+    from trtconv.recipe.schema import load_recipe
+
+    try:
+        r, _path = load_recipe(recipe, set_ or [])
+    except UserError as exc:
+        fail(exc, json_mode)
+    if dry_run:
+        print(r.resolved().to_yaml(), end="")
+        return
+    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check)
+
+
+def calibrate(
+    model: Annotated[Path, typer.Option("--model", help="Local Hugging Face checkpoint folder.")],
+    precision: Annotated[str, typer.Option("--precision", help="none, fp8, int8_sq, int4_awq, w4a8_awq.")],
+    output: OutOpt,
+    kv_cache: Annotated[str, typer.Option("--kv-cache", help="none or fp8.")] = "none",
+    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: built-in pack.")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    seed: Annotated[int, typer.Option("--seed")] = 1234,
+    tp_size: Annotated[int, typer.Option("--tp-size")] = 1,
+    hf_checkpoint: Annotated[bool, typer.Option("--hf-checkpoint", help="Also write the unified HF checkpoint.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Load dtype: bfloat16, float16, float32.")] = "bfloat16",
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+    junit: JunitOpt = None,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally)."""
+    from trtconv.recipe.schema import recipe_from_dict
+
+    data_dict = {
+        "name": f"{Path(model).name}-{precision}",
+        "description": "built by `trtconv calibrate`",
+        "model": {"path": str(model), "dtype": dtype},
+        "quantization": {"precision": precision, "kv_cache": kv_cache},
+        "calibration": {"data": str(data) if data else None, "num_samples": num_samples, "seq_len": seq_len,
+                        "batch_size": batch_size, "seed": seed},
+        "export": {"tp_size": tp_size, "hf_checkpoint": hf_checkpoint},
+    }
+    try:
+        r = recipe_from_dict(data_dict, set_ or [], source="trtconv calibrate flags")
+    except UserError as exc:
+        fail(exc, json_mode)
+    if dry_run:
+        print(r.resolved().to_yaml(), end="")
+        return
+    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache)
+
+

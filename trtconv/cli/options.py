@@ -1,0 +1,31 @@
+"""Flags shared by several commands, and the one printer of user errors (exit code from the error)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from trtconv.core.errors import UserError
+
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to write (written atomically).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: KEY.PATH=VALUE (YAML value). Repeatable.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe as YAML and exit.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact in OUT (a failed run keeps it).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final result.")]
+RequireEngineOpt = Annotated[bool, typer.Option("--require-engine", help="Fail (exit 3) if the engine cannot be built here.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+ReproOpt = Annotated[bool, typer.Option("--repro-check", help="Calibrate and export twice; report any tensor that differs.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor store stage results (also: TRTCONV_NO_CACHE=1).")]
+JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
+
+
+def fail(err: UserError, json_mode: bool = False) -> None:
+    from trtconv.core.ui import Reporter
+
+    Reporter(json_mode=json_mode).error(str(err))
+    raise typer.Exit(getattr(err, "exit_code", 2))
+
+

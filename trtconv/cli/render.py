@@ -1,0 +1,47 @@
+"""What a finished build looks like on a terminal, in a CI log, and as `--json`."""
+
+from __future__ import annotations
+
+import json
+
+def summary(outcome) -> dict:
+    m = outcome.manifest
+    return {
+        "status": m.status,
+        "status_reason": m.status_reason,
+        "artifact": str(outcome.path),
+        "artifact_digest": m.artifact_digest,
+        "recipe": m.recipe.get("name"),
+        "precision": m.recipe["quantization"]["precision"],
+        "kv_cache": m.recipe["quantization"]["kv_cache"],
+        "engine": {k: m.engine.get(k) for k in ("target", "status", "reason")},
+        "metrics": {k: v for k, v in m.metrics.items() if isinstance(v, dict)},
+        "gates": [g.model_dump(mode="json") for g in m.gates],
+        "stages": [{"name": s.name, "status": s.status, "wall_s": s.wall_s, "peak_rss_mib": s.peak_rss_mib} for s in m.stages],
+    }
+
+
+def print_result(outcome, reporter, json_mode: bool) -> None:
+    from rich.table import Table
+
+    m = outcome.manifest
+    if json_mode:
+        print(json.dumps(summary(outcome), indent=2))
+        return
+    table = Table(title=f"accuracy gate: {m.status.upper()}", show_lines=False)
+    for col in ("gate", "value", "95% interval", "threshold", "verdict"):
+        table.add_column(col)
+    for g in m.gates:
+        ci = f"[{g.ci_low:.4g}, {g.ci_high:.4g}]" if g.ci_low is not None else "n/a"
+        table.add_row(g.metric, f"{g.value:.4g}", ci, f"{g.comparator} {g.threshold:g}", g.verdict)
+    if m.gates:
+        reporter.console.print(table)
+    if m.metrics:
+        ppl_b, ppl_c = m.metrics["ppl_baseline"]["value"], m.metrics["ppl_candidate"]["value"]
+        reporter.console.print(f"perplexity: original {ppl_b:.4f} -> artifact {ppl_c:.4f}", markup=False)
+    eng = m.engine
+    if eng.get("target") not in (None, "none"):
+        reporter.console.print(f"engine ({eng.get('target')}): {eng.get('status')} {eng.get('reason') or ''}", markup=False)
+    reporter.console.print(f"{m.status}: {outcome.path} (digest {m.artifact_digest[:16]}…)", markup=False)
+
+

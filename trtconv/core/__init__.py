@@ -1,0 +1,1 @@
+"""Errors, terminal/CI output, and the environment (device, versions)."""

@@ -1,0 +1,1 @@
+"""Text data: packs, token rows, and the small trained reference models."""

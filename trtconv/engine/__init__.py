@@ -1,0 +1,1 @@
+"""TensorRT-LLM engine targets: the tensorrt and pytorch backends, plan checks, logits, smoke, record, stamp."""

@@ -1,0 +1,314 @@
+"""The recipe: one YAML file that says everything a build does.
+
+The recipe is authoritative; CLI flags only add runtime concerns (paths, devices). Every section is
+a strict pydantic model: unknown keys are errors (never warned and dropped), and every error names
+the file, the key and what is allowed. ``trtconv recipe schema`` writes the JSON Schema from these
+same models, so editors can complete and check recipes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from trtconv.recipe.engine import EngineSection
+from trtconv.core.errors import RecipeError
+from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+
+SCHEMA_VERSION = 1
+# Default multiple-choice gate: a candidate may lose at most this many accuracy points (interval-based).
+DEFAULT_TASK_ACCURACY_DROP_PP = 3.0
+REFERENCE_MODEL_NAMES = ("llama-ref", "qwen2-ref")
+
+PrecisionName = Literal["none", "fp8", "int8_sq", "int4_awq", "w4a8_awq"]
+KVCacheName = Literal["none", "fp8"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(Strict):
+    """Where the Hugging Face checkpoint comes from: exactly one of path, reference, hub_id."""
+
+    path: str | None = Field(None, description="Local Hugging Face checkpoint folder (relative to the recipe file).")
+    reference: Literal["llama-ref", "qwen2-ref"] | None = Field(
+        None, description="A reference model trtconv trains and caches on first use (offline, seeded)."
+    )
+    hub_id: str | None = Field(None, description="Hugging Face Hub model id (needs network unless cached).")
+    revision: str | None = Field(None, description="Pinned Hub revision (commit sha); required with hub_id.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the model is loaded and calibrated in."
+    )
+    trust_remote_code: bool = Field(False, description="Run the checkpoint's own Python code. Only if you trust it.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        given = [k for k in ("path", "reference", "hub_id") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of model.path (local folder), model.reference "
+                f"({' | '.join(REFERENCE_MODEL_NAMES)}) or model.hub_id; got {given or 'none'}"
+            )
+        if self.hub_id is not None and not self.revision:
+            raise ValueError("model.hub_id needs model.revision (a commit sha) so the build is reproducible")
+        return self
+
+
+class QuantizationSection(Strict):
+    precision: PrecisionName = Field(..., description="Weight/activation format: " + ", ".join(PRECISIONS))
+    kv_cache: KVCacheName = Field("none", description="KV-cache format: " + ", ".join(KV_CACHE_FORMATS))
+    exclude: list[str] = Field(
+        default_factory=lambda: ["*lm_head*"],
+        description="fnmatch patterns of module names left unquantized (ModelOpt quantizer names).",
+    )
+    awq_group_size: Literal[64, 128] = Field(128, description="AWQ group size along the input dimension.")
+
+
+class CalibrationSection(Strict):
+    data: str | None = Field(
+        None,
+        description="Calibration text: a .jsonl (field 'text'), .txt or folder; null = the built-in calibration pack.",
+    )
+    num_samples: PositiveInt = Field(64, description="Number of calibration sequences of seq_len tokens.")
+    seq_len: PositiveInt = Field(256, description="Tokens per calibration sequence.")
+    batch_size: PositiveInt = Field(4, description="Sequences per calibration forward pass.")
+    seed: int = Field(1234, description="Seed that picks and orders the calibration documents.")
+
+
+class ExportSection(Strict):
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="dtype of unquantized tensors in the export.")
+    tp_size: PositiveInt = Field(1, description="Tensor-parallel ranks of the exported checkpoint (= the engine's).")
+    pp_size: PositiveInt = Field(1, description="Pipeline-parallel stages of the exported checkpoint.")
+    tensorrt_llm_checkpoint: bool = Field(True, description="Write the TensorRT-LLM checkpoint (checkpoint/).")
+    hf_checkpoint: bool = Field(False, description="Also write ModelOpt's unified HF checkpoint (hf_checkpoint/).")
+
+
+class GatesSection(Strict):
+    """Thresholds; null takes the precision's shipped default (see docs/accuracy.md)."""
+
+    max_ppl_increase_pct: float | None = Field(None, ge=0, description="Max perplexity increase over the original, in %.")
+    max_kl: float | None = Field(None, ge=0, description="Max mean KL(original || candidate) per token.")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Min fraction of tokens whose argmax agrees.")
+    max_task_accuracy_drop_pp: float | None = Field(
+        None, ge=0, description="Max drop of multiple-choice accuracy, in percentage points (with evaluate.multiple_choice)."
+    )
+
+
+class EvaluateSection(Strict):
+    enabled: bool = Field(True, description="Run the accuracy gate.")
+    data: str | None = Field(None, description="Held-out text; null = the built-in evaluation pack.")
+    num_samples: PositiveInt = Field(64, description="Number of evaluation documents (one per row).")
+    seq_len: PositiveInt = Field(256, description="Tokens per evaluation sequence.")
+    batch_size: PositiveInt = Field(4, description="Sequences per forward pass.")
+    seed: int = Field(0, description="Seed that picks the evaluation documents and the bootstrap resamples.")
+    multiple_choice: str | None = Field(
+        None,
+        description="Optional local multiple-choice task (.jsonl: id, question, choices, answer) scored on both models.",
+    )
+    allow_inconclusive: bool = Field(
+        False, description="Let a gate whose confidence interval straddles its threshold pass (default: it fails)."
+    )
+    gates: GatesSection = Field(default_factory=GatesSection)
+
+
+class Recipe(Strict):
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Recipe format version.")
+    name: str = Field(..., min_length=1, description="A short name for this build.")
+    description: str = Field("", description="What this recipe is for.")
+    model: ModelSection
+    quantization: QuantizationSection
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+
+    @model_validator(mode="after")
+    def _engine_needs_its_export(self) -> Recipe:
+        if self.engine.target == "tensorrt" and not self.export.tensorrt_llm_checkpoint:
+            raise ValueError("engine.target tensorrt builds from the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true")
+        if self.engine.target == "pytorch" and not self.export.hf_checkpoint:
+            raise ValueError("engine.target pytorch serves the unified HF checkpoint: set export.hf_checkpoint: true")
+        return self
+
+    def resolved(self) -> Recipe:
+        """A copy with every default made explicit (gate thresholds from the precision's defaults)."""
+        data = self.model_dump(mode="json")
+        gates = data["evaluate"]["gates"]
+        defaults = PRECISIONS[self.quantization.precision].gates
+        for key in ("max_ppl_increase_pct", "max_kl", "min_top1_agreement"):
+            if gates[key] is None:
+                gates[key] = getattr(defaults, key)
+        if data["evaluate"]["multiple_choice"] and gates["max_task_accuracy_drop_pp"] is None:
+            gates["max_task_accuracy_drop_pp"] = DEFAULT_TASK_ACCURACY_DROP_PP
+        return Recipe.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and friendly errors
+
+
+def _describe_error(err: dict, source: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        parent, key = err["loc"][:-1], err["loc"][-1]
+        allowed = allowed_keys(parent)
+        where = ".".join(map(str, parent)) or "the top level"
+        return f"{source}: unknown key {key!r} in {where}; allowed keys: {', '.join(allowed)}"
+    if etype == "missing":
+        return f"{source}: missing required key {loc!r}"
+    value = err.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc}: {msg}{shown}"
+
+
+def allowed_keys(path: tuple | list) -> list[str]:
+    """The keys allowed at a (possibly nested) section of the recipe."""
+    model: type[BaseModel] = Recipe
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def validate_recipe_dict(data: Any, source: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of sections; got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe_error(e, source) for e in exc.errors()]
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'calibration.num_samples=256' -> (['calibration', 'num_samples'], 256); the value is YAML."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. calibration.num_samples=256")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            allowed = allowed_keys(parts[:depth])
+            if allowed and part not in allowed:
+                where = ".".join(parts[:depth]) or "the top level"
+                raise RecipeError(f"--set {text!r}: unknown key {part!r} in {where}; allowed keys: {', '.join(allowed)}")
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        allowed = allowed_keys(parts[:-1])
+        if allowed and parts[-1] not in allowed:
+            where = ".".join(parts[:-1]) or "the top level"
+            raise RecipeError(f"--set {text!r}: unknown key {parts[-1]!r} in {where}; allowed keys: {', '.join(allowed)}")
+        node[parts[-1]] = value
+    return data
+
+
+def builtin_recipes_dir() -> Path:
+    """The shipped recipes (top-level recipes/ in a checkout, package data `trtconv.shipped_recipes` when installed)."""
+    from importlib import resources
+
+    try:
+        return Path(str(resources.files("trtconv.shipped_recipes")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def builtin_recipe_names() -> list[str]:
+    d = builtin_recipes_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def locate_recipe(ref: str) -> Path:
+    """A recipe argument is a file path, or the name of a shipped recipe (`.yaml` may be omitted)."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    candidate = builtin_recipes_dir() / f"{name}.yaml"
+    if str(path) == path.name and candidate.is_file():
+        return candidate
+    names = builtin_recipe_names()
+    raise RecipeError(
+        f"recipe {ref!r} not found: no such file, and not a shipped recipe name "
+        f"(shipped: {', '.join(names) or 'none'}; see `trtconv recipe list`)"
+    )
+
+
+def _resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Paths in a recipe file are relative to that file, so a recipe works from any current folder."""
+    for section, key in (("model", "path"), ("calibration", "data"), ("evaluate", "data"), ("evaluate", "multiple_choice")):
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            p = Path(sec[key]).expanduser()
+            sec[key] = str(p if p.is_absolute() else (base / p).resolve())
+    return data
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    """Read, override and validate a recipe; relative paths become absolute. Returns (recipe, file)."""
+    path = locate_recipe(str(ref))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty; it needs at least name, model and quantization")
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
+        data = _resolve_relative_paths(data, path.resolve().parent)
+    return validate_recipe_dict(data, str(path)), path
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "<flags>") -> Recipe:
+    data = apply_overrides(data, overrides or [])
+    data = _resolve_relative_paths(data, Path.cwd())
+    return validate_recipe_dict(data, source)
+
+
+def json_schema() -> dict:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "trtconv recipe"
+    return schema

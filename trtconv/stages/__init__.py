@@ -1,0 +1,1 @@
+"""The pipeline's steps: load, calibrate, export, engine, evaluate. No stage imports another."""

@@ -1,0 +1,173 @@
+"""Stage 2, calibrate: ModelOpt `mtq.quantize` with the precision's own preset.
+
+We call ModelOpt's API directly (not its `hf_ptq.py` example, which refuses to run without a GPU)
+and reuse its logic: the preset from `QUANT_CFG_CHOICES`, the KV-cache entries merged with
+`update_quant_cfg_with_kv_cache_quant`, the AWQ block size patched into the weight quantizers.
+After calibration a census checks that quantization really happened (no silent no-ops, no zero or
+non-finite amax), because a quantizer that never saw data exports garbage scales.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from trtconv.core.errors import DataError, UserError
+from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+from trtconv.recipe.schema import QuantizationSection
+from trtconv.data.samples import TokenSet
+from trtconv.core.ui import quiet_dependency
+
+
+@dataclass
+class CalibrationResult:
+    quant_config: dict  # what was handed to mtq.quantize, JSON-able
+    census: dict  # enabled quantizers by kind, excluded modules
+    dependency_output: list[str] = field(default_factory=list)  # what ModelOpt printed/warned
+
+
+def import_modelopt():
+    """Import ModelOpt's torch API, with the one missing dependency it does not declare named."""
+    try:
+        import modelopt.torch.quantization as mtq
+    except ModuleNotFoundError as exc:
+        raise UserError(
+            f"nvidia-modelopt cannot be imported ({exc}); install trtconv's dependencies "
+            "(pip install trtconv) — note nvidia-modelopt 0.47 also needs `requests`"
+        ) from None
+    return mtq
+
+
+def build_quant_config(section: QuantizationSection) -> dict:
+    """The ModelOpt config for the recipe: preset + group size + exclusions + KV cache (later entries win)."""
+    from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES, QUANT_CFG_CHOICES
+
+    mtq = import_modelopt()
+    precision = PRECISIONS[section.precision]
+    cfg = copy.deepcopy(QUANT_CFG_CHOICES[precision.modelopt_preset])
+    entries = cfg["quant_cfg"]
+    if precision.uses_group_size:
+        _set_awq_group_size(entries, section.awq_group_size)
+    for pattern in section.exclude:
+        entries.append({"quantizer_name": pattern if pattern.endswith("*") else pattern + "*", "enable": False})
+    kv = KV_CACHE_FORMATS[section.kv_cache]
+    if kv.modelopt_preset is not None:
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES[kv.modelopt_preset]["quant_cfg"])
+    return cfg
+
+
+def _set_awq_group_size(entries: list[dict], group: int) -> None:
+    for entry in entries:
+        if entry.get("quantizer_name") != "*weight_quantizer":
+            continue
+        cfgs = entry["cfg"] if isinstance(entry.get("cfg"), list) else [entry.get("cfg")]
+        for c in cfgs:
+            if isinstance(c, dict) and isinstance(c.get("block_sizes"), dict) and c["num_bits"] == 4:
+                c["block_sizes"][-1] = group  # ModelOpt keys the block dim by int (-1 = input dim)
+
+
+def check_group_size(model, section: QuantizationSection, tp_size: int) -> None:
+    """int4 AWQ quantizes weights in groups along the input dim: every quantized Linear must divide evenly."""
+    if not PRECISIONS[section.precision].uses_group_size:
+        return
+    group = section.awq_group_size
+    bad = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or _excluded(name, section.exclude):
+            continue
+        # Row-parallel layers (o_proj, down_proj) are split along the input dim across TP ranks.
+        row_parallel = name.endswith(("o_proj", "down_proj"))
+        in_dim = mod.in_features // tp_size if row_parallel else mod.in_features
+        if in_dim % group:
+            bad.append(f"{name} (input dim {in_dim}{' per TP rank' if row_parallel and tp_size > 1 else ''})")
+    if bad:
+        raise UserError(
+            f"quantization.precision {section.precision} with awq_group_size {group}: these layers' input "
+            f"dimension is not a multiple of {group}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
+            "use awq_group_size 64, exclude them (quantization.exclude), or another precision"
+        )
+
+
+def _excluded(module_name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(module_name, p.rstrip("*") + "*") or fnmatch.fnmatch(module_name, p) for p in patterns)
+
+
+def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, advance: Callable[[int], None]):
+    rows = torch.tensor(tokens.rows, dtype=torch.long)
+
+    def forward_loop(model) -> None:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size].to(device)
+                model(input_ids=batch, use_cache=False)
+                advance(1)
+
+    return forward_loop
+
+
+def quantizer_census(model) -> dict:
+    """Which quantizers are on, and whether their calibrated amax is usable."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    counts: dict[str, int] = {}
+    bad: list[str] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, TensorQuantizer) or not mod.is_enabled:
+            continue
+        # W4A8 weight quantizers are sequential ("...weight_quantizer.0"): name them by their parent.
+        kind = next((part for part in reversed(name.split(".")) if part.endswith("quantizer")), name)
+        counts[kind] = counts.get(kind, 0) + 1
+        amax = getattr(mod, "amax", None)
+        if amax is not None and not getattr(mod, "_dynamic", False):
+            a = amax.detach().float()
+            if not torch.isfinite(a).all() or (a <= 0).all():
+                bad.append(name)
+    return {"enabled": dict(sorted(counts.items())), "invalid_amax": bad}
+
+
+def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, device: str, reporter) -> CalibrationResult:
+    if section.precision == "none" and section.kv_cache == "none":
+        return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
+    mtq = import_modelopt()
+    log: list[str] = []
+    with quiet_dependency(log):  # ModelOpt prints the merged config to stdout
+        if section.precision == "none":
+            # KV-cache-only quantization: everything else off.
+            from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES
+
+            cfg: dict[str, Any] = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
+            cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
+        else:
+            cfg = build_quant_config(section)
+    n_batches = math.ceil(len(tokens.rows) / batch_size)
+    # AWQ runs the calibration data several times (search, then calibrate); the bar counts passes.
+    with reporter.progress("calibration batches", total=n_batches) as advance, quiet_dependency(log):
+        mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, advance))
+    census = quantizer_census(model)
+    if section.precision != "none" and not census["enabled"].get("weight_quantizer"):
+        raise UserError(
+            f"ModelOpt enabled no weight quantizer for precision {section.precision}: "
+            "check quantization.exclude (it may exclude every layer)"
+        )
+    if census["invalid_amax"]:
+        raise DataError(
+            f"calibration left {len(census['invalid_amax'])} quantizers without a usable scale "
+            f"(zero or non-finite amax), e.g. {census['invalid_amax'][:3]}; the calibration data may be too "
+            "short or degenerate: raise calibration.num_samples or use other text"
+        )
+    return CalibrationResult(quant_config=_jsonable(cfg), census=census, dependency_output=log)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
