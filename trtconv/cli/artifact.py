@@ -85,7 +85,7 @@ def check(
     """Run the accuracy gate again on an existing artifact (exit 1 if a gate fails)."""
     from rich.table import Table
 
-    from trtconv.stages.check import check_artifact
+    from trtconv.stages.evaluate import check_artifact
     from trtconv.artifact.report import write_junit
     from trtconv.core.ui import Reporter
 
@@ -167,7 +167,7 @@ def verify(
         raise typer.Exit(1)
     reporter.console.print(f"verified: {len(m.outputs)} files match {artifact / 'manifest.json'} (digest {m.artifact_digest})", markup=False)
     if deep:
-        from trtconv.stages.check import check_artifact
+        from trtconv.stages.evaluate import check_artifact
 
         try:
             results = check_artifact(artifact, device, reporter)

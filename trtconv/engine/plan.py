@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from trtconv.recipe.engine import EngineSection, PyTorchBackendOptions, TensorRTEngineOptions
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import UserError
+from trtconv.core.ui import Reporter
+from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+
+if TYPE_CHECKING:
+    from trtconv.recipe.schema import Recipe
 
 # Minimum SM per precision. FP8 tensor cores arrive with Ada (8.9); FP4 with Blackwell (10.0).
 FP8_MIN_SM = 89
@@ -308,3 +314,26 @@ def _sm_text(sm: int) -> str:
 
 def _v(version: tuple[int, int]) -> str:
     return f"{version[0]}.{version[1]}"
+
+
+def preflight(recipe: Recipe, hf_cfg: dict, device, reporter: Reporter) -> None:
+    from trtconv.engine.plan import check_engine_plan, check_precision_on_device
+    from trtconv.core.environment import package_version
+
+    quant_algo = PRECISIONS[recipe.quantization.precision].quant_algo
+    kv_algo = KV_CACHE_FORMATS[recipe.quantization.kv_cache].kv_cache_quant_algo
+    warnings = []
+    if device.kind == "cuda":
+        warnings += check_precision_on_device(quant_algo, kv_algo, device)
+    warnings += check_engine_plan(
+        recipe.engine,
+        quant_algo=quant_algo,
+        kv_cache_quant_algo=kv_algo,
+        tp_size=recipe.export.tp_size,
+        pp_size=recipe.export.pp_size,
+        num_kv_heads=hf_cfg.get("num_key_value_heads") or hf_cfg.get("num_attention_heads") or 1,
+        device=device if device.kind == "cuda" else None,
+        trtllm_version=package_version("tensorrt_llm"),
+    )
+    for w in warnings:
+        reporter.warn(w)

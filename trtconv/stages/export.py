@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from trtconv.core.errors import CheckpointError
+from trtconv.artifact.manifest import InputRecord
+from trtconv.cache.store import StageCache, stage_key, versions_for_key
+from trtconv.core.environment import DeviceInfo
+from trtconv.stages.base import device_part, files_part, restore_entry
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
-from trtconv.recipe.schema import ExportSection, QuantizationSection
+from trtconv.recipe.schema import ExportSection, QuantizationSection, Recipe
 from trtconv.core.ui import quiet_dependency
 
 CHECKPOINT_DIR = "checkpoint"
@@ -189,3 +193,43 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
         raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
         result.validation = json.loads(json.dumps(raw, default=str))  # paths -> strings: it goes into JSON records
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage cache: calibrate + export are one cached unit (see docs/cache.md for why)
+
+EXPORT_STAGE = "export"
+
+
+def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, device: DeviceInfo) -> str:
+    calibration = recipe.calibration.model_dump(mode="json")
+    calibration.pop("data")
+    return stage_key(
+        EXPORT_STAGE,
+        {
+            "model_files": files_part(inputs),
+            "model": {"dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code},
+            "quantization": recipe.quantization.model_dump(mode="json"),
+            "calibration": calibration,
+            "calibration_data_sha256": calib_sha256,
+            "export": recipe.export.model_dump(mode="json"),
+            "versions": versions_for_key(),
+            "device": device_part(device),
+        },
+    )
+
+
+def store_export(cache: StageCache, key: str, artifact_tmp: Path, meta: dict[str, Any], reporter) -> None:
+    from trtconv.cache.store import CacheError
+
+    try:
+        cache.put(EXPORT_STAGE, key, artifact_tmp, meta)
+    except CacheError as exc:  # busy or disk full: the artifact is fine, it just isn't cached
+        reporter.warn(f"not cached: {exc}")
+
+
+def restore_export(cache: StageCache, key: str, artifact_tmp: Path, reporter) -> dict | None:
+    """Copy a cached export into the artifact; its metadata, or None on a miss (reason reported)."""
+    return restore_entry(cache, EXPORT_STAGE, key, artifact_tmp, reporter)
+
+

@@ -13,9 +13,12 @@ import struct
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
+from trtconv.artifact.manifest import hash_tree
+from trtconv.artifact.writer import sha256_file
+from trtconv.core.errors import DataError, UserError
 from trtconv.artifact.manifest import FileRecord, InputRecord
 from trtconv.precisions import SUPPORTED_ARCHITECTURES
-from trtconv.recipe.schema import ModelSection
+from trtconv.recipe.schema import ModelSection, Recipe
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -144,37 +147,6 @@ def describe_inputs(model_dir: Path, weights: list[Path]) -> list[InputRecord]:
     ]
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: str = "cpu"):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelError(f"{model_dir}: transformers cannot load this checkpoint: {exc}") from None
-    model.eval()
-    return model.to(device)
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{model_dir}: no usable tokenizer: {exc}") from None
-    if tok.eos_token_id is None:
-        raise ModelError(f"{model_dir}: the tokenizer has no eos token; calibration packs documents separated by it")
-    return tok
-
-
 def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict, str, list[Path]]:
     """All checks that need no model load: (folder, hf config, architecture, weight files)."""
     model_dir = resolve_model_dir(section, progress=progress)
@@ -183,3 +155,49 @@ def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict
     weights = check_weight_files(model_dir)
     return model_dir, cfg, arch, weights
 
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: cheap checks of the recipe against the model, before any expensive work
+
+
+def data_path(section_data: str | None, builtin: str) -> Path:
+    from trtconv.data.packs import builtin_pack
+
+    if section_data is None:
+        return builtin_pack(builtin)
+    path = Path(section_data)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; give a .jsonl, .txt or a folder of them")
+    return path
+
+
+def check_lengths(recipe: Recipe, hf_cfg: dict, model_dir: Path) -> None:
+    limit = hf_cfg.get("max_position_embeddings")
+    if not limit:
+        return
+    for key, value in (("calibration.seq_len", recipe.calibration.seq_len), ("evaluate.seq_len", recipe.evaluate.seq_len)):
+        if value > limit:
+            raise UserError(
+                f"{key} = {value} is above the model's max_position_embeddings = {limit} "
+                f"({model_dir / 'config.json'}); use at most {limit}"
+            )
+
+
+def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
+    tp = recipe.export.tp_size
+    kv_heads = hf_cfg.get("num_key_value_heads") or hf_cfg.get("num_attention_heads")
+    if kv_heads and kv_heads % tp:
+        raise UserError(
+            f"export.tp_size = {tp} does not divide the model's {kv_heads} KV heads; allowed tp sizes: "
+            + ", ".join(str(d) for d in range(1, kv_heads + 1) if kv_heads % d == 0)
+        )
+    layers = hf_cfg.get("num_hidden_layers")
+    if layers and recipe.export.pp_size > layers:
+        raise UserError(f"export.pp_size = {recipe.export.pp_size} exceeds the model's {layers} layers")
+
+
+def data_input(role: str, path: Path) -> InputRecord:
+    if path.is_file():
+        files = [FileRecord(path=path.name, sha256=sha256_file(path), size=path.stat().st_size)]
+        return InputRecord(role=role, root=str(path.parent), files=files)
+    return InputRecord(role=role, root=str(path), files=hash_tree(path, skip=set()))

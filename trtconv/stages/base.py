@@ -1,0 +1,100 @@
+"""What every stage shares: the meter that times a stage and records its peak memory.
+
+A stage is a module with a small entry point (`run`) that takes its section of the recipe and the
+previous stage's result; the pipeline times each one with `StageMeter` and keeps the records, so
+no stage appends to a list it was handed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from trtconv.artifact.manifest import InputRecord, StageRecord
+from trtconv.cache.store import StageCache
+from trtconv.core.environment import DeviceInfo
+
+
+def _rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class StageMeter:
+    """Wall time, peak resident memory (sampled every 50 ms) and peak CUDA memory of one stage."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.peak_rss = 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            rss = _rss_mib()
+            if rss is not None:
+                self.peak_rss = max(self.peak_rss, rss)
+
+    def __enter__(self) -> StageMeter:
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.peak_rss = _rss_mib() or 0.0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self.wall_s = time.monotonic() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, _rss_mib() or 0.0)
+        self.peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+
+    def record(self, status: str = "ok", **details) -> StageRecord:
+        return StageRecord(
+            name=self.name,
+            status=status,
+            wall_s=round(self.wall_s, 3),
+            peak_rss_mib=round(self.peak_rss, 1),
+            peak_gpu_mib=round(self.peak_gpu, 1) if self.peak_gpu is not None else None,
+            details=details,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage cache as stages use it: key parts every stage shares, and restore with the reason of a miss
+
+
+def device_part(device: DeviceInfo) -> dict:
+    # Calibration numerics differ between CPU and GPU kernels, and between GPU generations.
+    return {"kind": device.kind, "name": device.name if device.kind == "cuda" else None, "sm": device.sm}
+
+
+def files_part(inputs: list[InputRecord]) -> list:
+    return sorted((rec.role, f.path, f.sha256) for rec in inputs for f in rec.files)
+
+
+def restore_entry(cache: StageCache, stage: str, key: str, dest: Path, reporter) -> dict | None:
+    """The entry's files copied into dest and its metadata, or None on a miss (reason reported).
+
+    `restore` checks sizes, then hashes while copying: the data is read once, and a corrupted
+    entry leaves nothing in dest.
+    """
+    if cache.restore(stage, key, dest) is None:
+        miss = cache.last_miss
+        if miss is not None and miss.kind != "absent":
+            reporter.warn(f"{stage}: cache entry not used ({miss.kind}: {miss.detail}); rebuilding")
+        return None
+    return cache.read_record(cache.entry_dir(stage, key))["meta"]

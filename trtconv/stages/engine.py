@@ -1,0 +1,47 @@
+"""Stage 4, engine: turn the export into what a TensorRT-LLM runtime loads (or say why not here).
+
+The target (`engine.target` in the recipe) decides: `tensorrt` builds engines with trtllm-build from
+the TensorRT-LLM checkpoint, `pytorch` writes validated LLM-API options for the unified HF
+checkpoint, `none` stops at the checkpoint. The work itself lives in trtconv.engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trtconv.artifact.manifest import StageRecord
+from trtconv.core.errors import UserError
+from trtconv.core.ui import Reporter
+from trtconv.recipe.schema import Recipe
+from trtconv.stages.base import StageMeter
+
+ENGINE_DIR = "engine"
+
+
+def run(recipe: Recipe, exported, root: Path, require: bool, reporter: Reporter) -> tuple[dict, StageRecord]:
+    """Build (or prepare) the recipe's engine target into root/engine; returns the record and the stage's meter record."""
+    if recipe.engine.target == "none":
+        return {"target": "none", "status": "skipped"}, StageRecord(name="engine", status="skipped", wall_s=0.0, details={"target": "none"})
+    from trtconv.engine.targets import build_tensorrt_engine, prepare_pytorch_target
+
+    with StageMeter("engine") as m:
+        if recipe.engine.target == "tensorrt":
+            reporter.stage("engine", "tensorrt: trtllm-build from the TensorRT-LLM checkpoint")
+            record = build_tensorrt_engine(exported.checkpoint_dir, root / ENGINE_DIR, recipe.engine.tensorrt, require=require)
+        else:
+            reporter.stage("engine", "pytorch: LLM-API options for the unified HF checkpoint")
+            record = prepare_pytorch_target(
+                exported.hf_checkpoint_dir,
+                root / ENGINE_DIR,
+                recipe.engine.pytorch,
+                tp_size=recipe.export.tp_size,
+                pp_size=recipe.export.pp_size,
+                require=require,
+            )
+    status = {"built": "ok", "not_built": "not_built", "failed": "failed"}[record.status]
+    reporter.stage("engine", f"{record.target}: {record.status}" + (f" ({record.reason})" if record.reason else ""))
+    if record.status == "failed":
+        raise UserError(f"engine build failed: {record.reason}")
+    return record.model_dump(mode="json"), m.record(status=status, target=record.target)
+
+

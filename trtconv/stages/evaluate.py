@@ -1,0 +1,314 @@
+"""Stage 5, evaluate: the original model against the artifact that ships, on held-out text; gated.
+
+The candidate is what ships: the built engine through TensorRT-LLM where that runs here, else the
+exported checkpoint read back from disk by trtconv's reference executor (export is where bugs
+live, so the gate judges files, not the in-memory model). `check_artifact` runs the same stage
+again on an artifact that already exists (`trtconv check`), re-reading every input from disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trtconv.artifact.manifest import InputRecord, Manifest, StageRecord, read_manifest
+from trtconv.artifact.writer import sha256_file
+from trtconv.cache.store import StageCache, stage_key, versions_for_key
+from trtconv.core.environment import DeviceInfo
+from trtconv.core.errors import ArtifactError
+from trtconv.core.ui import Reporter
+from trtconv.data.packs import pack_sha256
+from trtconv.gate.stats import gates_passed
+from trtconv.recipe.schema import Recipe
+from trtconv.stages.base import StageMeter, device_part, restore_entry
+
+
+@dataclass
+class EvalOutcome:
+    summary: dict
+    gates: list
+    record: dict  # what the manifest's `evaluation` section holds
+    stats: object  # evaluate.DocumentStats
+    weight_errors: list
+
+
+def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
+                        weight_errors: bool = True, artifact_root: Path | None = None,
+                        engine_record: dict | None = None) -> EvalOutcome:
+    """The original model (fresh from disk, float32) against the artifact, gated.
+
+    The candidate is the built engine through TensorRT-LLM's own API where that runs here (and the
+    engine was built with context logits); otherwise the checkpoint on disk through trtconv's
+    reference executor, with the reason recorded.
+    """
+    from trtconv.checkpoints.hf_model import load_hf_model
+    from trtconv.checkpoints.trtllm_reader import weight_quantization_errors
+    from trtconv.gate import stats as evaluate
+
+    baseline = load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
+    vocab = baseline.config.vocab_size
+    engine = None
+    if engine_record and engine_record.get("status") == "built" and artifact_root is not None:
+        from trtconv.engine.logits import engine_candidate
+
+        engine = engine_candidate(artifact_root, engine_record, vocab, tokenizer_dir=artifact_root / "tokenizer",
+                                  seq_len=recipe.evaluate.seq_len)
+        if not engine.available:
+            reporter.warn(f"evaluate: judging the checkpoint, not the engine: {engine.reason}")
+    try:
+        if engine is not None and engine.available:
+            candidate, kind = engine.fn, engine.description
+        else:
+            candidate, kind = candidate_logits(checkpoint_dir, device, vocab=vocab)
+
+        def baseline_logits(ids):
+            return baseline(input_ids=ids, use_cache=False).logits
+
+        n_batches = -(-len(tokens.rows) // recipe.evaluate.batch_size)
+        with reporter.progress("evaluation batches", total=n_batches) as advance:
+            stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, advance)
+        task_correct = score_task(recipe, model_dir, baseline_logits, candidate, device, reporter) if recipe.evaluate.multiple_choice else None
+    finally:
+        if engine is not None:
+            engine.close()
+    summary = evaluate.summarize(stats, recipe.evaluate.seed)
+    gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
+    # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
+    errors = weight_quantization_errors(checkpoint_dir, baseline.cpu()) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
+    worst_layers = sorted(errors, key=lambda x: -x[1])[:5]
+    record = {
+        **tokens.manifest_record(),
+        "candidate": kind,
+        "baseline": "original HF checkpoint (transformers, float32)",
+        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
+        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in worst_layers],
+    }
+    if engine is not None and not engine.available:
+        record["engine_fallback_reason"] = engine.reason
+    if task_correct is not None:
+        record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
+    report_gates(gates, reporter)
+    return EvalOutcome(summary, gates, record, stats, errors)
+
+
+def score_task(recipe: Recipe, model_dir: Path, baseline_logits, candidate, device: str, reporter: Reporter) -> dict:
+    """Per-item correctness of both models on the recipe's multiple-choice file."""
+    from trtconv.checkpoints.hf_model import load_tokenizer
+    from trtconv.gate.tasks import read_multiple_choice, score_multiple_choice
+
+    items = read_multiple_choice(recipe.evaluate.multiple_choice)
+    tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    reporter.stage("evaluate", f"multiple-choice task: {len(items)} items from {recipe.evaluate.multiple_choice}")
+    return {
+        "baseline": score_multiple_choice(items, tokenizer, baseline_logits, device, recipe.evaluate.seq_len),
+        "candidate": score_multiple_choice(items, tokenizer, candidate, device, recipe.evaluate.seq_len),
+    }
+
+
+def task_gates(recipe: Recipe, task_correct: dict | None, summary: dict) -> list:
+    """The task's summary goes into `summary["task"]`; its gate, if a threshold is set."""
+    if task_correct is None:
+        return []
+    from trtconv.gate.tasks import task_gate, task_summary
+
+    summary["task"] = task_summary(task_correct["baseline"], task_correct["candidate"], recipe.evaluate.seed)
+    threshold = recipe.evaluate.gates.max_task_accuracy_drop_pp
+    if threshold is None:
+        return []
+    return [task_gate(summary["task"], threshold, recipe.evaluate.allow_inconclusive)]
+
+
+def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
+    """The artifact as a function input_ids -> logits, and a description of what it is.
+
+    A folder with hf_quant_config.json or HF weights is ModelOpt's unified HF checkpoint (what the
+    pytorch target serves); one with rank{N}.safetensors is the TensorRT-LLM checkpoint.
+    """
+    if is_hf_checkpoint(checkpoint_dir):
+        from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
+
+        model = load_hf_checkpoint_model(checkpoint_dir, device=device)
+        description = "unified HF checkpoint via trtconv's reference executor (float32)"
+    else:
+        from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
+
+        model = load_checkpoint_model(checkpoint_dir, device=device)
+        description = "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"
+
+    def logits(ids):
+        # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
+        # multiple of 64; the padded ids are never real tokens, so compare over the real vocabulary.
+        return model.logits(ids)[..., :vocab]
+
+    return logits, description
+
+
+def is_hf_checkpoint(folder: Path) -> bool:
+    return not (folder / "rank0.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+def candidate_dir(recipe: Recipe, root: Path) -> Path:
+    """What ships is what the gate judges: the unified HF checkpoint when the pytorch target serves
+    it (or it is the only export), else the TensorRT-LLM checkpoint the engine is built from."""
+    if recipe.engine.target == "pytorch" or not recipe.export.tensorrt_llm_checkpoint:
+        return root / "hf_checkpoint"
+    return root / "checkpoint"
+
+
+
+def report_gates(gates, reporter: Reporter) -> None:
+    for g in gates:
+        lo = g.ci_low if g.ci_low is not None else float("nan")
+        hi = g.ci_high if g.ci_high is not None else float("nan")
+        reporter.stage("evaluate", f"{g.metric}: {g.value:.5g} [{lo:.5g}, {hi:.5g}] {g.comparator} {g.threshold:g} -> {g.verdict}")
+
+
+def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device: str, reporter: Reporter,
+        engine_record: dict | None = None) -> tuple[EvalOutcome, StageRecord]:
+    """The evaluate stage, its statistics reused from the cache under `key` when there; gates always recomputed."""
+    from trtconv.gate import stats as evaluate
+
+    scratch = writer.tmp.parent / f"{writer.tmp.name}.eval"
+    try:
+        cached = restore_evaluation(cache, key, scratch, reporter) if cache else None
+        if cached is not None:
+            stats, errors, meta = cached
+            reporter.stage("evaluate", f"statistics reused from the cache (key {key[:12]}, saves {meta['wall_s']:.1f} s); gates recomputed")
+            summary = evaluate.summarize(stats, recipe.evaluate.seed)
+            stored = meta["record"].get("task_correct")
+            task_correct = {k: np.asarray(v, dtype=bool) for k, v in stored.items()} if stored else None
+            gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
+            report_gates(gates, reporter)
+            record = StageRecord(name="evaluate", status="reused", wall_s=0.0, details={"cache_key": key, "candidate": meta["record"]["candidate"]})
+            return EvalOutcome(summary, gates, meta["record"], stats, errors), record
+        with StageMeter("evaluate") as m:
+            outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter,
+                                          artifact_root=writer.tmp, engine_record=engine_record)
+        if cache:
+            store_evaluation(cache, key, outcome.stats, outcome.weight_errors, {"record": outcome.record, "wall_s": m.wall_s},
+                                   scratch, reporter)
+        return outcome, m.record(candidate=outcome.record.get("candidate"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# `trtconv check`: the stage again, on an artifact that exists
+
+
+@dataclass
+class CheckResult:
+    artifact: Path
+    manifest: Manifest
+    outcome: EvalOutcome
+    passed: bool
+
+
+def _input(manifest: Manifest, role: str, artifact: Path) -> InputRecord:
+    for rec in manifest.inputs:
+        if rec.role == role:
+            return rec
+    raise ArtifactError(f"{artifact / 'manifest.json'} records no {role} input; it cannot be checked again")
+
+
+def _verified_path(rec: InputRecord, artifact: Path) -> Path:
+    """The input's location, after checking its files still hash to what the build recorded."""
+    root = Path(rec.root)
+    for f in rec.files:
+        p = root / f.path
+        if not p.is_file():
+            raise ArtifactError(f"{rec.role} file {p} (used to build {artifact}) is missing; restore it to check the artifact")
+        if sha256_file(p) != f.sha256:
+            raise ArtifactError(f"{rec.role} file {p} changed since {artifact} was built (sha256 differs from the manifest)")
+    if len(rec.files) == 1 and (root / rec.files[0].path).is_file() and rec.role.endswith("_data"):
+        return root / rec.files[0].path
+    return root
+
+
+def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Path | None = None):
+    from transformers import AutoTokenizer
+
+    from trtconv.data import samples
+    from trtconv.core.environment import detect_device
+    from trtconv.checkpoints.trtllm_format import validate_checkpoint
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    recipe = Recipe.model_validate(manifest.recipe)
+    model_dir = _verified_path(_input(manifest, "model", artifact), artifact)
+    eval_path = _verified_path(_input(manifest, "evaluation_data", artifact), artifact)
+    torch_device = "cuda" if detect_device(device).kind == "cuda" else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer")
+    tokens = samples.evaluation_rows(eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
+
+    results = []
+    for target in [artifact] + ([Path(against)] if against else []):
+        ckpt = candidate_dir(recipe, target)
+        if not (ckpt / "config.json").is_file():
+            raise ArtifactError(f"{target} has no checkpoint to check ({ckpt / 'config.json'} is missing)")
+        if not is_hf_checkpoint(ckpt):
+            validate_checkpoint(ckpt)
+        reporter.stage("check", f"{ckpt} against the original {model_dir}")
+        engine_record = read_manifest(target).engine if target != artifact else manifest.engine
+        outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter,
+                                      artifact_root=target, engine_record=engine_record)
+        passed = gates_passed(outcome.gates, recipe.evaluate.allow_inconclusive)
+        results.append(CheckResult(target, manifest, outcome, passed))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage cache: per-document statistics and weight errors, gates always recomputed
+
+EVALUATE_STAGE = "evaluate"
+STATS_FILE = "document_stats.safetensors"
+_STAT_FIELDS = ("n_tokens", "nll_baseline", "nll_candidate", "kl", "top1_agree", "token_kl")
+
+
+def evaluate_key(recipe: Recipe, upstream: str, eval_sha256: str, device: DeviceInfo, engine_files: list | None = None) -> str:
+    section = recipe.evaluate.model_dump(mode="json")
+    for not_an_input in ("gates", "allow_inconclusive", "enabled", "data", "multiple_choice"):
+        section.pop(not_an_input)
+    task = recipe.evaluate.multiple_choice
+    section["multiple_choice_sha256"] = pack_sha256(Path(task)) if task else None
+    return stage_key(
+        EVALUATE_STAGE,
+        {"export_key": upstream, "evaluate": section, "evaluation_data_sha256": eval_sha256,
+         "versions": versions_for_key(), "device": device_part(device), "engine_files": sorted(engine_files or [])},
+    )
+
+
+def store_evaluation(cache: StageCache, key: str, stats, weight_errors: list, meta: dict, scratch: Path, reporter) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from trtconv.cache.store import CacheError
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    save_file({name: torch.from_numpy(np.ascontiguousarray(getattr(stats, name))) for name in _STAT_FIELDS}, scratch / STATS_FILE)
+    try:
+        cache.put(EVALUATE_STAGE, key, scratch, {**meta, "weight_errors": weight_errors})
+    except CacheError as exc:
+        reporter.warn(f"not cached: {exc}")
+
+
+def restore_evaluation(cache: StageCache, key: str, scratch: Path, reporter):
+    """(DocumentStats, weight_errors, meta) from the cache, or None on a miss."""
+    from safetensors.torch import load_file
+
+    from trtconv.gate.stats import DocumentStats
+
+    meta = restore_entry(cache, EVALUATE_STAGE, key, scratch, reporter)
+    if meta is None:
+        return None
+    tensors = load_file(scratch / STATS_FILE)
+    stats = DocumentStats(**{name: tensors[name].numpy() for name in _STAT_FIELDS})
+    errors = [tuple(x) for x in meta.pop("weight_errors")]
+    return stats, errors, meta
+
+
