@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 OUT ?= out/default
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-unit test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ demo: setup
 test: setup
 	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure"; exit 1; fi; exit $$rc
+
+# Tiers (tests/README.md): unit (no ModelOpt export, seconds), contract (real ModelOpt exports of tiny
+# models), engine (through the TensorRT-LLM test double), e2e (the real CLI). `make test` runs them all.
+test-unit: setup
+	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)
 
 test-fast: setup
 	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)

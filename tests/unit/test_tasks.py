@@ -12,7 +12,7 @@ import torch
 from trtconv.gate import tasks
 from trtconv.core.errors import DataError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLOZE = REPO / "calibration_data" / "eval-cloze.jsonl"
 GOOD = {"id": "q1", "question": "Pick one", "choices": ["a", "b"], "answer": 1}
 
