@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trtconv.artifact.writer import MANIFEST_NAME, sha256_file
 from trtconv.core.errors import ArtifactError
+from trtconv.core.jsonio import read_json_object
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -121,10 +122,7 @@ def read_manifest(folder: Path) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{folder} is not a trtconv artifact: {MANIFEST_NAME} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: not readable JSON: {exc}") from None
+    data = read_json_object(path, "the artifact manifest", ArtifactError)
     try:
         return Manifest.model_validate(data)
     except Exception as exc:  # pydantic.ValidationError: report it as a damaged manifest

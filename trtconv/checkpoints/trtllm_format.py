@@ -22,13 +22,13 @@ The tensor tables were measured on what ModelOpt 0.47 ``export_tensorrt_llm_chec
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trtconv.core.errors import CheckpointError
+from trtconv.core.jsonio import read_json_object
 
 # --------------------------------------------------------------------------------------------
 # Supported values
@@ -189,13 +189,7 @@ class ModelShape:
 
 def read_json_file(path: Path, needed_because: str) -> dict:
     """A checkpoint's JSON file as a dict; CheckpointError (naming the file) if missing or not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; {needed_because}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    return read_json_object(path, "a checkpoint config", CheckpointError, missing=needed_because)
 
 
 def read_config(ckpt_dir: Path) -> dict:

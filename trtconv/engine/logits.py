@@ -33,7 +33,6 @@ TensorRT-LLM cannot produce the logits here. Close it (or use `with`) to shut th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,6 +46,7 @@ from trtconv.engine.pytorch import OPTIONS_FILE
 from trtconv.engine.record import NOT_INSTALLED_REASON, TrtllmInstall, probe_tensorrt_llm
 from trtconv.core.environment import DeviceInfo, detect_device
 from trtconv.core.errors import UserError
+from trtconv.core.jsonio import read_json_object
 
 ENGINE_DIR_NAME = "engine"
 HF_CHECKPOINT_DIR_NAME = "hf_checkpoint"
@@ -205,7 +205,7 @@ def _llm_kwargs_without_block_reuse(options: dict[str, Any]) -> dict[str, Any]:
 
 def _engine_build_config(engine_dir: Path) -> dict[str, Any]:
     # The engine's own config.json is what trtllm-build actually did; the recipe is only what was asked.
-    config = json.loads((engine_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(Path(engine_dir) / "config.json", "the engine config trtllm-build wrote", UserError)
     return config.get("build_config") or {}
 
 

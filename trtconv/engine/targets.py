@@ -12,7 +12,6 @@ This module is the public surface; the pieces live in trtconv.engine_* modules.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ from trtconv.engine.tensorrt import (
 )
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import ArtifactError, CheckpointError, RecipeError, UserError
+from trtconv.core.jsonio import read_json_object
 
 __all__ = [
     "EngineRecord",
@@ -120,13 +120,7 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "manifest.json"
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {out_dir} is not a trtconv artifact (run `trtconv build RECIPE -o {out_dir}` first)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} holds a {type(manifest).__name__}, expected a JSON object")
-    return manifest
+    return read_json_object(path, "the artifact manifest", ArtifactError)
 
 
 def _engine_section(out_dir: Path, recipe: dict[str, Any]) -> EngineSection:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trtconv.core.errors import CheckpointError
+from trtconv.core.jsonio import read_json_object
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import ExportSection, QuantizationSection
 from trtconv.core.ui import quiet_dependency
@@ -148,7 +149,7 @@ def export_trtllm(model, hf_config, architecture: str, section: ExportSection, q
             inference_pipeline_parallel=section.pp_size,
         )
     cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json_object(cfg_path, "the TensorRT-LLM checkpoint config ModelOpt wrote", CheckpointError)
     repairs = repair_trtllm_config(cfg, hf_config, architecture)
     check_quantization_section(cfg, quant, cfg_path)
     cfg_path.write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")

@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
+from trtconv.core.jsonio import read_json_object
 from trtconv.artifact.manifest import FileRecord, InputRecord
 from trtconv.precisions import SUPPORTED_ARCHITECTURES
 from trtconv.recipe.schema import ModelSection
@@ -66,13 +67,7 @@ def read_hf_config(model_dir: Path) -> dict:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{cfg_path}: not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{cfg_path}: expected a JSON object")
-    return cfg
+    return read_json_object(cfg_path, "a Hugging Face model config", ModelError)
 
 
 def check_architecture(cfg: dict, model_dir: Path) -> str:
