@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trtconv.artifact.writer import MANIFEST_NAME, sha256_file
+from trtconv.artifact.layout import MANIFEST_NAME, RUN_RECORDS
+from trtconv.artifact.writer import sha256_file
 from trtconv.core.errors import ArtifactError
 from trtconv.core.jsonio import read_json_object
 
@@ -97,11 +98,6 @@ def hash_tree(root: Path, skip: set[str] = UNHASHED) -> list[FileRecord]:
                 continue
             records.append(FileRecord(path=rel, sha256=sha256_file(p), size=p.stat().st_size))
     return records
-
-
-# Run records: listed and verified like every file, but left out of the digest, because they hold
-# wall times and dates that differ between two runs that produced the same artifact.
-RUN_RECORDS = {"report.md"}
 
 
 def artifact_digest(files: list[FileRecord]) -> str:

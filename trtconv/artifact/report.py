@@ -12,11 +12,9 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from trtconv.artifact.layout import KL_PLOT, PAYLOAD_DIRS, REPORT_NAME, WEIGHT_PLOT
 from trtconv.artifact.manifest import GateResult, Manifest
 
-REPORT_NAME = "report.md"
-WEIGHT_PLOT = "report_weight_error.png"
-KL_PLOT = "report_token_kl.png"
 WORST_K = 5
 
 
@@ -142,7 +140,7 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
 
 def _folder_sizes(root: Path) -> dict[str, int]:
     out = {}
-    for name in ("checkpoint", "hf_checkpoint", "engine", "tokenizer"):
+    for name in PAYLOAD_DIRS:
         d = root / name
         if d.is_dir():
             out[name] = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())

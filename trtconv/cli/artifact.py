@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from trtconv.artifact.layout import ENGINE_DIR
 from trtconv.cli.options import DeviceOpt, JsonOpt, JunitOpt, QuietOpt, RequireEngineOpt, fail
 from trtconv.core.errors import GateFailed, Interrupted, UserError
 
@@ -47,8 +48,8 @@ def inspect(
     if eng.get("sm"):
         line += f"; bound to SM {eng['sm']}, TensorRT-LLM {eng.get('tensorrt_llm_version')}, TensorRT {eng.get('tensorrt_version')}"
     c.print(f"  engine      {line}", markup=False)
-    if eng.get("status") == "built" and (Path(artifact) / "engine").is_dir():
-        c.print(f"  loads here  {_engine_loads_here(Path(artifact) / 'engine')}", markup=False)
+    if eng.get("status") == "built" and (Path(artifact) / ENGINE_DIR).is_dir():
+        c.print(f"  loads here  {_engine_loads_here(Path(artifact) / ENGINE_DIR)}", markup=False)
     c.print(f"  made        {m.created_utc} by trtconv {m.trtconv_version} on {m.device.get('name')} "
             f"({m.device.get('kind')}{', SM ' + m.device['sm'] if m.device.get('sm') else ''})", markup=False)
     v = m.versions

@@ -44,12 +44,11 @@ from trtconv.engine.plan import parse_version
 from trtconv.engine.stamp import check_engine_compatible, read_engine_stamp
 from trtconv.engine.pytorch import OPTIONS_FILE
 from trtconv.engine.record import NOT_INSTALLED_REASON, TrtllmInstall, probe_tensorrt_llm
+from trtconv.artifact.layout import ENGINE_DIR, HF_CHECKPOINT_DIR
 from trtconv.core.environment import DeviceInfo, detect_device
 from trtconv.core.errors import UserError
 from trtconv.core.jsonio import read_json_object
 
-ENGINE_DIR_NAME = "engine"
-HF_CHECKPOINT_DIR_NAME = "hf_checkpoint"
 PYTORCH_CONTEXT_LOGITS_MIN = (1, 1)  # ModelOpt: context logits on the PyTorch backend from 1.1.0rc2
 
 LogitsFn = Callable[..., torch.Tensor]
@@ -108,7 +107,7 @@ def engine_candidate(
     is checked against the engine's limits up front. device / install default to this machine.
     """
     artifact_root = Path(artifact_root)
-    engine_dir = artifact_root / ENGINE_DIR_NAME
+    engine_dir = artifact_root / ENGINE_DIR
     target = engine_record.get("target")
     why = _why_not_ready(engine_record, engine_dir)
     if why:
@@ -122,7 +121,7 @@ def engine_candidate(
         return unavailable(why)
     if target == "tensorrt":
         return _tensorrt_candidate(engine_dir, Path(tokenizer_dir), vocab, seq_len)
-    return _pytorch_candidate(engine_dir, artifact_root / HF_CHECKPOINT_DIR_NAME, vocab, seq_len, install)
+    return _pytorch_candidate(engine_dir, artifact_root / HF_CHECKPOINT_DIR, vocab, seq_len, install)
 
 
 def _why_not_ready(engine_record: dict[str, Any], engine_dir: Path) -> str | None:

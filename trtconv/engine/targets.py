@@ -29,6 +29,7 @@ from trtconv.engine.tensorrt import (
     trtllm_build_command,
     validate_engine_dir,
 )
+from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, HF_CHECKPOINT_DIR, MANIFEST_NAME
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import ArtifactError, CheckpointError, RecipeError, UserError
 from trtconv.core.jsonio import read_json_object
@@ -56,8 +57,6 @@ __all__ = [
     "validate_engine_dir",
 ]
 
-ENGINE_DIR_NAME = "engine"
-
 
 def rebuild_engine_for_artifact(
     out_dir: Path,
@@ -78,7 +77,7 @@ def rebuild_engine_for_artifact(
     manifest = _read_manifest(out_dir)
     if manifest.get("status") != "passed" and not force:
         raise UserError(
-            f"{out_dir / 'manifest.json'}: status is {manifest.get('status')!r}, not 'passed': the accuracy gate of this artifact "
+            f"{out_dir / MANIFEST_NAME}: status is {manifest.get('status')!r}, not 'passed': the accuracy gate of this artifact "
             "failed, so no engine is built from it. Pass --force to build one anyway"
         )
     recipe = manifest.get("recipe") or {}
@@ -86,17 +85,17 @@ def rebuild_engine_for_artifact(
     chosen = target or section.target
     if chosen == "none":
         raise UserError(
-            f"{out_dir / 'manifest.json'}: the recipe's engine.target is 'none', so there is nothing to build. "
+            f"{out_dir / MANIFEST_NAME}: the recipe's engine.target is 'none', so there is nothing to build. "
             "Pass a target (tensorrt or pytorch)"
         )
     tp_size, pp_size = _export_parallelism(recipe)
-    engine_dir = out_dir / ENGINE_DIR_NAME
+    engine_dir = out_dir / ENGINE_DIR
     if chosen == "tensorrt":
-        checkpoint_dir = out_dir / "checkpoint"
+        checkpoint_dir = out_dir / CHECKPOINT_DIR
         require_checkpoint_files(checkpoint_dir, tp_size=tp_size, pp_size=pp_size)
         return build_tensorrt_engine(checkpoint_dir, engine_dir, section.tensorrt, require=require, device=device, install=install)
     return prepare_pytorch_target(
-        out_dir / "hf_checkpoint", engine_dir, section.pytorch, tp_size=tp_size, pp_size=pp_size, require=require, device=device, install=install
+        out_dir / HF_CHECKPOINT_DIR, engine_dir, section.pytorch, tp_size=tp_size, pp_size=pp_size, require=require, device=device, install=install
     )
 
 
@@ -117,7 +116,7 @@ def require_checkpoint_files(checkpoint_dir: Path, *, tp_size: int, pp_size: int
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {out_dir} is not a trtconv artifact (run `trtconv build RECIPE -o {out_dir}` first)")
     return read_json_object(path, "the artifact manifest", ArtifactError)
@@ -128,7 +127,7 @@ def _engine_section(out_dir: Path, recipe: dict[str, Any]) -> EngineSection:
         return EngineSection.model_validate(recipe.get("engine") or {})
     except ValidationError as exc:
         problems = "; ".join(f"engine.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise RecipeError(f"{out_dir / 'manifest.json'}: the recorded recipe's engine section is not valid: {problems}") from exc
+        raise RecipeError(f"{out_dir / MANIFEST_NAME}: the recorded recipe's engine section is not valid: {problems}") from exc
 
 
 def _export_parallelism(recipe: dict[str, Any]) -> tuple[int, int]:

@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
 from trtconv.core.errors import CheckpointError
 from trtconv.core.jsonio import read_json_object
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import ExportSection, QuantizationSection
 from trtconv.core.ui import quiet_dependency
 
-CHECKPOINT_DIR = "checkpoint"
-HF_CHECKPOINT_DIR = "hf_checkpoint"
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
