@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from trtconv.recipe.engine import EngineSection, PyTorchBackendOptions, TensorRTEngineOptions
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import UserError
+from trtconv.precisions import QUANT_ALGO_MIN_SM, SM_FP4, SM_FP8
 
-# Minimum SM per precision. FP8 tensor cores arrive with Ada (8.9); FP4 with Blackwell (10.0).
-FP8_MIN_SM = 89
-NVFP4_MIN_SM = 100
-FP8_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "W4A8_AWQ"})
-NVFP4_ALGOS = frozenset({"NVFP4", "W4A8_NVFP4_FP8"})
+# Minimum SM per checkpoint algorithm comes from the precision registry (trtconv.precisions): FP8
+# tensor cores arrive with Ada (8.9), FP4 with Blackwell (10.0).
+FP8_MIN_SM = SM_FP8
+NVFP4_MIN_SM = SM_FP4
+FP8_ALGOS = frozenset(algo for algo, sm in QUANT_ALGO_MIN_SM.items() if sm == SM_FP8)
+NVFP4_ALGOS = frozenset(algo for algo, sm in QUANT_ALGO_MIN_SM.items() if sm == SM_FP4)
 # Checkpoints on which FP8 context FMHA does anything (TensorRT-LLM ignores the flag elsewhere).
 FP8_CONTEXT_FMHA_ALGOS = frozenset({"FP8", "NVFP4"})
 # FP8 context FMHA kernels exist for Ada (8.9) and Hopper (9.0) only, per TensorRT-LLM's docs.
@@ -66,12 +68,8 @@ def parse_version(version: str) -> tuple[int, int, int, bool]:
 
 def min_sm_for_precision(quant_algo: str | None, kv_cache_quant_algo: str | None = None) -> int | None:
     """Lowest SM (e.g. 89) that runs this checkpoint precision; None when any CUDA GPU does."""
-    algos = {quant_algo, kv_cache_quant_algo} - {None}
-    if algos & NVFP4_ALGOS:
-        return NVFP4_MIN_SM
-    if algos & FP8_ALGOS:
-        return FP8_MIN_SM
-    return None
+    needs = [QUANT_ALGO_MIN_SM[algo] for algo in (quant_algo, kv_cache_quant_algo) if algo in QUANT_ALGO_MIN_SM]
+    return max(needs, default=None)
 
 
 def check_precision_on_device(quant_algo: str | None, kv_cache_quant_algo: str | None, device: DeviceInfo | None) -> list[str]:

@@ -26,12 +26,13 @@ from trtconv.cache.store import StageCache, stage_key, versions_for_key
 from trtconv.data.packs import pack_sha256
 from trtconv.core.environment import DeviceInfo
 from trtconv.artifact.manifest import InputRecord
+from trtconv.gate.stats import STAT_FIELDS
 from trtconv.recipe.schema import Recipe
 
 EXPORT_STAGE = "export"
 EVALUATE_STAGE = "evaluate"
 STATS_FILE = "document_stats.safetensors"
-_STAT_FIELDS = ("n_tokens", "nll_baseline", "nll_candidate", "kl", "top1_agree", "token_kl")
+_STAT_FIELDS = STAT_FIELDS  # every DocumentStats array, so a new statistic is cached without a change here
 
 
 def _device_part(device: DeviceInfo) -> dict:

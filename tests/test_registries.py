@@ -1,0 +1,91 @@
+"""The registries agree with each other, with the recipe schema and with ModelOpt.
+
+Each product fact (a precision, a gate, an architecture, a quantization format, an engine target)
+has one row in one table; everything else derives from the tables. These tests catch a row added
+to one table but not to the ones that depend on it.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from trtconv.gate.gates import GATES
+from trtconv.precisions import KV_CACHE_FORMATS, OTHER_CHECKPOINT_ALGOS_MIN_SM, PRECISIONS, QUANT_ALGO_MIN_SM
+from trtconv.recipe.schema import EvaluateSection, GatesSection, QuantizationSection, Recipe
+
+
+def _literal_values(annotation) -> tuple:
+    args = typing.get_args(annotation)
+    return tuple(a for arg in args for a in (_literal_values(arg) if typing.get_args(arg) else (arg,)) if a is not type(None))
+
+
+# -- precisions and gates ---------------------------------------------------------------------------
+
+
+def test_recipe_literals_are_the_registry_keys():
+    assert _literal_values(QuantizationSection.model_fields["precision"].annotation) == tuple(PRECISIONS)
+    assert _literal_values(QuantizationSection.model_fields["kv_cache"].annotation) == tuple(KV_CACHE_FORMATS)
+
+
+def test_every_gate_has_a_default_in_every_precision():
+    for precision in PRECISIONS.values():
+        assert set(precision.default_gates) == set(GATES), precision.name
+
+
+def test_recipe_gate_fields_are_the_gate_table():
+    assert list(GatesSection.model_fields) == list(GATES)
+    assert EvaluateSection.model_fields["gates"].annotation is GatesSection
+    for key, gate in GATES.items():
+        field = GatesSection.model_fields[key]
+        assert field.description == gate.description
+        bounds = {type(m).__name__: m for m in field.metadata}
+        assert bounds["Ge"].ge == 0
+        assert ("Le" in bounds) == (gate.max_threshold is not None)
+
+
+def test_every_gate_judges_a_known_metric():
+    from trtconv.gate.stats import METRICS
+
+    task_metrics = {"accuracy_baseline", "accuracy_candidate", "accuracy_difference_pp", "accuracy_drop_pp"}  # gate.tasks.task_summary
+    for gate in GATES.values():
+        assert gate.comparator in ("<=", ">=")
+        known = METRICS if gate.source == "documents" else task_metrics
+        assert gate.metric in known, gate.key
+
+
+def test_resolved_recipe_takes_every_default_from_the_precision_row():
+    for name, precision in PRECISIONS.items():
+        data = {"name": "t", "model": {"reference": "llama-ref"}, "quantization": {"precision": name}}
+        plain = Recipe.model_validate(data).resolved().evaluate.gates
+        with_task = Recipe.model_validate({**data, "evaluate": {"multiple_choice": "/x.jsonl"}}).resolved().evaluate.gates
+        for key, gate in GATES.items():
+            assert getattr(with_task, key) == precision.default_gates[key]
+            assert getattr(plain, key) == (precision.default_gates[key] if gate.source == "documents" else None)
+
+
+def test_gpu_needs_are_written_once():
+    for precision in PRECISIONS.values():
+        if precision.quant_algo is not None:
+            assert QUANT_ALGO_MIN_SM.get(precision.quant_algo) == precision.min_sm, precision.name
+    for kv in KV_CACHE_FORMATS.values():
+        if kv.kv_cache_quant_algo is not None:
+            assert QUANT_ALGO_MIN_SM.get(kv.kv_cache_quant_algo) == kv.min_sm, kv.name
+    # the extra table only names algorithms no precision row makes
+    assert not set(OTHER_CHECKPOINT_ALGOS_MIN_SM) & {p.quant_algo for p in PRECISIONS.values()}
+
+
+def test_group_size_precisions_are_awq():
+    for precision in PRECISIONS.values():
+        assert precision.uses_group_size == ("AWQ" in (precision.quant_algo or "")), precision.name
+
+
+@pytest.mark.slow  # imports ModelOpt (seconds)
+def test_modelopt_presets_exist():
+    from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES, QUANT_CFG_CHOICES
+
+    for precision in PRECISIONS.values():
+        assert precision.modelopt_preset is None or precision.modelopt_preset in QUANT_CFG_CHOICES, precision.name
+    for kv in KV_CACHE_FORMATS.values():
+        assert kv.modelopt_preset is None or kv.modelopt_preset in KV_QUANT_CFG_CHOICES, kv.name
