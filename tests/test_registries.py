@@ -89,3 +89,36 @@ def test_modelopt_presets_exist():
         assert precision.modelopt_preset is None or precision.modelopt_preset in QUANT_CFG_CHOICES, precision.name
     for kv in KV_CACHE_FORMATS.values():
         assert kv.modelopt_preset is None or kv.modelopt_preset in KV_QUANT_CFG_CHOICES, kv.name
+
+
+# -- architectures ----------------------------------------------------------------------------------
+
+
+def test_architecture_names_are_unique():
+    from trtconv.architectures import ARCHITECTURES, HF_NAMES, TRTLLM_NAMES
+
+    assert len(set(TRTLLM_NAMES)) == len(TRTLLM_NAMES) == len(HF_NAMES)
+    assert len({a.family for a in ARCHITECTURES.values()}) == len(ARCHITECTURES)
+
+
+def test_architecture_rows_are_consistent():
+    from trtconv.architectures import ARCHITECTURES, ROPE_KINDS
+
+    for arch in ARCHITECTURES.values():
+        assert set(arch.rope_kinds) <= set(ROPE_KINDS), arch.hf_name
+        keys = [k.key for k in arch.trtllm_config_keys]
+        assert len(keys) == len(set(keys)), arch.hf_name
+        stated_bias = {k.key: k.value for k in arch.trtllm_config_keys}.get("attn_bias")
+        assert stated_bias in (None, arch.qkv_bias), arch.hf_name  # a fixed attn_bias must match the row
+
+
+def test_every_architecture_has_a_tiny_factory():
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories import TINY_ARCHS, tiny_config
+    from trtconv.architectures import ARCHITECTURES
+
+    assert set(TINY_ARCHS) == {a.family for a in ARCHITECTURES.values()}
+    for arch in ARCHITECTURES.values():
+        model = AutoModelForCausalLM.from_config(tiny_config(arch.family, num_hidden_layers=1))
+        assert type(model).__name__ == arch.hf_name

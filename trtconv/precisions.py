@@ -141,9 +141,6 @@ def _min_sm_by_algo() -> dict[str, int]:
 # Derived from the rows above, so a precision's GPU need is written once (its row).
 QUANT_ALGO_MIN_SM: dict[str, int] = _min_sm_by_algo()
 
-# Architectures the whole pipeline (export repair, validator, reference executor) supports.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
 
 def get_precision(name: str) -> Precision:
     from trtconv.core.errors import RecipeError

@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from trtconv.architectures import ARCHITECTURES, HF_NAMES, by_hf_name
 from trtconv.core.errors import CheckpointError
 from trtconv.checkpoints.trtllm_reader import (
     ActivationQuant,
@@ -48,7 +49,6 @@ from trtconv.checkpoints.trtllm_reader import (
     dequantize_linear_weight,
 )
 from trtconv.checkpoints.trtllm_format import (
-    ARCHITECTURES_WITH_QKV_BIAS,
     DEFAULT_AWQ_GROUP_SIZE,
     MODEL_DTYPES,
     SUPPORTED_KV_CACHE_QUANT_ALGOS,
@@ -57,7 +57,6 @@ from trtconv.checkpoints.trtllm_format import (
     read_json_file,
 )
 
-SUPPORTED_HF_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HF_QUANT_CONFIG = "hf_quant_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -87,12 +86,13 @@ def _read_json(path: Path) -> dict:
 def check_hf_architecture(config: dict, path: Path) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else config.get("model_type")
-    if arch not in SUPPORTED_HF_ARCHITECTURES:
+    row = by_hf_name(arch)
+    if row is None:
         raise CheckpointError(
             f"{path}: architecture {arch!r} is not supported by the reference executor; "
-            f"supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)}"
+            f"supported: {', '.join(HF_NAMES)}"
         )
-    if config.get("use_sliding_window"):
+    if config.get("use_sliding_window") and not row.sliding_window:
         raise CheckpointError(f"{path}: use_sliding_window is true; sliding-window attention is not emulated")
     return arch
 
@@ -202,7 +202,7 @@ def hf_model_shape(config: dict, arch: str, quant: HFQuantization, vocab_rows: i
         quant_algo=quant.quant_algo,
         kv_cache_quant_algo=quant.kv_cache_quant_algo,
         group_size=quant.group_size,
-        qkv_bias=arch in ARCHITECTURES_WITH_QKV_BIAS or bool(config.get("attention_bias")),
+        qkv_bias=ARCHITECTURES[arch].qkv_bias or bool(config.get("attention_bias")),
         use_parallel_embedding=False,
         embedding_sharding_dim=0,
         shares_embedding=bool(config.get("tie_word_embeddings")),
@@ -460,7 +460,7 @@ class _HFLoader:
     def layer(self, index: int) -> DecoderLayer:
         prefix = f"model.layers.{index}"
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-        qkv_bias = self.arch in ARCHITECTURES_WITH_QKV_BIAS or bool(self.config.get("attention_bias"))
+        qkv_bias = ARCHITECTURES[self.arch].qkv_bias or bool(self.config.get("attention_bias"))
         mlp_bias = bool(self.config.get("mlp_bias"))
         q, k, v = self._group([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], qkv_bias)
         (dense,) = self._group([f"{attn}.o_proj"], bool(self.config.get("attention_bias")))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtconv.architectures import TRTLLM_NAMES, by_trtllm_name
 from trtconv.core.errors import CheckpointError
 from trtconv.core.jsonio import read_json_object
 
@@ -34,12 +35,7 @@ from trtconv.core.jsonio import read_json_object
 # Supported values
 # --------------------------------------------------------------------------------------------
 
-# ModelOpt exports Mistral under the llama decoder, so both names are the same tensor layout.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-# Qwen2 always has a q/k/v bias; ModelOpt writes it as attention.qkv.bias although its config says
-# ``"bias": false`` (measured), so the architecture decides, not that key.
-ARCHITECTURES_WITH_QKV_BIAS: frozenset[str] = frozenset({"Qwen2ForCausalLM"})
+# Architectures: trtconv.architectures (TRTLLM_NAMES; each row's qkv_bias).
 
 SUPPORTED_QUANT_ALGOS: tuple[str | None, ...] = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ")
 SUPPORTED_KV_CACHE_QUANT_ALGOS: tuple[str | None, ...] = (None, "FP8")
@@ -199,10 +195,8 @@ def read_config(ckpt_dir: Path) -> dict:
 
 def check_architecture(config: dict, where: str = "config.json") -> str:
     arch = config.get("architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(
-            f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    if by_trtllm_name(arch) is None:
+        raise CheckpointError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(TRTLLM_NAMES)}")
     return arch
 
 
@@ -275,7 +269,7 @@ def model_shape(config: dict) -> ModelShape:
         quant_algo=algo,
         kv_cache_quant_algo=kv_algo,
         group_size=quant.get("group_size") or DEFAULT_AWQ_GROUP_SIZE,
-        qkv_bias=arch in ARCHITECTURES_WITH_QKV_BIAS or bool(config.get("attn_bias") or config.get("bias")),
+        qkv_bias=by_trtllm_name(arch).qkv_bias or bool(config.get("attn_bias") or config.get("bias")),
         use_parallel_embedding=bool(config.get("use_parallel_embedding", False)),
         embedding_sharding_dim=config.get("embedding_sharding_dim", 0),
         shares_embedding=bool(config.get("share_embedding_table") or config.get("tie_word_embeddings")),

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trtconv.architectures import ROPE_KINDS
 from trtconv.core.errors import CheckpointError
 from trtconv.checkpoints.trtllm_format import (
     LAYER_LINEARS,
@@ -228,7 +229,7 @@ def rope_inverse_frequencies(rotary_dim: int, base: float, scaling: dict | None)
         return _llama3_scaled(inv_freq, scaling)
     raise CheckpointError(
         f"config.json: rotary_scaling type {kind!r} is not supported by the reference executor; "
-        "supported: default, linear, llama3"
+        f"supported: {', '.join(ROPE_KINDS)}"
     )
 
 

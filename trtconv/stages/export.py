@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
+from trtconv.architectures import ARCHITECTURES
 from trtconv.core.errors import CheckpointError
 from trtconv.core.jsonio import read_json_object
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
@@ -98,13 +99,13 @@ def repair_trtllm_config(cfg: dict, hf_config, architecture: str) -> list[Repair
             put("rotary_base", float(theta), "ModelOpt's manual config drops rope_theta under transformers 5")
         if scaling is not None:
             put("rotary_scaling", scaling, "ModelOpt's manual config drops rope scaling under transformers 5")
-    if architecture == "Qwen2ForCausalLM":
-        put("qwen_type", "qwen2", "TensorRT-LLM's QWen model needs qwen_type to pick the Qwen2 layout")
-        put("attn_bias", True, "Qwen2 has q/k/v biases; TensorRT-LLM reads attn_bias")
-        put("mlp_bias", False, "Qwen2's MLP has no biases")
-    else:
-        put("attn_bias", bool(getattr(hf_config, "attention_bias", False)), "stated explicitly from the HF config")
-        put("mlp_bias", bool(getattr(hf_config, "mlp_bias", False)), "stated explicitly from the HF config")
+    row = ARCHITECTURES[architecture]
+    for extra in row.trtllm_config_keys:
+        put(extra.key, extra.value, extra.why)
+    written = {extra.key for extra in row.trtllm_config_keys}
+    for key, hf_key in (("attn_bias", "attention_bias"), ("mlp_bias", "mlp_bias")):
+        if key not in written:
+            put(key, bool(getattr(hf_config, hf_key, False)), "stated explicitly from the HF config")
     return repairs
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from trtconv.core.errors import ModelError
 from trtconv.core.jsonio import read_json_object
 from trtconv.artifact.manifest import FileRecord, InputRecord
-from trtconv.precisions import SUPPORTED_ARCHITECTURES
+from trtconv.architectures import HF_NAMES
 from trtconv.recipe.schema import ModelSection
 
 TOKENIZER_FILES = (
@@ -72,11 +72,11 @@ def read_hf_config(model_dir: Path) -> dict:
 
 def check_architecture(cfg: dict, model_dir: Path) -> str:
     archs = cfg.get("architectures") or []
-    supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+    supported = [a for a in archs if a in HF_NAMES]
     if not supported:
         raise ModelError(
             f"{model_dir / 'config.json'}: architecture {archs or cfg.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"supported: {', '.join(HF_NAMES)}"
         )
     return supported[0]
 
