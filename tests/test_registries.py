@@ -122,3 +122,34 @@ def test_every_architecture_has_a_tiny_factory():
     for arch in ARCHITECTURES.values():
         model = AutoModelForCausalLM.from_config(tiny_config(arch.family, num_hidden_layers=1))
         assert type(model).__name__ == arch.hf_name
+
+
+# -- quantization formats ---------------------------------------------------------------------------
+
+
+def test_every_precision_has_a_quant_format():
+    from trtconv.checkpoints.quant import QUANT_FORMATS
+
+    for precision in PRECISIONS.values():
+        assert precision.quant_algo in QUANT_FORMATS, precision.name
+        assert QUANT_FORMATS[precision.quant_algo].uses_groups == precision.uses_group_size, precision.name
+
+
+def test_quant_format_rows_are_complete():
+    from trtconv.checkpoints.quant import QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
+
+    assert SUPPORTED_QUANT_ALGOS[0] is None and set(SUPPORTED_QUANT_ALGOS) == set(QUANT_FORMATS)
+    for algo, fmt in QUANT_FORMATS.items():
+        assert "weight" in fmt.trtllm_tensors, algo
+        assert fmt.activation in (None, "fp8", "int8"), algo
+        needs_input_scale = fmt.activation is not None
+        assert ("activation_scaling_factor" in fmt.trtllm_tensors) == needs_input_scale, algo
+        assert ("input_scale" in fmt.hf_scales) == needs_input_scale, algo
+        if algo is not None:
+            assert fmt.dequantize is not None and fmt.hf_weight_dtypes and "weight_scale" in fmt.hf_scales, algo
+
+
+def test_kv_cache_formats_the_readers_accept_are_the_recipes():
+    from trtconv.checkpoints.trtllm_format import SUPPORTED_KV_CACHE_QUANT_ALGOS
+
+    assert set(SUPPORTED_KV_CACHE_QUANT_ALGOS) == {k.kv_cache_quant_algo for k in KV_CACHE_FORMATS.values()}

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from trtconv.architectures import TRTLLM_NAMES, by_trtllm_name
+from trtconv.checkpoints.quant import QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
 from trtconv.core.errors import CheckpointError
 from trtconv.core.jsonio import read_json_object
 
@@ -37,7 +37,6 @@ from trtconv.core.jsonio import read_json_object
 
 # Architectures: trtconv.architectures (TRTLLM_NAMES; each row's qkv_bias).
 
-SUPPORTED_QUANT_ALGOS: tuple[str | None, ...] = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ")
 SUPPORTED_KV_CACHE_QUANT_ALGOS: tuple[str | None, ...] = (None, "FP8")
 
 # config.json "dtype" -> safetensors dtype string of the unquantized tensors.
@@ -69,63 +68,7 @@ class TensorSpec:
     required: bool = True
 
 
-# --------------------------------------------------------------------------------------------
-# Per-precision tables for one linear layer
-# --------------------------------------------------------------------------------------------
-# Each entry: tensor suffix -> (dtype, shape rule). Shape rules get the rank-local (out, in) and the
-# AWQ group size. "model" as dtype means the checkpoint's own dtype (config "dtype").
-
-
-def _weight_shape(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out, inp)
-
-
-def _int4_packed_shape(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out // 2, inp)  # two int4 per byte along out
-
-
-def _per_tensor(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (1,)
-
-
-def _per_out_channel(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out,)
-
-
-def _per_in_channel(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (inp,)
-
-
-def _per_group(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out, inp // group)
-
-
-LINEAR_TENSORS: dict[str | None, dict[str, tuple[str, Any]]] = {
-    None: {"weight": ("model", _weight_shape)},
-    "FP8": {
-        "weight": ("F8_E4M3", _weight_shape),
-        "weights_scaling_factor": ("F32", _per_tensor),
-        "activation_scaling_factor": ("F32", _per_tensor),
-    },
-    "W8A8_SQ_PER_CHANNEL": {
-        "weight": ("I8", _weight_shape),
-        "weights_scaling_factor": ("F32", _per_out_channel),
-        "activation_scaling_factor": ("F32", _per_tensor),
-        "prequant_scaling_factor": ("model", _per_in_channel),
-    },
-    "W4A16_AWQ": {
-        "weight": ("I8", _int4_packed_shape),
-        "weights_scaling_factor": ("F32", _per_group),
-        "prequant_scaling_factor": ("model", _per_in_channel),
-    },
-    "W4A8_AWQ": {
-        "weight": ("I8", _int4_packed_shape),
-        "weights_scaling_factor": ("F32", _per_group),
-        "weights_scaling_factor_2": ("F32", _per_tensor),
-        "activation_scaling_factor": ("F32", _per_tensor),
-        "prequant_scaling_factor": ("model", _per_in_channel),
-    },
-}
+# The tensors of one linear per quant_algo: trtconv.checkpoints.quant (QuantFormat.trtllm_tensors).
 
 # KV cache scales live on the attention module. TensorRT-LLM reads kv_cache_scaling_factor (the max
 # of the k and v ones); ModelOpt also writes the separate k/v ones, which the loader merges.
@@ -331,7 +274,7 @@ def _resolve_dtype(dtype: str, shape: ModelShape) -> str:
 
 def linear_specs(shape: ModelShape, prefix: str, linear: str) -> list[TensorSpec]:
     out, inp = linear_local_dims(shape, linear)
-    table = LINEAR_TENSORS[shape.quant_algo]
+    table = QUANT_FORMATS[shape.quant_algo].trtllm_tensors
     specs = [
         TensorSpec(f"{prefix}.{suffix}", _resolve_dtype(dtype, shape), rule(out, inp, shape.group_size))
         for suffix, (dtype, rule) in table.items()
