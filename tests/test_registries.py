@@ -153,3 +153,53 @@ def test_kv_cache_formats_the_readers_accept_are_the_recipes():
     from trtconv.checkpoints.trtllm_format import SUPPORTED_KV_CACHE_QUANT_ALGOS
 
     assert set(SUPPORTED_KV_CACHE_QUANT_ALGOS) == {k.kv_cache_quant_algo for k in KV_CACHE_FORMATS.values()}
+
+
+# -- engine targets ---------------------------------------------------------------------------------
+
+# The test double that stands in for each target's TensorRT-LLM entry point (tests/doubles).
+TARGET_DOUBLES = {
+    "tensorrt": ("bin/trtllm-build", "tensorrt_llm/commands/build.py", "tensorrt_llm/_tensorrt_engine/__init__.py"),
+    "pytorch": ("tensorrt_llm/_double_llm.py", "tensorrt_llm/llmapi.py"),
+}
+
+
+def test_recipe_engine_section_is_the_target_table():
+    from pydantic import BaseModel
+
+    from trtconv.engine.record import EngineRecord
+    from trtconv.engine.targets import ENGINE_TARGETS, NO_ENGINE
+    from trtconv.recipe.engine import EngineSection
+    from trtconv.recipe.schema import ExportSection
+
+    assert _literal_values(EngineSection.model_fields["target"].annotation) == (NO_ENGINE, *ENGINE_TARGETS)
+    assert _literal_values(EngineRecord.model_fields["target"].annotation) == tuple(ENGINE_TARGETS)
+    for name, target in ENGINE_TARGETS.items():
+        assert issubclass(target.options_model, BaseModel)
+        assert EngineSection.model_fields[name].annotation is target.options_model
+        assert ExportSection.model_fields[target.source_export].annotation is bool
+        assert target.max_trtllm is None or target.max_trtllm >= target.min_trtllm
+
+
+def test_every_engine_target_has_a_double():
+    from pathlib import Path
+
+    from trtconv.engine.targets import ENGINE_TARGETS
+
+    doubles = Path(__file__).parent / "doubles"
+    assert set(TARGET_DOUBLES) == set(ENGINE_TARGETS)
+    for name, files in TARGET_DOUBLES.items():
+        for file in files:
+            assert (doubles / file).is_file(), f"{name}: {file}"
+
+
+def test_a_target_refuses_a_recipe_without_its_export():
+    from trtconv.core.errors import RecipeError
+    from trtconv.engine.targets import ENGINE_TARGETS
+    from trtconv.recipe.schema import validate_recipe_dict
+
+    for name, target in ENGINE_TARGETS.items():
+        data = {"name": "t", "model": {"reference": "llama-ref"}, "quantization": {"precision": "none"},
+                "engine": {"target": name}, "export": {"tensorrt_llm_checkpoint": True, "hf_checkpoint": True, target.source_export: False}}
+        with pytest.raises(RecipeError, match=f"set export.{target.source_export}: true"):
+            validate_recipe_dict(data, "r.yaml")

@@ -449,7 +449,7 @@ def run_engine_stage(recipe: Recipe, exported, root: Path, opts: BuildOptions, r
     if recipe.engine.target == "none":
         stages.append(StageRecord(name="engine", status="skipped", wall_s=0.0, details={"target": "none"}))
         return {"target": "none", "status": "skipped"}
-    from trtconv.engine.targets import build_tensorrt_engine, prepare_pytorch_target
+    from trtconv.engine.rebuild import build_tensorrt_engine, prepare_pytorch_target
 
     with StageMeter("engine") as m:
         if recipe.engine.target == "tensorrt":

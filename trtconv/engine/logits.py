@@ -45,6 +45,7 @@ from trtconv.engine.stamp import check_engine_compatible, read_engine_stamp
 from trtconv.engine.pytorch import OPTIONS_FILE
 from trtconv.engine.record import NOT_INSTALLED_REASON, TrtllmInstall, probe_tensorrt_llm
 from trtconv.artifact.layout import ENGINE_DIR, HF_CHECKPOINT_DIR
+from trtconv.engine.targets import ENGINE_TARGETS
 from trtconv.core.environment import DeviceInfo, detect_device
 from trtconv.core.errors import UserError
 from trtconv.core.jsonio import read_json_object
@@ -126,7 +127,7 @@ def engine_candidate(
 
 def _why_not_ready(engine_record: dict[str, Any], engine_dir: Path) -> str | None:
     target, status = engine_record.get("target"), engine_record.get("status")
-    if target not in ("tensorrt", "pytorch"):
+    if target not in ENGINE_TARGETS:
         return f"engine target is {target!r}: there is no TensorRT-LLM runtime to judge"
     if status != "built":
         detail = f" ({engine_record['reason']})" if engine_record.get("reason") else ""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from trtconv.recipe.engine import EngineSection, PyTorchBackendOptions, TensorRTEngineOptions
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import UserError
+from trtconv.engine.targets import ENGINE_TARGETS, NO_ENGINE
 from trtconv.precisions import QUANT_ALGO_MIN_SM, SM_FP4, SM_FP8
 
 # Minimum SM per checkpoint algorithm comes from the precision registry (trtconv.precisions): FP8
@@ -26,13 +27,10 @@ FP8_CONTEXT_FMHA_ALGOS = frozenset({"FP8", "NVFP4"})
 FP8_CONTEXT_FMHA_SMS = frozenset({89, 90})
 KV_CACHE_QUANT_ALGOS = frozenset({"FP8", "INT8", "NVFP4"})
 
-# The TensorRT engine backend ships in 1.0, 1.1 and 1.2. 1.3.0rc deprecated it and TensorRT-LLM main
-# removed trtllm-build in July 2026, so 1.3 is refused rather than half supported.
-TENSORRT_TARGET_MIN = (1, 0)
-TENSORRT_TARGET_MAX_MINOR = (1, 2)
-# 1.0 made the PyTorch backend the default `tensorrt_llm.LLM` and introduced the config objects the
-# options YAML uses (kv_cache_config, cuda_graph_config).
-PYTORCH_TARGET_MIN = (1, 0)
+# Supported TensorRT-LLM releases per target: trtconv.engine.targets.ENGINE_TARGETS (min/max_trtllm).
+TENSORRT_TARGET_MIN = ENGINE_TARGETS["tensorrt"].min_trtllm
+TENSORRT_TARGET_MAX_MINOR = ENGINE_TARGETS["tensorrt"].max_trtllm
+PYTORCH_TARGET_MIN = ENGINE_TARGETS["pytorch"].min_trtllm
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def check_engine_plan(
     `trtllm_version` None means TensorRT-LLM is not installed here: the plan is still checked, but
     version rules cannot be, and the stage will record the command instead of building.
     """
-    if section.target == "none":
+    if section.target == NO_ENGINE:
         return []
     warnings: list[str] = []
     _check_parallelism(tp_size, pp_size, num_kv_heads)
@@ -214,7 +212,7 @@ def _check_option_availability(section: EngineSection, trtllm_version: str | Non
     if trtllm_version is None:
         return []
     major, minor, _, _ = parse_version(trtllm_version)
-    options = section.tensorrt if section.target == "tensorrt" else section.pytorch
+    options = getattr(section, section.target)  # the target's options section (engine.<target>)
     for row in OPTION_AVAILABILITY:
         if row.target != section.target or row.option not in options.model_fields_set:
             continue

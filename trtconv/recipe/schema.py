@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from trtconv.recipe.engine import EngineSection
 from trtconv.core.errors import RecipeError
+from trtconv.engine.targets import ENGINE_TARGETS
 from trtconv.gate.gates import GATES
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS, TASK_ACCURACY_DROP_PP
 
@@ -139,10 +140,9 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _engine_needs_its_export(self) -> Recipe:
-        if self.engine.target == "tensorrt" and not self.export.tensorrt_llm_checkpoint:
-            raise ValueError("engine.target tensorrt builds from the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true")
-        if self.engine.target == "pytorch" and not self.export.hf_checkpoint:
-            raise ValueError("engine.target pytorch serves the unified HF checkpoint: set export.hf_checkpoint: true")
+        target = ENGINE_TARGETS.get(self.engine.target)
+        if target is not None and not getattr(self.export, target.source_export):
+            raise ValueError(f"engine.target {target.name} {target.source_why}: set export.{target.source_export}: true")
         return self
 
     def resolved(self) -> Recipe:
