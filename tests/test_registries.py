@@ -25,8 +25,12 @@ def _literal_values(annotation) -> tuple:
 
 
 def test_recipe_literals_are_the_registry_keys():
+    from trtconv.data.reference_models import REFERENCE_MODELS
+    from trtconv.recipe.schema import ModelSection
+
     assert _literal_values(QuantizationSection.model_fields["precision"].annotation) == tuple(PRECISIONS)
     assert _literal_values(QuantizationSection.model_fields["kv_cache"].annotation) == tuple(KV_CACHE_FORMATS)
+    assert _literal_values(ModelSection.model_fields["reference"].annotation) == tuple(REFERENCE_MODELS)
 
 
 def test_every_gate_has_a_default_in_every_precision():

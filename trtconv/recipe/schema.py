@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from trtconv.recipe.engine import EngineSection
 from trtconv.core.errors import RecipeError
+from trtconv.data.reference_models import REFERENCE_MODELS
 from trtconv.engine.targets import ENGINE_TARGETS
 from trtconv.gate.gates import GATES
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS, TASK_ACCURACY_DROP_PP
@@ -26,11 +27,12 @@ from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS, TASK_ACCURACY_DROP_
 SCHEMA_VERSION = 1
 # Default multiple-choice gate (kept under its old name; the value lives in trtconv.precisions).
 DEFAULT_TASK_ACCURACY_DROP_PP = TASK_ACCURACY_DROP_PP
-REFERENCE_MODEL_NAMES = ("llama-ref", "qwen2-ref")
+REFERENCE_MODEL_NAMES = tuple(REFERENCE_MODELS)  # the reference models trtconv trains (trtconv.data.reference_models)
 
 # The allowed names are the registries' keys, so the JSON Schema lists exactly what trtconv offers.
 PrecisionName = Literal[tuple(PRECISIONS)]
 KVCacheName = Literal[tuple(KV_CACHE_FORMATS)]
+ReferenceName = Literal[REFERENCE_MODEL_NAMES]
 
 
 class Strict(BaseModel):
@@ -41,7 +43,7 @@ class ModelSection(Strict):
     """Where the Hugging Face checkpoint comes from: exactly one of path, reference, hub_id."""
 
     path: str | None = Field(None, description="Local Hugging Face checkpoint folder (relative to the recipe file).")
-    reference: Literal["llama-ref", "qwen2-ref"] | None = Field(
+    reference: ReferenceName | None = Field(
         None, description="A reference model trtconv trains and caches on first use (offline, seeded)."
     )
     hub_id: str | None = Field(None, description="Hugging Face Hub model id (needs network unless cached).")
