@@ -41,7 +41,7 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 512):
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     """Config of a tiny model whose Linear dims are multiples of 128 (so AWQ group 128 applies)."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -62,7 +62,14 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
         return LlamaConfig(rope_parameters=dict(LLAMA3_ROPE), **common)
     if arch == "qwen2":
         return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
-    raise ValueError(f"unknown arch {arch!r}")
+    if arch == "mistral":
+        # No sliding window: the reference forward does not emulate one (trtconv.architectures).
+        return MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None, **common)
+    raise ValueError(f"unknown arch {arch!r}; known: {', '.join(TINY_ARCHS)}")
+
+
+# Every architecture family of trtconv.architectures has a tiny factory (tests/test_registries.py checks).
+TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
 def make_tiny_model(out_dir: Path, arch: str = "llama", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides) -> Path:

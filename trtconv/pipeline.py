@@ -29,8 +29,8 @@ from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import StageMeter
-from trtconv.stages.engine import ENGINE_DIR
 from trtconv.stages.load import check_lengths, check_parallelism, data_input, data_path
+from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
 
 
 @dataclass
@@ -195,7 +195,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         evaluation = outcome_eval.record if outcome_eval else {}
 
         passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
-        (writer.tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        (writer.tmp / RECIPE_NAME).write_text(recipe.to_yaml(), encoding="utf-8")
         manifest = Manifest(
             trtconv_version=__version__,
             command=opts.command,
@@ -271,8 +271,8 @@ def repro_check(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tok
     try:
         run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, second, device, reporter)
         differing, compared = [], 0
-        for first_file in sorted((writer.tmp / "checkpoint").glob("*.safetensors")):
-            with safe_open(first_file, "pt") as a, safe_open(second / "checkpoint" / first_file.name, "pt") as b:
+        for first_file in sorted((writer.tmp / CHECKPOINT_DIR).glob("*.safetensors")):
+            with safe_open(first_file, "pt") as a, safe_open(second / CHECKPOINT_DIR / first_file.name, "pt") as b:
                 for name in a.keys():
                     compared += 1
                     x, y = a.get_tensor(name), b.get_tensor(name)

@@ -7,14 +7,15 @@ shipped by default (see docs/accuracy.md for the measurements behind the thresho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+# GPU generations that bring the tensor cores a format needs (SM numbers, as DeviceInfo.sm_number).
+SM_FP8 = 89  # Ada (8.9) and Hopper (9.0): FP8 tensor cores
+SM_FP4 = 100  # Blackwell (10.0): FP4 tensor cores
 
-@dataclass(frozen=True)
-class DefaultGates:
-    max_ppl_increase_pct: float
-    max_kl: float
-    min_top1_agreement: float
+# The multiple-choice gate's shipped default: a candidate may lose at most this many accuracy points
+# (interval-based). It is the same for every precision: the task's items, not the format, set the noise.
+TASK_ACCURACY_DROP_PP = 3.0
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,10 @@ class Precision:
     modelopt_preset: str | None  # key of modelopt.recipe.presets.QUANT_CFG_CHOICES; None = no quantization
     quant_algo: str | None  # TensorRT-LLM checkpoint `quantization.quant_algo`
     description: str
+    # Shipped gate thresholds: gate key (trtconv.gate.gates.GATES) -> threshold; every gate has one.
+    default_gates: dict[str, float]
     min_sm: int | None = None  # lowest GPU SM that runs it (89 = Ada, 90 = Hopper); None = any
     uses_group_size: bool = False  # AWQ: weights quantized in groups along the input dim
-    gates: DefaultGates = field(default_factory=lambda: DefaultGates(1.0, 0.001, 0.99))
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -36,22 +38,37 @@ PRECISIONS: dict[str, Precision] = {
             None,
             None,
             "No quantization: the baseline build in the export dtype.",
-            gates=DefaultGates(max_ppl_increase_pct=1.0, max_kl=0.002, min_top1_agreement=0.98),
+            default_gates={
+                "max_ppl_increase_pct": 1.0,
+                "max_kl": 0.002,
+                "min_top1_agreement": 0.98,
+                "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
+            },
         ),
         Precision(
             "fp8",
             "fp8",
             "FP8",
             "FP8 (e4m3) weights and activations, per-tensor scales.",
-            min_sm=89,
-            gates=DefaultGates(max_ppl_increase_pct=3.0, max_kl=0.01, min_top1_agreement=0.93),
+            min_sm=SM_FP8,
+            default_gates={
+                "max_ppl_increase_pct": 3.0,
+                "max_kl": 0.01,
+                "min_top1_agreement": 0.93,
+                "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
+            },
         ),
         Precision(
             "int8_sq",
             "int8_smoothquant",
             "W8A8_SQ_PER_CHANNEL",
             "INT8 SmoothQuant: int8 weights (per channel) and activations (per tensor), smoothed.",
-            gates=DefaultGates(max_ppl_increase_pct=3.0, max_kl=0.01, min_top1_agreement=0.93),
+            default_gates={
+                "max_ppl_increase_pct": 3.0,
+                "max_kl": 0.01,
+                "min_top1_agreement": 0.93,
+                "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
+            },
         ),
         Precision(
             "int4_awq",
@@ -59,16 +76,26 @@ PRECISIONS: dict[str, Precision] = {
             "W4A16_AWQ",
             "INT4 AWQ: 4-bit weights in groups, 16-bit activations.",
             uses_group_size=True,
-            gates=DefaultGates(max_ppl_increase_pct=6.0, max_kl=0.02, min_top1_agreement=0.9),
+            default_gates={
+                "max_ppl_increase_pct": 6.0,
+                "max_kl": 0.02,
+                "min_top1_agreement": 0.9,
+                "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
+            },
         ),
         Precision(
             "w4a8_awq",
             "w4a8_awq_beta",
             "W4A8_AWQ",
             "INT4 AWQ weights with FP8 activations.",
-            min_sm=89,
+            min_sm=SM_FP8,
             uses_group_size=True,
-            gates=DefaultGates(max_ppl_increase_pct=6.0, max_kl=0.02, min_top1_agreement=0.9),
+            default_gates={
+                "max_ppl_increase_pct": 6.0,
+                "max_kl": 0.02,
+                "min_top1_agreement": 0.9,
+                "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
+            },
         ),
     )
 }
@@ -86,12 +113,33 @@ KV_CACHE_FORMATS: dict[str, KVCacheFormat] = {
     k.name: k
     for k in (
         KVCacheFormat("none", None, None),
-        KVCacheFormat("fp8", "fp8", "FP8", min_sm=89),
+        KVCacheFormat("fp8", "fp8", "FP8", min_sm=SM_FP8),
     )
 }
 
-# Architectures the whole pipeline (export repair, validator, reference executor) supports.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# quant_algos of TensorRT-LLM checkpoints that trtconv does not make but still checks when it builds
+# an engine from one (`trtconv engine` reads the checkpoint's own config), with the GPU each needs.
+OTHER_CHECKPOINT_ALGOS_MIN_SM: dict[str, int] = {
+    "FP8_PER_CHANNEL_PER_TOKEN": SM_FP8,
+    "FP8_BLOCK_SCALES": SM_FP8,
+    "NVFP4": SM_FP4,
+    "W4A8_NVFP4_FP8": SM_FP4,
+}
+
+
+def _min_sm_by_algo() -> dict[str, int]:
+    table = dict(OTHER_CHECKPOINT_ALGOS_MIN_SM)
+    rows = [(p.quant_algo, p.min_sm) for p in PRECISIONS.values()]
+    rows += [(k.kv_cache_quant_algo, k.min_sm) for k in KV_CACHE_FORMATS.values()]
+    for algo, sm in rows:
+        if algo is not None and sm is not None:
+            table[algo] = sm
+    return table
+
+
+# checkpoint quant_algo or kv_cache_quant_algo -> the lowest SM that runs it (absent: any CUDA GPU).
+# Derived from the rows above, so a precision's GPU need is written once (its row).
+QUANT_ALGO_MIN_SM: dict[str, int] = _min_sm_by_algo()
 
 
 def get_precision(name: str) -> Precision:

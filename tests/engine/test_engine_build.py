@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.doubles.conftest_double import no_trtllm, requires_real_tensorrt_llm, trtllm_double  # noqa: F401  (fixtures)
-from trtconv.engine.targets import (
+from trtconv.engine.rebuild import (
     NOT_INSTALLED_REASON,
     STAMP_NAME,
     EngineSection,

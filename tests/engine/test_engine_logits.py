@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.doubles.conftest_double import no_trtllm, trtllm_double  # noqa: F401  (fixtures)
-from trtconv.engine.targets import PyTorchBackendOptions, TensorRTEngineOptions, build_tensorrt_engine, prepare_pytorch_target, trtllm_build_command
+from trtconv.engine.rebuild import PyTorchBackendOptions, TensorRTEngineOptions, build_tensorrt_engine, prepare_pytorch_target, trtllm_build_command
 from trtconv.engine.logits import engine_candidate
 from trtconv.engine.record import TrtllmInstall
 from trtconv.core.environment import DeviceInfo

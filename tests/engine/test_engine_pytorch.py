@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.doubles.conftest_double import no_trtllm, trtllm_double  # noqa: F401  (fixtures)
-from trtconv.engine.targets import OPTIONS_FILE, STAMP_NAME, PyTorchBackendOptions, prepare_pytorch_target, rebuild_engine_for_artifact
+from trtconv.engine.rebuild import OPTIONS_FILE, STAMP_NAME, PyTorchBackendOptions, prepare_pytorch_target, rebuild_engine_for_artifact
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import EngineUnavailable
 

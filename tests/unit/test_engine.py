@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from trtconv.engine.targets import (
+from trtconv.engine.rebuild import (
     EngineSection,
     PyTorchBackendOptions,
     TensorRTEngineOptions,

@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trtconv.artifact.writer import MANIFEST_NAME, sha256_file
+from trtconv.artifact.layout import MANIFEST_NAME, RUN_RECORDS
+from trtconv.artifact.writer import sha256_file
 from trtconv.core.errors import ArtifactError
+from trtconv.core.jsonio import read_json_object
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -98,11 +100,6 @@ def hash_tree(root: Path, skip: set[str] = UNHASHED) -> list[FileRecord]:
     return records
 
 
-# Run records: listed and verified like every file, but left out of the digest, because they hold
-# wall times and dates that differ between two runs that produced the same artifact.
-RUN_RECORDS = {"report.md"}
-
-
 def artifact_digest(files: list[FileRecord]) -> str:
     """One hash CI can pin: sha256 over the sorted "path sha256" lines of the artifact's payload."""
     payload = [f for f in files if f.path not in RUN_RECORDS]
@@ -121,10 +118,7 @@ def read_manifest(folder: Path) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{folder} is not a trtconv artifact: {MANIFEST_NAME} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: not readable JSON: {exc}") from None
+    data = read_json_object(path, "the artifact manifest", ArtifactError)
     try:
         return Manifest.model_validate(data)
     except Exception as exc:  # pydantic.ValidationError: report it as a damaged manifest

@@ -12,12 +12,12 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from trtconv.artifact.layout import KL_PLOT, PAYLOAD_DIRS, REPORT_NAME, WEIGHT_PLOT
 from trtconv.artifact.manifest import GateResult, Manifest
+from trtconv.gate.gates import gates_from
 
-REPORT_NAME = "report.md"
-WEIGHT_PLOT = "report_weight_error.png"
-KL_PLOT = "report_token_kl.png"
 WORST_K = 5
+PPL_METRIC = "ppl_increase_pct"  # shown with both perplexities, not as a bare change
 
 
 def _fmt_ci(m: dict) -> str:
@@ -83,10 +83,10 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
             "",
             "| metric | original | artifact | change [95% CI] |",
             "|---|---|---|---|",
-            f"| perplexity | {m['ppl_baseline']['value']:.4f} | {m['ppl_candidate']['value']:.4f} | {_fmt_ci(m['ppl_increase_pct'])} % |",
-            f"| mean KL per token | – | – | {_fmt_ci(m['mean_kl'])} |",
-            f"| top-1 agreement | – | – | {_fmt_ci(m['top1_agreement'])} |",
+            f"| perplexity | {m['ppl_baseline']['value']:.4f} | {m['ppl_candidate']['value']:.4f} | {_fmt_ci(m[PPL_METRIC])} % |",
         ]
+        # One row per other document gate's metric (trtconv.gate.gates), so a new gate shows up here.
+        lines += [f"| {g.label} | – | – | {_fmt_ci(m[g.metric])} |" for g in gates_from("documents") if g.metric != PPL_METRIC and g.metric in m]
         if "task" in m:
             t = m["task"]
             lines.append(
@@ -142,7 +142,7 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
 
 def _folder_sizes(root: Path) -> dict[str, int]:
     out = {}
-    for name in ("checkpoint", "hf_checkpoint", "engine", "tokenizer"):
+    for name in PAYLOAD_DIRS:
         d = root / name
         if d.is_dir():
             out[name] = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from trtconv.artifact.layout import MANIFEST_NAME
 from trtconv.core.errors import ArtifactError
 
-MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 20
 
 

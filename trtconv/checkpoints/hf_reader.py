@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from trtconv.architectures import ARCHITECTURES, HF_NAMES, by_hf_name
 from trtconv.core.errors import CheckpointError
 from trtconv.checkpoints.trtllm_reader import (
     ActivationQuant,
@@ -45,31 +46,29 @@ from trtconv.checkpoints.trtllm_reader import (
     DecoderLayer,
     EmulatedLinear,
     activation_quant_for,
-    dequantize_linear_weight,
+)
+from trtconv.checkpoints.quant import (  # noqa: F401  (requantize_fp8 / w4a8_weight re-exported for callers)
+    QUANT_FORMATS,
+    SUPPORTED_QUANT_ALGOS,
+    requantize_fp8,
+    same_across_group,
+    w4a8_weight,
 )
 from trtconv.checkpoints.trtllm_format import (
-    ARCHITECTURES_WITH_QKV_BIAS,
     DEFAULT_AWQ_GROUP_SIZE,
     MODEL_DTYPES,
     SUPPORTED_KV_CACHE_QUANT_ALGOS,
-    SUPPORTED_QUANT_ALGOS,
     ModelShape,
     read_json_file,
 )
 
-SUPPORTED_HF_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HF_QUANT_CONFIG = "hf_quant_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default for Llama/Qwen2 when config.json has none
 
-# Stored weight dtype each quant_algo must have (a float weight there means the export went wrong).
-QUANTIZED_WEIGHT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
-    "FP8": (torch.float8_e4m3fn,),
-    "W8A8_SQ_PER_CHANNEL": (torch.int8,),
-    "W4A16_AWQ": (torch.uint8, torch.int8),
-    "W4A8_AWQ": (torch.uint8, torch.int8),
-}
+# Per quant_algo, the scales each linear must carry and the weight's stored dtype (a float weight
+# there means the export went wrong): trtconv.checkpoints.quant (QuantFormat.hf_scales / hf_weight_dtypes).
 TORCH_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 KVCacheScales = Literal["checkpoint", "unit"]
@@ -87,12 +86,13 @@ def _read_json(path: Path) -> dict:
 def check_hf_architecture(config: dict, path: Path) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else config.get("model_type")
-    if arch not in SUPPORTED_HF_ARCHITECTURES:
+    row = by_hf_name(arch)
+    if row is None:
         raise CheckpointError(
             f"{path}: architecture {arch!r} is not supported by the reference executor; "
-            f"supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)}"
+            f"supported: {', '.join(HF_NAMES)}"
         )
-    if config.get("use_sliding_window"):
+    if config.get("use_sliding_window") and not row.sliding_window:
         raise CheckpointError(f"{path}: use_sliding_window is true; sliding-window attention is not emulated")
     return arch
 
@@ -202,7 +202,7 @@ def hf_model_shape(config: dict, arch: str, quant: HFQuantization, vocab_rows: i
         quant_algo=quant.quant_algo,
         kv_cache_quant_algo=quant.kv_cache_quant_algo,
         group_size=quant.group_size,
-        qkv_bias=arch in ARCHITECTURES_WITH_QKV_BIAS or bool(config.get("attention_bias")),
+        qkv_bias=ARCHITECTURES[arch].qkv_bias or bool(config.get("attention_bias")),
         use_parallel_embedding=False,
         embedding_sharding_dim=0,
         shares_embedding=bool(config.get("tie_word_embeddings")),
@@ -302,26 +302,17 @@ class StoredLinear:
     bias: torch.Tensor | None
 
 
-# Which scale tensors each quant_algo must have on every quantized linear (pre_quant_scale is
-# optional: AWQ folds it into the norm for q/k/v and gate/up).
-REQUIRED_SCALES: dict[str, tuple[str, ...]] = {
-    "FP8": ("weight_scale", "input_scale"),
-    "W8A8_SQ_PER_CHANNEL": ("weight_scale", "input_scale"),
-    "W4A16_AWQ": ("weight_scale",),
-    "W4A8_AWQ": ("weight_scale", "weight_scale_2", "input_scale"),
-}
-
-
 def read_linear(files: HFTensors, quant: HFQuantization, prefix: str, has_bias: bool) -> StoredLinear:
     algo = None if quant.excludes(prefix) else quant.quant_algo
     get = lambda suffix: files.get_optional(f"{prefix}.{suffix}")  # noqa: E731
-    for suffix in REQUIRED_SCALES.get(algo, ()):
+    fmt = QUANT_FORMATS[algo]
+    for suffix in fmt.hf_scales:
         files.get(f"{prefix}.{suffix}")  # raises CheckpointError naming the file and the tensor
     weight = files.get(f"{prefix}.weight")
-    if algo is not None and weight.dtype not in QUANTIZED_WEIGHT_DTYPES[algo]:
+    if algo is not None and weight.dtype not in fmt.hf_weight_dtypes:
         raise CheckpointError(
             f"{files.source}: tensor {prefix}.weight is {weight.dtype}, but quant_algo {algo} "
-            f"stores {' or '.join(str(d) for d in QUANTIZED_WEIGHT_DTYPES[algo])}"
+            f"stores {' or '.join(str(d) for d in fmt.hf_weight_dtypes)}"
         )
     return StoredLinear(
         prefix=prefix,
@@ -335,68 +326,16 @@ def read_linear(files: HFTensors, quant: HFQuantization, prefix: str, has_bias: 
     )
 
 
-def requantize_fp8(weight: torch.Tensor, scale: torch.Tensor, group_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """TensorRT-LLM's fused FP8 load: FP8 -> model dtype, x own scale, / group max, -> FP8 (in that dtype)."""
-    rescaled = weight.to(dtype) * scale.to(dtype)
-    return (rescaled / group_scale.to(dtype)).to(torch.float8_e4m3fn)
-
-
-def w4a8_weight(stored: StoredLinear, weight_scale_2: torch.Tensor, group_size: int) -> torch.Tensor:
-    """int4 x float16(weight_scale / weight_scale_2) -> FP8, then x weight_scale_2 (the kernel's alpha)."""
-    kernel_scale = (stored.weight_scale.float() / weight_scale_2.float()).to(torch.float16).float()
-    fp8_weight = dequantize_linear_weight("W4A8_AWQ", stored.weight.view(torch.int8), kernel_scale, torch.ones(()), group_size)
-    return fp8_weight * weight_scale_2.float()
-
-
-def _check_group_size(stored: StoredLinear, group_size: int, where: Path) -> None:
-    inputs, groups = stored.weight.shape[1], stored.weight_scale.shape[-1]
-    if groups * group_size != inputs:
-        raise CheckpointError(
-            f"{where}: tensor {stored.prefix}.weight_scale has {groups} groups for {inputs} inputs, "
-            f"but group_size is {group_size}"
-        )
-
-
-def _same_across_group(group: list[StoredLinear], field: str, where: Path) -> torch.Tensor | None:
-    """A value a fused GEMM can hold once: present on all members or none, and equal."""
-    values = [getattr(s, field) for s in group]
-    if all(v is None for v in values):
-        return None
-    for member, value in zip(group, values):
-        if value is None or not torch.equal(value, values[0]):
-            raise CheckpointError(
-                f"{where}: {member.prefix}.{field} differs from {group[0].prefix}.{field} (or is missing), "
-                "but they are fused into one GEMM and must be equal"
-            )
-    return values[0]
-
-
 def dequantized_weights(group: list[StoredLinear], quant: HFQuantization, runtime_dtype: torch.dtype, where: Path) -> list[torch.Tensor]:
-    """Each member's weight as the fused GEMM sees it, float32 (out, in)."""
-    algo = group[0].algo
-    if algo is None:
-        return [s.weight.float() for s in group]
-    if algo == "FP8":
-        group_scale = torch.stack([s.weight_scale.float().reshape(()) for s in group]).max()
-        return [
-            dequantize_linear_weight("FP8", requantize_fp8(s.weight, s.weight_scale.float(), group_scale, runtime_dtype), group_scale, None, 0)
-            for s in group
-        ]
-    if algo == "W8A8_SQ_PER_CHANNEL":
-        return [dequantize_linear_weight(algo, s.weight, s.weight_scale.reshape(-1), None, 0) for s in group]
-    for s in group:
-        _check_group_size(s, quant.group_size, where)
-    if algo == "W4A16_AWQ":
-        return [dequantize_linear_weight(algo, s.weight.view(torch.int8), s.weight_scale, None, quant.group_size) for s in group]
-    weight_scale_2 = _same_across_group(group, "weight_scale_2", where)
-    return [w4a8_weight(s, weight_scale_2, quant.group_size) for s in group]
+    """Each member's weight as the fused GEMM sees it, float32 (out, in) (QuantFormat.hf_dequantize)."""
+    return QUANT_FORMATS[group[0].algo].hf_dequantize(group, quant.group_size, runtime_dtype, where)
 
 
 def group_activation_quant(group: list[StoredLinear], where: Path) -> ActivationQuant | None:
     """One activation quantizer per fused GEMM: the group's largest input_scale (W4A8: must be equal)."""
     algo = group[0].algo
-    if algo == "W4A8_AWQ":
-        _same_across_group(group, "input_scale", where)
+    for field in QUANT_FORMATS[algo].hf_equal_in_fused_group:
+        same_across_group(group, field, where)
     scales = [s.input_scale for s in group if s.input_scale is not None]
     scale = torch.stack([t.float().reshape(()) for t in scales]).max() if scales else None
     return activation_quant_for(algo, scale)
@@ -408,7 +347,7 @@ def fused_linears(group: list[StoredLinear], quant: HFQuantization, runtime_dtyp
         names = ", ".join(s.prefix for s in group)
         raise CheckpointError(f"{where}: exclude_modules quantizes only part of a fused group ({names})")
     act = group_activation_quant(group, where)
-    prequant = _same_across_group(group, "pre_quant_scale", where)
+    prequant = same_across_group(group, "pre_quant_scale", where)
     weights = dequantized_weights(group, quant, runtime_dtype, where)
     return [EmulatedLinear(w, s.bias, prequant, act) for w, s in zip(weights, group)]
 
@@ -460,7 +399,7 @@ class _HFLoader:
     def layer(self, index: int) -> DecoderLayer:
         prefix = f"model.layers.{index}"
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-        qkv_bias = self.arch in ARCHITECTURES_WITH_QKV_BIAS or bool(self.config.get("attention_bias"))
+        qkv_bias = ARCHITECTURES[self.arch].qkv_bias or bool(self.config.get("attention_bias"))
         mlp_bias = bool(self.config.get("mlp_bias"))
         q, k, v = self._group([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], qkv_bias)
         (dense,) = self._group([f"{attn}.o_proj"], bool(self.config.get("attention_bias")))

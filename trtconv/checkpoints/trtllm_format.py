@@ -22,26 +22,21 @@ The tensor tables were measured on what ModelOpt 0.47 ``export_tensorrt_llm_chec
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from trtconv.architectures import TRTLLM_NAMES, by_trtllm_name
+from trtconv.checkpoints.quant import QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
 from trtconv.core.errors import CheckpointError
+from trtconv.core.jsonio import read_json_object
 
 # --------------------------------------------------------------------------------------------
 # Supported values
 # --------------------------------------------------------------------------------------------
 
-# ModelOpt exports Mistral under the llama decoder, so both names are the same tensor layout.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Architectures: trtconv.architectures (TRTLLM_NAMES; each row's qkv_bias).
 
-# Qwen2 always has a q/k/v bias; ModelOpt writes it as attention.qkv.bias although its config says
-# ``"bias": false`` (measured), so the architecture decides, not that key.
-ARCHITECTURES_WITH_QKV_BIAS: frozenset[str] = frozenset({"Qwen2ForCausalLM"})
-
-SUPPORTED_QUANT_ALGOS: tuple[str | None, ...] = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ")
 SUPPORTED_KV_CACHE_QUANT_ALGOS: tuple[str | None, ...] = (None, "FP8")
 
 # config.json "dtype" -> safetensors dtype string of the unquantized tensors.
@@ -73,63 +68,7 @@ class TensorSpec:
     required: bool = True
 
 
-# --------------------------------------------------------------------------------------------
-# Per-precision tables for one linear layer
-# --------------------------------------------------------------------------------------------
-# Each entry: tensor suffix -> (dtype, shape rule). Shape rules get the rank-local (out, in) and the
-# AWQ group size. "model" as dtype means the checkpoint's own dtype (config "dtype").
-
-
-def _weight_shape(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out, inp)
-
-
-def _int4_packed_shape(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out // 2, inp)  # two int4 per byte along out
-
-
-def _per_tensor(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (1,)
-
-
-def _per_out_channel(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out,)
-
-
-def _per_in_channel(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (inp,)
-
-
-def _per_group(out: int, inp: int, group: int) -> tuple[int, ...]:
-    return (out, inp // group)
-
-
-LINEAR_TENSORS: dict[str | None, dict[str, tuple[str, Any]]] = {
-    None: {"weight": ("model", _weight_shape)},
-    "FP8": {
-        "weight": ("F8_E4M3", _weight_shape),
-        "weights_scaling_factor": ("F32", _per_tensor),
-        "activation_scaling_factor": ("F32", _per_tensor),
-    },
-    "W8A8_SQ_PER_CHANNEL": {
-        "weight": ("I8", _weight_shape),
-        "weights_scaling_factor": ("F32", _per_out_channel),
-        "activation_scaling_factor": ("F32", _per_tensor),
-        "prequant_scaling_factor": ("model", _per_in_channel),
-    },
-    "W4A16_AWQ": {
-        "weight": ("I8", _int4_packed_shape),
-        "weights_scaling_factor": ("F32", _per_group),
-        "prequant_scaling_factor": ("model", _per_in_channel),
-    },
-    "W4A8_AWQ": {
-        "weight": ("I8", _int4_packed_shape),
-        "weights_scaling_factor": ("F32", _per_group),
-        "weights_scaling_factor_2": ("F32", _per_tensor),
-        "activation_scaling_factor": ("F32", _per_tensor),
-        "prequant_scaling_factor": ("model", _per_in_channel),
-    },
-}
+# The tensors of one linear per quant_algo: trtconv.checkpoints.quant (QuantFormat.trtllm_tensors).
 
 # KV cache scales live on the attention module. TensorRT-LLM reads kv_cache_scaling_factor (the max
 # of the k and v ones); ModelOpt also writes the separate k/v ones, which the loader merges.
@@ -189,13 +128,7 @@ class ModelShape:
 
 def read_json_file(path: Path, needed_because: str) -> dict:
     """A checkpoint's JSON file as a dict; CheckpointError (naming the file) if missing or not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; {needed_because}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    return read_json_object(path, "a checkpoint config", CheckpointError, missing=needed_because)
 
 
 def read_config(ckpt_dir: Path) -> dict:
@@ -205,10 +138,8 @@ def read_config(ckpt_dir: Path) -> dict:
 
 def check_architecture(config: dict, where: str = "config.json") -> str:
     arch = config.get("architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(
-            f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    if by_trtllm_name(arch) is None:
+        raise CheckpointError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(TRTLLM_NAMES)}")
     return arch
 
 
@@ -281,7 +212,7 @@ def model_shape(config: dict) -> ModelShape:
         quant_algo=algo,
         kv_cache_quant_algo=kv_algo,
         group_size=quant.get("group_size") or DEFAULT_AWQ_GROUP_SIZE,
-        qkv_bias=arch in ARCHITECTURES_WITH_QKV_BIAS or bool(config.get("attn_bias") or config.get("bias")),
+        qkv_bias=by_trtllm_name(arch).qkv_bias or bool(config.get("attn_bias") or config.get("bias")),
         use_parallel_embedding=bool(config.get("use_parallel_embedding", False)),
         embedding_sharding_dim=config.get("embedding_sharding_dim", 0),
         shares_embedding=bool(config.get("share_embedding_table") or config.get("tie_word_embeddings")),
@@ -343,7 +274,7 @@ def _resolve_dtype(dtype: str, shape: ModelShape) -> str:
 
 def linear_specs(shape: ModelShape, prefix: str, linear: str) -> list[TensorSpec]:
     out, inp = linear_local_dims(shape, linear)
-    table = LINEAR_TENSORS[shape.quant_algo]
+    table = QUANT_FORMATS[shape.quant_algo].trtllm_tensors
     specs = [
         TensorSpec(f"{prefix}.{suffix}", _resolve_dtype(dtype, shape), rule(out, inp, shape.group_size))
         for suffix, (dtype, rule) in table.items()

@@ -25,6 +25,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trtconv.architectures import ROPE_KINDS
+from trtconv.checkpoints.quant import (  # noqa: F401  (numerics re-exported: tests and callers import them from here)
+    FP8_E4M3_MAX,
+    INT8_MAX,
+    INT8_MIN,
+    QUANT_FORMATS,
+    dequantize_linear_weight,
+    fp8_round_trip,
+    int8_round_trip,
+    unpack_int4_rows,
+)
 from trtconv.core.errors import CheckpointError
 from trtconv.checkpoints.trtllm_format import (
     LAYER_LINEARS,
@@ -36,24 +47,11 @@ from trtconv.checkpoints.trtllm_format import (
 )
 
 DEFAULT_ROTARY_BASE = 10000.0  # TensorRT-LLM's default when config.json has no rotary_base
-FP8_E4M3_MAX = 448.0
-INT8_MIN, INT8_MAX = -128, 127
 
 
 # --------------------------------------------------------------------------------------------
-# Quantization emulation
+# Quantization emulation (the numerics and the per-format table: trtconv.checkpoints.quant)
 # --------------------------------------------------------------------------------------------
-
-
-def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x quantized to FP8 e4m3 with a per-tensor scale (saturating, as the kernels do), back in x's dtype."""
-    q = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * scale).to(x.dtype)
-
-
-def int8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    q = torch.round(x.float() / scale).clamp(INT8_MIN, INT8_MAX)
-    return (q * scale).to(x.dtype)
 
 
 @dataclass
@@ -70,57 +68,14 @@ class ActivationQuant:
         return ActivationQuant(self.kind, self.scale.to(device))
 
 
-# Which activation format each quant_algo runs its GEMM inputs in (W4A16 keeps them unquantized).
-ACTIVATION_FORMAT: dict[str | None, str | None] = {
-    None: None,
-    "FP8": "fp8",
-    "W8A8_SQ_PER_CHANNEL": "int8",
-    "W4A16_AWQ": None,
-    "W4A8_AWQ": "fp8",
-}
-
-
 def activation_quant_for(algo: str | None, scale: torch.Tensor | None) -> ActivationQuant | None:
-    kind = ACTIVATION_FORMAT[algo]
+    """The quantizer of a GEMM's input: the format's activation kind (QuantFormat.activation)."""
+    kind = QUANT_FORMATS[algo].activation
     if kind is None:
         return None
     if scale is None:
         raise CheckpointError(f"quant_algo {algo}: a linear has no activation_scaling_factor")
     return ActivationQuant(kind, scale.float())
-
-
-def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
-    """(out/2, in) int8 bytes -> (out, in) signed int4 values: low nibble = even output row."""
-    as_int = packed.to(torch.int16)
-    low = ((as_int & 0x0F) ^ 0x08) - 0x08  # sign-extend a nibble
-    high = (((as_int >> 4) & 0x0F) ^ 0x08) - 0x08
-    return torch.stack((low, high), dim=1).reshape(-1, packed.shape[1]).float()
-
-
-def dequantize_linear_weight(
-    algo: str | None,
-    weight: torch.Tensor,
-    weights_scaling_factor: torch.Tensor | None,
-    weights_scaling_factor_2: torch.Tensor | None,
-    group_size: int,
-) -> torch.Tensor:
-    """A linear's stored weight -> float32 (out, in), as the engine's GEMM sees it."""
-    if algo is None:
-        return weight.float()
-    if weights_scaling_factor is None:
-        raise CheckpointError(f"quant_algo {algo}: a linear has no weights_scaling_factor")
-    wsf = weights_scaling_factor.float()
-    if algo == "FP8":
-        return weight.float() * wsf
-    if algo == "W8A8_SQ_PER_CHANNEL":
-        return weight.float() * wsf[:, None]  # per output channel
-    # W4A16_AWQ / W4A8_AWQ: one scale per (output row, group of `group_size` inputs).
-    dequantized = unpack_int4_rows(weight) * wsf.repeat_interleave(group_size, dim=1)
-    if algo == "W4A8_AWQ":
-        # The W4A8 kernel turns int4*scale into FP8 with the per-tensor weights_scaling_factor_2
-        # and restores it in alpha: that FP8 rounding is part of what the engine computes.
-        dequantized = fp8_round_trip(dequantized, weights_scaling_factor_2.float())
-    return dequantized
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +183,7 @@ def rope_inverse_frequencies(rotary_dim: int, base: float, scaling: dict | None)
         return _llama3_scaled(inv_freq, scaling)
     raise CheckpointError(
         f"config.json: rotary_scaling type {kind!r} is not supported by the reference executor; "
-        "supported: default, linear, llama3"
+        f"supported: {', '.join(ROPE_KINDS)}"
     )
 
 

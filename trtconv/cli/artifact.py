@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from trtconv.artifact.layout import ENGINE_DIR
+from trtconv.engine.targets import ENGINE_TARGETS, target_names
 from trtconv.cli.options import DeviceOpt, JsonOpt, JunitOpt, QuietOpt, RequireEngineOpt, fail
 from trtconv.core.errors import GateFailed, Interrupted, UserError
 
@@ -47,8 +49,8 @@ def inspect(
     if eng.get("sm"):
         line += f"; bound to SM {eng['sm']}, TensorRT-LLM {eng.get('tensorrt_llm_version')}, TensorRT {eng.get('tensorrt_version')}"
     c.print(f"  engine      {line}", markup=False)
-    if eng.get("status") == "built" and (Path(artifact) / "engine").is_dir():
-        c.print(f"  loads here  {_engine_loads_here(Path(artifact) / 'engine')}", markup=False)
+    if eng.get("status") == "built" and (Path(artifact) / ENGINE_DIR).is_dir():
+        c.print(f"  loads here  {_engine_loads_here(Path(artifact) / ENGINE_DIR)}", markup=False)
     c.print(f"  made        {m.created_utc} by trtconv {m.trtconv_version} on {m.device.get('name')} "
             f"({m.device.get('kind')}{', SM ' + m.device['sm'] if m.device.get('sm') else ''})", markup=False)
     v = m.versions
@@ -134,7 +136,7 @@ def check(
 
 def _engine_loads_here(engine_dir: Path) -> str:
     """Engines are bound to the GPU SM and the TensorRT / TensorRT-LLM that built them."""
-    from trtconv.engine.targets import check_engine_compatible
+    from trtconv.engine.rebuild import check_engine_compatible
     from trtconv.core.environment import detect_device, package_versions
 
     try:
@@ -182,19 +184,19 @@ def verify(
 
 def engine(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by trtconv build/calibrate.")],
-    target: Annotated[Optional[str], typer.Option("--target", help="tensorrt or pytorch; default: the recipe's engine.target.")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help=f"{target_names()}; default: the recipe's engine.target.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Build even though the artifact's accuracy gate failed.")] = False,
     require_engine: RequireEngineOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
     """(Re)build the engine of an existing artifact, e.g. on the GPU after a CPU job made the checkpoint."""
-    from trtconv.engine.targets import rebuild_engine_for_artifact
+    from trtconv.engine.rebuild import rebuild_engine_for_artifact
     from trtconv.artifact.manifest import artifact_digest, hash_tree, read_manifest, write_manifest
     from trtconv.core.ui import Reporter
 
     reporter = Reporter(json_mode=json_mode)
-    if target not in (None, "tensorrt", "pytorch"):
-        fail(UserError(f"--target {target!r}: allowed: tensorrt, pytorch"), json_mode)
+    if target is not None and target not in ENGINE_TARGETS:
+        fail(UserError(f"--target {target!r}: allowed: {target_names(', ')}"), json_mode)
     try:
         manifest = read_manifest(artifact)
         record = rebuild_engine_for_artifact(artifact, force=force, require=require_engine, target=target)

@@ -12,6 +12,7 @@ from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitO
                                  ReproOpt, RequireEngineOpt, SetOpt, fail)
 from trtconv.cli.render import print_result
 from trtconv.core.errors import GateFailed, Interrupted, UserError
+from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 
 
 def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
@@ -71,9 +72,9 @@ def build(
 
 def calibrate(
     model: Annotated[Path, typer.Option("--model", help="Local Hugging Face checkpoint folder.")],
-    precision: Annotated[str, typer.Option("--precision", help="none, fp8, int8_sq, int4_awq, w4a8_awq.")],
+    precision: Annotated[str, typer.Option("--precision", help=", ".join(PRECISIONS) + ".")],
     output: OutOpt,
-    kv_cache: Annotated[str, typer.Option("--kv-cache", help="none or fp8.")] = "none",
+    kv_cache: Annotated[str, typer.Option("--kv-cache", help=" or ".join(KV_CACHE_FORMATS) + ".")] = "none",
     data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: built-in pack.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,

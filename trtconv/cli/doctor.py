@@ -91,14 +91,15 @@ def _recipe_checks(recipe_ref, device, trtllm_version, check_engine_plan, check_
 
 def _kv_heads(recipe) -> int:
     """The model's KV heads without loading (or training) it; tp_size itself where it can't be known yet."""
-    import json
+    from trtconv.core.errors import ModelError
+    from trtconv.core.jsonio import read_json_object
 
     if recipe.model.reference:
         from trtconv.data.reference_models import get_spec
 
         return get_spec(recipe.model.reference).num_key_value_heads
     if recipe.model.path and (Path(recipe.model.path) / "config.json").is_file():
-        cfg = json.loads((Path(recipe.model.path) / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json_object(Path(recipe.model.path) / "config.json", "a Hugging Face model config", ModelError)
         return cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or recipe.export.tp_size
     return recipe.export.tp_size  # a Hub model: checked when build loads its config
 

@@ -33,7 +33,6 @@ TensorRT-LLM cannot produce the logits here. Close it (or use `with`) to shut th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,11 +44,12 @@ from trtconv.engine.plan import parse_version
 from trtconv.engine.stamp import check_engine_compatible, read_engine_stamp
 from trtconv.engine.pytorch import OPTIONS_FILE
 from trtconv.engine.record import NOT_INSTALLED_REASON, TrtllmInstall, probe_tensorrt_llm
+from trtconv.artifact.layout import ENGINE_DIR, HF_CHECKPOINT_DIR
+from trtconv.engine.targets import ENGINE_TARGETS
 from trtconv.core.environment import DeviceInfo, detect_device
 from trtconv.core.errors import UserError
+from trtconv.core.jsonio import read_json_object
 
-ENGINE_DIR_NAME = "engine"
-HF_CHECKPOINT_DIR_NAME = "hf_checkpoint"
 PYTORCH_CONTEXT_LOGITS_MIN = (1, 1)  # ModelOpt: context logits on the PyTorch backend from 1.1.0rc2
 
 LogitsFn = Callable[..., torch.Tensor]
@@ -108,7 +108,7 @@ def engine_candidate(
     is checked against the engine's limits up front. device / install default to this machine.
     """
     artifact_root = Path(artifact_root)
-    engine_dir = artifact_root / ENGINE_DIR_NAME
+    engine_dir = artifact_root / ENGINE_DIR
     target = engine_record.get("target")
     why = _why_not_ready(engine_record, engine_dir)
     if why:
@@ -122,12 +122,12 @@ def engine_candidate(
         return unavailable(why)
     if target == "tensorrt":
         return _tensorrt_candidate(engine_dir, Path(tokenizer_dir), vocab, seq_len)
-    return _pytorch_candidate(engine_dir, artifact_root / HF_CHECKPOINT_DIR_NAME, vocab, seq_len, install)
+    return _pytorch_candidate(engine_dir, artifact_root / HF_CHECKPOINT_DIR, vocab, seq_len, install)
 
 
 def _why_not_ready(engine_record: dict[str, Any], engine_dir: Path) -> str | None:
     target, status = engine_record.get("target"), engine_record.get("status")
-    if target not in ("tensorrt", "pytorch"):
+    if target not in ENGINE_TARGETS:
         return f"engine target is {target!r}: there is no TensorRT-LLM runtime to judge"
     if status != "built":
         detail = f" ({engine_record['reason']})" if engine_record.get("reason") else ""
@@ -205,7 +205,7 @@ def _llm_kwargs_without_block_reuse(options: dict[str, Any]) -> dict[str, Any]:
 
 def _engine_build_config(engine_dir: Path) -> dict[str, Any]:
     # The engine's own config.json is what trtllm-build actually did; the recipe is only what was asked.
-    config = json.loads((engine_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(Path(engine_dir) / "config.json", "the engine config trtllm-build wrote", UserError)
     return config.get("build_config") or {}
 
 

@@ -14,29 +14,28 @@ from trtconv.recipe.engine import EngineSection, PyTorchBackendOptions, TensorRT
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import UserError
 from trtconv.core.ui import Reporter
-from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+from trtconv.engine.targets import ENGINE_TARGETS, NO_ENGINE
+from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS, QUANT_ALGO_MIN_SM, SM_FP4, SM_FP8
 
 if TYPE_CHECKING:
     from trtconv.recipe.schema import Recipe
 
-# Minimum SM per precision. FP8 tensor cores arrive with Ada (8.9); FP4 with Blackwell (10.0).
-FP8_MIN_SM = 89
-NVFP4_MIN_SM = 100
-FP8_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "W4A8_AWQ"})
-NVFP4_ALGOS = frozenset({"NVFP4", "W4A8_NVFP4_FP8"})
+# Minimum SM per checkpoint algorithm comes from the precision registry (trtconv.precisions): FP8
+# tensor cores arrive with Ada (8.9), FP4 with Blackwell (10.0).
+FP8_MIN_SM = SM_FP8
+NVFP4_MIN_SM = SM_FP4
+FP8_ALGOS = frozenset(algo for algo, sm in QUANT_ALGO_MIN_SM.items() if sm == SM_FP8)
+NVFP4_ALGOS = frozenset(algo for algo, sm in QUANT_ALGO_MIN_SM.items() if sm == SM_FP4)
 # Checkpoints on which FP8 context FMHA does anything (TensorRT-LLM ignores the flag elsewhere).
 FP8_CONTEXT_FMHA_ALGOS = frozenset({"FP8", "NVFP4"})
 # FP8 context FMHA kernels exist for Ada (8.9) and Hopper (9.0) only, per TensorRT-LLM's docs.
 FP8_CONTEXT_FMHA_SMS = frozenset({89, 90})
 KV_CACHE_QUANT_ALGOS = frozenset({"FP8", "INT8", "NVFP4"})
 
-# The TensorRT engine backend ships in 1.0, 1.1 and 1.2. 1.3.0rc deprecated it and TensorRT-LLM main
-# removed trtllm-build in July 2026, so 1.3 is refused rather than half supported.
-TENSORRT_TARGET_MIN = (1, 0)
-TENSORRT_TARGET_MAX_MINOR = (1, 2)
-# 1.0 made the PyTorch backend the default `tensorrt_llm.LLM` and introduced the config objects the
-# options YAML uses (kv_cache_config, cuda_graph_config).
-PYTORCH_TARGET_MIN = (1, 0)
+# Supported TensorRT-LLM releases per target: trtconv.engine.targets.ENGINE_TARGETS (min/max_trtllm).
+TENSORRT_TARGET_MIN = ENGINE_TARGETS["tensorrt"].min_trtllm
+TENSORRT_TARGET_MAX_MINOR = ENGINE_TARGETS["tensorrt"].max_trtllm
+PYTORCH_TARGET_MIN = ENGINE_TARGETS["pytorch"].min_trtllm
 
 
 @dataclass(frozen=True)
@@ -72,12 +71,8 @@ def parse_version(version: str) -> tuple[int, int, int, bool]:
 
 def min_sm_for_precision(quant_algo: str | None, kv_cache_quant_algo: str | None = None) -> int | None:
     """Lowest SM (e.g. 89) that runs this checkpoint precision; None when any CUDA GPU does."""
-    algos = {quant_algo, kv_cache_quant_algo} - {None}
-    if algos & NVFP4_ALGOS:
-        return NVFP4_MIN_SM
-    if algos & FP8_ALGOS:
-        return FP8_MIN_SM
-    return None
+    needs = [QUANT_ALGO_MIN_SM[algo] for algo in (quant_algo, kv_cache_quant_algo) if algo in QUANT_ALGO_MIN_SM]
+    return max(needs, default=None)
 
 
 def check_precision_on_device(quant_algo: str | None, kv_cache_quant_algo: str | None, device: DeviceInfo | None) -> list[str]:
@@ -117,7 +112,7 @@ def check_engine_plan(
     `trtllm_version` None means TensorRT-LLM is not installed here: the plan is still checked, but
     version rules cannot be, and the stage will record the command instead of building.
     """
-    if section.target == "none":
+    if section.target == NO_ENGINE:
         return []
     warnings: list[str] = []
     _check_parallelism(tp_size, pp_size, num_kv_heads)
@@ -222,7 +217,7 @@ def _check_option_availability(section: EngineSection, trtllm_version: str | Non
     if trtllm_version is None:
         return []
     major, minor, _, _ = parse_version(trtllm_version)
-    options = section.tensorrt if section.target == "tensorrt" else section.pytorch
+    options = getattr(section, section.target)  # the target's options section (engine.<target>)
     for row in OPTION_AVAILABILITY:
         if row.target != section.target or row.option not in options.model_fields_set:
             continue

@@ -36,6 +36,7 @@ from trtconv.engine.record import (
 from trtconv.engine.smoke import SMOKE_PREFIX
 from trtconv.core.environment import DeviceInfo, detect_device
 from trtconv.core.errors import CheckpointError
+from trtconv.core.jsonio import read_json_object
 
 OPTIONS_FILE = "llm_api_options.yaml"
 SMOKE_FILE = "smoke.json"
@@ -145,14 +146,14 @@ def hf_checkpoint_precision(hf_checkpoint_dir: Path) -> tuple[str | None, str | 
     path = Path(hf_checkpoint_dir) / "hf_quant_config.json"
     if not path.is_file():
         return None, None
-    quantization = json.loads(path.read_text(encoding="utf-8")).get("quantization") or {}
+    quantization = read_json_object(path, "the unified HF checkpoint's quantization config", CheckpointError).get("quantization") or {}
     return quantization.get("quant_algo"), quantization.get("kv_cache_quant_algo")
 
 
 def _plan_warnings(
     hf_dir: Path, options: PyTorchBackendOptions, *, tp_size: int, pp_size: int, device: DeviceInfo, install: TrtllmInstall
 ) -> list[str]:
-    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(hf_dir / "config.json", "the unified HF checkpoint's model config", CheckpointError)
     quant_algo, kv_algo = hf_checkpoint_precision(hf_dir)
     return check_engine_plan(
         EngineSection(target="pytorch", pytorch=options),

@@ -16,6 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trtconv.core.errors import EngineUnavailable
+from trtconv.engine.targets import ENGINE_TARGETS
+
+BuiltTarget = Literal[tuple(ENGINE_TARGETS)]  # the engine.target values that produce something
 
 NOT_INSTALLED_REASON = "not built: tensorrt_llm is not installed"
 
@@ -25,7 +28,7 @@ class EngineRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    target: Literal["tensorrt", "pytorch"] = Field(description="Which engine target ran.")
+    target: BuiltTarget = Field(description="Which engine target ran.")
     status: Literal["built", "not_built", "failed"] = Field(description="built, not_built (could not run here) or failed.")
     reason: str | None = Field(None, description="Why it was not built or failed; null when built.")
     command: list[str] = Field(default_factory=list, description="The exact command that ran, or would have run (argument list).")

@@ -16,6 +16,7 @@ from typing import Any
 
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import UserError
+from trtconv.core.jsonio import read_json_object
 
 STAMP_NAME = "trtconv-engine.json"
 STAMP_FORMAT = 1
@@ -49,10 +50,7 @@ def read_engine_stamp(engine_dir: Path) -> dict[str, Any]:
     path = Path(engine_dir) / STAMP_NAME
     if not path.is_file():
         raise UserError(f"{path} is missing: this engine folder was not built by trtconv, so where it may run is unknown. Rebuild it with `trtconv engine`")
-    try:
-        stamp = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); rebuild the engine with `trtconv engine`") from exc
+    stamp = read_json_object(path, "the engine's build stamp", UserError, hint="rebuild the engine with `trtconv engine`")
     if stamp.get("format") != STAMP_FORMAT:
         raise UserError(f"{path}: format {stamp.get('format')!r} is not one this trtconv reads (expects {STAMP_FORMAT})")
     return stamp

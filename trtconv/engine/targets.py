@@ -1,142 +1,70 @@
-"""The engine stage: turn an export into what a TensorRT-LLM runtime loads.
+"""The engine targets trtconv offers: one explicit table, read by everything that names a target.
 
-Targets (recipe `engine.target`):
-- `tensorrt`: TensorRT engines from the TensorRT-LLM checkpoint, by `trtllm-build` (1.0-1.2 only),
-  see trtconv.engine.tensorrt;
-- `pytorch`: the unified HF checkpoint + a validated LLM-API options YAML for TensorRT-LLM's
-  PyTorch backend (1.0 and later), see trtconv.engine.pytorch;
-- `none`: stop at the checkpoint.
+A target turns the export into what a TensorRT-LLM runtime loads. Its row says which export it
+starts from (the recipe flag that must be on, and the artifact folder it reads), its options model
+(the recipe's `engine.<name>` section), and the TensorRT-LLM releases it supports. The recipe's
+`engine.target` choices and options fields, the recipe's export check, the engine record, the plan
+checks and the CLI's `--target` read this table; the work itself is done by trtconv.engine.tensorrt
+and trtconv.engine.pytorch (dispatched in trtconv.engine.rebuild and the pipeline).
 
-This module is the public surface; the pieces live in trtconv.engine_* modules.
+This module is plain data on purpose: the recipe schema imports it, so it imports only the
+options models and the artifact layout, never the engine code.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
 
-from pydantic import ValidationError
+from pydantic import BaseModel
 
-from trtconv.engine.plan import check_engine_plan, check_precision_on_device, min_sm_for_precision
-from trtconv.recipe.engine import EngineSection, PyTorchBackendOptions, TensorRTEngineOptions
-from trtconv.engine.stamp import STAMP_NAME, check_engine_compatible, read_engine_stamp
-from trtconv.engine.pytorch import OPTIONS_FILE, llm_api_options, prepare_pytorch_target
-from trtconv.engine.record import NOT_INSTALLED_REASON, EngineRecord, TrtllmInstall, probe_tensorrt_llm
-from trtconv.engine.tensorrt import (
-    build_tensorrt_engine,
-    checkpoint_world_size,
-    read_checkpoint_config,
-    trtllm_build_command,
-    validate_engine_dir,
-)
-from trtconv.core.environment import DeviceInfo
-from trtconv.core.errors import ArtifactError, CheckpointError, RecipeError, UserError
+from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR
+from trtconv.recipe.engine_options import PyTorchBackendOptions, TensorRTEngineOptions
 
-__all__ = [
-    "EngineRecord",
-    "EngineSection",
-    "NOT_INSTALLED_REASON",
-    "OPTIONS_FILE",
-    "PyTorchBackendOptions",
-    "STAMP_NAME",
-    "TensorRTEngineOptions",
-    "TrtllmInstall",
-    "build_tensorrt_engine",
-    "check_engine_compatible",
-    "check_engine_plan",
-    "check_precision_on_device",
-    "llm_api_options",
-    "min_sm_for_precision",
-    "prepare_pytorch_target",
-    "probe_tensorrt_llm",
-    "read_engine_stamp",
-    "rebuild_engine_for_artifact",
-    "trtllm_build_command",
-    "validate_engine_dir",
-]
-
-ENGINE_DIR_NAME = "engine"
+NO_ENGINE = "none"  # engine.target value that stops at the checkpoint
 
 
-def rebuild_engine_for_artifact(
-    out_dir: Path,
-    *,
-    force: bool,
-    require: bool,
-    target: Literal["tensorrt", "pytorch"] | None = None,
-    device: DeviceInfo | None = None,
-    install: TrtllmInstall | None = None,
-) -> EngineRecord:
-    """`trtconv engine OUT`: (re)build OUT/engine/ from an existing artifact, atomically.
+@dataclass(frozen=True)
+class EngineTarget:
+    name: str  # engine.target value, and the name of its options section (engine.<name>)
+    description: str  # what it makes (the recipe's help for engine.target)
+    source_export: str  # the ExportSection flag that must be true: the export it starts from
+    source_dir: str  # the artifact folder that export is written to
+    source_why: str  # how it uses that export, for the error when the flag is off
+    options_model: type[BaseModel]
+    min_trtllm: tuple[int, int]  # oldest TensorRT-LLM (major, minor) it supports
+    max_trtllm: tuple[int, int] | None = None  # newest (major, minor) it supports; None = no upper bound
 
-    Reads OUT/manifest.json; refuses an artifact whose accuracy gate failed unless `force`. The
-    target and its options come from the recipe recorded in the manifest (`target` overrides the
-    target only). Returns the record; updating the manifest is the caller's job.
-    """
-    out_dir = Path(out_dir)
-    manifest = _read_manifest(out_dir)
-    if manifest.get("status") != "passed" and not force:
-        raise UserError(
-            f"{out_dir / 'manifest.json'}: status is {manifest.get('status')!r}, not 'passed': the accuracy gate of this artifact "
-            "failed, so no engine is built from it. Pass --force to build one anyway"
-        )
-    recipe = manifest.get("recipe") or {}
-    section = _engine_section(out_dir, recipe)
-    chosen = target or section.target
-    if chosen == "none":
-        raise UserError(
-            f"{out_dir / 'manifest.json'}: the recipe's engine.target is 'none', so there is nothing to build. "
-            "Pass a target (tensorrt or pytorch)"
-        )
-    tp_size, pp_size = _export_parallelism(recipe)
-    engine_dir = out_dir / ENGINE_DIR_NAME
-    if chosen == "tensorrt":
-        checkpoint_dir = out_dir / "checkpoint"
-        require_checkpoint_files(checkpoint_dir, tp_size=tp_size, pp_size=pp_size)
-        return build_tensorrt_engine(checkpoint_dir, engine_dir, section.tensorrt, require=require, device=device, install=install)
-    return prepare_pytorch_target(
-        out_dir / "hf_checkpoint", engine_dir, section.pytorch, tp_size=tp_size, pp_size=pp_size, require=require, device=device, install=install
+
+ENGINE_TARGETS: dict[str, EngineTarget] = {
+    t.name: t
+    for t in (
+        # The TensorRT engine backend ships in 1.0, 1.1 and 1.2. 1.3.0rc deprecated it and TensorRT-LLM
+        # main removed trtllm-build in July 2026, so 1.3 is refused rather than half supported.
+        EngineTarget(
+            "tensorrt",
+            "TensorRT engines through trtllm-build (TensorRT-LLM 1.0-1.2 only)",
+            source_export="tensorrt_llm_checkpoint",
+            source_dir=CHECKPOINT_DIR,
+            source_why="builds from the TensorRT-LLM checkpoint",
+            options_model=TensorRTEngineOptions,
+            min_trtllm=(1, 0),
+            max_trtllm=(1, 2),
+        ),
+        # 1.0 made the PyTorch backend the default `tensorrt_llm.LLM` and introduced the config objects
+        # the options YAML uses (kv_cache_config, cuda_graph_config).
+        EngineTarget(
+            "pytorch",
+            "the unified HF checkpoint + a validated LLM-API options YAML for TensorRT-LLM's PyTorch backend (1.0 and later)",
+            source_export="hf_checkpoint",
+            source_dir=HF_CHECKPOINT_DIR,
+            source_why="serves the unified HF checkpoint",
+            options_model=PyTorchBackendOptions,
+            min_trtllm=(1, 0),
+        ),
     )
+}
 
 
-def require_checkpoint_files(checkpoint_dir: Path, *, tp_size: int, pp_size: int) -> None:
-    """A clear error, before any GPU work, when the TensorRT-LLM checkpoint is incomplete."""
-    config = read_checkpoint_config(checkpoint_dir)
-    world_size = checkpoint_world_size(config)
-    if world_size != tp_size * pp_size:
-        raise CheckpointError(
-            f"{checkpoint_dir / 'config.json'}: mapping.world_size is {world_size}, but the recipe's export has "
-            f"tp_size={tp_size} x pp_size={pp_size} = {tp_size * pp_size}"
-        )
-    for rank in range(world_size):
-        path = checkpoint_dir / f"rank{rank}.safetensors"
-        if not path.is_file() or path.stat().st_size == 0:
-            state = "is missing" if not path.is_file() else "is empty"
-            raise CheckpointError(f"{path} {state}: a world_size {world_size} checkpoint needs rank0..rank{world_size - 1}.safetensors")
-
-
-def _read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / "manifest.json"
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing: {out_dir} is not a trtconv artifact (run `trtconv build RECIPE -o {out_dir}` first)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} holds a {type(manifest).__name__}, expected a JSON object")
-    return manifest
-
-
-def _engine_section(out_dir: Path, recipe: dict[str, Any]) -> EngineSection:
-    try:
-        return EngineSection.model_validate(recipe.get("engine") or {})
-    except ValidationError as exc:
-        problems = "; ".join(f"engine.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise RecipeError(f"{out_dir / 'manifest.json'}: the recorded recipe's engine section is not valid: {problems}") from exc
-
-
-def _export_parallelism(recipe: dict[str, Any]) -> tuple[int, int]:
-    export = recipe.get("export") or {}
-    return int(export.get("tp_size") or 1), int(export.get("pp_size") or 1)
+def target_names(joiner: str = " or ") -> str:
+    """The target names for help texts and errors ("tensorrt or pytorch")."""
+    return joiner.join(ENGINE_TARGETS)

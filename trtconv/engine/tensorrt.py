@@ -15,7 +15,6 @@ TensorRT-LLM whose defaults moved.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -40,6 +39,7 @@ from trtconv.engine.record import (
 )
 from trtconv.core.environment import DeviceInfo, detect_device
 from trtconv.core.errors import CheckpointError
+from trtconv.core.jsonio import read_json_object
 
 TRTLLM_BUILD = "trtllm-build"
 ENGINE_CONFIG_KEYS = frozenset({"version", "pretrained_config", "build_config"})
@@ -90,10 +90,7 @@ def read_checkpoint_config(checkpoint_dir: Path) -> dict[str, Any]:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a TensorRT-LLM checkpoint is a folder with config.json and rank{{N}}.safetensors")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json_object(path, "the TensorRT-LLM checkpoint config", CheckpointError)
 
 
 def checkpoint_world_size(config: dict[str, Any]) -> int:
@@ -228,12 +225,9 @@ def validate_engine_dir(engine_dir: Path, *, expected_world_size: int | None = N
     config_path = Path(engine_dir) / "config.json"
     if not config_path.is_file():
         raise EngineDirInvalid(f"{config_path.name} is missing from the engine folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EngineDirInvalid(f"the engine config.json is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict) or set(config) != ENGINE_CONFIG_KEYS:
-        keys = sorted(config) if isinstance(config, dict) else type(config).__name__
+    config = read_json_object(config_path, "the engine config", EngineDirInvalid)
+    if set(config) != ENGINE_CONFIG_KEYS:
+        keys = sorted(config)
         raise EngineDirInvalid(f"the engine config.json has keys {keys}; expected exactly {sorted(ENGINE_CONFIG_KEYS)}")
     world_size = _engine_world_size(config)
     if expected_world_size is not None and world_size != expected_world_size:

@@ -12,20 +12,23 @@ otherwise (the sample is too small to decide), which fails unless the recipe all
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from trtconv.artifact.manifest import GateResult
+from trtconv.gate.gates import gates_from
 from trtconv.recipe.schema import EvaluateSection
 from trtconv.data.samples import TokenSet
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [B,T] -> logits [B,T,V] (float32)
+if TYPE_CHECKING:  # torch is imported where logits are computed, so the gate rule loads without it
+    import torch
+
+LogitsFn = Callable[["torch.Tensor"], "torch.Tensor"]  # input_ids [B,T] -> logits [B,T,V] (float32)
 
 
 @dataclass
@@ -40,7 +43,15 @@ class DocumentStats:
     token_kl: np.ndarray = field(default_factory=lambda: np.zeros(0))  # every token's KL, for the report
 
 
+# The per-document arrays a bootstrap resamples together (one entry per document; token_kl is per token).
+RESAMPLED_FIELDS: tuple[str, ...] = ("n_tokens", "nll_baseline", "nll_candidate", "kl", "top1_agree")
+# Every array of DocumentStats, as the stage cache stores them.
+STAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DocumentStats))
+
+
 def per_document_stats(tokens: TokenSet, baseline: LogitsFn, candidate: LogitsFn, batch_size: int, device: str, advance) -> DocumentStats:
+    import torch
+
     n, nb, nc, kl, agree, token_kl = [], [], [], [], [], []
     rows = torch.tensor(tokens.rows, dtype=torch.long)
     lengths = tokens.lengths
@@ -71,40 +82,39 @@ def per_document_stats(tokens: TokenSet, baseline: LogitsFn, candidate: LogitsFn
     )
 
 
-# Each metric as a function of per-document sums (arrays may be bootstrap resamples).
-def _ppl_baseline(n, nb, nc, kl, ag):
-    return math.exp(nb.sum() / n.sum())
+# Each metric as a function of per-document sums (the arrays may be a bootstrap resample).
+def _ppl_baseline(s: DocumentStats) -> float:
+    return math.exp(s.nll_baseline.sum() / s.n_tokens.sum())
 
 
-def _ppl_candidate(n, nb, nc, kl, ag):
-    return math.exp(nc.sum() / n.sum())
+def _ppl_candidate(s: DocumentStats) -> float:
+    return math.exp(s.nll_candidate.sum() / s.n_tokens.sum())
 
 
-def _ppl_increase_pct(n, nb, nc, kl, ag):
-    return (math.exp((nc.sum() - nb.sum()) / n.sum()) - 1.0) * 100.0
+def _ppl_increase_pct(s: DocumentStats) -> float:
+    return (math.exp((s.nll_candidate.sum() - s.nll_baseline.sum()) / s.n_tokens.sum()) - 1.0) * 100.0
 
 
-def _mean_kl(n, nb, nc, kl, ag):
-    return kl.sum() / n.sum()
+def _mean_kl(s: DocumentStats) -> float:
+    return s.kl.sum() / s.n_tokens.sum()
 
 
-def _top1(n, nb, nc, kl, ag):
-    return ag.sum() / n.sum()
+def _top1(s: DocumentStats) -> float:
+    return s.top1_agree.sum() / s.n_tokens.sum()
 
 
-METRICS = {
+# metric name -> fn(DocumentStats); the names are what gates (trtconv.gate.gates) and the manifest use.
+METRICS: dict[str, Callable[[DocumentStats], float]] = {
     "ppl_baseline": _ppl_baseline,
     "ppl_candidate": _ppl_candidate,
     "ppl_increase_pct": _ppl_increase_pct,
     "mean_kl": _mean_kl,
     "top1_agreement": _top1,
 }
-# gate key in the recipe -> (metric, comparator)
-GATES = {
-    "max_ppl_increase_pct": ("ppl_increase_pct", "<="),
-    "max_kl": ("mean_kl", "<="),
-    "min_top1_agreement": ("top1_agreement", ">="),
-}
+
+
+def _resampled(arrays: tuple[np.ndarray, ...]) -> DocumentStats:
+    return DocumentStats(**dict(zip(RESAMPLED_FIELDS, arrays)))
 
 
 def paired_interval(samples: tuple[np.ndarray, ...], statistic, seed: int, vectorized: bool = False) -> tuple[float, float] | None:
@@ -132,17 +142,16 @@ def paired_interval(samples: tuple[np.ndarray, ...], statistic, seed: int, vecto
 
 def bootstrap_interval(stats: DocumentStats, metric: str, seed: int) -> tuple[float, float] | None:
     """Paired percentile bootstrap over documents (same resampled documents for both models)."""
-    arrays = (stats.n_tokens, stats.nll_baseline, stats.nll_candidate, stats.kl, stats.top1_agree)
+    arrays = tuple(getattr(stats, name) for name in RESAMPLED_FIELDS)
     fn = METRICS[metric]
-    return paired_interval(arrays, lambda *a: fn(*a), seed)
+    return paired_interval(arrays, lambda *a: fn(_resampled(a)), seed)
 
 
 def summarize(stats: DocumentStats, seed: int) -> dict:
-    arrays = (stats.n_tokens, stats.nll_baseline, stats.nll_candidate, stats.kl, stats.top1_agree)
     out = {"num_documents": int(len(stats.n_tokens)), "num_tokens": int(stats.n_tokens.sum())}
     for name, fn in METRICS.items():
         ci = bootstrap_interval(stats, name, seed)
-        out[name] = {"value": float(fn(*arrays)), "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None}
+        out[name] = {"value": float(fn(stats)), "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None}
     out["confidence_level"] = CONFIDENCE
     out["bootstrap_resamples"] = N_RESAMPLES
     return out
@@ -169,19 +178,20 @@ def decide(metric_summary: dict, threshold: float, comparator: str) -> tuple[str
 
 
 def apply_gates(summary: dict, section: EvaluateSection) -> list[GateResult]:
+    """The document gates (trtconv.gate.gates, source "documents") whose threshold is set, in table order."""
     results = []
-    for key, (metric, comparator) in GATES.items():
-        threshold = getattr(section.gates, key)
-        if threshold is None or metric not in summary:
+    for gate in gates_from("documents"):
+        threshold = getattr(section.gates, gate.key)
+        if threshold is None or gate.metric not in summary:
             continue
-        verdict, reason = decide(summary[metric], threshold, comparator)
+        verdict, reason = decide(summary[gate.metric], threshold, gate.comparator)
         if verdict == "inconclusive" and section.allow_inconclusive:
             reason += " (allowed by evaluate.allow_inconclusive)"
-        m = summary[metric]
+        m = summary[gate.metric]
         results.append(
             GateResult(
-                metric=key,
-                comparator=comparator,
+                metric=gate.key,
+                comparator=gate.comparator,
                 threshold=threshold,
                 value=m["value"],
                 ci_low=m["ci_low"],

@@ -49,13 +49,15 @@ from trtconv.data.packs import _parse_json_line, _read_text_file
 from trtconv.core.errors import DataError
 from trtconv.gate.stats import CONFIDENCE, N_RESAMPLES, decide, paired_interval
 from trtconv.artifact.manifest import GateResult
+from trtconv.gate.gates import gates_from
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [B,T] -> logits [B,T,V] (float)
 
 MIN_CHOICES = 2
 MAX_CHOICES = 10
 FIELDS = ("id", "question", "choices", "answer")
-GATE_METRIC = "max_task_accuracy_drop_pp"
+TASK_GATE = gates_from("task")[0]  # max_task_accuracy_drop_pp (trtconv.gate.gates)
+GATE_METRIC = TASK_GATE.key
 DEFAULT_BATCH_SIZE = 16
 
 
@@ -323,8 +325,8 @@ def task_gate(summary: dict, threshold_pp: float, allow_inconclusive: bool = Fal
 
     Fails when the whole interval is above it, inconclusive otherwise (evaluate.decide's rule).
     """
-    drop = summary["accuracy_drop_pp"]
-    verdict, reason = decide(drop, threshold_pp, "<=")
+    drop = summary[TASK_GATE.metric]
+    verdict, reason = decide(drop, threshold_pp, TASK_GATE.comparator)
     if verdict == "inconclusive" and drop["ci_low"] is not None:
         # decide() advises more evaluation documents; here the sample is the task's items.
         reason = (
@@ -336,7 +338,7 @@ def task_gate(summary: dict, threshold_pp: float, allow_inconclusive: bool = Fal
         reason += " (allowed by evaluate.allow_inconclusive)"
     return GateResult(
         metric=GATE_METRIC,
-        comparator="<=",
+        comparator=TASK_GATE.comparator,
         threshold=threshold_pp,
         value=drop["value"],
         ci_low=drop["ci_low"],

@@ -15,19 +15,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, model_validator
 
 from trtconv.recipe.engine import EngineSection
 from trtconv.core.errors import RecipeError
-from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+from trtconv.data.reference_models import REFERENCE_MODELS
+from trtconv.engine.targets import ENGINE_TARGETS
+from trtconv.gate.gates import GATES
+from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS, TASK_ACCURACY_DROP_PP
 
 SCHEMA_VERSION = 1
-# Default multiple-choice gate: a candidate may lose at most this many accuracy points (interval-based).
-DEFAULT_TASK_ACCURACY_DROP_PP = 3.0
-REFERENCE_MODEL_NAMES = ("llama-ref", "qwen2-ref")
+# Default multiple-choice gate (kept under its old name; the value lives in trtconv.precisions).
+DEFAULT_TASK_ACCURACY_DROP_PP = TASK_ACCURACY_DROP_PP
+REFERENCE_MODEL_NAMES = tuple(REFERENCE_MODELS)  # the reference models trtconv trains (trtconv.data.reference_models)
 
-PrecisionName = Literal["none", "fp8", "int8_sq", "int4_awq", "w4a8_awq"]
-KVCacheName = Literal["none", "fp8"]
+# The allowed names are the registries' keys, so the JSON Schema lists exactly what trtconv offers.
+PrecisionName = Literal[tuple(PRECISIONS)]
+KVCacheName = Literal[tuple(KV_CACHE_FORMATS)]
+ReferenceName = Literal[REFERENCE_MODEL_NAMES]
 
 
 class Strict(BaseModel):
@@ -38,7 +43,7 @@ class ModelSection(Strict):
     """Where the Hugging Face checkpoint comes from: exactly one of path, reference, hub_id."""
 
     path: str | None = Field(None, description="Local Hugging Face checkpoint folder (relative to the recipe file).")
-    reference: Literal["llama-ref", "qwen2-ref"] | None = Field(
+    reference: ReferenceName | None = Field(
         None, description="A reference model trtconv trains and caches on first use (offline, seeded)."
     )
     hub_id: str | None = Field(None, description="Hugging Face Hub model id (needs network unless cached).")
@@ -90,15 +95,21 @@ class ExportSection(Strict):
     hf_checkpoint: bool = Field(False, description="Also write ModelOpt's unified HF checkpoint (hf_checkpoint/).")
 
 
-class GatesSection(Strict):
-    """Thresholds; null takes the precision's shipped default (see docs/accuracy.md)."""
-
-    max_ppl_increase_pct: float | None = Field(None, ge=0, description="Max perplexity increase over the original, in %.")
-    max_kl: float | None = Field(None, ge=0, description="Max mean KL(original || candidate) per token.")
-    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Min fraction of tokens whose argmax agrees.")
-    max_task_accuracy_drop_pp: float | None = Field(
-        None, ge=0, description="Max drop of multiple-choice accuracy, in percentage points (with evaluate.multiple_choice)."
+def _gates_section() -> type[Strict]:
+    """One optional threshold per row of trtconv.gate.gates.GATES, in table order."""
+    fields: dict[str, Any] = {
+        gate.key: (float | None, Field(None, ge=0, le=gate.max_threshold, description=gate.description)) for gate in GATES.values()
+    }
+    return create_model(
+        "GatesSection",
+        __base__=Strict,
+        __doc__="Thresholds; null takes the precision's shipped default (see docs/accuracy.md).",
+        __module__=__name__,
+        **fields,
     )
+
+
+GatesSection = _gates_section()
 
 
 class EvaluateSection(Strict):
@@ -131,22 +142,20 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _engine_needs_its_export(self) -> Recipe:
-        if self.engine.target == "tensorrt" and not self.export.tensorrt_llm_checkpoint:
-            raise ValueError("engine.target tensorrt builds from the TensorRT-LLM checkpoint: set export.tensorrt_llm_checkpoint: true")
-        if self.engine.target == "pytorch" and not self.export.hf_checkpoint:
-            raise ValueError("engine.target pytorch serves the unified HF checkpoint: set export.hf_checkpoint: true")
+        target = ENGINE_TARGETS.get(self.engine.target)
+        if target is not None and not getattr(self.export, target.source_export):
+            raise ValueError(f"engine.target {target.name} {target.source_why}: set export.{target.source_export}: true")
         return self
 
     def resolved(self) -> Recipe:
         """A copy with every default made explicit (gate thresholds from the precision's defaults)."""
         data = self.model_dump(mode="json")
         gates = data["evaluate"]["gates"]
-        defaults = PRECISIONS[self.quantization.precision].gates
-        for key in ("max_ppl_increase_pct", "max_kl", "min_top1_agreement"):
-            if gates[key] is None:
-                gates[key] = getattr(defaults, key)
-        if data["evaluate"]["multiple_choice"] and gates["max_task_accuracy_drop_pp"] is None:
-            gates["max_task_accuracy_drop_pp"] = DEFAULT_TASK_ACCURACY_DROP_PP
+        defaults = PRECISIONS[self.quantization.precision].default_gates
+        has_task = bool(data["evaluate"]["multiple_choice"])
+        for gate in GATES.values():
+            if gates[gate.key] is None and (gate.source == "documents" or has_task):
+                gates[gate.key] = defaults[gate.key]
         return Recipe.model_validate(data)
 
     def to_yaml(self) -> str:

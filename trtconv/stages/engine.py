@@ -13,16 +13,15 @@ from trtconv.artifact.manifest import StageRecord
 from trtconv.core.errors import UserError
 from trtconv.core.ui import Reporter
 from trtconv.recipe.schema import Recipe
+from trtconv.artifact.layout import ENGINE_DIR
 from trtconv.stages.base import StageMeter
-
-ENGINE_DIR = "engine"
 
 
 def run(recipe: Recipe, exported, root: Path, require: bool, reporter: Reporter) -> tuple[dict, StageRecord]:
     """Build (or prepare) the recipe's engine target into root/engine; returns the record and the stage's meter record."""
     if recipe.engine.target == "none":
         return {"target": "none", "status": "skipped"}, StageRecord(name="engine", status="skipped", wall_s=0.0, details={"target": "none"})
-    from trtconv.engine.targets import build_tensorrt_engine, prepare_pytorch_target
+    from trtconv.engine.rebuild import build_tensorrt_engine, prepare_pytorch_target
 
     with StageMeter("engine") as m:
         if recipe.engine.target == "tensorrt":

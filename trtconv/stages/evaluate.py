@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
 from trtconv.artifact.manifest import InputRecord, Manifest, StageRecord, read_manifest
 from trtconv.artifact.writer import sha256_file
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
@@ -21,7 +22,7 @@ from trtconv.core.environment import DeviceInfo
 from trtconv.core.errors import ArtifactError
 from trtconv.core.ui import Reporter
 from trtconv.data.packs import pack_sha256
-from trtconv.gate.stats import gates_passed
+from trtconv.gate.stats import STAT_FIELDS, gates_passed
 from trtconv.recipe.schema import Recipe
 from trtconv.stages.base import StageMeter, device_part, restore_entry
 
@@ -54,7 +55,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     if engine_record and engine_record.get("status") == "built" and artifact_root is not None:
         from trtconv.engine.logits import engine_candidate
 
-        engine = engine_candidate(artifact_root, engine_record, vocab, tokenizer_dir=artifact_root / "tokenizer",
+        engine = engine_candidate(artifact_root, engine_record, vocab, tokenizer_dir=artifact_root / TOKENIZER_DIR,
                                   seq_len=recipe.evaluate.seq_len)
         if not engine.available:
             reporter.warn(f"evaluate: judging the checkpoint, not the engine: {engine.reason}")
@@ -154,8 +155,8 @@ def candidate_dir(recipe: Recipe, root: Path) -> Path:
     """What ships is what the gate judges: the unified HF checkpoint when the pytorch target serves
     it (or it is the only export), else the TensorRT-LLM checkpoint the engine is built from."""
     if recipe.engine.target == "pytorch" or not recipe.export.tensorrt_llm_checkpoint:
-        return root / "hf_checkpoint"
-    return root / "checkpoint"
+        return root / HF_CHECKPOINT_DIR
+    return root / CHECKPOINT_DIR
 
 
 
@@ -243,7 +244,7 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
     model_dir = _verified_path(_input(manifest, "model", artifact), artifact)
     eval_path = _verified_path(_input(manifest, "evaluation_data", artifact), artifact)
     torch_device = "cuda" if detect_device(device).kind == "cuda" else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(artifact / TOKENIZER_DIR)
     tokens = samples.evaluation_rows(eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
 
     results = []
@@ -267,7 +268,7 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
 
 EVALUATE_STAGE = "evaluate"
 STATS_FILE = "document_stats.safetensors"
-_STAT_FIELDS = ("n_tokens", "nll_baseline", "nll_candidate", "kl", "top1_agree", "token_kl")
+_STAT_FIELDS = STAT_FIELDS  # every DocumentStats array, so a new statistic is cached without a change here
 
 
 def evaluate_key(recipe: Recipe, upstream: str, eval_sha256: str, device: DeviceInfo, engine_files: list | None = None) -> str:

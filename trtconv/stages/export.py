@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
+from trtconv.architectures import ARCHITECTURES
 from trtconv.core.errors import CheckpointError
 from trtconv.artifact.manifest import InputRecord
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
 from trtconv.core.environment import DeviceInfo
+from trtconv.core.jsonio import read_json_object
 from trtconv.stages.base import device_part, files_part, restore_entry
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import ExportSection, QuantizationSection, Recipe
 from trtconv.core.ui import quiet_dependency
 
-CHECKPOINT_DIR = "checkpoint"
-HF_CHECKPOINT_DIR = "hf_checkpoint"
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -103,13 +103,13 @@ def repair_trtllm_config(cfg: dict, hf_config, architecture: str) -> list[Repair
             put("rotary_base", float(theta), "ModelOpt's manual config drops rope_theta under transformers 5")
         if scaling is not None:
             put("rotary_scaling", scaling, "ModelOpt's manual config drops rope scaling under transformers 5")
-    if architecture == "Qwen2ForCausalLM":
-        put("qwen_type", "qwen2", "TensorRT-LLM's QWen model needs qwen_type to pick the Qwen2 layout")
-        put("attn_bias", True, "Qwen2 has q/k/v biases; TensorRT-LLM reads attn_bias")
-        put("mlp_bias", False, "Qwen2's MLP has no biases")
-    else:
-        put("attn_bias", bool(getattr(hf_config, "attention_bias", False)), "stated explicitly from the HF config")
-        put("mlp_bias", bool(getattr(hf_config, "mlp_bias", False)), "stated explicitly from the HF config")
+    row = ARCHITECTURES[architecture]
+    for extra in row.trtllm_config_keys:
+        put(extra.key, extra.value, extra.why)
+    written = {extra.key for extra in row.trtllm_config_keys}
+    for key, hf_key in (("attn_bias", "attention_bias"), ("mlp_bias", "mlp_bias")):
+        if key not in written:
+            put(key, bool(getattr(hf_config, hf_key, False)), "stated explicitly from the HF config")
     return repairs
 
 
@@ -152,7 +152,7 @@ def export_trtllm(model, hf_config, architecture: str, section: ExportSection, q
             inference_pipeline_parallel=section.pp_size,
         )
     cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_json_object(cfg_path, "the TensorRT-LLM checkpoint config ModelOpt wrote", CheckpointError)
     repairs = repair_trtllm_config(cfg, hf_config, architecture)
     check_quantization_section(cfg, quant, cfg_path)
     cfg_path.write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")

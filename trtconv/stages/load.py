@@ -13,11 +13,11 @@ import struct
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
-from trtconv.artifact.manifest import hash_tree
+from trtconv.architectures import HF_NAMES
+from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.artifact.writer import sha256_file
 from trtconv.core.errors import DataError, UserError
-from trtconv.artifact.manifest import FileRecord, InputRecord
-from trtconv.precisions import SUPPORTED_ARCHITECTURES
+from trtconv.core.jsonio import read_json_object
 from trtconv.recipe.schema import ModelSection, Recipe
 
 TOKENIZER_FILES = (
@@ -69,22 +69,16 @@ def read_hf_config(model_dir: Path) -> dict:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{cfg_path}: not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{cfg_path}: expected a JSON object")
-    return cfg
+    return read_json_object(cfg_path, "a Hugging Face model config", ModelError)
 
 
 def check_architecture(cfg: dict, model_dir: Path) -> str:
     archs = cfg.get("architectures") or []
-    supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+    supported = [a for a in archs if a in HF_NAMES]
     if not supported:
         raise ModelError(
             f"{model_dir / 'config.json'}: architecture {archs or cfg.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"supported: {', '.join(HF_NAMES)}"
         )
     return supported[0]
 

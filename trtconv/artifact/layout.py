@@ -1,0 +1,36 @@
+"""The artifact folder's names, written once.
+
+Every stage writes into the same folder and several commands (`engine`, `verify`, `check`, the
+cache) read it back, so a folder name spelled twice is a rename waiting to break half of them.
+The names below are the artifact's public layout (README, docs/artifact.md); changing one changes
+the artifact digest.
+
+    OUT/
+      manifest.json        what was built, from what, with which versions; the digest
+      recipe.yaml          the resolved recipe (every default explicit)
+      report.md            human report (+ its PNG plots); a run record, outside the digest
+      checkpoint/          TensorRT-LLM checkpoint (config.json + rank{N}.safetensors)
+      hf_checkpoint/       ModelOpt's unified HF checkpoint (export.hf_checkpoint)
+      tokenizer/           the model's tokenizer, saved next to the weights
+      engine/              what the engine target made (TensorRT engines or LLM-API options)
+"""
+
+from __future__ import annotations
+
+MANIFEST_NAME = "manifest.json"
+RECIPE_NAME = "recipe.yaml"
+REPORT_NAME = "report.md"
+WEIGHT_PLOT = "report_weight_error.png"
+KL_PLOT = "report_token_kl.png"
+
+CHECKPOINT_DIR = "checkpoint"
+HF_CHECKPOINT_DIR = "hf_checkpoint"
+TOKENIZER_DIR = "tokenizer"
+ENGINE_DIR = "engine"
+
+# The payload folders, in the order the report lists their sizes.
+PAYLOAD_DIRS: tuple[str, ...] = (CHECKPOINT_DIR, HF_CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR)
+
+# Run records: listed and verified like every file, but left out of the digest, because they hold
+# wall times and dates that differ between two runs that produced the same artifact.
+RUN_RECORDS: frozenset[str] = frozenset({REPORT_NAME})
