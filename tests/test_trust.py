@@ -1,0 +1,129 @@
+"""Issue 13, "trust what ships": no silently broken input (checkpoints, Hub, recipes, small cases).
+
+Every test here failed on the code before the fix it covers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trtconv.core.errors import ModelError
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The load stage stops on missing, unexpected or mis-shaped tensors
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _inspect(model_dir: Path):
+    from trtconv.recipe.schema import ModelSection
+    from trtconv.stages import load
+
+    return load.inspect_checkpoint(ModelSection(path=str(model_dir)))
+
+
+def test_missing_tensors_stop_the_load_stage(tiny_llama, tmp_path):
+    m = _copy_model(tiny_llama, tmp_path / "m")
+
+    def drop(t):
+        del t["model.layers.1.mlp.up_proj.weight"], t["model.norm.weight"]
+
+    _edit_tensors(m / "model.safetensors", drop)
+    with pytest.raises(ModelError) as err:
+        _inspect(m)
+    msg = str(err.value)
+    assert "2 missing" in msg
+    assert "model.layers.1.mlp.up_proj.weight (expected [256, 128])" in msg
+    assert "model.norm.weight (expected [128])" in msg
+
+
+def test_wrong_shape_and_unexpected_tensor_are_named(tiny_llama, tmp_path):
+    import torch
+
+    m = _copy_model(tiny_llama, tmp_path / "m")
+
+    def damage(t):
+        t["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(128, 64, dtype=torch.bfloat16)
+        t["model.layers.9.extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)
+
+    _edit_tensors(m / "model.safetensors", damage)
+    with pytest.raises(ModelError) as err:
+        _inspect(m)
+    msg = str(err.value)
+    assert "model.layers.0.self_attn.o_proj.weight (expected [128, 128], found [128, 64] in model.safetensors)" in msg
+    assert "unexpected: model.layers.9.extra.weight ([3] in model.safetensors)" in msg
+
+
+def test_tied_embeddings_and_saved_rotary_buffers_are_accepted(tmp_path):
+    import torch
+
+    from tests.factories import make_tiny_model
+
+    m = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    from safetensors import safe_open
+
+    with safe_open(m / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    # Older checkpoints carry the (non-persistent) rotary inv_freq: transformers ignores it, so do we.
+    _edit_tensors(m / "model.safetensors", lambda t: t.__setitem__("model.rotary_emb.inv_freq", torch.ones(16)))
+    model_dir, _cfg, arch, weights = _inspect(m)
+    assert arch == "LlamaForCausalLM" and [w.name for w in weights] == ["model.safetensors"]
+
+
+def _sharded(tiny: Path, dst: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    model.save_pretrained(dst, max_shard_size="200KB")
+    for f in tiny.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, dst / f.name)
+    assert (dst / "model.safetensors.index.json").is_file()
+    return dst
+
+
+def test_sharded_checkpoint_checks_every_shard(tiny_llama, tmp_path):
+    m = _sharded(tiny_llama, tmp_path / "sharded")
+    _model_dir, _cfg, _arch, weights = _inspect(m)
+    assert len(weights) > 1
+    index = json.loads((m / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]
+    _edit_tensors(m / shard, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ModelError, match=r"1 missing: model\.layers\.1\.self_attn\.k_proj\.weight \(expected \[64, 128\]\)"):
+        _inspect(m)
+
+
+def test_index_naming_a_missing_shard_names_it(tiny_llama, tmp_path):
+    m = _sharded(tiny_llama, tmp_path / "sharded")
+    index = json.loads((m / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (m / shard).unlink()
+    with pytest.raises(ModelError, match=rf"names shard {shard}, not found in"):
+        _inspect(m)
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_checkpoint_missing_tensors_before_calibration(cli, tiny_llama, tmp_path):
+    m = _copy_model(tiny_llama, tmp_path / "m")
+    _edit_tensors(m / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    r = cli("calibrate", "--model", m, "--precision", "fp8", "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert "model.layers.1.mlp.up_proj.weight (expected [256, 128])" in r.output
+    assert "calibrate:" not in r.output  # stopped in the load stage
+    assert not (tmp_path / "out").exists()
