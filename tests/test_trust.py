@@ -127,3 +127,71 @@ def test_cli_refuses_a_checkpoint_missing_tensors_before_calibration(cli, tiny_l
     assert "model.layers.1.mlp.up_proj.weight (expected [256, 128])" in r.output
     assert "calibrate:" not in r.output  # stopped in the load stage
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Recipes: duplicate keys, booleans as integers, devices outside the allowed list
+
+
+def _recipe_file(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_duplicate_recipe_key_is_refused_naming_key_and_both_lines(tmp_path):
+    from trtconv.core.errors import RecipeError
+    from trtconv.recipe.schema import load_recipe
+
+    p = _recipe_file(tmp_path, "name: x\nmodel:\n  reference: llama-ref\nquantization:\n  precision: fp8\n"
+                               "  kv_cache: none\n  precision: int4_awq\n")
+    with pytest.raises(RecipeError, match=r"duplicate key 'precision' at line 7 \(first at line 5\)"):
+        load_recipe(p)
+
+
+def test_duplicate_section_is_refused(tmp_path):
+    from trtconv.core.errors import RecipeError
+    from trtconv.recipe.schema import load_recipe
+
+    p = _recipe_file(tmp_path, "name: x\nmodel:\n  reference: llama-ref\nquantization:\n  precision: fp8\n"
+                               "model:\n  dtype: float32\n")
+    with pytest.raises(RecipeError, match=r"duplicate key 'model' at line 6 \(first at line 2\)"):
+        load_recipe(p)
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    from trtconv.recipe.schema import safe_load_unique
+
+    assert safe_load_unique("a: &x {k: 1}\nb:\n  <<: *x\n  k: 2\n") == {"a": {"k": 1}, "b": {"k": 2}}
+    with pytest.raises(Exception, match="could not determine a constructor"):
+        safe_load_unique("a: !!python/object/apply:os.system ['true']\n")
+
+
+@pytest.mark.parametrize("override", ["export.tp_size=true", "calibration.seed=false",
+                                      "evaluate.gates.max_kl=true", "engine.tensorrt.max_batch_size=true"])
+def test_booleans_are_not_numbers(override):
+    from trtconv.core.errors import RecipeError
+    from trtconv.recipe.schema import load_recipe
+
+    with pytest.raises(RecipeError, match=r"is a boolean; give a number"):
+        load_recipe("default", [override])
+
+
+def test_boolean_fields_still_take_booleans():
+    from trtconv.recipe.schema import load_recipe
+
+    r, _ = load_recipe("default", ["export.hf_checkpoint=true", "evaluate.allow_inconclusive=true"])
+    assert r.export.hf_checkpoint is True and r.evaluate.allow_inconclusive is True
+
+
+def test_cli_set_boolean_tp_size_exits_2(cli):
+    r = cli("build", "default", "--set", "export.tp_size=true", "--dry-run")
+    assert r.exit_code == 2
+    assert "export.tp_size" in r.output and "boolean" in r.output
+
+
+@pytest.mark.parametrize("command", [["build", "default", "--dry-run"], ["check", "nowhere"], ["verify", "nowhere"]])
+def test_device_outside_allowed_values_is_refused(cli, command):
+    r = cli(*command, "--device", "tpu")
+    assert r.exit_code == 2
+    assert "'tpu' is not one of 'auto', 'cpu', 'cuda'" in " ".join(r.output.replace("│", " ").split())
