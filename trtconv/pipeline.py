@@ -29,7 +29,7 @@ from trtconv.artifact.manifest import FileRecord, InputRecord, Manifest, StageRe
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import Recipe
 from trtconv.artifact.report import write_junit, write_report
-from trtconv.core.ui import Reporter
+from trtconv.core.ui import Reporter, stage_phase
 
 
 ENGINE_DIR = "engine"
@@ -91,12 +91,15 @@ class StageMeter:
         self.peak_rss = _rss_mib() or 0.0
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
+        self._phase = stage_phase(self.name)  # spinner / CI heartbeat, and a closing line with the time
+        self._phase.__enter__()
         self._t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
         import torch
 
+        self._phase.__exit__(*exc)
         self.wall_s = time.monotonic() - self._t0
         self._stop.set()
         self._thread.join()

@@ -17,6 +17,8 @@ from filelock import FileLock, Timeout
 from trtconv.core.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
+# `trtconv sign`'s default signature file: inside OUT, in neither the manifest nor the signed file list.
+SIGNATURE_NAME = "model.sig"
 _HASH_CHUNK = 1 << 20
 
 

@@ -10,9 +10,33 @@ from __future__ import annotations
 import typer
 import yaml
 
+import typer.core
+
 from trtconv.cli import artifact, build, doctor, recipe
 from trtconv.cli.cache import cache_app
 from trtconv.cli.data import data_app
+
+
+
+def _flags_take_no_value() -> None:
+    """Help shows `--help <bool>`: typer 0.29's TyperOption.display_type_rich returns the type label
+    for every option, flags included (click's own help shows none for a flag). A flag takes no
+    value, so it gets no type label; other options are unchanged."""
+    option = getattr(typer.core, "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_trtconv_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return original(self, ctx)
+
+    display_type_rich._trtconv_flags = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 
 app = typer.Typer(
     name="trtconv",
@@ -27,6 +51,7 @@ app.command()(build.calibrate)
 app.command()(artifact.inspect)
 app.command()(artifact.check)
 app.command()(artifact.verify)
+app.command()(artifact.sign)
 app.command()(artifact.engine)
 app.command()(doctor.doctor)
 app.add_typer(recipe.recipe_app, name="recipe")

@@ -35,8 +35,7 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
         reporter.error(f"{outcome.manifest.status_reason}; the failed artifact is in {outcome.path}")
         raise typer.Exit(GateFailed.exit_code)
     except Interrupted as exc:
-        reporter.error(str(exc))
-        raise typer.Exit(Interrupted.exit_code)
+        fail(exc, json_mode)
     except UserError as exc:
         fail(exc, json_mode)
     print_result(outcome, reporter, json_mode)

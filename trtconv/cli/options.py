@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -23,10 +24,14 @@ NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor 
 JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
 
 
-def fail(err: UserError, json_mode: bool = False) -> None:
+def fail(err: Exception, json_mode: bool = False) -> None:
+    """Print a user error (stderr) and exit with its code; with --json also {"error", "exit_code"} on stdout."""
     from trtconv.core.ui import Reporter
 
+    code = getattr(err, "exit_code", 2)
     Reporter(json_mode=json_mode).error(str(err))
-    raise typer.Exit(getattr(err, "exit_code", 2))
+    if json_mode:
+        print(json.dumps({"error": str(err), "exit_code": code}))
+    raise typer.Exit(code)
 
 
