@@ -195,3 +195,29 @@ def test_device_outside_allowed_values_is_refused(cli, command):
     r = cli(*command, "--device", "tpu")
     assert r.exit_code == 2
     assert "'tpu' is not one of 'auto', 'cpu', 'cuda'" in " ".join(r.output.replace("│", " ").split())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A Hub model with the Hub unreachable: exit 2, one line, no traceback
+
+
+@pytest.mark.integration
+def test_unreachable_hub_is_exit_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text("name: hub\nmodel:\n  hub_id: some-org/some-model\n  revision: 0123456789abcdef0123456789abcdef01234567\n"
+                      "quantization:\n  precision: fp8\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    # Port 9 (discard) on the loopback: nothing listens, nothing leaves the machine.
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-m", "trtconv", "build", str(recipe), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("error: cannot reach the Hugging Face Hub at http://127.0.0.1:9")
+    assert "some-org/some-model@0123456789abcdef0123456789abcdef01234567" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0]
+    assert "Traceback" not in r.stderr + r.stdout

@@ -53,20 +53,56 @@ def resolve_model_dir(section: ModelSection, progress=None) -> Path:
     return path.resolve()
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when the Hub cannot be reached (httpx in huggingface_hub 1.x, requests before)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        errors += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """Every failure here is an input/environment problem (exit 2), said in one line with what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    where = f"model.hub_id {repo_id}@{revision}"
+    local_copy = (f"pre-download it where the Hub is reachable (hf download {repo_id} --revision {revision}) and set "
+                  "HF_HUB_OFFLINE=1, or point model.path at a local folder")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline))
+    except GatedRepoError:
+        raise ModelError(f"{where}: the repository is gated; accept its terms on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{where}: no such repository on {constants.ENDPOINT} (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{where}: the repository has no revision {revision!r}; give a commit sha it has") from None
     except LocalEntryNotFoundError:
-        raise ModelError(
-            f"model.hub_id {repo_id}@{revision} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
-            "(or the Hub is unreachable); download it on a connected machine or point model.path at a local folder"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelError(f"model.hub_id {repo_id}@{revision}: cannot fetch from the Hub: {exc}") from None
+        if offline:
+            raise ModelError(f"{where} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {local_copy}") from None
+        raise ModelError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to fetch {where}, and it is not "
+                         f"in the local cache; check the network/proxy (HTTPS_PROXY, HF_ENDPOINT) or {local_copy}") from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise ModelError(f"{where}: the Hub at {constants.ENDPOINT} answered HTTP {status}; retry later or {local_copy}") from None
+    except _network_errors() as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        raise ModelError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to fetch {where} ({reason}); check "
+                         f"the network/proxy (HTTPS_PROXY, HF_ENDPOINT) or {local_copy}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{where}: cannot fetch from the Hub: {exc}") from None
 
 
 def read_hf_config(model_dir: Path) -> dict:
