@@ -221,3 +221,106 @@ def test_unreachable_hub_is_exit_2_with_one_line(tmp_path):
     assert errors[0].startswith("error: cannot reach the Hugging Face Hub at http://127.0.0.1:9")
     assert "some-org/some-model@0123456789abcdef0123456789abcdef01234567" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0]
     assert "Traceback" not in r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Smaller cases
+
+
+def test_missing_tokenizer_files_are_named(tiny_llama, tmp_path):
+    from trtconv.stages import load
+
+    m = _copy_model(tiny_llama, tmp_path / "m")
+    (m / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match=r"has no tokenizer vocabulary: none of tokenizer\.json, tokenizer\.model.*"
+                                         r"\(found only tokenizer_config\.json\)"):
+        load.load_tokenizer(m, trust_remote_code=False)
+
+
+def test_short_calibration_sequences_warn(cli, tiny_llama, tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the artifact folder would go")  # stops the run right after the warnings
+    r = cli("calibrate", "--model", tiny_llama, "--precision", "fp8", "--seq-len", "1", "-o", blocker)
+    assert r.exit_code == 2
+    assert "warning: calibration.seq_len 1 is below 32" in r.output
+    ok = cli("calibrate", "--model", tiny_llama, "--precision", "fp8", "--seq-len", "128", "-o", blocker)
+    assert "warning: calibration.seq_len" not in ok.output
+
+
+def test_cache_prune_refuses_negative_age(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTCONV_CACHE", str(tmp_path / "cache"))
+    r = cli("cache", "prune", "--older-than", "-3", "--dry-run")
+    assert r.exit_code == 2
+    flat = " ".join(r.output.replace("│", " ").split())
+    assert "Invalid value for '--older-than': Input should be greater than or equal to 0" in flat
+
+
+def test_doctor_reports_a_cache_path_that_is_a_file(tmp_path, monkeypatch):
+    from trtconv.cli.doctor import _cache_status
+
+    cache_file = tmp_path / "cache"
+    cache_file.write_text("not a folder")
+    monkeypatch.setenv("TRTCONV_CACHE", str(cache_file))
+    status, detail = _cache_status()
+    assert status == "fail" and "is not writable" in detail and "is a file" in detail
+    monkeypatch.setenv("TRTCONV_CACHE", str(cache_file / "below"))
+    assert _cache_status()[0] == "fail"
+    monkeypatch.setenv("TRTCONV_CACHE", str(tmp_path / "new" / "cache"))
+    assert _cache_status()[0] == "ok"
+
+
+@pytest.mark.parametrize("version,expected", [
+    (99, r"written by a newer trtconv \(manifest schema 99; this trtconv reads schema 1\): upgrade trtconv"),
+    (0, r"schema_version 0 is not a trtconv manifest schema"),
+    ("1", r"schema_version is '1'"),
+    (None, r"schema_version is None"),
+])
+def test_manifest_of_another_schema_is_never_read_silently(cli, tmp_path, version, expected):
+    from trtconv.artifact.manifest import read_manifest
+    from trtconv.core.errors import ArtifactError
+
+    art = tmp_path / "art"
+    art.mkdir()
+    data = {"trtconv_version": "9.0", "status": "passed", "new_field": {"x": 1}}
+    if version is not None:
+        data["schema_version"] = version
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=expected):
+        read_manifest(art)
+    r = cli("inspect", art)
+    assert r.exit_code == 2 and "validation error" not in r.output
+
+
+def test_data_pack_output_mode_follows_the_umask(cli, tmp_path):
+    import os
+    import stat
+
+    src = tmp_path / "docs.txt"
+    src.write_text("\n\n".join(f"Document number {i} has some words in it, enough to be kept as a sample." for i in range(20)))
+    out = tmp_path / "pack.jsonl"
+    old = os.umask(0o022)
+    try:
+        r = cli("data", "pack", src, "-o", out, "--min-chars", "10")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_no_lock_file_is_left_beside_the_artifact(tmp_path):
+    from trtconv.artifact.writer import ArtifactWriter
+    from trtconv.core.errors import ArtifactError
+
+    out = tmp_path / "OUT"
+    with ArtifactWriter(out) as writer:
+        (writer.tmp / "manifest.json").write_text("{}")
+        assert (tmp_path / ".OUT.lock").exists()
+        with pytest.raises(ArtifactError, match="another trtconv run is writing"):
+            with ArtifactWriter(out, force=True):
+                pass
+        writer.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]
+    with pytest.raises(RuntimeError):  # a failed run leaves no lock either
+        with ArtifactWriter(tmp_path / "OTHER"):
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]

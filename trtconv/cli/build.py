@@ -18,10 +18,15 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
                no_cache: bool = False, repro_check: bool = False) -> None:
     import os
 
-    from trtconv.pipeline import BuildOptions, build
     from trtconv.core.ui import Reporter
+    from trtconv.recipe.schema import recipe_warnings
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
+    for warning in recipe_warnings(recipe):
+        reporter.warn(warning)
+    reporter.info("starting: importing torch, transformers and ModelOpt")  # takes seconds: say so first
+    from trtconv.pipeline import BuildOptions, build
+
     opts = BuildOptions(
         out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
         no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),

@@ -84,7 +84,7 @@ def du_command(as_json: JsonFlag = False) -> None:
 
 @cache_app.command("prune")
 def prune_command(
-    older_than: Annotated[Optional[float], typer.Option("--older-than", help="Remove entries last used more than DAYS ago.", metavar="DAYS")] = None,
+    older_than: Annotated[Optional[float], typer.Option("--older-than", help="Remove entries last used more than DAYS ago (DAYS >= 0).", metavar="DAYS", min=0)] = None,
     max_size: Annotated[Optional[str], typer.Option("--max-size", help="Remove least recently used entries until the rest fits, e.g. 10G.")] = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage ('reference-models' for the reference models).")] = None,
     everything: Annotated[bool, typer.Option("--all", help="Remove every entry in scope.")] = False,

@@ -60,7 +60,9 @@ def _cache_status() -> tuple[str, str]:
     probe = root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if os.access(probe, os.W_OK):
+    if not probe.is_dir():  # the cache path, or a folder above it, is a file: nothing can be created there
+        return "fail", f"{root} is not writable: {probe} is a file, not a folder; set TRTCONV_CACHE to a writable folder"
+    if os.access(probe, os.W_OK | os.X_OK):
         return "ok", f"{root} (writable)"
     return "fail", f"{root} is not writable: set TRTCONV_CACHE to a writable folder"
 

@@ -342,6 +342,23 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str
     return validate_recipe_dict(data, source)
 
 
+# Below this many tokens per sequence, calibration sees too little context for representative
+# activation ranges (attention and KV-cache scales especially).
+MIN_CALIBRATION_SEQ_LEN = 32
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Valid but probably not what was meant: said before any work, never silently accepted."""
+    warnings = []
+    seq_len = recipe.calibration.seq_len
+    if seq_len < MIN_CALIBRATION_SEQ_LEN and recipe.quantization.precision != "none":
+        warnings.append(
+            f"calibration.seq_len {seq_len} is below {MIN_CALIBRATION_SEQ_LEN}: {recipe.calibration.num_samples} sequences of "
+            f"{seq_len} tokens are too little context for representative activation ranges; use 128 or more (default 256)"
+        )
+    return warnings
+
+
 def json_schema() -> dict:
     schema = Recipe.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
