@@ -44,6 +44,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog="Example: trtconv build default -o out/default && trtconv verify out/default --expect-digest SHA256",
 )
 # The command listing: one line per command, in the order of the pipeline's life.
 app.command()(build.build)
@@ -61,7 +62,12 @@ app.add_typer(cache_app, name="cache")
 
 @app.command()
 def version() -> None:
-    """Print trtconv's and its key dependencies' versions."""
+    """Print trtconv's and its key dependencies' versions.
+
+    Example:
+
+        trtconv version
+    """
     from trtconv.core.environment import package_versions
 
     print(yaml.safe_dump(package_versions(), sort_keys=False), end="")

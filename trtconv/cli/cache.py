@@ -18,6 +18,7 @@ cache_app = typer.Typer(
     name="cache",
     help="List, measure and prune trtconv's cache ($TRTCONV_CACHE or the platform cache folder).",
     no_args_is_help=True,
+    epilog="Example: trtconv cache prune --older-than 30 --dry-run",
 )
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
@@ -48,7 +49,12 @@ def _table(entries: list[ListedEntry]) -> list[str]:
 
 @cache_app.command("ls")
 def ls_command(as_json: JsonFlag = False) -> None:
-    """Every cache entry, least recently used first: kind, stage, key prefix, size, created, last used."""
+    """Every cache entry, least recently used first: kind, stage, key prefix, size, created, last used.
+
+    Example:
+
+        trtconv cache ls --json
+    """
     root = cache_root()
     entries = list_entries(root)
     if as_json:
@@ -64,7 +70,12 @@ def ls_command(as_json: JsonFlag = False) -> None:
 
 @cache_app.command("du")
 def du_command(as_json: JsonFlag = False) -> None:
-    """Disk use: the total, and per stage / reference models / temporary leftovers."""
+    """Disk use: the total, and per stage / reference models / temporary leftovers.
+
+    Example:
+
+        trtconv cache du
+    """
     root = cache_root()
     groups: dict[str, dict[str, int]] = {}
     for e in list_entries(root):
@@ -91,7 +102,12 @@ def prune_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be removed; remove nothing.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Remove entries (least recently used first); entries a running build has locked are kept."""
+    """Remove entries (least recently used first); entries a running build has locked are kept.
+
+    Example:
+
+        trtconv cache prune --older-than 30 --max-size 50G --dry-run
+    """
     try:
         if older_than is None and max_size is None and not everything:
             raise CacheError("say what to prune: --older-than DAYS, --max-size SIZE or --all (add --dry-run to preview)")

@@ -109,7 +109,12 @@ def doctor(
     recipe: Annotated[Optional[str], typer.Argument(help="Also check that this recipe can run here.")] = None,
     json_mode: JsonOpt = False,
 ) -> None:
-    """This machine vs what trtconv (and a recipe) needs: GPU, SM, packages, TensorRT-LLM, cache."""
+    """This machine vs what trtconv (and a recipe) needs: GPU, SM, packages, TensorRT-LLM, cache.
+
+    Example:
+
+        trtconv doctor recipes/llama-ref-fp8.yaml
+    """
     
     ok, report = run_doctor(recipe)
     if json_mode:
