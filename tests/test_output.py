@@ -118,3 +118,51 @@ def test_build_log_and_engine_command_and_inspect(cli, tiny_llama, tmp_path, no_
     assert (out / "manifest.json").read_bytes() == before
     shown = cli("inspect", out).output
     assert len([line for line in shown.splitlines() if "not_built" in line]) == 1
+    report = (out / "report.md").read_text()
+    assert "## Serve it" in report
+    assert "trtconv engine OUT --target tensorrt --require-engine" in report
+    assert "trtllm-serve OUT/engine --backend tensorrt --tokenizer OUT/tokenizer" in report
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md: charts readable at 70B scale, gate thresholds shown, a command to serve the artifact
+
+
+def _gates():
+    from trtconv.artifact.manifest import GateResult
+
+    return [GateResult(metric="max_kl", comparator="<=", threshold=0.05, value=0.01, verdict="pass"),
+            GateResult(metric="min_top1_agreement", comparator=">=", threshold=0.9, value=0.95, verdict="pass")]
+
+
+def test_weight_error_chart_stays_readable_at_hundreds_of_layers(tmp_path):
+    from PIL import Image
+
+    from trtconv.artifact.report import plot_weight_errors, weight_error_figure
+
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    errors = [(f"model.layers.{i}.{k}", 0.01 + 0.0001 * i + 0.001 * j) for i in range(80) for j, k in enumerate(kinds)]
+    errors.append(("lm_head", 0.02))
+    path = tmp_path / "w.png"
+    plot_weight_errors(errors, path, _gates())
+    width, height = Image.open(path).size
+    assert width <= 1200 and height <= 600  # one page wide, whatever the layer count (was 0.18 in per module)
+    fig = weight_error_figure(errors, _gates())
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "layer index"
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted([*kinds, "lm_head (outside the layers)"])
+    assert all(len(line.get_xdata()) == 80 for line in ax.lines if line.get_label() in kinds)
+    assert any("max_kl <= 0.05 (pass)" in t.get_text() for t in fig.texts)
+
+
+def test_kl_chart_draws_the_gate_threshold():
+    import numpy as np
+
+    from trtconv.artifact.report import token_kl_figure
+
+    fig = token_kl_figure(np.array([0.001, 0.01, 0.02, 0.2]), _gates())
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "gate: mean KL <= 0.05 (pass)" in labels
+    gate_line = next(line for line in fig.axes[0].lines if line.get_label().startswith("gate:"))
+    assert gate_line.get_xdata()[0] == pytest.approx(np.log10(0.05))
