@@ -1,8 +1,10 @@
 """The command line. It only builds a recipe and hands it to the pipeline (`--dry-run` prints it).
 
 Exit codes: 0 every stage ran and every gate passed; 1 an accuracy gate failed (artifact written,
-marked failed); 2 a user mistake (recipe, paths, data, model); 3 an engine was required but could
-not be built here; 130 interrupted. User mistakes print one message, never a traceback.
+marked failed); 2 a user mistake (recipe, paths, data, model, an unreachable Hub); 3 an engine was
+required but could not be built here; 130 interrupted. `verify`: 1 the files, manifest, pinned
+digest or signature do not match; 4 intact but not passed (without --allow-failed). User mistakes
+print one message, never a traceback (with --json also a JSON object on stdout).
 """
 
 from __future__ import annotations
