@@ -119,24 +119,24 @@ class Reporter:
         t0 = time.monotonic()
         self._activity = ""
         stop = threading.Event()
-        beat = None
-        if self.quiet:
+        beat = live = None
+        if self.quiet or self._live is not None:  # quiet, or nested in a phase that already shows life
             pass
         elif self.plain:
             beat = threading.Thread(target=self._heartbeat, args=(name, t0, stop), daemon=True)
             beat.start()
         else:
-            self._live = self._new_progress()
-            self._live.start()
-            self._live.add_task(f"{name}", total=None)
+            live = self._live = self._new_progress(self.console)
+            live.start()
+            live.add_task(name, total=None)
         try:
             yield
         finally:
             stop.set()
             if beat is not None:
                 beat.join()
-            if self._live is not None:
-                self._live.stop()
+            if live is not None:
+                live.stop()
                 self._live = None
         self.info(f"{name}: finished in {_duration(time.monotonic() - t0)}")  # not reached on an exception
 
