@@ -46,7 +46,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    epilog="Example: trtconv build default -o out/default && trtconv verify out/default --expect-digest SHA256",
+    epilog="Example: trtconv build default -o out/default; trtconv verify out/default",
 )
 # The command listing: one line per command, in the order of the pipeline's life.
 app.command()(build.build)

@@ -11,10 +11,9 @@ from typing import Annotated, Optional
 import typer
 
 from trtconv.cli.options import DeviceOpt, JsonOpt, JunitOpt, QuietOpt, RequireEngineOpt, fail
+from trtconv.artifact.signing import PASSWORD_ENV as SIGNING_PASSWORD_ENV
 from trtconv.artifact.writer import SIGNATURE_NAME
 from trtconv.core.errors import GateFailed, Interrupted, UserError
-
-SIGNING_PASSWORD_ENV = "TRTCONV_SIGNING_KEY_PASSWORD"
 
 
 def inspect(
@@ -253,7 +252,8 @@ def sign(
 
     Example:
 
-        trtconv sign out/ --key release.key.pem && trtconv verify out/ --public-key release.pub.pem
+        trtconv sign out/ --key release.key.pem
+        trtconv verify out/ --public-key release.pub.pem
     """
     from trtconv.artifact.manifest import check_integrity, read_manifest
     from trtconv.artifact.signing import sign_artifact

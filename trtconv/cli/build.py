@@ -71,7 +71,7 @@ def build(
 
     Example:
 
-        trtconv build recipes/llama-ref-fp8.yaml -o out/fp8 --set calibration.num_samples=128 --junit gates.xml
+        trtconv build recipes/llama-ref-fp8.yaml -o out/fp8 --junit gates.xml
     """
     from trtconv.recipe.schema import load_recipe
 
@@ -113,7 +113,7 @@ def calibrate(
 
     Example:
 
-        trtconv calibrate --model ./my-llama --precision int4_awq --kv-cache fp8 -o out/awq
+        trtconv calibrate --model ./my-llama --precision int4_awq -o out/awq
     """
     from trtconv.recipe.schema import recipe_from_dict
 
