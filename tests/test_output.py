@@ -166,3 +166,10 @@ def test_kl_chart_draws_the_gate_threshold():
     assert "gate: mean KL <= 0.05 (pass)" in labels
     gate_line = next(line for line in fig.axes[0].lines if line.get_label().startswith("gate:"))
     assert gate_line.get_xdata()[0] == pytest.approx(np.log10(0.05))
+
+
+def test_cache_prune_json_error_is_json(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTCONV_CACHE", str(tmp_path / "cache"))
+    r = cli("cache", "prune", "--json")
+    assert r.exit_code == 2
+    assert json.loads(r.stdout)["exit_code"] == 2 and "say what to prune" in json.loads(r.stdout)["error"]

@@ -28,8 +28,10 @@ def _echo(text: str) -> None:
     typer.echo(text)
 
 
-def _error(err: CacheError) -> None:
+def _error(err: CacheError, as_json: bool = False) -> None:
     typer.echo(f"error: {err}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"error": str(err), "exit_code": err.exit_code}))
     raise typer.Exit(err.exit_code)
 
 
@@ -113,7 +115,7 @@ def prune_command(
             raise CacheError("say what to prune: --older-than DAYS, --max-size SIZE or --all (add --dry-run to preview)")
         limit = parse_size(max_size) if max_size is not None else None
     except CacheError as err:
-        _error(err)
+        _error(err, as_json)
     root = cache_root()
     candidates = plan_prune(list_entries(root), older_than_days=older_than, max_size=limit, stage=stage, everything=everything)
     plan = prune(candidates, dry_run=dry_run)
