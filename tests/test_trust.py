@@ -173,7 +173,7 @@ def test_booleans_are_not_numbers(override):
     from trtconv.core.errors import RecipeError
     from trtconv.recipe.schema import load_recipe
 
-    with pytest.raises(RecipeError, match=r"is a boolean; give a number"):
+    with pytest.raises(RecipeError, match=r"a boolean is not a number here; give a number \(got (True|False)\)"):
         load_recipe("default", [override])
 
 

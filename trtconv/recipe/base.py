@@ -27,5 +27,5 @@ class Section(BaseModel):
     def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) and info.field_name is not None:
             if not _admits_bool(cls.model_fields[info.field_name].annotation):
-                raise ValueError(f"{value!r} is a boolean; give a number (booleans are not integers)")
+                raise ValueError("a boolean is not a number here; give a number")
         return value
