@@ -104,7 +104,8 @@ def check(
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
     try:
-        results = check_artifact(artifact, device, reporter, against)
+        with reporter.phase("check"):  # loads both models and re-runs the gate: minutes on a big model
+            results = check_artifact(artifact, device, reporter, against)
     except UserError as exc:
         fail(exc, json_mode)
     except KeyboardInterrupt:
@@ -215,7 +216,8 @@ def verify(
         from trtconv.stages.check import check_artifact
 
         try:
-            results = check_artifact(artifact, device, reporter)
+            with reporter.phase("deep check"):
+                results = check_artifact(artifact, device, reporter)
         except UserError as exc:
             fail(exc)
         if not results[0].passed:
