@@ -4,8 +4,8 @@ On a terminal: one live display per stage, a spinner with elapsed time, plus pro
 ETA for calibration and evaluation batches. In CI logs (no TTY): plain timestamped lines, a few per
 stage, nothing that redraws, never wrapped (a digest or a command stays on one line so grep and
 copy-paste work), a heartbeat line at least every 30 s while a phase is silent (ModelOpt's AWQ
-search, model loading, hashing), and a closing line with each stage's time. ``quiet`` keeps only errors and
-the final result; ``json`` leaves stdout to the machine-readable summary.
+search, model loading, hashing), and a closing line with each stage's time. ``quiet`` keeps only
+errors and the final result; ``json`` leaves stdout to the machine-readable summary.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 HEARTBEAT_S = 30.0
 # The Reporter of the running command: stages (StageMeter) announce themselves through it.
 _ACTIVE: "Reporter | None" = None
-
-
-def active() -> "Reporter | None":
-    return _ACTIVE
 
 
 def _heartbeat_s() -> float:
@@ -65,7 +61,6 @@ class Reporter:
         self.console = Console(file=stream, highlight=False, soft_wrap=self.plain, width=None if interactive else 10_000)
         self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True, width=None if interactive else 10_000)
         self._t0 = time.monotonic()
-        self._lock = threading.Lock()
         self._activity = ""  # the last thing said in the current phase (heartbeat lines repeat it)
         self._live: Progress | None = None  # the terminal's one live display during a phase
         _ACTIVE = self
