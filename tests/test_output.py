@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -95,7 +94,7 @@ def test_long_phase_heartbeat_in_logs_and_a_closing_time(capsys, monkeypatch):
 
 
 @pytest.mark.integration
-def test_build_log_and_engine_command_and_inspect(cli, tiny_llama, tmp_path, no_trtllm):
+def test_build_log_and_engine_command_and_inspect(cli, tiny_llama, tmp_path, no_trtllm):  # noqa: F811
     # No TensorRT-LLM here (as on a CPU runner): the engine is not built, its command is recorded.
     out = tmp_path / ("a-rather-long-folder-name-so-commands-pass-80-columns" * 2) / "out"
     r = cli("calibrate", "--model", tiny_llama, "--precision", "none", "-o", out, "--num-samples", "4", "--seq-len", "64",
