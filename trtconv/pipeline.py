@@ -141,6 +141,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         check_engine(recipe, hf_cfg, device, reporter)
         calib_path = data_path(recipe.calibration.data, "calib")
         eval_path = data_path(recipe.evaluate.data, "eval")
+        reporter.stage("load", f"hashing {len(weights)} weight file(s), {sum(w.stat().st_size for w in weights) / 2**30:.2f} GiB")
         inputs = load.describe_inputs(model_dir, weights)
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
         export_key = export.export_key(recipe, inputs, pack_sha256(calib_path), device)
@@ -243,6 +244,7 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
 
     stages = []
     with StageMeter("calibrate") as m:
+        reporter.stage("calibrate", f"loading the model from {model_dir}")
         model = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
         reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype}) to "
                        f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "

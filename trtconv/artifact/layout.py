@@ -20,6 +20,8 @@ from __future__ import annotations
 MANIFEST_NAME = "manifest.json"
 RECIPE_NAME = "recipe.yaml"
 REPORT_NAME = "report.md"
+# `trtconv sign`'s default signature file: inside OUT, in neither the manifest nor the signed file list.
+SIGNATURE_NAME = "model.sig"
 WEIGHT_PLOT = "report_weight_error.png"
 KL_PLOT = "report_token_kl.png"
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trtconv.artifact.layout import MANIFEST_NAME, RUN_RECORDS
+from trtconv.artifact.layout import MANIFEST_NAME, RUN_RECORDS, SIGNATURE_NAME
 from trtconv.artifact.writer import sha256_file
 from trtconv.core.errors import ArtifactError
 from trtconv.core.jsonio import read_json_object
@@ -59,7 +59,7 @@ class GateResult(Record):
 
 
 class Manifest(Record):
-    schema_version: int = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION  # read_manifest refuses others by name first
     trtconv_version: str
     command: list[str]
     created_utc: str
@@ -84,8 +84,9 @@ class Manifest(Record):
     gates: list[GateResult] = Field(default_factory=list)
 
 
-# Files that describe the artifact rather than belong to it: not listed in `outputs`.
-UNHASHED = {MANIFEST_NAME}
+# Files that describe the artifact rather than belong to it: not listed in `outputs`. The manifest
+# is covered by the signature instead; the signature cannot cover itself.
+UNHASHED = {MANIFEST_NAME, SIGNATURE_NAME}
 
 
 def hash_tree(root: Path, skip: set[str] = UNHASHED) -> list[FileRecord]:
@@ -119,10 +120,32 @@ def read_manifest(folder: Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{folder} is not a trtconv artifact: {MANIFEST_NAME} is missing")
     data = read_json_object(path, "the artifact manifest", ArtifactError)
+    _check_schema_version(path, data)
     try:
         return Manifest.model_validate(data)
     except Exception as exc:  # pydantic.ValidationError: report it as a damaged manifest
         raise ArtifactError(f"{path}: does not match the manifest schema: {exc}") from None
+
+
+def check_integrity(folder: Path, manifest: Manifest) -> list[str]:
+    """verify_files, plus the manifest's digest against its own file list."""
+    problems = verify_files(folder, manifest)
+    if artifact_digest(manifest.outputs) != manifest.artifact_digest:
+        problems.append("manifest: artifact_digest does not match its own file list (the manifest was edited)")
+    return problems
+
+
+def _check_schema_version(path: Path, data) -> None:
+    """A manifest of another schema is never read as if it were this one."""
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{path}: schema_version is {version!r}; a trtconv manifest has an integer schema_version "
+                            f"(this trtconv reads {MANIFEST_SCHEMA_VERSION})")
+    if version > MANIFEST_SCHEMA_VERSION:
+        raise ArtifactError(f"{path} was written by a newer trtconv (manifest schema {version}; this trtconv reads "
+                            f"schema {MANIFEST_SCHEMA_VERSION}): upgrade trtconv (pip install -U trtconv)")
+    if version < 1:
+        raise ArtifactError(f"{path}: schema_version {version} is not a trtconv manifest schema (1..{MANIFEST_SCHEMA_VERSION})")
 
 
 def verify_files(folder: Path, manifest: Manifest) -> list[str]:

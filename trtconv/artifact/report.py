@@ -1,12 +1,15 @@
 """The human report (report.md + PNG plots) and the JUnit file CI systems display.
 
 When a gate fails, the report names the worst layers by weight quantization error and the worst
-documents by KL, so the user knows what to exclude or recalibrate. The plots are written with
-no timestamp metadata, so the same numbers give the same bytes.
+documents by KL, so the user knows what to exclude or recalibrate. The weight-error plot is drawn
+against the layer index, one series per module kind, so it stays readable at hundreds of layers;
+both plots state the gate thresholds. The report ends with the command that serves the artifact.
+The plots are written with no timestamp metadata, so the same numbers give the same bytes.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -26,40 +29,113 @@ def _fmt_ci(m: dict) -> str:
     return f"{m['value']:.5g} [{m['ci_low']:.5g}, {m['ci_high']:.5g}]"
 
 
-def plot_weight_errors(errors: list[tuple[str, float]], path: Path) -> None:
+_LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
+
+
+def split_layer_name(name: str) -> tuple[int | None, str]:
+    """'model.layers.12.self_attn.q_proj' -> (12, 'self_attn.q_proj'); 'lm_head' -> (None, 'lm_head')."""
+    m = _LAYER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def _gate(gates: list[GateResult], metric: str) -> GateResult | None:
+    return next((g for g in gates if g.metric == metric), None)
+
+
+def _gates_caption(gates: list[GateResult]) -> str:
+    return "gates: " + "; ".join(f"{g.metric} {g.comparator} {g.threshold:g} ({g.verdict})" for g in gates) if gates else "no gates"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n.removeprefix("model.layers.") for n, _ in errors]
-    values = [e for _, e in errors]
-    fig, ax = plt.subplots(figsize=(max(6, len(values) * 0.18), 3.2), dpi=100)
-    ax.bar(range(len(values)), values, color="#4c72b0")
-    ax.set_xticks(range(len(values)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylabel("relative weight error")
-    ax.set_title("per-layer weight quantization error (checkpoint vs original)")
-    fig.tight_layout()
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
-def plot_token_kl(token_kl: np.ndarray, path: Path) -> None:
-    import matplotlib
+def plot_weight_errors(errors: list[tuple[str, float]], path: Path, gates: list[GateResult] | None = None) -> None:
+    _save(weight_error_figure(errors, gates or []), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+def plot_token_kl(token_kl: np.ndarray, path: Path, gates: list[GateResult] | None = None) -> None:
+    _save(token_kl_figure(token_kl, gates or []), path)
+
+
+def weight_error_figure(errors: list[tuple[str, float]], gates: list[GateResult]):
+    """Error against layer index, one series per kind of module (q_proj, down_proj, ...): as readable
+    at 80 layers x 7 kinds as at 2. Modules outside the layer stack (lm_head) are drawn as lines."""
+    plt = _pyplot()
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    outside: list[tuple[str, float]] = []
+    for name, value in errors:
+        index, kind = split_layer_name(name)
+        if index is None:
+            outside.append((name, value))
+        else:
+            series.setdefault(kind, []).append((index, value))
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
+    markers = "os^vD<>ph*"
+    for i, (kind, points) in enumerate(sorted(series.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)],
+                markersize=3 if len(points) > 40 else 5, linewidth=0.8, label=kind)
+    for name, value in outside:
+        ax.axhline(value, linestyle=":", color="grey", linewidth=1, label=f"{name} (outside the layers)")
+    ax.set_xlabel("layer index")
+    ax.set_ylabel("relative weight error")
+    ax.set_title("weight quantization error per layer and module kind (checkpoint vs original)", fontsize=9)
+    # No gate judges weight error itself: the gates that do judge the artifact are stated with it.
+    fig.text(0.01, 0.01, _gates_caption(gates), fontsize=7, color="#444444")
+    if series or outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def token_kl_figure(token_kl: np.ndarray, gates: list[GateResult]):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=100)
     values = np.clip(token_kl, 1e-9, None)
     ax.hist(np.log10(values), bins=60, color="#55a868")
+    mean = float(np.mean(token_kl)) if token_kl.size else 0.0
+    ax.axvline(np.log10(max(mean, 1e-9)), color="#333333", linewidth=1.2, label=f"mean KL {mean:.3g}")
+    gate = _gate(gates, "max_kl")
+    if gate is not None:
+        ax.axvline(np.log10(max(gate.threshold, 1e-9)), color="#c44e52", linestyle="--", linewidth=1.5,
+                   label=f"gate: mean KL {gate.comparator} {gate.threshold:g} ({gate.verdict})")
     ax.set_xlabel("log10 KL(original || artifact) per token")
     ax.set_ylabel("tokens")
-    ax.set_title("distribution of per-token KL")
+    ax.set_title("distribution of per-token KL", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    return fig
+
+
+def serve_commands(manifest: Manifest) -> list[str]:
+    """How to serve the artifact (OUT = its folder), from what it holds."""
+    recipe, engine = manifest.recipe, manifest.engine
+    tp, pp = recipe["export"]["tp_size"], recipe["export"]["pp_size"]
+    par = (f" --tp_size {tp}" if tp > 1 else "") + (f" --pp_size {pp}" if pp > 1 else "")
+    target = engine.get("target")
+    if target == "tensorrt" and engine.get("status") == "built":
+        return [f"trtllm-serve OUT/engine --backend tensorrt --tokenizer OUT/tokenizer{par}"]
+    if target == "pytorch":
+        return [f"trtllm-serve OUT/hf_checkpoint --extra_llm_api_options OUT/engine/llm_api_options.yaml{par}"]
+    build = "tensorrt" if recipe["export"].get("tensorrt_llm_checkpoint", True) else "pytorch"
+    commands = [f"trtconv engine OUT --target {build} --require-engine   # on the GPU it will serve on"]
+    if build == "tensorrt":
+        commands.append(f"trtllm-serve OUT/engine --backend tensorrt --tokenizer OUT/tokenizer{par}")
+    else:
+        commands.append(f"trtllm-serve OUT/hf_checkpoint --extra_llm_api_options OUT/engine/llm_api_options.yaml{par}")
+    return commands
 
 
 def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, float]] | None, token_kl: np.ndarray | None) -> None:
@@ -107,14 +183,14 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
         lines += ["## Worst layers by weight quantization error", "", "| layer | relative error |", "|---|---|"]
         lines += [f"| `{n}` | {e:.4g} |" for n, e in worst]
         lines += ["", f"![per-layer weight error]({WEIGHT_PLOT})", ""]
-        plot_weight_errors(weight_errors, root / WEIGHT_PLOT)
+        plot_weight_errors(weight_errors, root / WEIGHT_PLOT, manifest.gates)
     worst_docs = manifest.evaluation.get("worst_documents") or []
     if worst_docs:
         lines += ["## Worst documents by KL", "", "| document | mean KL | tokens |", "|---|---|---|"]
         lines += [f"| `{d['document']}` | {d['mean_kl']:.4g} | {d['tokens']} |" for d in worst_docs]
         lines.append("")
     if token_kl is not None and token_kl.size:
-        plot_token_kl(token_kl, root / KL_PLOT)
+        plot_token_kl(token_kl, root / KL_PLOT, manifest.gates)
         lines += [f"![per-token KL]({KL_PLOT})", ""]
     if manifest.status != "passed" and weight_errors:
         lines += [
@@ -124,6 +200,7 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
             "or choose a precision with more bits; then rebuild.",
             "",
         ]
+    lines += ["## Serve it", "", "With TensorRT-LLM (OUT is this artifact's folder):", "", "```"] + serve_commands(manifest) + ["```", ""]
     lines += ["## Stages", "", "| stage | status | wall s | peak RSS MiB | peak GPU MiB |", "|---|---|---|---|---|"]
     for s in manifest.stages:
         gpu = f"{s.peak_gpu_mib:.0f}" if s.peak_gpu_mib is not None else "–"

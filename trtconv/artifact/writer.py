@@ -2,7 +2,8 @@
 
 A run writes into a temporary sibling of OUT and renames it into place only at the end, so an
 interrupted run never leaves a half artifact that looks whole, and a failed run never replaces an
-earlier good artifact. A lock file beside OUT refuses a second concurrent build into the same OUT.
+earlier good artifact. A lock file beside OUT (.OUT.lock, removed at the end) refuses a second
+concurrent build into the same OUT.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class ArtifactWriter:
             if self.tmp.exists():
                 shutil.rmtree(self.tmp, ignore_errors=True)
         finally:
+            # Remove the lock file while still holding the lock, so no 0-byte .OUT.lock stays beside the
+            # artifact. Safe: a waiter that opened the old file finds it unlinked after flock and retries.
+            Path(self._lock.lock_file).unlink(missing_ok=True)
             self._lock.release()
 
     def _replace(self, target: Path) -> None:

@@ -30,9 +30,26 @@ def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: 
     return model.to(device)
 
 
+# A tokenizer needs one vocabulary file; tokenizer_config.json alone only says which class reads it.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Name the missing tokenizer files, instead of letting transformers blame sentencepiece or tiktoken."""
+    if any((model_dir / name).is_file() for name in VOCABULARY_FILES) or any(model_dir.glob("*.tiktoken")):
+        return
+    present = [p.name for p in sorted(model_dir.glob("*token*")) if p.is_file()]
+    raise ModelError(
+        f"{model_dir} has no tokenizer vocabulary: none of {', '.join(VOCABULARY_FILES)} is there"
+        + (f" (found only {', '.join(present)})" if present else "")
+        + "; copy the tokenizer files of this model into the folder (AutoTokenizer.save_pretrained writes them)"
+    )
+
+
 def load_tokenizer(model_dir: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(model_dir)
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:

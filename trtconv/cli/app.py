@@ -1,8 +1,10 @@
 """The command line. It only builds a recipe and hands it to the pipeline (`--dry-run` prints it).
 
 Exit codes: 0 every stage ran and every gate passed; 1 an accuracy gate failed (artifact written,
-marked failed); 2 a user mistake (recipe, paths, data, model); 3 an engine was required but could
-not be built here; 130 interrupted. User mistakes print one message, never a traceback.
+marked failed); 2 a user mistake (recipe, paths, data, model, an unreachable Hub); 3 an engine was
+required but could not be built here; 130 interrupted. `verify`: 1 the files, manifest, pinned
+digest or signature do not match; 4 intact but not passed (without --allow-failed). User mistakes
+print one message, never a traceback (with --json also a JSON object on stdout).
 """
 
 from __future__ import annotations
@@ -10,9 +12,33 @@ from __future__ import annotations
 import typer
 import yaml
 
+import typer.core
+
 from trtconv.cli import artifact, build, doctor, recipe
 from trtconv.cli.cache import cache_app
 from trtconv.cli.data import data_app
+
+
+
+def _flags_take_no_value() -> None:
+    """Help shows `--help <bool>`: typer 0.29's TyperOption.display_type_rich returns the type label
+    for every option, flags included (click's own help shows none for a flag). A flag takes no
+    value, so it gets no type label; other options are unchanged."""
+    option = getattr(typer.core, "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_trtconv_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return original(self, ctx)
+
+    display_type_rich._trtconv_flags = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 
 app = typer.Typer(
     name="trtconv",
@@ -20,6 +46,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog="Example: trtconv build default -o out/default; trtconv verify out/default",
 )
 # The command listing: one line per command, in the order of the pipeline's life.
 app.command()(build.build)
@@ -27,6 +54,7 @@ app.command()(build.calibrate)
 app.command()(artifact.inspect)
 app.command()(artifact.check)
 app.command()(artifact.verify)
+app.command()(artifact.sign)
 app.command()(artifact.engine)
 app.command()(doctor.doctor)
 app.add_typer(recipe.recipe_app, name="recipe")
@@ -36,7 +64,12 @@ app.add_typer(cache_app, name="cache")
 
 @app.command()
 def version() -> None:
-    """Print trtconv's and its key dependencies' versions."""
+    """Print trtconv's and its key dependencies' versions.
+
+    Example:
+
+        trtconv version
+    """
     from trtconv.core.environment import package_versions
 
     print(yaml.safe_dump(package_versions(), sort_keys=False), end="")

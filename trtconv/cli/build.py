@@ -13,16 +13,22 @@ from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitO
 from trtconv.cli.render import print_result
 from trtconv.core.errors import GateFailed, Interrupted, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+from trtconv.recipe.schema import CalibrationSection
 
 
 def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
                no_cache: bool = False, repro_check: bool = False) -> None:
     import os
 
-    from trtconv.pipeline import BuildOptions, build
     from trtconv.core.ui import Reporter
+    from trtconv.recipe.schema import recipe_warnings
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
+    for warning in recipe_warnings(recipe):
+        reporter.warn(warning)
+    reporter.info("starting: importing torch, transformers and ModelOpt")  # takes seconds: say so first
+    from trtconv.pipeline import BuildOptions, build
+
     opts = BuildOptions(
         out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
         no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),
@@ -36,11 +42,14 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
         reporter.error(f"{outcome.manifest.status_reason}; the failed artifact is in {outcome.path}")
         raise typer.Exit(GateFailed.exit_code)
     except Interrupted as exc:
-        reporter.error(str(exc))
-        raise typer.Exit(Interrupted.exit_code)
+        fail(exc, json_mode)
     except UserError as exc:
         fail(exc, json_mode)
     print_result(outcome, reporter, json_mode)
+
+
+# calibrate's flags default to the recipe schema's defaults: a flag run and a recipe run agree.
+_CALIBRATION = {name: field.default for name, field in CalibrationSection.model_fields.items()}
 
 
 def build(
@@ -57,7 +66,14 @@ def build(
     no_cache: NoCacheOpt = False,
     repro_check: ReproOpt = False,
 ) -> None:
-    """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed."""
+    """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed.
+
+    Exit codes: 0 passed; 1 an accuracy gate failed (artifact written, marked failed); 2 a mistake in the input; 3 --require-engine and no engine could be built here; 130 interrupted.
+
+    Example:
+
+        trtconv build recipes/llama-ref-fp8.yaml -o out/fp8 --junit gates.xml
+    """
     from trtconv.recipe.schema import load_recipe
 
     try:
@@ -76,11 +92,11 @@ def calibrate(
     output: OutOpt,
     kv_cache: Annotated[str, typer.Option("--kv-cache", help=" or ".join(KV_CACHE_FORMATS) + ".")] = "none",
     data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: built-in pack.")] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
-    seed: Annotated[int, typer.Option("--seed")] = 1234,
-    tp_size: Annotated[int, typer.Option("--tp-size")] = 1,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Calibration sequences of --seq-len tokens.")] = _CALIBRATION["num_samples"],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence (a warning below 32).")] = _CALIBRATION["seq_len"],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per calibration forward pass.")] = _CALIBRATION["batch_size"],
+    seed: Annotated[int, typer.Option("--seed", help="Seed that picks and orders the calibration documents.")] = _CALIBRATION["seed"],
+    tp_size: Annotated[int, typer.Option("--tp-size", help="Tensor-parallel ranks of the exported checkpoint (= the engine's).")] = 1,
     hf_checkpoint: Annotated[bool, typer.Option("--hf-checkpoint", help="Also write the unified HF checkpoint.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Load dtype: bfloat16, float16, float32.")] = "bfloat16",
     set_: SetOpt = None,
@@ -92,7 +108,14 @@ def calibrate(
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
 ) -> None:
-    """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally)."""
+    """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally).
+
+    `--dry-run` prints that recipe, so a flag run can be saved and replayed with `trtconv build`.
+
+    Example:
+
+        trtconv calibrate --model ./my-llama --precision int4_awq -o out/awq
+    """
     from trtconv.recipe.schema import recipe_from_dict
 
     data_dict = {

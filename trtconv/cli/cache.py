@@ -18,6 +18,7 @@ cache_app = typer.Typer(
     name="cache",
     help="List, measure and prune trtconv's cache ($TRTCONV_CACHE or the platform cache folder).",
     no_args_is_help=True,
+    epilog="Example: trtconv cache prune --older-than 30 --dry-run",
 )
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
@@ -27,8 +28,10 @@ def _echo(text: str) -> None:
     typer.echo(text)
 
 
-def _error(err: CacheError) -> None:
+def _error(err: CacheError, as_json: bool = False) -> None:
     typer.echo(f"error: {err}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"error": str(err), "exit_code": err.exit_code}))
     raise typer.Exit(err.exit_code)
 
 
@@ -48,7 +51,12 @@ def _table(entries: list[ListedEntry]) -> list[str]:
 
 @cache_app.command("ls")
 def ls_command(as_json: JsonFlag = False) -> None:
-    """Every cache entry, least recently used first: kind, stage, key prefix, size, created, last used."""
+    """Every cache entry, least recently used first: kind, stage, key prefix, size, created, last used.
+
+    Example:
+
+        trtconv cache ls --json
+    """
     root = cache_root()
     entries = list_entries(root)
     if as_json:
@@ -64,7 +72,12 @@ def ls_command(as_json: JsonFlag = False) -> None:
 
 @cache_app.command("du")
 def du_command(as_json: JsonFlag = False) -> None:
-    """Disk use: the total, and per stage / reference models / temporary leftovers."""
+    """Disk use: the total, and per stage / reference models / temporary leftovers.
+
+    Example:
+
+        trtconv cache du
+    """
     root = cache_root()
     groups: dict[str, dict[str, int]] = {}
     for e in list_entries(root):
@@ -84,20 +97,25 @@ def du_command(as_json: JsonFlag = False) -> None:
 
 @cache_app.command("prune")
 def prune_command(
-    older_than: Annotated[Optional[float], typer.Option("--older-than", help="Remove entries last used more than DAYS ago.", metavar="DAYS")] = None,
+    older_than: Annotated[Optional[float], typer.Option("--older-than", help="Remove entries last used more than DAYS ago (DAYS >= 0).", metavar="DAYS", min=0)] = None,
     max_size: Annotated[Optional[str], typer.Option("--max-size", help="Remove least recently used entries until the rest fits, e.g. 10G.")] = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage ('reference-models' for the reference models).")] = None,
     everything: Annotated[bool, typer.Option("--all", help="Remove every entry in scope.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be removed; remove nothing.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Remove entries (least recently used first); entries a running build has locked are kept."""
+    """Remove entries (least recently used first); entries a running build has locked are kept.
+
+    Example:
+
+        trtconv cache prune --older-than 30 --max-size 50G --dry-run
+    """
     try:
         if older_than is None and max_size is None and not everything:
             raise CacheError("say what to prune: --older-than DAYS, --max-size SIZE or --all (add --dry-run to preview)")
         limit = parse_size(max_size) if max_size is not None else None
     except CacheError as err:
-        _error(err)
+        _error(err, as_json)
     root = cache_root()
     candidates = plan_prune(list_entries(root), older_than_days=older_than, max_size=limit, stage=stage, everything=everything)
     plan = prune(candidates, dry_run=dry_run)

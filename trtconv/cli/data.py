@@ -17,6 +17,7 @@ data_app = typer.Typer(
     name="data",
     help="Freeze calibration and evaluation text into hashed, offline JSONL packs.",
     no_args_is_help=True,
+    epilog="Example: trtconv data pack docs/ -o calib.jsonl --num-samples 512",
 )
 
 
@@ -41,7 +42,12 @@ def pack_command(
     seed: Annotated[int, typer.Option(help="Seed of --num-samples sampling.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
-    """Build a JSONL pack (id, source, text per line) from local text or a dataset."""
+    """Build a JSONL pack (id, source, text per line) from local text or a dataset.
+
+    Example:
+
+        trtconv data pack docs/ notes.txt -o calib.jsonl --num-samples 512 --seed 1
+    """
     from rich.console import Console
     from rich.text import Text
 

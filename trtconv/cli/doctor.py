@@ -60,7 +60,9 @@ def _cache_status() -> tuple[str, str]:
     probe = root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if os.access(probe, os.W_OK):
+    if not probe.is_dir():  # the cache path, or a folder above it, is a file: nothing can be created there
+        return "fail", f"{root} is not writable: {probe} is a file, not a folder; set TRTCONV_CACHE to a writable folder"
+    if os.access(probe, os.W_OK | os.X_OK):
         return "ok", f"{root} (writable)"
     return "fail", f"{root} is not writable: set TRTCONV_CACHE to a writable folder"
 
@@ -108,7 +110,12 @@ def doctor(
     recipe: Annotated[Optional[str], typer.Argument(help="Also check that this recipe can run here.")] = None,
     json_mode: JsonOpt = False,
 ) -> None:
-    """This machine vs what trtconv (and a recipe) needs: GPU, SM, packages, TensorRT-LLM, cache."""
+    """This machine vs what trtconv (and a recipe) needs: GPU, SM, packages, TensorRT-LLM, cache.
+
+    Example:
+
+        trtconv doctor recipes/llama-ref-fp8.yaml
+    """
     
     ok, report = run_doctor(recipe)
     if json_mode:

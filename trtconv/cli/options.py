@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
-
-from trtconv.core.errors import UserError
 
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to write (written atomically).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: KEY.PATH=VALUE (YAML value). Repeatable.")]
@@ -16,16 +15,21 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing art
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final result.")]
 RequireEngineOpt = Annotated[bool, typer.Option("--require-engine", help="Fail (exit 3) if the engine cannot be built here.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+Device = Literal["auto", "cpu", "cuda"]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 ReproOpt = Annotated[bool, typer.Option("--repro-check", help="Calibrate and export twice; report any tensor that differs.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor store stage results (also: TRTCONV_NO_CACHE=1).")]
 JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
 
 
-def fail(err: UserError, json_mode: bool = False) -> None:
+def fail(err: Exception, json_mode: bool = False) -> None:
+    """Print a user error (stderr) and exit with its code; with --json also {"error", "exit_code"} on stdout."""
     from trtconv.core.ui import Reporter
 
+    code = getattr(err, "exit_code", 2)
     Reporter(json_mode=json_mode).error(str(err))
-    raise typer.Exit(getattr(err, "exit_code", 2))
+    if json_mode:
+        print(json.dumps({"error": str(err), "exit_code": code}))
+    raise typer.Exit(code)
 
 

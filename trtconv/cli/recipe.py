@@ -11,12 +11,18 @@ import typer
 from trtconv.cli.options import SetOpt, fail
 from trtconv.core.errors import UserError
 
-recipe_app = typer.Typer(help="List, show, validate shipped and local recipes; write the JSON Schema.", no_args_is_help=True)
+recipe_app = typer.Typer(help="List, show, validate shipped and local recipes; write the JSON Schema.", no_args_is_help=True,
+                         epilog="Example: trtconv recipe validate my-recipe.yaml")
 
 
 @recipe_app.command("list")
 def recipe_list() -> None:
-    """The shipped recipes."""
+    """The shipped recipes.
+
+    Example:
+
+        trtconv recipe list
+    """
     from trtconv.recipe.schema import builtin_recipe_names, builtin_recipes_dir, load_recipe
 
     for name in builtin_recipe_names():
@@ -29,7 +35,12 @@ def recipe_show(
     recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
     set_: SetOpt = None,
 ) -> None:
-    """Print a recipe with every default made explicit (what a build would run)."""
+    """Print a recipe with every default made explicit (what a build would run).
+
+    Example:
+
+        trtconv recipe show default --set quantization.precision=int8_sq
+    """
     from trtconv.recipe.schema import load_recipe
 
     try:
@@ -41,7 +52,12 @@ def recipe_show(
 
 @recipe_app.command("validate")
 def recipe_validate(recipes: Annotated[list[str], typer.Argument(help="Recipe files or shipped names.")]) -> None:
-    """Check recipes against the schema; exit 2 if any is invalid."""
+    """Check recipes against the schema; exit 2 if any is invalid.
+
+    Example:
+
+        trtconv recipe validate my-recipe.yaml recipes/*.yaml
+    """
     from trtconv.recipe.schema import load_recipe
     from trtconv.core.ui import Reporter
 
@@ -60,7 +76,12 @@ def recipe_validate(recipes: Annotated[list[str], typer.Argument(help="Recipe fi
 
 @recipe_app.command("schema")
 def recipe_schema(output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file.")] = None) -> None:
-    """The recipe JSON Schema (for editors: yaml-language-server, VS Code)."""
+    """The recipe JSON Schema (for editors: yaml-language-server, VS Code).
+
+    Example:
+
+        trtconv recipe schema -o recipe.schema.json
+    """
     from trtconv.recipe.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 def summary(outcome) -> dict:
     m = outcome.manifest
@@ -22,26 +23,23 @@ def summary(outcome) -> dict:
 
 
 def print_result(outcome, reporter, json_mode: bool) -> None:
-    from rich.table import Table
-
     m = outcome.manifest
     if json_mode:
         print(json.dumps(summary(outcome), indent=2))
         return
-    table = Table(title=f"accuracy gate: {m.status.upper()}", show_lines=False)
-    for col in ("gate", "value", "95% interval", "threshold", "verdict"):
-        table.add_column(col)
-    for g in m.gates:
-        ci = f"[{g.ci_low:.4g}, {g.ci_high:.4g}]" if g.ci_low is not None else "n/a"
-        table.add_row(g.metric, f"{g.value:.4g}", ci, f"{g.comparator} {g.threshold:g}", g.verdict)
     if m.gates:
-        reporter.console.print(table)
+        rows = []
+        for g in m.gates:
+            ci = f"[{g.ci_low:.4g}, {g.ci_high:.4g}]" if g.ci_low is not None else "n/a"
+            rows.append([g.metric, f"{g.value:.4g}", ci, f"{g.comparator} {g.threshold:g}", g.verdict])
+        reporter.table(f"accuracy gate: {m.status.upper()}", ["gate", "value", "95% interval", "threshold", "verdict"], rows)
     if m.metrics:
         ppl_b, ppl_c = m.metrics["ppl_baseline"]["value"], m.metrics["ppl_candidate"]["value"]
-        reporter.console.print(f"perplexity: original {ppl_b:.4f} -> artifact {ppl_c:.4f}", markup=False)
+        reporter.line(f"perplexity: original {ppl_b:.4f} -> artifact {ppl_c:.4f}")
     eng = m.engine
     if eng.get("target") not in (None, "none"):
-        reporter.console.print(f"engine ({eng.get('target')}): {eng.get('status')} {eng.get('reason') or ''}", markup=False)
-    reporter.console.print(f"{m.status}: {outcome.path} (digest {m.artifact_digest[:16]}…)", markup=False)
-
-
+        reporter.line(f"engine ({eng.get('target')}): {eng.get('status')} {eng.get('reason') or ''}".rstrip())
+        if eng.get("command"):
+            reporter.line("engine command: " + shlex.join(eng["command"]))
+    reporter.line(f"{m.status}: {outcome.path}")
+    reporter.line(f"artifact_digest: {m.artifact_digest}")

@@ -415,10 +415,18 @@ def _pack_bytes(documents: list[Document]) -> bytes:
     return "".join(lines).encode("utf-8")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; a data pack is shared data, so it gets the mode any new file would.
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import ConfigDict, Field, create_model
+
+from trtconv.recipe.base import Section
 
 from trtconv.engine.targets import ENGINE_TARGETS, NO_ENGINE
 from trtconv.recipe.engine_options import (  # noqa: F401  (re-exported: the options are part of this section)
@@ -24,11 +26,11 @@ from trtconv.recipe.engine_options import (  # noqa: F401  (re-exported: the opt
 TargetName = Literal[(NO_ENGINE, *ENGINE_TARGETS)]
 
 
-class _EngineSectionBase(BaseModel):
+class _EngineSectionBase(Section):
     model_config = ConfigDict(extra="forbid")
 
 
-def _engine_section() -> type[BaseModel]:
+def _engine_section() -> type[Section]:
     """`target` plus one options field per row of ENGINE_TARGETS, in table order."""
     described = "; ".join(f"{t.name} = {t.description}" for t in ENGINE_TARGETS.values())
     fields: dict[str, Any] = {

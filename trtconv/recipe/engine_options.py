@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from trtconv.recipe.base import Section
 
 # Dtype-valued plugin flags of trtllm-build ("auto" = the checkpoint's dtype). trtllm-build also
 # accepts "int32" there; it is meaningless for attention/GEMM of an LLM, so trtconv rejects it.
@@ -23,7 +25,7 @@ GemmPluginDtype = Literal["auto", "float16", "bfloat16", "float32", "fp8", "nvfp
 LogLevel = Literal["internal_error", "error", "warning", "info", "verbose", "debug", "trace"]
 
 
-class TensorRTEngineOptions(BaseModel):
+class TensorRTEngineOptions(Section):
     """`trtllm-build` settings for the `tensorrt` target (TensorRT-LLM 1.0-1.2)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -90,7 +92,7 @@ class TensorRTEngineOptions(BaseModel):
     )
 
 
-class PyTorchBackendOptions(BaseModel):
+class PyTorchBackendOptions(Section):
     """LLM-API options for TensorRT-LLM's PyTorch backend (1.0 and later), written as YAML next to the unified checkpoint."""
 
     model_config = ConfigDict(extra="forbid")

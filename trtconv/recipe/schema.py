@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, model_validator
 
+from trtconv.recipe.base import Section
 from trtconv.recipe.engine import EngineSection
 from trtconv.core.errors import RecipeError
 from trtconv.data.reference_models import REFERENCE_MODELS
@@ -35,7 +36,7 @@ KVCacheName = Literal[tuple(KV_CACHE_FORMATS)]
 ReferenceName = Literal[REFERENCE_MODEL_NAMES]
 
 
-class Strict(BaseModel):
+class Strict(Section):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
@@ -83,7 +84,7 @@ class CalibrationSection(Strict):
     )
     num_samples: PositiveInt = Field(64, description="Number of calibration sequences of seq_len tokens.")
     seq_len: PositiveInt = Field(256, description="Tokens per calibration sequence.")
-    batch_size: PositiveInt = Field(4, description="Sequences per calibration forward pass.")
+    batch_size: PositiveInt = Field(8, description="Sequences per calibration forward pass (every shipped recipe uses 8).")
     seed: int = Field(1234, description="Seed that picks and orders the calibration documents.")
 
 
@@ -211,6 +212,36 @@ def validate_recipe_dict(data: Any, source: str) -> Recipe:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
 
 
+class DuplicateKey(ValueError):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line}); YAML would keep only "
+                         "the last one silently: remove one of them")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error, not last-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise DuplicateKey(key, first[key], line)
+                    first[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """yaml.safe_load semantics (no Python objects), duplicate keys refused."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'calibration.num_samples=256' -> (['calibration', 'num_samples'], 256); the value is YAML."""
     if "=" not in text:
@@ -220,7 +251,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise RecipeError(f"--set {text!r}: the key is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_unique(raw) if raw.strip() else None
+    except DuplicateKey as exc:
+        raise RecipeError(f"--set {text!r}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
     return parts, value
@@ -299,7 +332,9 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> tuple[Re
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
+    except DuplicateKey as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
@@ -314,6 +349,23 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str
     data = apply_overrides(data, overrides or [])
     data = _resolve_relative_paths(data, Path.cwd())
     return validate_recipe_dict(data, source)
+
+
+# Below this many tokens per sequence, calibration sees too little context for representative
+# activation ranges (attention and KV-cache scales especially).
+MIN_CALIBRATION_SEQ_LEN = 32
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Valid but probably not what was meant: said before any work, never silently accepted."""
+    warnings = []
+    seq_len = recipe.calibration.seq_len
+    if seq_len < MIN_CALIBRATION_SEQ_LEN and recipe.quantization.precision != "none":
+        warnings.append(
+            f"calibration.seq_len {seq_len} is below {MIN_CALIBRATION_SEQ_LEN}: {recipe.calibration.num_samples} sequences of "
+            f"{seq_len} tokens are too little context for representative activation ranges; use 128 or more (default 256)"
+        )
+    return warnings
 
 
 def json_schema() -> dict:

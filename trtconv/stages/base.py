@@ -14,6 +14,7 @@ from pathlib import Path
 from trtconv.artifact.manifest import InputRecord, StageRecord
 from trtconv.cache.store import StageCache
 from trtconv.core.environment import DeviceInfo
+from trtconv.core.ui import stage_phase
 
 
 def _rss_mib() -> float | None:
@@ -50,12 +51,15 @@ class StageMeter:
         self.peak_rss = _rss_mib() or 0.0
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
+        self._phase = stage_phase(self.name)  # spinner / CI heartbeat, and a closing line with the time
+        self._phase.__enter__()
         self._t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
         import torch
 
+        self._phase.__exit__(*exc)
         self.wall_s = time.monotonic() - self._t0
         self._stop.set()
         self._thread.join()

@@ -146,7 +146,8 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
             cfg = build_quant_config(section)
     n_batches = math.ceil(len(tokens.rows) / batch_size)
     # AWQ runs the calibration data several times (search, then calibrate); the bar counts passes.
-    with reporter.progress("calibration batches", total=n_batches) as advance, quiet_dependency(log):
+    after = "ModelOpt computes the scales" + (" (the AWQ search takes a while)" if "awq" in section.precision else "")
+    with reporter.progress("calibration batches", total=n_batches, then=after) as advance, quiet_dependency(log):
         mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, advance))
     census = quantizer_census(model)
     if section.precision != "none" and not census["enabled"].get("weight_quantizer"):

@@ -2,14 +2,21 @@
 
 Everything that can be wrong with a checkpoint folder is found here, before any calibration time is
 spent: missing folder, no config.json, an architecture the pipeline cannot export, a truncated
-safetensors file, pickle-only weights.
+safetensors file, pickle-only weights, a sharded index naming a shard that is not there, and any
+tensor that is missing, unexpected or of the wrong shape. transformers initialises a missing tensor
+at random without a word, so a damaged checkpoint would calibrate, export and even pass a loose gate;
+the tensor check compares the safetensors headers (no tensor data is read) with the parameters of
+the architecture built from config.json on the meta device (no memory), so it costs seconds even
+at 70B.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
@@ -49,20 +56,56 @@ def resolve_model_dir(section: ModelSection, progress=None) -> Path:
     return path.resolve()
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when the Hub cannot be reached (httpx in huggingface_hub 1.x, requests before)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        errors += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """Every failure here is an input/environment problem (exit 2), said in one line with what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    where = f"model.hub_id {repo_id}@{revision}"
+    local_copy = (f"pre-download it where the Hub is reachable (hf download {repo_id} --revision {revision}) and set "
+                  "HF_HUB_OFFLINE=1, or point model.path at a local folder")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline))
+    except GatedRepoError:
+        raise ModelError(f"{where}: the repository is gated; accept its terms on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{where}: no such repository on {constants.ENDPOINT} (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{where}: the repository has no revision {revision!r}; give a commit sha it has") from None
     except LocalEntryNotFoundError:
-        raise ModelError(
-            f"model.hub_id {repo_id}@{revision} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
-            "(or the Hub is unreachable); download it on a connected machine or point model.path at a local folder"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelError(f"model.hub_id {repo_id}@{revision}: cannot fetch from the Hub: {exc}") from None
+        if offline:
+            raise ModelError(f"{where} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {local_copy}") from None
+        raise ModelError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to fetch {where}, and it is not "
+                         f"in the local cache; check the network/proxy (HTTPS_PROXY, HF_ENDPOINT) or {local_copy}") from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise ModelError(f"{where}: the Hub at {constants.ENDPOINT} answered HTTP {status}; retry later or {local_copy}") from None
+    except _network_errors() as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        raise ModelError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to fetch {where} ({reason}); check "
+                         f"the network/proxy (HTTPS_PROXY, HF_ENDPOINT) or {local_copy}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{where}: cannot fetch from the Hub: {exc}") from None
 
 
 def read_hf_config(model_dir: Path) -> dict:
@@ -83,8 +126,8 @@ def check_architecture(cfg: dict, model_dir: Path) -> str:
     return supported[0]
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Header sanity + size: a truncated or corrupt file fails here, naming the file."""
+def check_safetensors_file(path: Path) -> dict:
+    """Header sanity + size: a truncated or corrupt file fails here, naming the file. Returns the header."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -95,18 +138,46 @@ def check_safetensors_file(path: Path) -> None:
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError(f"header length {header_len} does not fit in a {size}-byte file")
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
         raise ModelError(f"{path}: corrupt safetensors file ({exc})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         raise ModelError(
             f"{path}: truncated or corrupt safetensors file: the header describes {8 + header_len + end} bytes, "
             f"the file has {size}"
         )
+    return header
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _index_shards(model_dir: Path) -> list[Path] | None:
+    """The shards a sharded checkpoint's index names (None without an index); a missing shard is named."""
+    index = model_dir / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {exc}") from None
+    missing = [s for s in shards if not (model_dir / s).is_file()]
+    if missing:
+        raise ModelError(
+            f"{index} names shard{'s' if len(missing) > 1 else ''} {', '.join(missing)}, not found in {model_dir}: "
+            "the checkpoint is incomplete; download the missing shard(s) again"
+        )
+    return [model_dir / s for s in shards]
 
 
 def check_weight_files(model_dir: Path) -> list[Path]:
-    weights = sorted(model_dir.glob("*.safetensors"))
+    """The safetensors files transformers would load: the index's shards, else every *.safetensors file."""
+    weights = _index_shards(model_dir)
+    if weights is None:
+        weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
         hint = (
@@ -119,6 +190,99 @@ def check_weight_files(model_dir: Path) -> list[Path]:
     for p in weights:
         check_safetensors_file(p)
     return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names and shapes: the checkpoint's headers against the architecture built from config.json
+
+
+def checkpoint_tensors(weights: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, file name) from the safetensors headers alone."""
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in weights:
+        for name, info in check_safetensors_file(path).items():
+            if name != "__metadata__":
+                found[name] = (tuple(info["shape"]), path.name)
+    return found
+
+
+@dataclass
+class ExpectedTensors:
+    shapes: dict[str, tuple[int, ...]]  # every tensor of the state dict
+    may_be_absent: set[str]  # tied to another (lm_head.weight with tie_word_embeddings)
+    may_be_present: set[str]  # non-persistent buffers (rotary inv_freq), rebuilt from config
+    ignore_missing: list[str]  # the architecture's own regexes (transformers' _keys_to_ignore_on_load_*)
+    ignore_unexpected: list[str]
+    prefix: str  # base_model_prefix ("model")
+
+
+def expected_tensors(model_dir: Path, trust_remote_code: bool) -> ExpectedTensors:
+    """What the architecture of config.json holds, built on the meta device (shapes, no storage)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"{model_dir / 'config.json'}: cannot build the architecture it describes: {exc}") from None
+    state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    optional = set(tied) if getattr(text_config, "tie_word_embeddings", False) else set()
+    # Non-persistent buffers (rotary inv_freq) are rebuilt from config; older checkpoints carry them.
+    tolerated = {name for name, _ in model.named_buffers()} - set(state)
+    return ExpectedTensors(
+        shapes=state, may_be_absent=optional, may_be_present=tolerated,
+        ignore_missing=list(getattr(model, "_keys_to_ignore_on_load_missing", None) or []),
+        ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+        prefix=getattr(model, "base_model_prefix", "") or "",
+    )
+
+
+def _matching(names: set[str], patterns: list[str]) -> set[str]:
+    return {n for n in names if any(re.search(p, n) for p in patterns)}
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _listed(items: list[str], limit: int = 12) -> str:
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool = False) -> None:
+    """Stop on any missing, unexpected or mis-shaped tensor, naming each with expected vs found shapes."""
+    found = checkpoint_tensors(weights)
+    want = expected_tensors(model_dir, trust_remote_code)
+    expected, prefix = want.shapes, want.prefix
+    # A checkpoint saved from the base model (LlamaModel) lacks the "model." prefix: transformers adds it.
+    if prefix and found and not any(n.startswith(prefix + ".") for n in found):
+        found = {f"{prefix}.{n}" if f"{prefix}.{n}" in expected else n: v for n, v in found.items()}
+    absent = set(expected) - set(found)
+    missing = sorted(absent - want.may_be_absent - _matching(absent, want.ignore_missing))
+    extra = set(found) - set(expected)
+    unexpected = sorted(extra - want.may_be_present - _matching(extra, want.ignore_unexpected))
+    wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n][0])
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: " + _listed([f"{n} (expected {_shape(expected[n])})" for n in missing]))
+    if wrong:
+        problems.append(f"{len(wrong)} of the wrong shape: " + _listed(
+            [f"{n} (expected {_shape(expected[n])}, found {_shape(found[n][0])} in {found[n][1]})" for n in wrong]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: " + _listed(
+            [f"{n} ({_shape(found[n][0])} in {found[n][1]})" for n in unexpected]))
+    raise ModelError(
+        f"{model_dir}: the weights do not match the architecture its config.json describes; "
+        + "; ".join(problems)
+        + ". transformers would fill missing tensors at random: re-export or re-download the checkpoint"
+    )
 
 
 def hash_files(root: Path, names: list[str]) -> list[FileRecord]:
@@ -147,6 +311,7 @@ def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict
     cfg = read_hf_config(model_dir)
     arch = check_architecture(cfg, model_dir)
     weights = check_weight_files(model_dir)
+    check_tensors(model_dir, weights, section.trust_remote_code)
     return model_dir, cfg, arch, weights
 
 
