@@ -228,7 +228,7 @@ def test_unreachable_hub_is_exit_2_with_one_line(tmp_path):
 
 
 def test_missing_tokenizer_files_are_named(tiny_llama, tmp_path):
-    from trtconv.stages import load
+    from trtconv.checkpoints import hf_model as load
 
     m = _copy_model(tiny_llama, tmp_path / "m")
     (m / "tokenizer.json").unlink()

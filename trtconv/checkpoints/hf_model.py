@@ -10,6 +10,18 @@ from pathlib import Path
 
 from trtconv.core.errors import ModelError
 
+# The files a tokenizer may consist of (hashed as the tokenizer input, copied into the artifact).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
 
 def torch_dtype(name: str):
     import torch
@@ -38,7 +50,7 @@ def check_tokenizer_files(model_dir: Path) -> None:
     """Name the missing tokenizer files, instead of letting transformers blame sentencepiece or tiktoken."""
     if any((model_dir / name).is_file() for name in VOCABULARY_FILES) or any(model_dir.glob("*.tiktoken")):
         return
-    present = [p.name for p in sorted(model_dir.glob("*token*")) if p.is_file()]
+    present = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     raise ModelError(
         f"{model_dir} has no tokenizer vocabulary: none of {', '.join(VOCABULARY_FILES)} is there"
         + (f" (found only {', '.join(present)})" if present else "")

@@ -24,19 +24,10 @@ from trtconv.architectures import HF_NAMES
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.artifact.writer import sha256_file
 from trtconv.core.errors import DataError, UserError
+from trtconv.checkpoints.hf_model import TOKENIZER_FILES
 from trtconv.core.jsonio import read_json_object
 from trtconv.recipe.schema import ModelSection, Recipe
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
 
 
