@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 import yaml
 
-from trtconv.cli import artifact, build, doctor, recipe
+from trtconv.cli import artifact, build, doctor, plan, recipe
 from trtconv.cli.cache import cache_app
 from trtconv.cli.data import data_app
 
@@ -22,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # The command listing: one line per command, in the order of the pipeline's life.
+app.command()(plan.plan)
 app.command()(build.build)
 app.command()(build.calibrate)
 app.command()(artifact.inspect)
