@@ -345,3 +345,45 @@ def describe(plan: MemoryPlan) -> list[str]:
              f"GPU {plan.gpu}: {plan.gpu_memory_bytes / GIB:.1f} GiB x {plan.gpus}; calibration path: {path} "
              f"(calibration.streaming: {plan.streaming})"]
     return lines
+
+
+def host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, layer_bytes: int | None = None) -> MemoryPlan:
+    """The plan `build` runs first: against the GPU in use (or the cap), or on CPU against the cap or
+    the host's available memory. Refuses (UserError, exit 2) a run whose chosen path cannot fit."""
+    if device.kind == "cuda":
+        total = int(device.memory_gib * GIB)
+        mem = total if max_gpu_memory_gib is None else min(total, int(max_gpu_memory_gib * GIB))
+        name = device.name
+    else:
+        avail = host_available_bytes()
+        mem = int(max_gpu_memory_gib * GIB) if max_gpu_memory_gib is not None else (avail or 2**62)
+        name = "cpu" if max_gpu_memory_gib is None else "cpu (--max-gpu-memory cap)"
+    plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if device.kind == "cuda" else 1))
+    cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else f"{name} ({mem / GIB:.1f} GiB)"
+    by = {(c.stage, c.where): c for c in plan.checks}
+    if plan.streamed:
+        need = by[("calibrate (streamed)", "gpu")]
+        one_layer = layer_bytes if layer_bytes is not None else plan.layer_bytes
+        if not need.fits:
+            raise UserError(
+                f"{cap} is less than layer-streamed calibration needs: one decoder layer is {one_layer / GIB:.2f} GiB "
+                f"({recipe.model.dtype}), {need.need_bytes / GIB:.2f} GiB with the activation cache and workspace; "
+                "raise the cap, or lower calibration.num_samples / seq_len / batch_size")
+    else:
+        need = by[("calibrate (in memory)", "gpu")]
+        if not need.fits:
+            raise UserError(
+                f"the whole model needs {need.need_bytes / GIB:.1f} GiB to calibrate in memory and {cap} has less; "
+                "set calibration.streaming: auto (or always) to calibrate one layer at a time (see `trtconv plan`)")
+    return plan

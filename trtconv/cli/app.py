@@ -2,7 +2,7 @@
 
 Exit codes: 0 every stage ran and every gate passed; 1 an accuracy gate failed (artifact written,
 marked failed); 2 a user mistake (recipe, paths, data, model); 3 an engine was required but could
-not be built here; 130 interrupted. User mistakes print one message, never a traceback.
+not be built here; 4 (`plan` only) something does not fit the GPU; 130 interrupted. User mistakes print one message, never a traceback.
 """
 
 from __future__ import annotations

@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitOpt, NoCacheOpt, OutOpt, QuietOpt,
-                                 ReproOpt, RequireEngineOpt, SetOpt, fail)
+from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitOpt, MaxGpuMemOpt, NoCacheOpt, OutOpt,
+                                 QuietOpt, ReproOpt, RequireEngineOpt, SetOpt, fail)
 from trtconv.cli.render import print_result
 from trtconv.core.errors import GateFailed, Interrupted, UserError
 
 
 def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
-               no_cache: bool = False, repro_check: bool = False) -> None:
+               no_cache: bool = False, repro_check: bool = False, max_gpu_memory: float | None = None) -> None:
     import os
 
     from trtconv.pipeline import BuildOptions, build
@@ -25,7 +25,7 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
     opts = BuildOptions(
         out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
         no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),
-        repro_check=repro_check,
+        repro_check=repro_check, max_gpu_memory_gib=max_gpu_memory,
     )
     try:
         outcome = build(recipe, opts, reporter)
@@ -55,6 +55,7 @@ def build(
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
     repro_check: ReproOpt = False,
+    max_gpu_memory: MaxGpuMemOpt = None,
 ) -> None:
     """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed."""
     from trtconv.recipe.schema import load_recipe
@@ -66,7 +67,7 @@ def build(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check)
+    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check, max_gpu_memory)
 
 
 def calibrate(
@@ -90,6 +91,7 @@ def calibrate(
     quiet: QuietOpt = False,
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
+    max_gpu_memory: MaxGpuMemOpt = None,
 ) -> None:
     """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally)."""
     from trtconv.recipe.schema import recipe_from_dict
@@ -110,6 +112,6 @@ def calibrate(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache)
+    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache, max_gpu_memory=max_gpu_memory)
 
 

@@ -7,13 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from trtconv.cli.options import JsonOpt, SetOpt, fail
+from trtconv.cli.options import JsonOpt, MaxGpuMemOpt, SetOpt, fail
 from trtconv.core.errors import UserError
 
 GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="A GPU of the catalogue (e.g. h100-80gb, h200-141gb, a100-80gb, "
                                                              "l40s-48gb); default: the GPU detected here, else h100-80gb.")]
 GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="GPUs available to serve the engine.")]
-MaxGpuMemOpt = Annotated[Optional[float], typer.Option("--max-gpu-memory", min=0.1, help="Cap on GPU memory in GiB (as build's).")]
 
 
 def plan(

@@ -151,6 +151,11 @@ def export_trtllm(model, hf_config, architecture: str, section: ExportSection, q
             inference_tensor_parallel=section.tp_size,
             inference_pipeline_parallel=section.pp_size,
         )
+    return finish_trtllm_config(out, hf_config, architecture, quant)
+
+
+def finish_trtllm_config(out: Path, hf_config, architecture: str, quant: QuantizationSection) -> list[Repair]:
+    """Repair and check the exported config.json, make the files readable; the repairs made."""
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     repairs = repair_trtllm_config(cfg, hf_config, architecture)

@@ -112,6 +112,9 @@ def check_safetensors_file(path: Path) -> None:
 
 
 def check_weight_files(model_dir: Path) -> list[Path]:
+    from trtconv.checkpoints.hf_layers import check_index
+
+    check_index(model_dir)  # a shard the index names but that is absent is named before anything is read
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
