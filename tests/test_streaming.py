@@ -86,10 +86,12 @@ def test_streamed_evaluation_equals_in_memory(tmp_path, llama_ref):
     from trtconv.data.samples import evaluation_rows
     from trtconv.stages.evaluate import evaluate_checkpoint
 
+    task = tmp_path / "task.jsonl"  # the first 24 items of the shipped cloze task
+    cloze = Path(__file__).resolve().parent.parent / "calibration_data" / "eval-cloze.jsonl"
+    task.write_text("".join(cloze.read_text().splitlines(keepends=True)[:24]))
     recipe = _recipe(llama_ref, "int8_sq", "fp8")
     recipe = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={
-        "num_samples": 12, "seq_len": 96, "batch_size": 5,
-        "multiple_choice": str(Path(__file__).resolve().parent.parent / "calibration_data" / "eval-cloze.jsonl")})}).resolved()
+        "num_samples": 12, "seq_len": 96, "batch_size": 5, "multiple_choice": str(task)})}).resolved()
     ckpt = _both_paths(tmp_path, recipe)[True][0]
     tok = load_tokenizer(llama_ref, False)
     e = recipe.evaluate

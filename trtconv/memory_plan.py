@@ -185,8 +185,9 @@ def _activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
 
 
 def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus: int = 1,
-                host_bytes: int | None = None, disk_bytes: int | None = None) -> MemoryPlan:
-    """Every stage's peak GPU/host memory and disk, both calibration paths, and the serving memory."""
+                host_bytes: int | None = None, disk_bytes: int | None = None, context_bytes: int = CUDA_CONTEXT) -> MemoryPlan:
+    """Every stage's peak GPU/host memory and disk, both calibration paths, and the serving memory.
+    `context_bytes`: the CUDA context allowance (0 when the "GPU" is a cap on a CPU run)."""
     shape = Shape.from_config(hf_cfg)
     q, cal, ev, ex = recipe.quantization, recipe.calibration, recipe.evaluate, recipe.export
     load_b = DTYPE_BYTES[recipe.model.dtype]
@@ -211,27 +212,28 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
     gpu = gpu_memory_bytes
     add = plan.checks.append
     # In memory: the whole model on the GPU, ModelOpt's export builds each rank's tensors on the host.
-    add(Check("calibrate (in memory)", "gpu", CUDA_CONTEXT + load_bytes + fwd, gpu, "whole model + one batch"))
+    add(Check("calibrate (in memory)", "gpu", context_bytes + load_bytes + fwd, gpu, "whole model + one batch"))
     add(Check("calibrate (in memory)", "host", load_bytes + export_bytes // (ex.tp_size * ex.pp_size), host_bytes,
               "model on the host, then a rank's export"))
     # Streamed: one layer (with ModelOpt's temporaries), the activation cache, embeddings on the host.
-    stream_gpu = CUDA_CONTEXT + int(layer_bytes * STREAM_MARGIN) + act_cache + fwd_layer
-    add(Check("calibrate (streamed)", "gpu", stream_gpu, gpu, "one layer + activation cache"))
-    add(Check("calibrate (streamed)", "host", outer_bytes + 3 * layer_bytes, host_bytes,
-              "embeddings + a layer read/quantized/exported"))
+    stream_gpu = context_bytes + outer_bytes + int(layer_bytes * STREAM_MARGIN) + act_cache + fwd_layer
+    add(Check("calibrate (streamed)", "gpu", stream_gpu, gpu, "embeddings/lm_head + one layer + activation cache"))
+    add(Check("calibrate (streamed)", "host", 3 * layer_bytes + export_bytes // max(1, shape.layers), host_bytes,
+              "a layer read, quantized and exported"))
     # Evaluation: float32 original and candidate (in memory: both whole; streamed: one layer each).
     ev_tokens = ev.batch_size * ev.seq_len
     logits = 2 * ev_tokens * shape.vocab * 4
     if ev.enabled:
-        add(Check("evaluate (in memory)", "gpu", CUDA_CONTEXT + 2 * shape.params() * 4 + logits + _activation_bytes(shape, ev_tokens, 4),
+        add(Check("evaluate (in memory)", "gpu", context_bytes + 2 * shape.params() * 4 + logits + _activation_bytes(shape, ev_tokens, 4),
                   gpu, "original + candidate in float32"))
         hidden = 2 * ev.num_samples * ev.seq_len * shape.hidden * 4
-        add(Check("evaluate (streamed)", "gpu", CUDA_CONTEXT + 2 * shape.layer_params() * 4 + 2 * shape.outer_params() * 4 // 2
+        add(Check("evaluate (streamed)", "gpu", context_bytes + 2 * shape.layer_params() * 4 + 2 * shape.outer_params() * 4
                   + hidden + logits + _activation_bytes(shape, ev_tokens, 4), gpu, "a layer of each + hidden states"))
     copies = 3 if streamed_parts_on_disk(plan) else 2  # artifact + stage cache (+ streamed part files)
     add(Check("export", "disk", export_bytes * copies, disk_bytes, "artifact + stage cache (+ layer parts)"))
     _serving_checks(plan, shape, recipe, gpu, gpus)
     if streaming == "auto":
+        # Any in-memory stage (calibration, or evaluation's two float32 copies) that does not fit: stream both.
         plan.streamed = not all(c.fits for c in plan.checks if "(in memory)" in c.stage and c.where == "gpu")
     _advise(plan, shape, recipe)
     return plan
@@ -369,7 +371,8 @@ def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | Non
         avail = host_available_bytes()
         mem = int(max_gpu_memory_gib * GIB) if max_gpu_memory_gib is not None else (avail or 2**62)
         name = "cpu" if max_gpu_memory_gib is None else "cpu (--max-gpu-memory cap)"
-    plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if device.kind == "cuda" else 1))
+    plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if device.kind == "cuda" else 1),
+                       context_bytes=CUDA_CONTEXT if device.kind == "cuda" else 0)
     cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else f"{name} ({mem / GIB:.1f} GiB)"
     by = {(c.stage, c.where): c for c in plan.checks}
     if plan.streamed:
@@ -380,10 +383,17 @@ def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | Non
                 f"{cap} is less than layer-streamed calibration needs: one decoder layer is {one_layer / GIB:.2f} GiB "
                 f"({recipe.model.dtype}), {need.need_bytes / GIB:.2f} GiB with the activation cache and workspace; "
                 "raise the cap, or lower calibration.num_samples / seq_len / batch_size")
-    else:
-        need = by[("calibrate (in memory)", "gpu")]
-        if not need.fits:
+        ev = by.get(("evaluate (streamed)", "gpu"))
+        if ev is not None and not ev.fits:
             raise UserError(
-                f"the whole model needs {need.need_bytes / GIB:.1f} GiB to calibrate in memory and {cap} has less; "
-                "set calibration.streaming: auto (or always) to calibrate one layer at a time (see `trtconv plan`)")
+                f"{cap} is less than layer-streamed evaluation needs ({ev.need_bytes / GIB:.2f} GiB: one float32 layer of the "
+                "original and of the checkpoint, both models' embeddings and lm_head, the hidden states of every document); "
+                "raise the cap, lower evaluate.num_samples / seq_len, or set evaluate.enabled: false and run `trtconv check` elsewhere")
+    else:
+        for stage in ("calibrate (in memory)", "evaluate (in memory)"):
+            need = by.get((stage, "gpu"))
+            if need is not None and not need.fits:
+                raise UserError(
+                    f"{stage.split()[0]} in memory needs {need.need_bytes / GIB:.1f} GiB and {cap} has less; "
+                    "set calibration.streaming: auto (or always) to work one layer at a time (see `trtconv plan`)")
     return plan

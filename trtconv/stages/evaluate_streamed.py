@@ -23,38 +23,43 @@ class LayerStreamedPair:
 
     def __init__(self, model_dir: Path, checkpoint_dir: Path, device: str, vocab: int):
         self.model_dir, self.checkpoint_dir, self.device, self.vocab = Path(model_dir), Path(checkpoint_dir), device, vocab
-        self.batches: list[torch.Tensor] = []
+        self.batches: list[torch.Tensor] = []  # distinct batches asked for, in first-asked order
+        self.calls: dict[str, list[int]] = {"baseline": [], "candidate": []}  # batch index of each call, per model
         self.errors: list[tuple[str, float]] = []
-        self._replay = 0
 
     # -- the two passes of a scorer ---------------------------------------------------------
+    def _index(self, ids) -> int:
+        ids = ids.detach().cpu()
+        for k, b in enumerate(self.batches):
+            if b.shape == ids.shape and torch.equal(b, ids):
+                return k
+        self.batches.append(ids.clone())
+        return len(self.batches) - 1
+
     def recorders(self) -> tuple[Callable, Callable]:
-        def baseline(ids):
-            self.batches.append(ids.detach().clone())
-            return torch.zeros(*ids.shape, self.vocab, device=ids.device)
+        def recorder(which):
+            def fn(ids):
+                self.calls[which].append(self._index(ids))
+                return torch.zeros(*ids.shape, self.vocab, device=ids.device)
+            return fn
 
-        def candidate(ids):
-            return torch.zeros(*ids.shape, self.vocab, device=ids.device)
-
-        return baseline, candidate
+        return recorder("baseline"), recorder("candidate")
 
     def replayers(self) -> tuple[Callable, Callable]:
-        def baseline(ids):
-            k = self._next(ids)
-            return self.baseline_head(self.baseline_hidden[k])
+        position = {"baseline": 0, "candidate": 0}
 
-        def candidate(ids):
-            k = self._replay - 1  # called right after baseline() on the same batch
-            return self.candidate_model.head(self.candidate_hidden[k])[..., : self.vocab]
+        def replayer(which, logits):
+            def fn(ids):
+                n = position[which]
+                k = self.calls[which][n] if n < len(self.calls[which]) else None
+                if k is None or not torch.equal(ids.detach().cpu(), self.batches[k]):
+                    raise RuntimeError("layer-streamed evaluation: the scorer asked for other batches than it recorded")
+                position[which] += 1
+                return logits(k)
+            return fn
 
-        return baseline, candidate
-
-    def _next(self, ids) -> int:
-        k = self._replay
-        if k >= len(self.batches) or not torch.equal(ids.to(self.batches[k].device), self.batches[k]):
-            raise RuntimeError("layer-streamed evaluation: the scorer asked for other batches than it recorded")
-        self._replay += 1
-        return k
+        return (replayer("baseline", lambda k: self.baseline_head(self.baseline_hidden[k])),
+                replayer("candidate", lambda k: self.candidate_model.head(self.candidate_hidden[k])[..., : self.vocab]))
 
     # -- the layer-by-layer run ---------------------------------------------------------------
     @torch.no_grad()
@@ -88,7 +93,6 @@ class LayerStreamedPair:
         self.baseline_head = lambda h: shell.lm_head(h)
         self.candidate_hidden = [cand.final_hidden(h) for h in hidden_c]
         self.candidate_model = cand
-        self._replay = 0
 
     def num_layers(self) -> int:
         from trtconv.checkpoints.trtllm_format import read_config
