@@ -13,7 +13,7 @@ if ! python3 -c "import modelopt" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/*.whl
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$WHL"/*.tar.gz
 fi
-export PYTHONPATH=/tmp/site:$ROOT HF_HUB_OFFLINE=1 TRTCONV_NO_CACHE=1
+export PYTHONPATH=/tmp/site:$ROOT HF_HUB_OFFLINE=1 TRTCONV_NO_CACHE=1 NUM_SAMPLES=${NUM_SAMPLES:-32}
 cd "$ROOT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 
@@ -23,8 +23,8 @@ run() {  # run NAME MODEL RECIPE-ARGS...
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "/tmp/smi_$name.txt" &
   local smi=$!
   local t0=$(date +%s.%N)
-  python3 -m trtconv calibrate --model "$model" --device cuda --no-cache -q --json -o "$art" \
-      --set evaluate.enabled=false "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+  timeout ${RUN_TIMEOUT:-240} python3 -m trtconv calibrate --model "$model" --device cuda --no-cache -q --json -o "$art" \
+      --set evaluate.enabled=false --num-samples ${NUM_SAMPLES:-32} "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
   local rc=$? t1=$(date +%s.%N)
   kill $smi; wait $smi 2>/dev/null
   python3 - "$name" "$art" "$rc" "$t0" "$t1" "/tmp/smi_$name.txt" "$model" "$@" >> "$OUT/runs.jsonl" <<'PY'
@@ -47,7 +47,9 @@ import torch
 cfg = json.loads((Path(model) / "config.json").read_text())
 prec = args[args.index("--precision") + 1]
 cap = float(args[args.index("--max-gpu-memory") + 1]) if "--max-gpu-memory" in args else None
+import os
 r = recipe_from_dict({"name": "p", "model": {"path": model}, "quantization": {"precision": prec},
+                      "calibration": {"num_samples": int(os.environ.get("NUM_SAMPLES", 32)), "batch_size": 4},
                       "evaluate": {"enabled": False}}).resolved()
 total = torch.cuda.get_device_properties(0).total_memory
 plan = plan_memory(r, cfg, int(cap * GIB) if cap else total, "cuda")
