@@ -291,6 +291,11 @@ def _advise(plan: MemoryPlan, shape: Shape, recipe) -> None:
     ev = by.get(("evaluate (in memory)", "gpu"))
     if ev is not None and not ev.fits and plan.streaming == "never":
         plan.advice.append("evaluation: two float32 copies do not fit; set calibration.streaming: auto to evaluate layer by layer")
+    ev_streamed = by.get(("evaluate (streamed)", "gpu"))
+    if ev_streamed is not None and not ev_streamed.fits:
+        plan.advice.append(f"evaluation: even layer by layer it needs {ev_streamed.need_bytes / GIB:.1f} GiB (float32 layers, both "
+                           "models' embeddings/lm_head, every document's hidden states); lower evaluate.num_samples or seq_len, "
+                           "or set evaluate.enabled: false here and run `trtconv check` on a larger GPU")
     serve = by[("serve (per GPU)", "gpu")]
     if not serve.fits:
         tp = _min_tp(plan, shape, recipe, plan.gpu_memory_bytes)

@@ -1,9 +1,9 @@
 """Calibrate and export one decoder layer at a time: models larger than the GPU (and than host RAM).
 
-ModelOpt 0.47 has no sequential mode for `mtq.quantize` (its `layerwise` calibration option needs
-the whole model in memory, and accelerate's CPU offload leaves weights on the meta device that
-`export_tensorrt_llm_checkpoint` cannot copy). So trtconv drives ModelOpt per layer, as
-llm-compressor and AutoAWQ do, and proves it gives the same checkpoint:
+ModelOpt 0.47's own `layerwise` calibration (algorithm: {layerwise: {enable: true}}) walks the
+layers of a whole model object: the weights must be on the GPU or accelerate-offloaded, and with
+accelerate's CPU offload `export_tensorrt_llm_checkpoint` fails on meta tensors. So trtconv drives
+ModelOpt per layer, as llm-compressor and AutoAWQ do, and proves it gives the same checkpoint:
 
 1. A one-layer "shell" of the model (meta device) holds the real embeddings, final norm and lm_head,
    read from the memory-mapped safetensors. It runs the calibration batches up to decoder layer 0,
