@@ -121,3 +121,11 @@ def test_index_naming_a_missing_shard_is_named(cli, tmp_path, tiny_llama):
     res = cli("calibrate", "--model", model, "--precision", "fp8", "-o", tmp_path / "out", "--device", "cpu")
     assert res.exit_code == 2
     assert "names shard model-00002-of-00002.safetensors" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.integration
+def test_streaming_always_with_pipeline_parallel_is_refused_before_work(cli, tmp_path, tiny_llama):
+    res = cli("calibrate", "--model", tiny_llama, "--precision", "fp8", "-o", tmp_path / "out", "--device", "cpu",
+              "--set", "calibration.streaming=always", "--set", "export.pp_size=2")
+    assert res.exit_code == 2 and "export.pp_size 2" in res.stderr and "calibration.streaming: never" in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -239,7 +239,7 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
         hidden = 2 * ev.num_samples * ev.seq_len * shape.hidden * 4
         add(Check("evaluate (streamed)", "gpu", context_bytes + 2 * shape.layer_params() * 4 + 2 * shape.outer_params() * 4
                   + hidden + logits + _activation_bytes(shape, ev_tokens, 4), gpu, "a layer of each + hidden states"))
-    copies = 3 if streamed_parts_on_disk(plan) else 2  # artifact + stage cache (+ streamed part files)
+    copies = 2 if streaming == "never" else 3  # artifact + stage cache (+ the streamed path's part files)
     add(Check("export", "disk", export_bytes * copies, disk_bytes, "artifact + stage cache (+ layer parts)"))
     _serving_checks(plan, shape, recipe, gpu, gpus)
     if streaming == "auto":
@@ -247,10 +247,6 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
         plan.streamed = not all(c.fits for c in plan.checks if "(in memory)" in c.stage and c.where == "gpu")
     _advise(plan, shape, recipe)
     return plan
-
-
-def streamed_parts_on_disk(plan: MemoryPlan) -> bool:
-    return plan.streaming != "never"
 
 
 def _serving_checks(plan: MemoryPlan, shape: Shape, recipe, gpu: int, gpus: int) -> None:
