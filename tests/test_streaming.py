@@ -65,6 +65,20 @@ def test_streamed_equals_in_memory_tiny_llama(tmp_path, tiny_llama, precision, k
 
 
 @pytest.mark.slow
+def test_streamed_equals_in_memory_with_a_layer_excluded(tmp_path, tiny_llama):
+    """A layer that quantization.exclude switches off entirely (mtq.quantize's whole-model guard would refuse
+    it alone); exclude_modules lists several modules, sorted by the export's repair."""
+    recipe = _recipe(tiny_llama, "fp8")
+    recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
+        update={"exclude": ["*lm_head*", "model.layers.1.*", "*layers.0.mlp.down_proj"]})})
+    paths = _both_paths(tmp_path, recipe)
+    _assert_same_checkpoint(paths[False][0], paths[True][0])
+    config = json.loads((paths[True][0] / "config.json").read_text())
+    assert config["quantization"]["exclude_modules"] == sorted(config["quantization"]["exclude_modules"])
+    assert len(config["quantization"]["exclude_modules"]) > 2
+
+
+@pytest.mark.slow
 def test_streamed_equals_in_memory_qwen2_tp2(tmp_path, tiny_qwen2):
     paths = _both_paths(tmp_path, _recipe(tiny_qwen2, "int4_awq", "none", tp=2))
     _assert_same_checkpoint(paths[False][0], paths[True][0])

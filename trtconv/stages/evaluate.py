@@ -265,6 +265,14 @@ def _verified_path(rec: InputRecord, artifact: Path) -> Path:
     return root
 
 
+def _streamed_here(recipe: Recipe, model_dir: Path, device: DeviceInfo) -> bool:
+    """The memory plan on this device: evaluate layer by layer when the two models do not fit."""
+    from trtconv.memory_plan import plan_for_build
+    from trtconv.stages.load import read_hf_config
+
+    return plan_for_build(recipe, read_hf_config(model_dir), device, None).streamed
+
+
 def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Path | None = None):
     from transformers import AutoTokenizer
 
@@ -277,7 +285,9 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
     recipe = Recipe.model_validate(manifest.recipe)
     model_dir = _verified_path(_input(manifest, "model", artifact), artifact)
     eval_path = _verified_path(_input(manifest, "evaluation_data", artifact), artifact)
-    torch_device = "cuda" if detect_device(device).kind == "cuda" else "cpu"
+    device_info = detect_device(device)
+    torch_device = "cuda" if device_info.kind == "cuda" else "cpu"
+    streamed = _streamed_here(recipe, model_dir, device_info)
     tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer")
     tokens = samples.evaluation_rows(eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
 
@@ -291,7 +301,7 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
         reporter.stage("check", f"{ckpt} against the original {model_dir}")
         engine_record = read_manifest(target).engine if target != artifact else manifest.engine
         outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter,
-                                      artifact_root=target, engine_record=engine_record)
+                                      artifact_root=target, engine_record=engine_record, streamed=streamed)
         passed = gates_passed(outcome.gates, recipe.evaluate.allow_inconclusive)
         results.append(CheckResult(target, manifest, outcome, passed))
     return results

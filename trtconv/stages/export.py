@@ -103,6 +103,13 @@ def repair_trtllm_config(cfg: dict, hf_config, architecture: str) -> list[Repair
             put("rotary_base", float(theta), "ModelOpt's manual config drops rope_theta under transformers 5")
         if scaling is not None:
             put("rotary_scaling", scaling, "ModelOpt's manual config drops rope scaling under transformers 5")
+    quant = cfg.get("quantization") or {}
+    excluded = quant.get("exclude_modules")
+    if isinstance(excluded, list) and excluded != sorted(excluded):
+        # ModelOpt writes list(set(...)): its order follows PYTHONHASHSEED, so the bytes would differ run to run.
+        repairs.append(Repair("quantization.exclude_modules", excluded, sorted(excluded),
+                              "ModelOpt's order depends on the Python hash seed; sorted for reproducible bytes"))
+        quant["exclude_modules"] = sorted(excluded)
     if architecture == "Qwen2ForCausalLM":
         put("qwen_type", "qwen2", "TensorRT-LLM's QWen model needs qwen_type to pick the Qwen2 layout")
         put("attn_bias", True, "Qwen2 has q/k/v biases; TensorRT-LLM reads attn_bias")
