@@ -195,33 +195,44 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
     """Every stage's peak GPU/host memory and disk, both calibration paths, and the serving memory.
     `context_bytes`: the CUDA context allowance (0 when the "GPU" is a cap on a CPU run)."""
     shape = Shape.from_config(hf_cfg)
-    q, cal, ev, ex = recipe.quantization, recipe.calibration, recipe.evaluate, recipe.export
+    q, ex = recipe.quantization, recipe.export
     load_b = DTYPE_BYTES[recipe.model.dtype]
-    exp_b = DTYPE_BYTES[ex.dtype]
-    layer_bytes = shape.layer_params() * load_b
-    load_bytes = shape.params() * load_b
-    outer_bytes = shape.outer_params() * load_b
-    export_bytes = _export_bytes(shape, q.precision, exp_b)
-    calib_tokens = cal.num_samples * cal.seq_len
+    streaming = getattr(recipe.calibration, "streaming", "never")
+    plan = MemoryPlan(gpu=gpu_name, gpu_memory_bytes=gpu_memory_bytes, gpus=gpus, params=shape.params(),
+                      layer_bytes=shape.layer_params() * load_b, load_bytes=shape.params() * load_b,
+                      export_bytes=_export_bytes(shape, q.precision, DTYPE_BYTES[ex.dtype]),
+                      kv_bytes_per_token=shape.kv_bytes_per_token(1 if q.kv_cache == "fp8" else DTYPE_BYTES[ex.dtype]),
+                      streaming=streaming, streamed=streaming == "always")
+    _calibration_checks(plan, shape, recipe, context_bytes, host_bytes)
+    if recipe.evaluate.enabled:
+        _evaluation_checks(plan, shape, recipe.evaluate, context_bytes)
+    copies = 2 if streaming == "never" else 3  # artifact + stage cache (+ the streamed path's part files)
+    plan.checks.append(Check("export", "disk", plan.export_bytes * copies, disk_bytes, "artifact + stage cache (+ layer parts)"))
+    _serving_checks(plan, shape, recipe, gpu_memory_bytes, gpus)
+    if streaming == "auto":
+        # Any in-memory stage (calibration, or evaluation's two float32 copies) that does not fit: stream both.
+        plan.streamed = not all(c.fits for c in plan.checks if "(in memory)" in c.stage and c.where == "gpu")
+    _advise(plan, shape, recipe)
+    return plan
+
+
+def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: int, host_bytes: int | None) -> None:
+    q, cal, ex = recipe.quantization, recipe.calibration, recipe.export
+    load_b = DTYPE_BYTES[recipe.model.dtype]
+    gpu, layer_bytes, outer_bytes = plan.gpu_memory_bytes, plan.layer_bytes, shape.outer_params() * load_b
     batch_tokens = cal.batch_size * cal.seq_len
     # Cached hidden states: the layer's inputs and outputs, twice more for AWQ with an FP8 KV cache
     # (its search pass sees quantized-attention outputs, a second stream).
     streams = 2 if (q.kv_cache != "none" and "awq" in q.precision) else 1
-    act_cache = calib_tokens * shape.hidden * load_b * 2 * streams
-    fwd = _activation_bytes(shape, batch_tokens, load_b) + batch_tokens * shape.vocab * load_b
+    act_cache = cal.num_samples * cal.seq_len * shape.hidden * load_b * 2 * streams
     fwd_layer = _activation_bytes(shape, batch_tokens, load_b)
-    streaming = getattr(cal, "streaming", "never")
-    plan = MemoryPlan(gpu=gpu_name, gpu_memory_bytes=gpu_memory_bytes, gpus=gpus, params=shape.params(),
-                      layer_bytes=layer_bytes, load_bytes=load_bytes, export_bytes=export_bytes,
-                      kv_bytes_per_token=shape.kv_bytes_per_token(1 if q.kv_cache == "fp8" else exp_b),
-                      streaming=streaming, streamed=streaming == "always")
-    gpu = gpu_memory_bytes
+    fwd = fwd_layer + batch_tokens * shape.vocab * load_b
     add = plan.checks.append
     # In memory: the whole model on the GPU (one batch, then ModelOpt's export copies); loaded via the host.
     export_extra = MODEL_EXPORT_OUTER_COPIES * outer_bytes + 2 * layer_bytes
-    add(Check("calibrate (in memory)", "gpu", context_bytes + load_bytes + max(fwd, export_extra), gpu,
+    add(Check("calibrate (in memory)", "gpu", context_bytes + plan.load_bytes + max(fwd, export_extra), gpu,
               "whole model + one batch or the export's copies"))
-    add(Check("calibrate (in memory)", "host", PROCESS_RSS + max(load_bytes, export_bytes // (ex.tp_size * ex.pp_size)),
+    add(Check("calibrate (in memory)", "host", PROCESS_RSS + max(plan.load_bytes, plan.export_bytes // (ex.tp_size * ex.pp_size)),
               host_bytes, "model loaded via the host, then a rank's export"))
     # Streamed: embeddings/lm_head (and the shell export's copies of them), one layer with ModelOpt's
     # temporaries, the activation cache and one batch's forward.
@@ -230,23 +241,18 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
     add(Check("calibrate (streamed)", "gpu", stream_gpu, gpu, "embeddings/lm_head (+ export copies) + one layer + cache"))
     add(Check("calibrate (streamed)", "host", PROCESS_RSS + outer_bytes + 3 * layer_bytes, host_bytes,
               "the shell's export, a layer read/quantized/exported"))
-    # Evaluation: float32 original and candidate (in memory: both whole; streamed: one layer each).
-    ev_tokens = ev.batch_size * ev.seq_len
-    logits = 2 * ev_tokens * shape.vocab * 4
-    if ev.enabled:
-        add(Check("evaluate (in memory)", "gpu", context_bytes + 2 * shape.params() * 4 + logits + _activation_bytes(shape, ev_tokens, 4),
-                  gpu, "original + candidate in float32"))
-        hidden = 2 * ev.num_samples * ev.seq_len * shape.hidden * 4
-        add(Check("evaluate (streamed)", "gpu", context_bytes + 2 * shape.layer_params() * 4 + 2 * shape.outer_params() * 4
-                  + hidden + logits + _activation_bytes(shape, ev_tokens, 4), gpu, "a layer of each + hidden states"))
-    copies = 2 if streaming == "never" else 3  # artifact + stage cache (+ the streamed path's part files)
-    add(Check("export", "disk", export_bytes * copies, disk_bytes, "artifact + stage cache (+ layer parts)"))
-    _serving_checks(plan, shape, recipe, gpu, gpus)
-    if streaming == "auto":
-        # Any in-memory stage (calibration, or evaluation's two float32 copies) that does not fit: stream both.
-        plan.streamed = not all(c.fits for c in plan.checks if "(in memory)" in c.stage and c.where == "gpu")
-    _advise(plan, shape, recipe)
-    return plan
+
+
+def _evaluation_checks(plan: MemoryPlan, shape: Shape, ev, context_bytes: int) -> None:
+    """Float32 original and candidate: both whole in memory; streamed, one layer of each plus every hidden state."""
+    tokens = ev.batch_size * ev.seq_len
+    per_batch = 2 * tokens * shape.vocab * 4 + _activation_bytes(shape, tokens, 4)  # both models' logits + a layer's temporaries
+    gpu = plan.gpu_memory_bytes
+    plan.checks.append(Check("evaluate (in memory)", "gpu", context_bytes + 2 * shape.params() * 4 + per_batch, gpu,
+                             "original + candidate in float32"))
+    hidden = 2 * ev.num_samples * ev.seq_len * shape.hidden * 4
+    plan.checks.append(Check("evaluate (streamed)", "gpu", context_bytes + 2 * (shape.layer_params() + shape.outer_params()) * 4
+                             + hidden + per_batch, gpu, "a layer of each + hidden states"))
 
 
 def _serving_checks(plan: MemoryPlan, shape: Shape, recipe, gpu: int, gpus: int) -> None:
