@@ -43,6 +43,7 @@ class BuildOptions:
     junit: Path | None = None  # write each gate as a JUnit test case here
     no_cache: bool = False  # neither read nor write the stage cache
     repro_check: bool = False  # calibrate + export a second time and compare every tensor
+    max_gpu_memory_gib: float | None = None  # cap on GPU memory (CUDA: enforced; CPU: drives the memory plan)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     silence_library_progress_bars()
     device = detect_device(opts.device)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
+    cap_gpu_memory(device, opts.max_gpu_memory_gib)
     cache = None if opts.no_cache else StageCache()
     stages: list[StageRecord] = []
     writer = ArtifactWriter(opts.out, force=opts.force)
@@ -139,6 +141,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)
+        memory = memory_plan(recipe, hf_cfg, device, opts.max_gpu_memory_gib, model_dir, reporter)
         calib_path = data_path(recipe.calibration.data, "calib")
         eval_path = data_path(recipe.evaluate.data, "eval")
         reporter.stage("load", f"hashing {len(weights)} weight file(s), {sum(w.stat().st_size for w in weights) / 2**30:.2f} GiB")
@@ -168,7 +171,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
                 stages.append(rec.model_copy(update={"status": "reused", "details": {**rec.details, "cache_key": export_key}}))
         else:
             exported, calib_record, unit_stages = run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, writer.tmp,
-                                                                           torch_device, reporter)
+                                                                           torch_device, reporter, streamed=memory.streamed)
             stages += unit_stages
             if cache:
                 meta = {"export": exported.manifest_record(), "calibration": calib_record,
@@ -189,7 +192,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             eval_key = evaluate_stage.evaluate_key(recipe, export_key, pack_sha256(eval_path), device,
                                           engine_files=[(f.path, f.sha256) for f in engine_files])
             outcome_eval, eval_meter = evaluate_stage.run(recipe, model_dir, eval_tokens, eval_key, cache, writer, torch_device,
-                                                          reporter, engine_record=engine_record)
+                                                          reporter, engine_record=engine_record, streamed=memory.streamed)
             stages.append(eval_meter)
         metrics = outcome_eval.summary if outcome_eval else {}
         gates = outcome_eval.gates if outcome_eval else []
@@ -236,12 +239,42 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     return outcome
 
 
+def cap_gpu_memory(device, cap_gib: float | None) -> None:
+    """`--max-gpu-memory`: on CUDA a hard cap through torch's allocator; on CPU it only drives the plan."""
+    if cap_gib is None or device.kind != "cuda":
+        return
+    import torch
+
+    for idx in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(idx).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), idx)
+
+
+def memory_plan(recipe: Recipe, hf_cfg: dict, device, cap_gib: float | None, model_dir: Path, reporter: Reporter):
+    """The memory plan `trtconv plan` prints, against this device: which calibration path runs, or a refusal."""
+    from trtconv.checkpoints.hf_layers import WeightIndex
+    from trtconv.memory_plan import plan_for_build
+
+    layer_bytes = WeightIndex(model_dir).layer_bytes(0) if recipe.calibration.streaming != "never" else None
+    plan = plan_for_build(recipe, hf_cfg, device, cap_gib, layer_bytes)
+    if plan.streamed:
+        from trtconv.stages.streamed import check_supported
+
+        check_supported(recipe)  # what the streamed path cannot do, before any work
+        reporter.stage("load", f"memory plan: layer-streamed calibration (calibration.streaming: {recipe.calibration.streaming}; "
+                       f"whole model {plan.load_bytes / 2**30:.1f} GiB, one layer {plan.layer_bytes / 2**30:.2f} GiB, "
+                       f"{plan.gpu_memory_bytes / 2**30:.1f} GiB available)")
+    return plan
+
+
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
-                             reporter: Reporter):
+                             reporter: Reporter, streamed: bool = False):
     """The expensive unit: load the model, calibrate it, export it into root. Returns its records."""
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.stages import calibrate, export
 
+    if streamed:
+        return run_streamed(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
     stages = []
     with StageMeter("calibrate") as m:
         reporter.stage("calibrate", f"loading the model from {model_dir}")
@@ -260,7 +293,18 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
         for r in exported.repairs:
             reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
     stages.append(m.record(repairs=len(exported.repairs)))
-    return exported, {"quant_config": calib.quant_config, "census": calib.census}, stages
+    return exported, {"quant_config": calib.quant_config, "census": calib.census, "path": "in_memory"}, stages
+
+
+def run_streamed(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str, reporter: Reporter):
+    """The same unit, one decoder layer at a time (calibrate and export interleave: one meter for both)."""
+    from trtconv.stages import streamed
+
+    with StageMeter("calibrate") as m:
+        exported, record, log = streamed.run(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
+    stage = m.record(status="ok", quantizers=record["census"], modelopt_output=log, path="streamed",
+                     repairs=len(exported.repairs))
+    return exported, {**record, "path": "streamed"}, [stage]
 
 
 def repro_check(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, writer, device: str, reporter: Reporter) -> dict:

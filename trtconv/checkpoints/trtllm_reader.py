@@ -286,10 +286,22 @@ class CheckpointModel:
         hidden = self.embedding[input_ids]
         cos, sin = self._rope_tables(input_ids.shape[1])
         for layer in self.layers:
-            hidden = hidden + self._attention(layer, rms_norm(hidden, layer.input_norm, self.norm_epsilon), cos, sin)
-            hidden = hidden + self._mlp(layer, rms_norm(hidden, layer.post_norm, self.norm_epsilon))
-        hidden = rms_norm(hidden, self.final_norm, self.norm_epsilon)
-        return F.linear(hidden, self.lm_head).float()
+            hidden = self.layer_forward(layer, hidden, cos, sin)
+        return self.head(self.final_hidden(hidden))
+
+    # The pieces of `logits`, for layer-streamed evaluation (one layer of the checkpoint at a time).
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rope_tables(length)
+
+    def layer_forward(self, layer: DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self._attention(layer, rms_norm(hidden, layer.input_norm, self.norm_epsilon), cos, sin)
+        return hidden + self._mlp(layer, rms_norm(hidden, layer.post_norm, self.norm_epsilon))
+
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, self.final_norm, self.norm_epsilon)
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        return F.linear(normed, self.lm_head).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,13 +428,15 @@ class _Loader:
         table = torch.cat([self.files.get(r, "lm_head.weight") for r in ranks], dim=0)
         return self._cast(table[: self.shape.vocab_size])
 
-    def model(self) -> CheckpointModel:
+    def layer_positions(self) -> list[tuple[int, int]]:
+        """(pp rank, local index) of every decoder layer, in model order."""
         s = self.shape
-        layers = [
-            self.layer(pp_rank, local)
-            for pp_rank in range(s.pp_size)
-            for local, _ in enumerate(stage_layers(s, pp_rank))
-        ]
+        return [(pp_rank, local) for pp_rank in range(s.pp_size) for local, _ in enumerate(stage_layers(s, pp_rank))]
+
+    def model(self, with_layers: bool = True) -> CheckpointModel:
+        """The whole model; `with_layers=False` leaves the layers out (layer-streamed evaluation loads them one by one)."""
+        s = self.shape
+        layers = [self.layer(pp, local) for pp, local in self.layer_positions()] if with_layers else []
         embedding = self.embedding()
         final_norm = self._cast(self.files.get(self.stage_ranks(s.pp_size - 1)[0], "transformer.ln_f.weight"))
         return CheckpointModel(
@@ -475,16 +489,21 @@ def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) 
     AWQ rewrite the weights of the model they calibrate in place).
     """
     ckpt = load_checkpoint_model(ckpt_dir)
-    s = ckpt.shape
-    q_rows, kv_rows = s.num_heads * s.head_size, s.num_kv_heads * s.head_size
     errors: list[tuple[str, float]] = []
-    hf_layers = hf_model.model.layers
-    for index, (layer, hf_layer) in enumerate(zip(ckpt.layers, hf_layers)):
-        prefix = f"model.layers.{index}"
-        q, k, v = layer.qkv.effective_weight().float().cpu().split([q_rows, kv_rows, kv_rows], dim=0)
-        for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}"))))
-        for field_name, hf_name in _HF_LINEARS.items():
-            weight = getattr(layer, field_name).effective_weight().float().cpu()
-            errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name))))
+    for index, (layer, hf_layer) in enumerate(zip(ckpt.layers, hf_model.model.layers)):
+        errors += layer_weight_errors(index, layer, hf_layer, ckpt.shape)
+    return errors
+
+
+def layer_weight_errors(index: int, layer: DecoderLayer, hf_layer: torch.nn.Module, s: ModelShape) -> list[tuple[str, float]]:
+    """weight_quantization_errors for one decoder layer (what layer-streamed evaluation calls)."""
+    q_rows, kv_rows = s.num_heads * s.head_size, s.num_kv_heads * s.head_size
+    prefix = f"model.layers.{index}"
+    errors: list[tuple[str, float]] = []
+    q, k, v = layer.qkv.effective_weight().float().cpu().split([q_rows, kv_rows, kv_rows], dim=0)
+    for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+        errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}"))))
+    for field_name, hf_name in _HF_LINEARS.items():
+        weight = getattr(layer, field_name).effective_weight().float().cpu()
+        errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name))))
     return errors

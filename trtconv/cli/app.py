@@ -3,7 +3,8 @@
 Exit codes: 0 every stage ran and every gate passed; 1 an accuracy gate failed (artifact written,
 marked failed); 2 a user mistake (recipe, paths, data, model, an unreachable Hub); 3 an engine was
 required but could not be built here; 130 interrupted. `verify`: 1 the files, manifest, pinned
-digest or signature do not match; 4 intact but not passed (without --allow-failed). User mistakes
+digest or signature do not match; 4 intact but not passed (without --allow-failed). `plan`: 4 something
+does not fit the GPU. User mistakes
 print one message, never a traceback (with --json also a JSON object on stdout).
 """
 
@@ -14,7 +15,7 @@ import yaml
 
 import typer.core
 
-from trtconv.cli import artifact, build, doctor, recipe
+from trtconv.cli import artifact, build, doctor, plan, recipe
 from trtconv.cli.cache import cache_app
 from trtconv.cli.data import data_app
 
@@ -49,6 +50,7 @@ app = typer.Typer(
     epilog="Example: trtconv build default -o out/default; trtconv verify out/default",
 )
 # The command listing: one line per command, in the order of the pipeline's life.
+app.command()(plan.plan)
 app.command()(build.build)
 app.command()(build.calibrate)
 app.command()(artifact.inspect)

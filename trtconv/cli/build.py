@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitOpt, NoCacheOpt, OutOpt, QuietOpt,
-                                 ReproOpt, RequireEngineOpt, SetOpt, fail)
+from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitOpt, MaxGpuMemOpt, NoCacheOpt, OutOpt,
+                                 QuietOpt, ReproOpt, RequireEngineOpt, SetOpt, fail)
 from trtconv.cli.render import print_result
 from trtconv.core.errors import GateFailed, Interrupted, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
@@ -17,7 +17,7 @@ from trtconv.recipe.schema import CalibrationSection
 
 
 def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
-               no_cache: bool = False, repro_check: bool = False) -> None:
+               no_cache: bool = False, repro_check: bool = False, max_gpu_memory: float | None = None) -> None:
     import os
 
     from trtconv.core.ui import Reporter
@@ -32,7 +32,7 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
     opts = BuildOptions(
         out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
         no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),
-        repro_check=repro_check,
+        repro_check=repro_check, max_gpu_memory_gib=max_gpu_memory,
     )
     try:
         outcome = build(recipe, opts, reporter)
@@ -65,6 +65,7 @@ def build(
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
     repro_check: ReproOpt = False,
+    max_gpu_memory: MaxGpuMemOpt = None,
 ) -> None:
     """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed.
 
@@ -83,7 +84,7 @@ def build(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check)
+    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check, max_gpu_memory)
 
 
 def calibrate(
@@ -107,6 +108,7 @@ def calibrate(
     quiet: QuietOpt = False,
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
+    max_gpu_memory: MaxGpuMemOpt = None,
 ) -> None:
     """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally).
 
@@ -134,6 +136,6 @@ def calibrate(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache)
+    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache, max_gpu_memory=max_gpu_memory)
 
 

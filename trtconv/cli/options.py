@@ -19,6 +19,9 @@ Device = Literal["auto", "cpu", "cuda"]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 ReproOpt = Annotated[bool, typer.Option("--repro-check", help="Calibrate and export twice; report any tensor that differs.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor store stage results (also: TRTCONV_NO_CACHE=1).")]
+MaxGpuMemOpt = Annotated[Optional[float], typer.Option(
+    "--max-gpu-memory", min=0.01,
+    help="Cap on GPU memory in GiB: enforced on CUDA; decides layer streaming (calibration.streaming: auto) everywhere.")]
 JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
 
 

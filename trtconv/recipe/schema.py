@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, model_serializer, model_validator
 
 from trtconv.recipe.base import Section
 from trtconv.recipe.engine import EngineSection
@@ -86,6 +86,19 @@ class CalibrationSection(Strict):
     seq_len: PositiveInt = Field(256, description="Tokens per calibration sequence.")
     batch_size: PositiveInt = Field(8, description="Sequences per calibration forward pass (every shipped recipe uses 8).")
     seed: int = Field(1234, description="Seed that picks and orders the calibration documents.")
+    streaming: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Calibrate, export and evaluate one decoder layer at a time (memory: about one layer). "
+        "auto = only when the whole model does not fit the GPU (see `trtconv plan`); the checkpoint is the same either way.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_streaming(self, handler):
+        # Left out at its default so recipes written before the option keep their bytes and digest.
+        data = handler(self)
+        if data.get("streaming") == "auto":
+            data.pop("streaming")
+        return data
 
 
 class ExportSection(Strict):

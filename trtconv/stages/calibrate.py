@@ -130,26 +130,21 @@ def quantizer_census(model) -> dict:
     return {"enabled": dict(sorted(counts.items())), "invalid_amax": bad}
 
 
-def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, device: str, reporter) -> CalibrationResult:
-    if section.precision == "none" and section.kv_cache == "none":
-        return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
+def recipe_quant_config(section: QuantizationSection, log: list[str]) -> dict:
+    """The ModelOpt config for a section that quantizes something (KV-cache-only included)."""
     mtq = import_modelopt()
-    log: list[str] = []
     with quiet_dependency(log):  # ModelOpt prints the merged config to stdout
         if section.precision == "none":
             # KV-cache-only quantization: everything else off.
             from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES
 
             cfg: dict[str, Any] = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
-            cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
-        else:
-            cfg = build_quant_config(section)
-    n_batches = math.ceil(len(tokens.rows) / batch_size)
-    # AWQ runs the calibration data several times (search, then calibrate); the bar counts passes.
-    after = "ModelOpt computes the scales" + (" (the AWQ search takes a while)" if "awq" in section.precision else "")
-    with reporter.progress("calibration batches", total=n_batches, then=after) as advance, quiet_dependency(log):
-        mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, advance))
-    census = quantizer_census(model)
+            return mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
+        return build_quant_config(section)
+
+
+def check_census(census: dict, section: QuantizationSection) -> None:
+    """No silent no-op, no unusable scale: the checks every calibration path ends with."""
     if section.precision != "none" and not census["enabled"].get("weight_quantizer"):
         raise UserError(
             f"ModelOpt enabled no weight quantizer for precision {section.precision}: "
@@ -161,6 +156,21 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
             f"(zero or non-finite amax), e.g. {census['invalid_amax'][:3]}; the calibration data may be too "
             "short or degenerate: raise calibration.num_samples or use other text"
         )
+
+
+def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, device: str, reporter) -> CalibrationResult:
+    if section.precision == "none" and section.kv_cache == "none":
+        return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
+    mtq = import_modelopt()
+    log: list[str] = []
+    cfg = recipe_quant_config(section, log)
+    n_batches = math.ceil(len(tokens.rows) / batch_size)
+    # AWQ runs the calibration data several times (search, then calibrate); the bar counts passes.
+    after = "ModelOpt computes the scales" + (" (the AWQ search takes a while)" if "awq" in section.precision else "")
+    with reporter.progress("calibration batches", total=n_batches, then=after) as advance, quiet_dependency(log):
+        mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, advance))
+    census = quantizer_census(model)
+    check_census(census, section)
     return CalibrationResult(quant_config=_jsonable(cfg), census=census, dependency_output=log)
 
 

@@ -38,7 +38,7 @@ class EvalOutcome:
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
                         weight_errors: bool = True, artifact_root: Path | None = None,
-                        engine_record: dict | None = None) -> EvalOutcome:
+                        engine_record: dict | None = None, streamed: bool = False) -> EvalOutcome:
     """The original model (fresh from disk, float32) against the artifact, gated.
 
     The candidate is the built engine through TensorRT-LLM's own API where that runs here (and the
@@ -49,6 +49,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     from trtconv.checkpoints.trtllm_reader import weight_quantization_errors
     from trtconv.gate import stats as evaluate
 
+    if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
+        return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors)
     baseline = load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
     vocab = baseline.config.vocab_size
     engine = None
@@ -89,6 +91,39 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     }
     if engine is not None and not engine.available:
         record["engine_fallback_reason"] = engine.reason
+    if task_correct is not None:
+        record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
+    report_gates(gates, reporter)
+    return EvalOutcome(summary, gates, record, stats, errors)
+
+
+def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
+                      weight_errors: bool = True) -> EvalOutcome:
+    """evaluate_checkpoint with one decoder layer of each model in memory (stages/evaluate_streamed.py)."""
+    from trtconv.gate import stats as evaluate
+    from trtconv.stages.evaluate_streamed import LayerStreamedPair, run_scorers
+    from trtconv.stages.load import read_hf_config
+
+    pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"])
+
+    def scorer(baseline_logits, candidate):
+        stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, lambda n=1: None)
+        task = score_task(recipe, model_dir, baseline_logits, candidate, device, reporter) if recipe.evaluate.multiple_choice else None
+        return stats, task
+
+    reporter.stage("evaluate", "layer-streamed: the original and the checkpoint one layer at a time")
+    stats, task_correct = run_scorers(pair, scorer, reporter, weight_errors)
+    summary = evaluate.summarize(stats, recipe.evaluate.seed)
+    gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
+    errors = pair.errors
+    record = {
+        **tokens.manifest_record(),
+        "candidate": "TensorRT-LLM checkpoint via trtconv's reference executor (float32)",
+        "baseline": "original HF checkpoint (transformers, float32)",
+        "path": "streamed",
+        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
+        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in sorted(errors, key=lambda x: -x[1])[:5]],
+    }
     if task_correct is not None:
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
     report_gates(gates, reporter)
@@ -168,7 +203,7 @@ def report_gates(gates, reporter: Reporter) -> None:
 
 
 def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device: str, reporter: Reporter,
-        engine_record: dict | None = None) -> tuple[EvalOutcome, StageRecord]:
+        engine_record: dict | None = None, streamed: bool = False) -> tuple[EvalOutcome, StageRecord]:
     """The evaluate stage, its statistics reused from the cache under `key` when there; gates always recomputed."""
     from trtconv.gate import stats as evaluate
 
@@ -187,7 +222,7 @@ def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device
             return EvalOutcome(summary, gates, meta["record"], stats, errors), record
         with StageMeter("evaluate") as m:
             outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter,
-                                          artifact_root=writer.tmp, engine_record=engine_record)
+                                          artifact_root=writer.tmp, engine_record=engine_record, streamed=streamed)
         if cache:
             store_evaluation(cache, key, outcome.stats, outcome.weight_errors, {"record": outcome.record, "wall_s": m.wall_s},
                                    scratch, reporter)
@@ -231,6 +266,14 @@ def _verified_path(rec: InputRecord, artifact: Path) -> Path:
     return root
 
 
+def _streamed_here(recipe: Recipe, model_dir: Path, device: DeviceInfo) -> bool:
+    """The memory plan on this device: evaluate layer by layer when the two models do not fit."""
+    from trtconv.memory_plan import plan_for_build
+    from trtconv.stages.load import read_hf_config
+
+    return plan_for_build(recipe, read_hf_config(model_dir), device, None).streamed
+
+
 def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Path | None = None):
     from transformers import AutoTokenizer
 
@@ -243,7 +286,9 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
     recipe = Recipe.model_validate(manifest.recipe)
     model_dir = _verified_path(_input(manifest, "model", artifact), artifact)
     eval_path = _verified_path(_input(manifest, "evaluation_data", artifact), artifact)
-    torch_device = "cuda" if detect_device(device).kind == "cuda" else "cpu"
+    device_info = detect_device(device)
+    torch_device = "cuda" if device_info.kind == "cuda" else "cpu"
+    streamed = _streamed_here(recipe, model_dir, device_info)
     tokenizer = AutoTokenizer.from_pretrained(artifact / TOKENIZER_DIR)
     tokens = samples.evaluation_rows(eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
 
@@ -257,7 +302,7 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
         reporter.stage("check", f"{ckpt} against the original {model_dir}")
         engine_record = read_manifest(target).engine if target != artifact else manifest.engine
         outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter,
-                                      artifact_root=target, engine_record=engine_record)
+                                      artifact_root=target, engine_record=engine_record, streamed=streamed)
         passed = gates_passed(outcome.gates, recipe.evaluate.allow_inconclusive)
         results.append(CheckResult(target, manifest, outcome, passed))
     return results

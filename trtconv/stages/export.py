@@ -103,6 +103,13 @@ def repair_trtllm_config(cfg: dict, hf_config, architecture: str) -> list[Repair
             put("rotary_base", float(theta), "ModelOpt's manual config drops rope_theta under transformers 5")
         if scaling is not None:
             put("rotary_scaling", scaling, "ModelOpt's manual config drops rope scaling under transformers 5")
+    quant = cfg.get("quantization") or {}
+    excluded = quant.get("exclude_modules")
+    if isinstance(excluded, list) and excluded != sorted(excluded):
+        # ModelOpt writes list(set(...)): its order follows PYTHONHASHSEED, so the bytes would differ run to run.
+        repairs.append(Repair("quantization.exclude_modules", excluded, sorted(excluded),
+                              "ModelOpt's order depends on the Python hash seed; sorted for reproducible bytes"))
+        quant["exclude_modules"] = sorted(excluded)
     row = ARCHITECTURES[architecture]
     for extra in row.trtllm_config_keys:
         put(extra.key, extra.value, extra.why)
@@ -151,6 +158,11 @@ def export_trtllm(model, hf_config, architecture: str, section: ExportSection, q
             inference_tensor_parallel=section.tp_size,
             inference_pipeline_parallel=section.pp_size,
         )
+    return finish_trtllm_config(out, hf_config, architecture, quant)
+
+
+def finish_trtllm_config(out: Path, hf_config, architecture: str, quant: QuantizationSection) -> list[Repair]:
+    """Repair and check the exported config.json, make the files readable; the repairs made."""
     cfg_path = out / "config.json"
     cfg = read_json_object(cfg_path, "the TensorRT-LLM checkpoint config ModelOpt wrote", CheckpointError)
     repairs = repair_trtllm_config(cfg, hf_config, architecture)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Layer-streamed conversion under a GPU memory cap, on the GPU host (docs/performance.md,
+# "Models larger than the GPU"). Run from a copy of the repo with .whl beside it:
+#   bash scripts/gpu_streaming.sh 8b     # llama3-8b-shaped: fp8 and int4_awq, uncapped vs --max-gpu-memory 8
+#   bash scripts/gpu_streaming.sh 70b    # llama3-70b-shaped cut to 8 layers, fp8 under --max-gpu-memory 16
+# Writes one JSON line per run (digest, stage times, peaks, the plan's prediction) to $OUT/runs.jsonl.
+set -uo pipefail
+WHAT=${1:-8b}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WHL=${WHL:-$ROOT/../.whl}
+if ! python3 -c "import modelopt" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$WHL"/*.tar.gz
+fi
+export PYTHONPATH=/tmp/site:$ROOT HF_HUB_OFFLINE=1 TRTCONV_NO_CACHE=1 NUM_SAMPLES=${NUM_SAMPLES:-32}
+cd "$ROOT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+
+run() {  # run NAME MODEL RECIPE-ARGS...
+  local name=$1 model=$2; shift 2
+  local art=/tmp/art_$name
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "/tmp/smi_$name.txt" &
+  local smi=$!
+  local t0=$(date +%s.%N)
+  timeout ${RUN_TIMEOUT:-240} python3 -m trtconv calibrate --model "$model" --device cuda --no-cache -q --json -o "$art" \
+      --set evaluate.enabled=false --num-samples ${NUM_SAMPLES:-32} "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+  local rc=$? t1=$(date +%s.%N)
+  kill $smi; wait $smi 2>/dev/null
+  python3 - "$name" "$art" "$rc" "$t0" "$t1" "/tmp/smi_$name.txt" "$model" "$@" >> "$OUT/runs.jsonl" <<'PY'
+import json, sys
+from pathlib import Path
+name, art, rc, t0, t1, smi, model, *args = sys.argv[1:]
+rec = {"run": name, "rc": int(rc), "wall_s": round(float(t1) - float(t0), 1), "args": args}
+used = [int(x) for x in Path(smi).read_text().split() if x.strip().isdigit()]
+rec["nvidia_smi_peak_mib"] = max(used) if used else None
+m = Path(art) / "manifest.json"
+if m.is_file():
+    man = json.loads(m.read_text())
+    rec["digest"] = man["artifact_digest"]
+    rec["path"] = man["calibration"].get("path")
+    rec["stages"] = [{k: s.get(k) for k in ("name", "wall_s", "peak_rss_mib", "peak_gpu_mib")} for s in man["stages"]]
+# The plan's prediction for the same recipe and cap
+from trtconv.recipe.schema import recipe_from_dict
+from trtconv.memory_plan import plan_memory, GIB, CUDA_CONTEXT
+import torch
+cfg = json.loads((Path(model) / "config.json").read_text())
+prec = args[args.index("--precision") + 1]
+cap = float(args[args.index("--max-gpu-memory") + 1]) if "--max-gpu-memory" in args else None
+import os
+r = recipe_from_dict({"name": "p", "model": {"path": model}, "quantization": {"precision": prec},
+                      "calibration": {"num_samples": int(os.environ.get("NUM_SAMPLES", 32)), "batch_size": 4},
+                      "evaluate": {"enabled": False}}).resolved()
+total = torch.cuda.get_device_properties(0).total_memory
+plan = plan_memory(r, cfg, int(cap * GIB) if cap else total, "cuda")
+rec["plan"] = {"streamed": plan.streamed, **{f"{c.stage}|{c.where}": round(c.need_bytes / GIB, 2) for c in plan.checks}}
+print(json.dumps(rec))
+PY
+  tail -c 600 "$OUT/$name.err"; tail -1 "$OUT/runs.jsonl"
+  rm -rf "$art"
+}
+
+if [ "$WHAT" = 8b ]; then
+  python3 scripts/shaped_model.py llama3-8b /tmp/m8 2>&1 | tail -1
+  run fp8_full /tmp/m8 --precision fp8
+  run fp8_cap8 /tmp/m8 --precision fp8 --max-gpu-memory 8
+  run awq_cap8 /tmp/m8 --precision int4_awq --max-gpu-memory 8
+  run awq_full /tmp/m8 --precision int4_awq
+else
+  python3 scripts/shaped_model.py llama3-70b /tmp/m70 --layers 8 2>&1 | tail -1
+  run l70x8_fp8_cap16 /tmp/m70 --precision fp8 --max-gpu-memory 16
+  run l70x8_awq_cap16 /tmp/m70 --precision int4_awq --max-gpu-memory 16
+fi
+df -h /tmp | tail -1 >> "$OUT/gpu.txt"

@@ -1,0 +1,131 @@
+"""`trtconv plan` and the memory check `build` runs first: arithmetic from config.json alone (fast)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+LLAMA3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80, "vocab_size": 128256,
+              "max_position_embeddings": 8192, "tie_word_embeddings": False, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}
+
+
+def _recipe(tmp_path: Path, config: dict, precision: str, **export) -> Path:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "plan", "model": {"path": str(model)}, "quantization": {"precision": precision},
+                                  "export": {"dtype": "float16", **export}}))
+    return recipe
+
+
+def _plan(cli, *args):
+    res = cli("plan", *args, "--json")
+    return res.exit_code, json.loads(res.stdout)
+
+
+def test_70b_fp16_needs_two_80gb_gpus(cli, tmp_path):
+    from trtconv.memory_plan import EXIT_DOES_NOT_FIT
+
+    recipe = _recipe(tmp_path, LLAMA3_70B, "none")
+    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb")
+    assert code == EXIT_DOES_NOT_FIT and not plan["fits"]
+    assert 70.0e9 < plan["params"] < 71.0e9
+    assert plan["kv_bytes_per_token"] == 80 * 8 * 128 * 2 * 2  # layers x kv heads x head size x fp16 x (K, V)
+    assert any("export.tp_size: 2" in a for a in plan["advice"]), plan["advice"]
+    assert plan["streamed"]  # the whole model does not fit one GPU: calibration streams (auto)
+    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb", "--gpus", "2", "--set", "export.tp_size=2")
+    assert code == 0 and plan["fits"], plan["advice"]
+
+
+def test_70b_fp8_fits_one_h200_not_one_h100(cli, tmp_path):
+    recipe = _recipe(tmp_path, LLAMA3_70B, "fp8")
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb")
+    assert code == 0 and plan["fits"]
+    assert 65 < plan["export_bytes"] / 2**30 < 70  # one byte per linear weight + fp16 embeddings
+    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb")
+    assert code == 0 and plan["fits"]  # ~68 GiB of FP8 weights also fit 80 GB: the seed's point is FP16 vs FP8 on one GPU
+
+
+def test_streaming_never_on_a_model_larger_than_the_gpu_advises_streaming(cli, tmp_path):
+    recipe = _recipe(tmp_path, LLAMA3_70B, "fp8")
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb", "--set", "calibration.streaming=never")
+    assert code != 0 and any("calibration.streaming: auto" in a for a in plan["advice"])
+
+
+def test_unknown_gpu_names_the_catalogue(cli, tmp_path):
+    res = cli("plan", _recipe(tmp_path, LLAMA3_70B, "fp8"), "--gpu", "h100")
+    assert res.exit_code == 2 and "h200-141gb" in res.stderr and "h100" in res.stderr
+
+
+def _sparse_model(folder: Path, layers: int = 1) -> Path:
+    """An 8B-shaped checkpoint (one layer) whose safetensors file is sparse: real header, no data written."""
+    from tests.factories import make_tokenizer
+
+    cfg = {**LLAMA3_70B, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+           "num_hidden_layers": layers, "vocab_size": 128256}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    make_tokenizer(folder)
+    h, i, v, kv = 4096, 14336, 128256, 8 * 128
+    shapes = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
+                       p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv, h],
+                       p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, h],
+                       p + "mlp.gate_proj.weight": [i, h], p + "mlp.up_proj.weight": [i, h], p + "mlp.down_proj.weight": [h, i]})
+    header, off = {}, 0
+    for name in sorted(shapes):
+        size = 2
+        for d in shapes[name]:
+            size *= d
+        header[name] = {"dtype": "BF16", "shape": shapes[name], "data_offsets": [off, off + size]}
+        off += size
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + off)
+    return folder
+
+
+@pytest.mark.integration
+def test_cap_smaller_than_one_layer_is_refused_before_any_work(cli, tmp_path):
+    model = _sparse_model(tmp_path / "m8b")
+    res = cli("calibrate", "--model", model, "--precision", "fp8", "-o", tmp_path / "out", "--device", "cpu",
+              "--max-gpu-memory", "0.25")
+    assert res.exit_code == 2, res.stdout + res.stderr
+    assert "--max-gpu-memory 0.25 GiB" in res.stderr and "one decoder layer is 0.41 GiB" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_index_naming_a_missing_shard_is_named(cli, tmp_path, tiny_llama):
+    import shutil
+
+    model = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, model)
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(model / "model-00001-of-00002.safetensors", "pt") as s:
+        names = list(s.keys())
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
+    weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    res = cli("calibrate", "--model", model, "--precision", "fp8", "-o", tmp_path / "out", "--device", "cpu")
+    assert res.exit_code == 2
+    assert "names shard model-00002-of-00002.safetensors" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.integration
+def test_streaming_always_with_pipeline_parallel_is_refused_before_work(cli, tmp_path, tiny_llama):
+    res = cli("calibrate", "--model", tiny_llama, "--precision", "fp8", "-o", tmp_path / "out", "--device", "cpu",
+              "--set", "calibration.streaming=always", "--set", "export.pp_size=2")
+    assert res.exit_code == 2 and "export.pp_size 2" in res.stderr and "calibration.streaming: never" in res.stderr
+    assert not (tmp_path / "out").exists()

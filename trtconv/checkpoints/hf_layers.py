@@ -1,0 +1,108 @@
+"""A Hugging Face checkpoint read one decoder layer at a time, never whole.
+
+`safe_open` memory-maps each safetensors shard, so reading `model.layers.7.*` touches only that
+layer's pages: host memory stays about one layer however large the model. Layer-streamed
+calibration, export and evaluation all read through this one index, which also checks up front
+that every shard the index names exists (a missing shard is found before any work, by name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trtconv.core.errors import ModelError
+
+LAYER_PREFIX = "model.layers."
+
+
+def check_index(model_dir: Path) -> None:
+    """A sharded checkpoint's index must name only shards that are there (checked without reading them)."""
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if index.is_file():
+        read_index(index)
+
+
+def read_index(index: Path) -> dict[str, Path]:
+    """Tensor name -> shard path from a safetensors index; a shard it names but that is absent is an error."""
+    model_dir = index.parent
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = {str(s) for s in weight_map.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{index}: not a safetensors index (needs a 'weight_map' object): {exc}") from None
+    missing = sorted(s for s in names if not (model_dir / s).is_file())
+    if missing:
+        raise ModelError(f"{index} names shard {missing[0]}, which is not in {model_dir}"
+                         + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
+                         + "; download the complete checkpoint")
+    return {name: model_dir / shard for name, shard in weight_map.items()}
+
+
+class WeightIndex:
+    """Tensor name -> the shard holding it, from model.safetensors.index.json or the single file."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = read_index(index)
+        else:
+            self.files = self._from_files(sorted(self.model_dir.glob("*.safetensors")))
+
+    def _from_files(self, files: list[Path]) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        if not files:
+            raise ModelError(f"{self.model_dir} has no *.safetensors weight files")
+        out: dict[str, Path] = {}
+        for f in files:
+            with safe_open(f, "pt") as s:
+                out.update({k: f for k in s.keys()})
+        return out
+
+    def num_layers(self) -> int:
+        ids = {int(k[len(LAYER_PREFIX):].split(".", 1)[0]) for k in self.files if k.startswith(LAYER_PREFIX)}
+        return max(ids) + 1 if ids else 0
+
+    def tensors(self, names: list[str], dtype=None, device: str = "cpu", strip: str = "") -> dict:
+        """The named tensors (read from the memory map shard by shard), keys without `strip`."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for f, group in by_file.items():
+            with safe_open(f, "pt") as s:
+                for n in group:
+                    t = s.get_tensor(n)
+                    out[n[len(strip):] if strip and n.startswith(strip) else n] = t.to(device=device, dtype=dtype or t.dtype)
+        return out
+
+    def layer(self, i: int, dtype=None, device: str = "cpu") -> dict:
+        prefix = f"{LAYER_PREFIX}{i}."
+        return self.tensors(sorted(k for k in self.files if k.startswith(prefix)), dtype, device, strip=prefix)
+
+    def outer(self, dtype=None, device: str = "cpu") -> dict:
+        """Everything that is not a decoder layer: embeddings, final norm, lm_head."""
+        return self.tensors(sorted(k for k in self.files if not k.startswith(LAYER_PREFIX)), dtype, device)
+
+    def layer_bytes(self, i: int = 0) -> int:
+        """Bytes of layer i as stored (from the shard headers; nothing is read)."""
+        from safetensors import safe_open
+
+        prefix, total = f"{LAYER_PREFIX}{i}.", 0
+        for f in {self.files[k] for k in self.files if k.startswith(prefix)}:
+            with safe_open(f, "pt") as s:
+                for k in s.keys():
+                    if k.startswith(prefix):
+                        sl = s.get_slice(k)
+                        n = 1
+                        for d in sl.get_shape():
+                            n *= d
+                        total += n * _DTYPE_SIZE.get(sl.get_dtype(), 2)
+        return total
+
+
+_DTYPE_SIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "BOOL": 1}

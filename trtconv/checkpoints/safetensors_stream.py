@@ -1,0 +1,69 @@
+"""Merge safetensors part files into one file byte-identical to `safetensors.torch.save_file`.
+
+Layer-streamed export writes each decoder layer's tensors to a part file as soon as the layer is
+done; the rank file is then assembled from the parts through memory maps, so host memory stays at
+one copy buffer instead of the whole checkpoint. Byte identity with save_file (so the streamed and
+the in-memory paths give the same artifact digest) follows save_file's layout (safetensors 0.8,
+`prepare` in tensor.rs): u64 header length | compact JSON header padded with spaces to a multiple
+of 8 | tensors back to back in header order. The order (dtype rank, then name) is asked of the
+installed library by serializing zero-length stand-ins, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+COPY_CHUNK = 64 << 20
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return 8 + n, json.loads(f.read(n))
+
+
+def library_order(dtypes: dict[str, str]) -> list[str]:
+    """Tensor names in the order save_file writes them, as the installed library sorts them."""
+    import torch
+    from safetensors.torch import _TYPES, save
+
+    blob = save({name: torch.empty(0, dtype=_TYPES[dt]) for name, dt in dtypes.items()})
+    n = struct.unpack("<Q", blob[:8])[0]
+    return [k for k in json.loads(blob[8 : 8 + n]) if k != "__metadata__"]
+
+
+def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK) -> None:
+    """Write `out` as save_file(union of the parts' tensors) would, copying bytes part by part."""
+    src: dict[str, tuple[Path, int, dict]] = {}
+    for p in parts:
+        start, header = read_header(p)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in src:
+                raise ValueError(f"tensor {name} is in both {src[name][0]} and {p}")
+            src[name] = (p, start, info)
+    order = library_order({k: v[2]["dtype"] for k, v in src.items()})
+    header, offset = {}, 0
+    for name in order:
+        info = src[name][2]
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            path, start, info = src[name]
+            a, b = info["data_offsets"]
+            with open(path, "rb") as part:
+                part.seek(start + a)
+                left = b - a
+                while left:
+                    block = part.read(min(chunk, left))
+                    f.write(block)
+                    left -= len(block)

@@ -1,0 +1,416 @@
+"""The memory plan: will this recipe fit this GPU, before any work, from config.json alone.
+
+A 70B conversion that fails an hour in for lack of memory wastes the hour; the arithmetic that
+predicts it takes a millisecond. This module turns a model's config.json and a recipe into byte
+counts per stage (in-memory and layer-streamed), compares them with a GPU from an explicit
+catalogue (or the detected GPU, or a `--max-gpu-memory` cap) and says what to change when
+something does not fit. `trtconv plan` prints it; `build` refuses a run whose chosen path cannot fit.
+
+Every estimate is parameter arithmetic plus named allowances (the CUDA context, activation
+workspaces); docs/performance.md ("Models larger than the GPU") compares them with measured peaks.
+KV-cache bytes per token = layers x KV heads x head size x KV dtype bytes x 2 (K and V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from trtconv.core.errors import UserError
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    description: str
+    memory_gib: float  # total memory as the driver reports it (nvidia-smi / torch total_memory)
+    sm: int
+
+
+# The GPU catalogue: total memory as nvidia-smi reports it (MiB / 1024), not the marketing GB.
+GPUS: dict[str, Gpu] = {
+    g.name: g
+    for g in (
+        Gpu("a100-40gb", "NVIDIA A100 40GB", 40.0, 80),
+        Gpu("a100-80gb", "NVIDIA A100 80GB", 80.0, 80),
+        Gpu("a10g-24gb", "NVIDIA A10G", 22.5, 86),
+        Gpu("l4-24gb", "NVIDIA L4", 22.5, 89),
+        Gpu("l40s-48gb", "NVIDIA L40S", 45.0, 89),
+        Gpu("rtx4090-24gb", "NVIDIA GeForce RTX 4090", 24.0, 89),
+        Gpu("h100-80gb", "NVIDIA H100 80GB (SXM/PCIe)", 79.6, 90),
+        Gpu("h100-94gb", "NVIDIA H100 NVL", 93.6, 90),
+        Gpu("h200-141gb", "NVIDIA H200", 140.4, 90),
+        Gpu("b200-180gb", "NVIDIA B200", 179.1, 100),
+    )
+}
+
+# Allowances (bytes) that parameter arithmetic does not see.
+CUDA_CONTEXT = int(0.6 * GIB)  # CUDA context + cuBLAS workspace of a torch process
+PROCESS_RSS = int(0.8 * GIB)  # python + torch + transformers + ModelOpt imported (825 MiB measured, H200 host)
+ENGINE_RUNTIME = int(1.0 * GIB)  # TensorRT-LLM runtime buffers beyond activations (~0.5-1 GiB)
+STREAM_MARGIN = 1.25  # streamed calibration holds a layer plus ModelOpt's temporaries (AWQ search copies)
+# ModelOpt's TensorRT-LLM export holds copies of the embedding/lm_head on the device while it builds a
+# rank (measured on the H200, docs/performance.md): two extra copies when exporting the one-layer shell,
+# one extra (plus about two layers of temporaries) when exporting the whole model.
+SHELL_EXPORT_OUTER_COPIES = 2
+MODEL_EXPORT_OUTER_COPIES = 1
+
+# Bytes per quantized Linear weight element in the export, per precision (scales included):
+# int4 packs two per byte plus one fp16 scale per group of 128 (2/128 bytes).
+LINEAR_BYTES = {"none": None, "fp8": 1.0, "int8_sq": 1.0 + 4 / 4096, "int4_awq": 0.5 + 2 / 128, "w4a8_awq": 0.5 + 2 / 128}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Exit code of `trtconv plan` when something does not fit (0 = everything fits, 2 = bad input).
+EXIT_DOES_NOT_FIT = 4
+
+
+class MemoryPlanError(UserError):
+    """A run that cannot fit the memory it is given; the message says what to change."""
+
+    exit_code = EXIT_DOES_NOT_FIT
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the arithmetic needs from config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, cfg: dict, source: str = "config.json") -> Shape:
+        missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+                   if not isinstance(cfg.get(k), int)]
+        if missing:
+            raise UserError(f"{source}: cannot plan memory without integer {', '.join(missing)}")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias")),
+            max_positions=cfg.get("max_position_embeddings") or 4096,
+        )
+
+    def layer_linear_params(self) -> int:
+        h, d = self.hidden, self.head_dim
+        attn = h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
+        return attn + 3 * h * self.intermediate
+
+    def layer_other_params(self) -> int:
+        return 2 * self.hidden + ((self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0)
+
+    def layer_params(self) -> int:
+        return self.layer_linear_params() + self.layer_other_params()
+
+    def outer_params(self) -> int:
+        """Embeddings, final norm and (untied) lm_head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.outer_params()
+
+    def kv_bytes_per_token(self, kv_dtype_bytes: int) -> int:
+        return self.layers * self.kv_heads * self.head_dim * kv_dtype_bytes * 2
+
+
+@dataclass
+class Check:
+    stage: str  # e.g. "calibrate (in memory)"
+    where: str  # "gpu" | "host" | "disk"
+    need_bytes: int
+    have_bytes: int | None  # None: not checked (host/disk of another machine)
+    note: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.have_bytes is None or self.need_bytes <= self.have_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "need_gib": round(self.need_bytes / GIB, 2),
+                "have_gib": None if self.have_bytes is None else round(self.have_bytes / GIB, 2), "fits": self.fits}
+
+
+@dataclass
+class MemoryPlan:
+    gpu: str
+    gpu_memory_bytes: int
+    gpus: int
+    params: int
+    layer_bytes: int  # one decoder layer at the load dtype
+    load_bytes: int  # the whole model at the load dtype
+    export_bytes: int  # the exported checkpoint (all ranks)
+    kv_bytes_per_token: int
+    streaming: str  # "never" | "always" | "auto": what the recipe asks
+    streamed: bool  # what the build will do
+    max_seq_len: int = 0  # the serving limit the KV cache is sized for
+    concurrent_full_sequences: int | None = None  # full-length sequences whose KV cache fits next to the weights
+    checks: list[Check] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(c.fits for c in self.checks if c.stage in self.relevant_stages())
+
+    def relevant_stages(self) -> set[str]:
+        other = "(in memory)" if self.streamed else "(streamed)"
+        return {c.stage for c in self.checks if other not in c.stage}
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "checks"}
+        d["checks"] = [c.to_dict() | {"applies": c.stage in self.relevant_stages()} for c in self.checks]
+        d["fits"] = self.fits
+        return d
+
+
+def resolve_gpu(name: str) -> Gpu:
+    if name not in GPUS:
+        raise UserError(f"--gpu {name!r} is not in the GPU catalogue; allowed: {', '.join(GPUS)}")
+    return GPUS[name]
+
+
+def _export_bytes(shape: Shape, precision: str, export_dtype_bytes: int) -> int:
+    per = LINEAR_BYTES[precision] or export_dtype_bytes
+    linear = shape.layers * shape.layer_linear_params() * per
+    other = (shape.layers * shape.layer_other_params() + shape.outer_params()) * export_dtype_bytes
+    return int(linear + other)
+
+
+def _activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
+    """One decoder layer's forward temporaries for `tokens` tokens (MLP dominates: gate, up, product)."""
+    return tokens * (4 * shape.hidden + 3 * shape.intermediate) * dtype_bytes
+
+
+def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus: int = 1,
+                host_bytes: int | None = None, disk_bytes: int | None = None, context_bytes: int = CUDA_CONTEXT) -> MemoryPlan:
+    """Every stage's peak GPU/host memory and disk, both calibration paths, and the serving memory.
+    `context_bytes`: the CUDA context allowance (0 when the "GPU" is a cap on a CPU run)."""
+    shape = Shape.from_config(hf_cfg)
+    q, ex = recipe.quantization, recipe.export
+    load_b = DTYPE_BYTES[recipe.model.dtype]
+    streaming = getattr(recipe.calibration, "streaming", "never")
+    plan = MemoryPlan(gpu=gpu_name, gpu_memory_bytes=gpu_memory_bytes, gpus=gpus, params=shape.params(),
+                      layer_bytes=shape.layer_params() * load_b, load_bytes=shape.params() * load_b,
+                      export_bytes=_export_bytes(shape, q.precision, DTYPE_BYTES[ex.dtype]),
+                      kv_bytes_per_token=shape.kv_bytes_per_token(1 if q.kv_cache == "fp8" else DTYPE_BYTES[ex.dtype]),
+                      streaming=streaming, streamed=streaming == "always")
+    _calibration_checks(plan, shape, recipe, context_bytes, host_bytes)
+    if recipe.evaluate.enabled:
+        _evaluation_checks(plan, shape, recipe.evaluate, context_bytes)
+    copies = 2 if streaming == "never" else 3  # artifact + stage cache (+ the streamed path's part files)
+    plan.checks.append(Check("export", "disk", plan.export_bytes * copies, disk_bytes, "artifact + stage cache (+ layer parts)"))
+    _serving_checks(plan, shape, recipe, gpu_memory_bytes, gpus)
+    if streaming == "auto":
+        # Any in-memory stage (calibration, or evaluation's two float32 copies) that does not fit: stream both.
+        plan.streamed = not all(c.fits for c in plan.checks if "(in memory)" in c.stage and c.where == "gpu")
+    _advise(plan, shape, recipe)
+    return plan
+
+
+def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: int, host_bytes: int | None) -> None:
+    q, cal, ex = recipe.quantization, recipe.calibration, recipe.export
+    load_b = DTYPE_BYTES[recipe.model.dtype]
+    gpu, layer_bytes, outer_bytes = plan.gpu_memory_bytes, plan.layer_bytes, shape.outer_params() * load_b
+    batch_tokens = cal.batch_size * cal.seq_len
+    # Cached hidden states: the layer's inputs and outputs, twice more for AWQ with an FP8 KV cache
+    # (its search pass sees quantized-attention outputs, a second stream).
+    streams = 2 if (q.kv_cache != "none" and "awq" in q.precision) else 1
+    act_cache = cal.num_samples * cal.seq_len * shape.hidden * load_b * 2 * streams
+    fwd_layer = _activation_bytes(shape, batch_tokens, load_b)
+    fwd = fwd_layer + batch_tokens * shape.vocab * load_b
+    add = plan.checks.append
+    # In memory: the whole model on the GPU (one batch, then ModelOpt's export copies); loaded via the host.
+    export_extra = MODEL_EXPORT_OUTER_COPIES * outer_bytes + 2 * layer_bytes
+    add(Check("calibrate (in memory)", "gpu", context_bytes + plan.load_bytes + max(fwd, export_extra), gpu,
+              "whole model + one batch or the export's copies"))
+    add(Check("calibrate (in memory)", "host", PROCESS_RSS + max(plan.load_bytes, plan.export_bytes // (ex.tp_size * ex.pp_size)),
+              host_bytes, "model loaded via the host, then a rank's export"))
+    # Streamed: embeddings/lm_head (and the shell export's copies of them), one layer with ModelOpt's
+    # temporaries, the activation cache and one batch's forward.
+    stream_gpu = (context_bytes + (1 + SHELL_EXPORT_OUTER_COPIES) * outer_bytes + int(layer_bytes * STREAM_MARGIN)
+                  + act_cache + fwd_layer)
+    add(Check("calibrate (streamed)", "gpu", stream_gpu, gpu, "embeddings/lm_head (+ export copies) + one layer + cache"))
+    add(Check("calibrate (streamed)", "host", PROCESS_RSS + outer_bytes + 3 * layer_bytes, host_bytes,
+              "the shell's export, a layer read/quantized/exported"))
+
+
+def _evaluation_checks(plan: MemoryPlan, shape: Shape, ev, context_bytes: int) -> None:
+    """Float32 original and candidate: both whole in memory; streamed, one layer of each plus every hidden state."""
+    tokens = ev.batch_size * ev.seq_len
+    per_batch = 2 * tokens * shape.vocab * 4 + _activation_bytes(shape, tokens, 4)  # both models' logits + a layer's temporaries
+    gpu = plan.gpu_memory_bytes
+    plan.checks.append(Check("evaluate (in memory)", "gpu", context_bytes + 2 * shape.params() * 4 + per_batch, gpu,
+                             "original + candidate in float32"))
+    hidden = 2 * ev.num_samples * ev.seq_len * shape.hidden * 4
+    plan.checks.append(Check("evaluate (streamed)", "gpu", context_bytes + 2 * (shape.layer_params() + shape.outer_params()) * 4
+                             + hidden + per_batch, gpu, "a layer of each + hidden states"))
+
+
+def _serving_checks(plan: MemoryPlan, shape: Shape, recipe, gpu: int, gpus: int) -> None:
+    ex, eng = recipe.export, recipe.engine
+    ranks = ex.tp_size * ex.pp_size
+    opts = eng.pytorch if eng.target == "pytorch" else eng.tensorrt
+    max_seq = opts.max_seq_len or shape.max_positions
+    kv_seq = plan.kv_bytes_per_token * max_seq // ranks
+    workspace = _activation_bytes(shape, opts.max_num_tokens, 2) // ex.tp_size + opts.max_batch_size * shape.vocab * 4
+    weights = plan.export_bytes // ranks
+    need = CUDA_CONTEXT + ENGINE_RUNTIME + weights + workspace + kv_seq
+    paged = eng.target == "pytorch" or eng.tensorrt.kv_cache_type == "paged"
+    note = "weights + runtime + KV of one max_seq_len sequence (paged)"
+    if not paged:  # a continuous KV cache is allocated for every sequence up front
+        need += kv_seq * (opts.max_batch_size - 1)
+        note = "weights + runtime + KV of max_batch_size sequences (continuous)"
+    plan.checks.append(Check("serve (per GPU)", "gpu", need, gpu, note))
+    if ranks > gpus:
+        plan.checks.append(Check("serve (GPUs)", "gpu", ranks, gpus, f"tp_size x pp_size = {ranks} GPUs, {gpus} given"))
+    free = gpu - (need - kv_seq)
+    plan.concurrent_full_sequences = max(0, free // kv_seq) if kv_seq else None
+    plan.max_seq_len = max_seq
+
+
+def _min_tp(plan: MemoryPlan, shape: Shape, recipe, gpu: int) -> int | None:
+    """The smallest tensor-parallel size (a divisor of the KV heads) whose per-GPU serving memory fits."""
+    for tp in (t for t in (1, 2, 4, 8, 16) if shape.kv_heads % t == 0):
+        trial = recipe.model_copy(update={"export": recipe.export.model_copy(update={"tp_size": tp, "pp_size": 1})})
+        probe = replace(plan, checks=[], advice=[])
+        _serving_checks(probe, shape, trial, gpu, tp)
+        if all(c.fits for c in probe.checks):
+            return tp
+    return None
+
+
+def _advise(plan: MemoryPlan, shape: Shape, recipe) -> None:
+    gpu_gib = plan.gpu_memory_bytes / GIB
+    by = {(c.stage, c.where): c for c in plan.checks}
+    in_mem = by[("calibrate (in memory)", "gpu")]
+    streamed = by[("calibrate (streamed)", "gpu")]
+    if not in_mem.fits:
+        if streamed.fits and plan.streaming == "never":
+            plan.advice.append(f"calibration: the model ({plan.load_bytes / GIB:.1f} GiB) does not fit {gpu_gib:.1f} GiB; "
+                               "set calibration.streaming: auto (or always) to calibrate one layer at a time")
+        elif not streamed.fits:
+            plan.advice.append(f"calibration: even one layer + the activation cache ({streamed.need_bytes / GIB:.1f} GiB) "
+                               f"does not fit {gpu_gib:.1f} GiB; lower calibration.num_samples or seq_len, or use a larger GPU")
+    ev = by.get(("evaluate (in memory)", "gpu"))
+    if ev is not None and not ev.fits and plan.streaming == "never":
+        plan.advice.append("evaluation: two float32 copies do not fit; set calibration.streaming: auto to evaluate layer by layer")
+    ev_streamed = by.get(("evaluate (streamed)", "gpu"))
+    if ev_streamed is not None and not ev_streamed.fits:
+        plan.advice.append(f"evaluation: even layer by layer it needs {ev_streamed.need_bytes / GIB:.1f} GiB (float32 layers, both "
+                           "models' embeddings/lm_head, every document's hidden states); lower evaluate.num_samples or seq_len, "
+                           "or set evaluate.enabled: false here and run `trtconv check` on a larger GPU")
+    serve = by[("serve (per GPU)", "gpu")]
+    if not serve.fits:
+        tp = _min_tp(plan, shape, recipe, plan.gpu_memory_bytes)
+        if tp is not None and tp > recipe.export.tp_size:
+            plan.advice.append(f"serving: {serve.need_bytes / GIB:.1f} GiB per GPU; set export.tp_size: {tp} "
+                               f"(needs {tp} GPUs of {gpu_gib:.1f} GiB)")
+        elif tp is None:
+            plan.advice.append(f"serving: does not fit {gpu_gib:.1f} GiB GPUs at any tp size up to 16; use a smaller precision")
+        if recipe.quantization.kv_cache == "none":
+            plan.advice.append("serving: quantization.kv_cache: fp8 halves the KV cache")
+        if recipe.quantization.precision in ("none",):
+            plan.advice.append("serving: quantization.precision: fp8 halves the weights")
+    conc = plan.concurrent_full_sequences
+    eng = recipe.engine
+    if serve.fits and conc is not None and eng.target != "none":
+        opts = eng.pytorch if eng.target == "pytorch" else eng.tensorrt
+        if conc < opts.max_batch_size:
+            plan.advice.append(f"serving: only {conc} sequences of {plan.max_seq_len} tokens fit in the KV cache at once; "
+                               f"max_batch_size {opts.max_batch_size} is reached only with shorter sequences "
+                               f"(set engine.{eng.target}.max_batch_size: {max(1, conc)} to match, or fp8 KV)")
+    gpus_check = by.get(("serve (GPUs)", "gpu"))
+    if gpus_check is not None and not gpus_check.fits:
+        plan.advice.append(f"serving: the export asks for {gpus_check.need_bytes} GPUs, --gpus is {gpus_check.have_bytes}")
+
+
+def plan_for_gpu(recipe, hf_cfg: dict, gpu: str = "h100-80gb", gpus: int = 1, max_gpu_memory_gib: float | None = None) -> MemoryPlan:
+    g = resolve_gpu(gpu)
+    mem = g.memory_gib if max_gpu_memory_gib is None else min(g.memory_gib, max_gpu_memory_gib)
+    return plan_memory(recipe, hf_cfg, int(mem * GIB), g.name, gpus)
+
+
+def model_config(section) -> dict:
+    """config.json of the recipe's model without loading (or downloading) any weights."""
+    from pathlib import Path
+
+    from trtconv.stages.load import read_hf_config, resolve_model_dir
+
+    if section.hub_id is not None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return read_hf_config(Path(hf_hub_download(section.hub_id, "config.json", revision=section.revision)).parent)
+        except Exception as exc:  # noqa: BLE001 - any Hub failure is the user's to fix, named
+            raise UserError(f"model.hub_id {section.hub_id}@{section.revision}: cannot fetch config.json: {exc}") from None
+    return read_hf_config(resolve_model_dir(section))
+
+
+def describe(plan: MemoryPlan) -> list[str]:
+    """Plain lines for a terminal or a refusal message."""
+    path = "streamed" if plan.streamed else "in memory"
+    lines = [f"{plan.params / 1e9:.2f} B parameters; one layer {plan.layer_bytes / GIB:.2f} GiB, whole model "
+             f"{plan.load_bytes / GIB:.1f} GiB at the load dtype; exported checkpoint {plan.export_bytes / GIB:.1f} GiB; "
+             f"KV cache {plan.kv_bytes_per_token / 1024:.0f} KiB per token",
+             f"GPU {plan.gpu}: {plan.gpu_memory_bytes / GIB:.1f} GiB x {plan.gpus}; calibration path: {path} "
+             f"(calibration.streaming: {plan.streaming})"]
+    return lines
+
+
+def host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, layer_bytes: int | None = None) -> MemoryPlan:
+    """The plan `build` runs first: against the GPU in use (or the cap), or on CPU against the cap or
+    the host's available memory. Refuses (UserError, exit 2) a run whose chosen path cannot fit."""
+    if device.kind == "cuda":
+        total = int(device.memory_gib * GIB)
+        mem = total if max_gpu_memory_gib is None else min(total, int(max_gpu_memory_gib * GIB))
+        name = device.name
+    else:
+        avail = host_available_bytes()
+        mem = int(max_gpu_memory_gib * GIB) if max_gpu_memory_gib is not None else (avail or 2**62)
+        name = "cpu" if max_gpu_memory_gib is None else "cpu (--max-gpu-memory cap)"
+    plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if device.kind == "cuda" else 1),
+                       context_bytes=CUDA_CONTEXT if device.kind == "cuda" else 0)
+    cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else f"{name} ({mem / GIB:.1f} GiB)"
+    by = {(c.stage, c.where): c for c in plan.checks}
+    if plan.streamed:
+        need = by[("calibrate (streamed)", "gpu")]
+        one_layer = layer_bytes if layer_bytes is not None else plan.layer_bytes
+        if not need.fits:
+            raise UserError(
+                f"{cap} is less than layer-streamed calibration needs: one decoder layer is {one_layer / GIB:.2f} GiB "
+                f"({recipe.model.dtype}), {need.need_bytes / GIB:.2f} GiB with the activation cache and workspace; "
+                "raise the cap, or lower calibration.num_samples / seq_len / batch_size")
+        ev = by.get(("evaluate (streamed)", "gpu"))
+        if ev is not None and not ev.fits:
+            raise UserError(
+                f"{cap} is less than layer-streamed evaluation needs ({ev.need_bytes / GIB:.2f} GiB: one float32 layer of the "
+                "original and of the checkpoint, both models' embeddings and lm_head, the hidden states of every document); "
+                "raise the cap, lower evaluate.num_samples / seq_len, or set evaluate.enabled: false and run `trtconv check` elsewhere")
+    else:
+        for stage in ("calibrate (in memory)", "evaluate (in memory)"):
+            need = by.get((stage, "gpu"))
+            if need is not None and not need.fits:
+                raise UserError(
+                    f"{stage.split()[0]} in memory needs {need.need_bytes / GIB:.1f} GiB and {cap} has less; "
+                    "set calibration.streaming: auto (or always) to work one layer at a time (see `trtconv plan`)")
+    return plan

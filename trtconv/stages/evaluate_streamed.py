@@ -1,0 +1,109 @@
+"""Layer-streamed evaluation: the original model and the exported checkpoint side by side, one layer at a time.
+
+The in-memory gate holds two float32 copies of the model (for 70B, 560 GB). Here only one decoder
+layer of each model is in memory at a time; the hidden states of every evaluation batch, for both
+models, are what is kept. The scorers (per-document statistics, the multiple-choice task) stay
+exactly as they are: they run twice, first against recorders that note which batches they ask for
+(returning placeholder logits), then, after both models have been run over all noted batches
+layer by layer, against replayers that return the real logits in the same order. Every operation
+is the one the in-memory path runs, in the same order on the same shapes, so the statistics and
+the verdicts are the same (tests/test_streaming.py compares them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class LayerStreamedPair:
+    """Both models' logits for a fixed set of batches, computed one decoder layer at a time."""
+
+    def __init__(self, model_dir: Path, checkpoint_dir: Path, device: str, vocab: int):
+        self.model_dir, self.checkpoint_dir, self.device, self.vocab = Path(model_dir), Path(checkpoint_dir), device, vocab
+        self.batches: list[torch.Tensor] = []  # distinct batches asked for, in first-asked order
+        self.calls: dict[str, list[int]] = {"baseline": [], "candidate": []}  # batch index of each call, per model
+        self.errors: list[tuple[str, float]] = []
+
+    # -- the two passes of a scorer ---------------------------------------------------------
+    def _index(self, ids) -> int:
+        ids = ids.detach().cpu()
+        for k, b in enumerate(self.batches):
+            if b.shape == ids.shape and torch.equal(b, ids):
+                return k
+        self.batches.append(ids.clone())
+        return len(self.batches) - 1
+
+    def recorders(self) -> tuple[Callable, Callable]:
+        def recorder(which):
+            def fn(ids):
+                self.calls[which].append(self._index(ids))
+                return torch.zeros(*ids.shape, self.vocab, device=ids.device)
+            return fn
+
+        return recorder("baseline"), recorder("candidate")
+
+    def replayers(self) -> tuple[Callable, Callable]:
+        position = {"baseline": 0, "candidate": 0}
+
+        def replayer(which, logits):
+            def fn(ids):
+                n = position[which]
+                k = self.calls[which][n] if n < len(self.calls[which]) else None
+                if k is None or not torch.equal(ids.detach().cpu(), self.batches[k]):
+                    raise RuntimeError("layer-streamed evaluation: the scorer asked for other batches than it recorded")
+                position[which] += 1
+                return logits(k)
+            return fn
+
+        return (replayer("baseline", lambda k: self.baseline_head(self.baseline_hidden[k])),
+                replayer("candidate", lambda k: self.candidate_model.head(self.candidate_hidden[k])[..., : self.vocab]))
+
+    # -- the layer-by-layer run ---------------------------------------------------------------
+    @torch.no_grad()
+    def compute(self, advance=lambda n=1: None, weight_errors: bool = True) -> None:
+        from trtconv.checkpoints.hf_layers import WeightIndex
+        from trtconv.checkpoints.trtllm_format import read_config
+        from trtconv.checkpoints.trtllm_reader import _Loader, layer_weight_errors
+        from trtconv.stages.streamed import build_shell, capture_layer0_inputs, load_layer
+
+        index = WeightIndex(self.model_dir)
+        shell, layer_cls, _full = build_shell(self.model_dir, index, torch.float32, self.device)
+        loader = _Loader(self.checkpoint_dir, read_config(self.checkpoint_dir), torch.device(self.device), torch.float32)
+        cand = loader.model(with_layers=False)
+        batches = [b.to(self.device) for b in self.batches]
+        base = capture_layer0_inputs(shell, batches)  # [(args, kwargs)] per batch
+        hidden_b = [a[0] for a, _ in base]
+        hidden_c = [cand.embedding[ids] for ids in batches]
+        rope = [cand.rope_tables(ids.shape[1]) for ids in batches]
+        for i, (pp, local) in enumerate(loader.layer_positions()):
+            original = load_layer(layer_cls, shell.config, index, i, torch.float32, self.device)
+            quantized = loader.layer(pp, local)
+            for k, (args, kwargs) in enumerate(base):
+                out = original(hidden_b[k], *args[1:], **kwargs)
+                hidden_b[k] = out[0] if isinstance(out, (tuple, list)) else out
+                hidden_c[k] = cand.layer_forward(quantized, hidden_c[k], *rope[k])
+            if weight_errors:
+                self.errors += layer_weight_errors(i, quantized, original, cand.shape)
+            del original, quantized
+            advance(1)
+        self.baseline_hidden = [shell.model.norm(h) for h in hidden_b]
+        self.baseline_head = lambda h: shell.lm_head(h)
+        self.candidate_hidden = [cand.final_hidden(h) for h in hidden_c]
+        self.candidate_model = cand
+
+    def num_layers(self) -> int:
+        from trtconv.checkpoints.trtllm_format import read_config
+
+        return int(read_config(self.checkpoint_dir)["num_hidden_layers"])
+
+
+def run_scorers(pair: LayerStreamedPair, scorer: Callable, reporter, weight_errors: bool = True):
+    """scorer(baseline_fn, candidate_fn) -> result, run against recorders, then (after the layer pass) for real."""
+    recorded = pair.recorders()
+    scorer(*recorded)
+    with reporter.progress("evaluation layers (both models)", total=pair.num_layers()) as advance:
+        pair.compute(advance, weight_errors)
+    return scorer(*pair.replayers())

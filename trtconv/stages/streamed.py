@@ -1,0 +1,345 @@
+"""Calibrate and export one decoder layer at a time: models larger than the GPU (and than host RAM).
+
+ModelOpt 0.47's own `layerwise` calibration (algorithm: {layerwise: {enable: true}}) walks the
+layers of a whole model object: the weights must be on the GPU or accelerate-offloaded, and with
+accelerate's CPU offload `export_tensorrt_llm_checkpoint` fails on meta tensors. So trtconv drives
+ModelOpt per layer, as llm-compressor and AutoAWQ do, and proves it gives the same checkpoint:
+
+1. A one-layer "shell" of the model (meta device) holds the real embeddings, final norm and lm_head,
+   read from the memory-mapped safetensors. It runs the calibration batches up to decoder layer 0,
+   whose inputs (hidden states and the keyword arguments the model passes: rotary cos/sin, mask,
+   positions) are cached on the device.
+2. Layer i is built from its tensors alone, quantized with ModelOpt's own modes under the name
+   `model.layers.{i}` (so recipe exclude patterns match the same quantizers), and calibrated by a
+   forward loop that replays the cached inputs. ModelOpt runs that loop once for max/SmoothQuant
+   and twice for AWQ (statistics, then search); pass p's outputs become layer i+1's pass-p inputs,
+   exactly what layer i+1 sees inside the whole model. (With an FP8 KV cache AWQ's second pass
+   sees quantized attention, so two input streams are kept.)
+3. The layer is exported with ModelOpt's own per-layer export steps (the ones
+   `torch_to_tensorrt_llm_checkpoint` runs for every layer), its tensors renamed to layer i and
+   written to a part file per rank; then it is freed. Embeddings/lm_head come from exporting the
+   shell once, with layer 0 swapped in.
+4. The part files are merged into rank files byte-identical to `save_file` (checkpoints.
+   safetensors_stream), and config.json is assembled the way ModelOpt assembles it.
+
+tests/test_streaming.py compares the result with the in-memory path byte for byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from trtconv.checkpoints.hf_layers import WeightIndex
+from trtconv.core.errors import UserError
+from trtconv.core.ui import quiet_dependency
+
+PARTS_DIR = ".layer-parts"
+
+
+def check_supported(recipe) -> None:
+    """What the streamed path cannot do yet, named before any work."""
+    if recipe.export.pp_size != 1:
+        raise UserError(f"calibration.streaming: export.pp_size {recipe.export.pp_size} is not supported by the layer-streamed "
+                        "path (pp_size 1 only; tp_size may be any); set calibration.streaming: never or export.pp_size: 1")
+    if recipe.export.hf_checkpoint:
+        raise UserError("calibration.streaming: export.hf_checkpoint is not written by the layer-streamed path; "
+                        "set export.hf_checkpoint: false or calibration.streaming: never")
+    if recipe.model.trust_remote_code:
+        raise UserError("calibration.streaming: models with their own code (model.trust_remote_code) are not streamed; "
+                        "set calibration.streaming: never")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _torch_dtype(name: str):
+    from trtconv.checkpoints.hf_model import torch_dtype
+
+    return torch_dtype(name)
+
+
+def build_shell(model_dir: Path, index: WeightIndex, dtype, device: str):
+    """(one-layer model with the real outer weights, the decoder layer class, the full config)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full = AutoConfig.from_pretrained(model_dir)
+    cfg = copy.deepcopy(full)
+    cfg.num_hidden_layers = 1
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    layer_cls = type(shell.model.layers[0])
+    shell.load_state_dict(index.outer(dtype, device), strict=False, assign=True)
+    if shell.config.tie_word_embeddings:
+        shell.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) were made on meta: rebuild them on the device.
+    shell.model.rotary_emb = type(shell.model.rotary_emb)(shell.config).to(device)
+    return shell.eval(), layer_cls, full
+
+
+def capture_layer0_inputs(shell, batches) -> list[tuple[tuple, dict]]:
+    """Layer 0's positional and keyword arguments for every batch, as the model passes them."""
+    import torch
+
+    cached = []
+
+    def hook(_mod, args, kwargs):
+        cached.append((args, dict(kwargs)))
+        raise _Stop
+
+    handle = shell.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    shell(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return cached
+
+
+def load_layer(layer_cls, config, index: WeightIndex, i: int, dtype, device: str):
+    import torch
+
+    with torch.device("meta"):
+        layer = layer_cls(config, layer_idx=i)
+    layer.load_state_dict(index.layer(i, dtype, device), strict=True, assign=True)
+    return layer.eval()
+
+
+def named_root(layer, i: int):
+    """A container in which the layer's modules are named `model.layers.{i}.*`, as in the whole model."""
+    import torch
+
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.layers = torch.nn.ModuleDict({str(i): layer})
+    return root
+
+
+def quantize_layer(root, cfg: dict, forward_loop) -> None:
+    """`mtq.quantize` minus its whole-model guard (a layer may legitimately have nothing enabled);
+    trtconv's census checks the guard's condition over all layers instead."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.opt import apply_mode
+    from modelopt.torch.quantization.mode import QuantizeModeRegistry
+
+    root = apply_mode(root, mode=[("quantize", dict(cfg))], registry=QuantizeModeRegistry)
+    mtq.calibrate(root, cfg.get("algorithm"), forward_loop=forward_loop)
+
+
+def calibrate_layer(layer, i: int, cfg: dict | None, streams: list) -> list:
+    """Calibrate layer i on the cached inputs; the inputs of layer i+1 (one list per stream)."""
+    import torch
+
+    if cfg is None:  # nothing to calibrate: just run the layer
+        with torch.no_grad():
+            return [_with_outputs(streams[0], [layer(*a, **k) for a, k in streams[0]])]
+    recorded: list[list] = []
+
+    def forward_loop(model) -> None:
+        # ModelOpt's pass p here is the whole model's pass p: replay the pass-p inputs.
+        src = streams[min(len(recorded), len(streams) - 1)]
+        with torch.no_grad():
+            recorded.append([model.model.layers[str(i)](*a, **k) for a, k in src])
+
+    quantize_layer(named_root(layer, i), cfg, forward_loop)
+    nxt: list = []
+    for outs in recorded:
+        if nxt and all(torch.equal(_first(o), _first(prev[0])) for o, prev in zip(outs, nxt[-1])):
+            continue  # identical to the previous pass (no quantized attention in between): one stream
+        nxt.append(_with_outputs(streams[0], outs))
+    return nxt
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_outputs(template: list, outs: list) -> list:
+    return [((_first(o),) + tuple(a[1:]), k) for o, (a, k) in zip(outs, template)]
+
+
+def export_layer(layer, i: int, hf_config, dtype, quantization: str | None, decoder_type: str, tp_size: int):
+    """ModelOpt's per-layer export steps (model_config_export.torch_to_tensorrt_llm_checkpoint) on one
+    layer: ([per-rank tensors], per-layer quantization entries), named for layer i."""
+    from modelopt.torch.export.layer_utils import build_decoder_config
+    from modelopt.torch.export.model_config import ModelConfig
+    from modelopt.torch.export.model_config_utils import (merge_gate_fc, merge_qkv, model_config_to_dict,
+                                                          pack_linear_weights, split_config_and_weights)
+    from modelopt.torch.export.postprocess import (check_weight_shape_valid, postprocess_model_config,
+                                                   postprocess_tensors)
+
+    meta = dict(hf_config.__dict__)
+    meta["training_pipeline_parallel"] = 1
+    meta["training_tensor_parallel"] = 1
+    mc = ModelConfig(architecture=hf_config.architectures[0], dtype=str(dtype).split(".")[1], rank=0,
+                     tensor_parallel=1, pipeline_parallel=1, vocab_size=hf_config.vocab_size)
+    mc.layers = [build_decoder_config(layer, meta, decoder_type, tp_size=tp_size)]
+    mc.quantization = quantization
+    check_weight_shape_valid(mc, tp_size, 1)
+    ranks, layer_cfg = [], {}
+    rename = lambda k: k.replace("transformer.layers.0.", f"transformer.layers.{i}.", 1)  # noqa: E731
+    for rank_cfg in postprocess_model_config(mc, tp_size, 1, training_pipeline_parallel=1):
+        merge_qkv(rank_cfg)
+        merge_gate_fc(rank_cfg)
+        pack_linear_weights(rank_cfg)
+        weights, cfgs = {}, {}
+        split_config_and_weights(model_config_to_dict(rank_cfg), weights, "transformer", cfgs)
+        postprocess_tensors(weights, dtype=dtype, force_cpu=True, force_contiguous=True, force_non_view=False)
+        ranks.append({rename(k): v for k, v in weights.items()})
+        layer_cfg = {rename(k): v for k, v in cfgs.items()}
+    return ranks, layer_cfg
+
+
+def export_shell(shell, layer, dtype, decoder_type: str, tp_size: int, tmp: Path) -> tuple[list[dict], dict, dict | None]:
+    """Export the one-layer shell with layer 0 swapped in: the non-layer tensors of each rank, config.json
+    and quant_cfg.json (None when ModelOpt writes none)."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from safetensors.torch import load_file
+
+    import torch
+
+    shell.model.layers[0] = layer
+    try:
+        export_tensorrt_llm_checkpoint(shell, decoder_type, dtype=dtype, export_dir=tmp,
+                                       inference_tensor_parallel=tp_size, inference_pipeline_parallel=1)
+    finally:
+        shell.model.layers[0] = torch.nn.Identity()  # the shell must not keep layer 0 alive
+    outer = []
+    for r in range(tp_size):
+        tensors = load_file(tmp / f"rank{r}.safetensors")
+        outer.append({k: v for k, v in tensors.items() if not k.startswith("transformer.layers.")})
+    quant_cfg = tmp / "quant_cfg.json"
+    cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    return outer, cfg, json.loads(quant_cfg.read_text(encoding="utf-8")) if quant_cfg.is_file() else None
+
+
+def assemble_config(cfg0: dict, layer_cfg: dict, n_layers: int, shell_quant_cfg: dict | None) -> tuple[dict, dict | None]:
+    """(config.json, quant_cfg.json or None) of the whole model from the shell's and every layer's
+    quantization entries, as export_tensorrt_llm_checkpoint assembles them (process_layer_quant_config;
+    exclude_modules through a set; per-layer formats in quant_cfg.json when it writes one)."""
+    from modelopt.torch.export.quant_utils import process_layer_quant_config
+
+    cfg = copy.deepcopy(cfg0)
+    cfg["num_hidden_layers"] = n_layers
+    entries = dict(layer_cfg)
+    outer = (shell_quant_cfg or {}).get("quantized_layers") or {}
+    for m in (cfg0.get("quantization") or {}).get("exclude_modules") or []:
+        if not m.startswith("transformer.layers."):
+            entries[f"{m}.quantization"] = None  # non-layer modules (lm_head) come after the layers
+    qc = process_layer_quant_config(entries)
+    qc["kv_cache_quant_algo"] = (cfg0.get("quantization") or {}).get("kv_cache_quant_algo")
+    if "quantized_layers" in qc:
+        qc["quantized_layers"].update({k: v for k, v in outer.items() if not k.startswith("transformer.layers.")})
+        cfg["quantization"] = {k: qc[k] for k in ("quant_algo", "kv_cache_quant_algo")}
+        return cfg, qc
+    qc["exclude_modules"] = list(set(qc.get("exclude_modules") or []))
+    cfg["quantization"] = qc
+    return cfg, None
+
+
+def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, root: Path, device: str, reporter):
+    """Calibrate + export layer by layer into root; (ExportResult, calibration record, census)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trtconv.checkpoints.safetensors_stream import merge_parts
+    from trtconv.checkpoints.trtllm_format import validate_checkpoint
+    from trtconv.stages import calibrate, export
+
+    check_supported(recipe)
+    q, ex = recipe.quantization, recipe.export
+    dtype, export_dtype = _torch_dtype(recipe.model.dtype), _torch_dtype(ex.dtype)
+    quantizes = not (q.precision == "none" and q.kv_cache == "none")
+    log: list[str] = []
+    cfg = calibrate.recipe_quant_config(q, log) if quantizes else None
+    index = WeightIndex(model_dir)
+    shell, layer_cls, hf_config = build_shell(model_dir, index, dtype, device)
+    n_layers = hf_config.num_hidden_layers
+    from modelopt.torch.export.model_utils import get_model_type
+    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
+
+    decoder_type = get_model_type(shell)
+    with quiet_dependency(log):
+        if cfg is not None:
+            import modelopt.torch.quantization as mtq
+
+            # KV-cache quantizers need the HF attention class registered, which ModelOpt only does for a
+            # PreTrainedModel root; and lm_head must become the same (disabled) QuantLinear as in the whole model.
+            register_hf_attentions_on_the_fly(shell)
+            mtq.quantize(shell, {**copy.deepcopy(cfg), "algorithm": None})
+    rows = torch.tensor(calib_tokens.rows, dtype=torch.long)
+    batches = [rows[s : s + recipe.calibration.batch_size].to(device) for s in range(0, len(rows), recipe.calibration.batch_size)]
+    streams = [capture_layer0_inputs(shell, batches)]
+    reporter.stage("calibrate", f"layer-streamed: {n_layers} layers of {index.layer_bytes(0) / 2**20:.0f} MiB, "
+                   f"{len(batches)} cached batches")
+    checkpoint = root / export.CHECKPOINT_DIR
+    parts = checkpoint / PARTS_DIR
+    for r in range(ex.tp_size):
+        (parts / f"rank{r}").mkdir(parents=True, exist_ok=True)
+    census: dict = {"enabled": {}, "invalid_amax": []}
+    layer_cfgs: dict = {}
+    tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
+    try:
+        with reporter.progress("calibration layers", total=n_layers) as advance:
+            for i in range(n_layers):
+                layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
+                with quiet_dependency(log):
+                    streams = calibrate_layer(layer, i, cfg, streams)
+                    _merge_census(census, calibrate.quantizer_census(layer), i)
+                    quant_format = _quant_format(layer) if cfg is not None else None
+                    with torch.no_grad():
+                        if i == 0:
+                            outer, cfg0, quant_cfg0 = export_shell(shell, layer, export_dtype, decoder_type, ex.tp_size, tmp)
+                            for r, tensors in enumerate(outer):
+                                save_file(tensors, parts / f"rank{r}" / "outer.safetensors")
+                            del outer
+                        ranks, layer_cfg = export_layer(layer, i, hf_config, export_dtype, quant_format, decoder_type, ex.tp_size)
+                layer_cfgs.update(layer_cfg)
+                for r, tensors in enumerate(ranks):
+                    save_file(tensors, parts / f"rank{r}" / f"layer{i:05d}.safetensors")
+                del layer, ranks
+                if device != "cpu":
+                    torch.cuda.empty_cache()
+                advance(1)
+        if cfg is not None:
+            calibrate.check_census(census, q)
+        for r in range(ex.tp_size):
+            merge_parts(sorted((parts / f"rank{r}").glob("*.safetensors")), checkpoint / f"rank{r}.safetensors")
+        config, quant_cfg = assemble_config(cfg0, layer_cfgs, n_layers, quant_cfg0)
+        (checkpoint / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
+        if quant_cfg is not None:
+            (checkpoint / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=4), encoding="utf-8")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    tok_dir = root / export.TOKENIZER_DIR
+    tokenizer.save_pretrained(tok_dir)
+    repairs = export.finish_trtllm_config(checkpoint, hf_config, architecture, q)
+    report = validate_checkpoint(checkpoint)
+    raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
+    result = export.ExportResult(checkpoint_dir=checkpoint, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, repairs=repairs,
+                                 validation=json.loads(json.dumps(raw, default=str)), dependency_warnings=log)
+    record = {"quant_config": calibrate._jsonable(cfg) if cfg is not None else {}, "census": census}
+    return result, record, log
+
+
+def _quant_format(layer) -> str | None:
+    from modelopt.torch.export.quant_utils import get_quantization_format
+
+    return get_quantization_format(layer)
+
+
+def _merge_census(total: dict, one: dict, i: int) -> None:
+    for kind, n in one["enabled"].items():
+        total["enabled"][kind] = total["enabled"].get(kind, 0) + n
+    total["enabled"] = dict(sorted(total["enabled"].items()))
+    total["invalid_amax"] += [f"model.layers.{i}.{name}" for name in one["invalid_amax"]]
