@@ -19,7 +19,7 @@ from pathlib import Path
 
 from trtconv import __version__
 from trtconv.artifact.writer import ArtifactWriter
-from trtconv.cache.store import StageCache
+from trtconv.cache.store import StageCache, use_torch_extensions_cache
 from trtconv.core.environment import detect_device, host_summary, numeric_environment, package_versions
 from trtconv.core.errors import ArtifactError, GateFailed, Interrupted, UserError
 from trtconv.artifact.manifest import Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
@@ -117,7 +117,7 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
-    from trtconv.checkpoints.hf_model import load_tokenizer
+    from trtconv.checkpoints.hf_model import load_hf_model, load_tokenizer, release_memory
     from trtconv.data import samples
     from trtconv.engine.plan import preflight as check_engine
     from trtconv.gate import stats as evaluate
@@ -126,6 +126,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     from trtconv.core.ui import silence_library_progress_bars
 
     silence_library_progress_bars()
+    use_torch_extensions_cache()
     device = detect_device(opts.device)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
     cache = None if opts.no_cache else StageCache()
@@ -141,10 +142,18 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         check_engine(recipe, hf_cfg, device, reporter)
         calib_path = data_path(recipe.calibration.data, "calib")
         eval_path = data_path(recipe.evaluate.data, "eval")
-        inputs = load.describe_inputs(model_dir, weights)
+        hashing = load.start_hashing(model_dir, weights)
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+        preloaded = None
+        if hashing.pending:
+            # Files not hashed before (or changed): load the model while the thread hashes them,
+            # rather than first hashing 16 GB and then reading it again. Wasted only on a cache hit
+            # for files merely touched since.
+            reporter.stage("load", "hashing the checkpoint (first time) while loading the model")
+            preloaded = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, torch_device)
+        inputs = load.describe_inputs(model_dir, weights, hashing)
         export_key = export.export_key(recipe, inputs, pack_sha256(calib_path), device)
-    stages.append(m.record(architecture=arch, model_dir=str(model_dir)))
+    stages.append(m.record(architecture=arch, model_dir=str(model_dir), model_loaded=preloaded is not None))
 
     calib_tokens = samples.calibration_rows(
         calib_path, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
@@ -159,6 +168,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     with writer:
         cached = export.restore_export(cache, export_key, writer.tmp, reporter) if cache else None
         if cached is not None:
+            preloaded = None
+            release_memory()
             exported = export.ExportResult.from_record(cached["export"], writer.tmp)
             calib_record = cached["calibration"]
             for rec in cached["stages"]:
@@ -166,8 +177,11 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
                 reporter.stage(rec.name, f"reused from the cache (key {export_key[:12]}, saves {rec.wall_s:.1f} s)")
                 stages.append(rec.model_copy(update={"status": "reused", "details": {**rec.details, "cache_key": export_key}}))
         else:
+            model, preloaded = preloaded, None  # handed over: the unit drops the last reference when done
             exported, calib_record, unit_stages = run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, writer.tmp,
-                                                                           torch_device, reporter)
+                                                                           torch_device, reporter, model=model)
+            del model
+            release_memory()  # the calibrated model goes before evaluation loads the original
             stages += unit_stages
             if cache:
                 meta = {"export": exported.manifest_record(), "calibration": calib_record,
@@ -225,7 +239,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             write_report(writer.tmp, manifest, outcome_eval.weight_errors, outcome_eval.stats.token_kl)
         if opts.junit:
             write_junit(opts.junit, gates, recipe.name, recipe.evaluate.allow_inconclusive)
-        manifest.outputs = hash_tree(writer.tmp)
+        manifest.outputs = hash_tree(writer.tmp, reuse_noted=True)
         manifest.artifact_digest = artifact_digest(manifest.outputs)
         write_manifest(manifest, writer.tmp)
         path = writer.commit() if passed else writer.commit_failed()
@@ -236,14 +250,16 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 
 
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
-                             reporter: Reporter):
-    """The expensive unit: load the model, calibrate it, export it into root. Returns its records."""
+                             reporter: Reporter, model=None):
+    """The expensive unit: load the model (unless the load stage already did), calibrate it,
+    export it into root. Returns its records."""
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.stages import calibrate, export
 
     stages = []
     with StageMeter("calibrate") as m:
-        model = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
+        if model is None:
+            model = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
         reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype}) to "
                        f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "
                        f"{len(calib_tokens.rows)} x {recipe.calibration.seq_len} tokens")

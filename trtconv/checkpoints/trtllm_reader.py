@@ -362,10 +362,14 @@ class _Loader:
     def local_linear(self, rank: int, prefix: str) -> EmulatedLinear:
         """One rank's shard of a linear, dequantized (in float32 until the final cast)."""
         algo = self.shape.quant_algo
-        get = lambda suffix: self.files.get_optional(rank, f"{prefix}.{suffix}")  # noqa: E731
+
+        def get(suffix: str) -> torch.Tensor | None:  # moved first, so a GPU dequantizes, not the host
+            t = self.files.get_optional(rank, f"{prefix}.{suffix}")
+            return None if t is None else t.to(self.device)
+
         weight = dequantize_linear_weight(
             algo,
-            weight=self.files.get(rank, f"{prefix}.weight"),
+            weight=self.files.get(rank, f"{prefix}.weight").to(self.device),
             weights_scaling_factor=get("weights_scaling_factor"),
             weights_scaling_factor_2=get("weights_scaling_factor_2"),
             group_size=self.shape.group_size,
@@ -501,11 +505,11 @@ _HF_LINEARS = {
 }
 
 
-def _hf_weight(hf_layer: torch.nn.Module, dotted: str) -> torch.Tensor:
+def _hf_weight(hf_layer: torch.nn.Module, dotted: str, device: torch.device) -> torch.Tensor:
     module = hf_layer
     for part in dotted.split("."):
         module = getattr(module, part)
-    return module.weight.detach().float().cpu()
+    return module.weight.detach().to(device=device, dtype=torch.float32)
 
 
 def _rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -518,18 +522,27 @@ def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) 
     Compares the checkpoint's dequantized weight, with its smoothing scale folded back in, to the
     weight of ``hf_model``, which must be the ORIGINAL unquantized model (ModelOpt's SmoothQuant and
     AWQ rewrite the weights of the model they calibrate in place).
+
+    Layer by layer, on the device ``hf_model`` is on: one decoder layer of the checkpoint is
+    dequantized at a time (float32), never the whole model, and nothing moves to host memory.
     """
-    ckpt = load_checkpoint_model(ckpt_dir)
-    s = ckpt.shape
+    ckpt_dir = Path(ckpt_dir)
+    device = next(hf_model.parameters()).device
+    loader = _Loader(ckpt_dir, read_config(ckpt_dir), device, torch.float32)
+    s = loader.shape
     q_rows, kv_rows = s.num_heads * s.head_size, s.num_kv_heads * s.head_size
     errors: list[tuple[str, float]] = []
-    hf_layers = hf_model.model.layers
-    for index, (layer, hf_layer) in enumerate(zip(ckpt.layers, hf_layers)):
-        prefix = f"model.layers.{index}"
-        q, k, v = layer.qkv.effective_weight().float().cpu().split([q_rows, kv_rows, kv_rows], dim=0)
-        for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}"))))
-        for field_name, hf_name in _HF_LINEARS.items():
-            weight = getattr(layer, field_name).effective_weight().float().cpu()
-            errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name))))
+    hf_layers = list(hf_model.model.layers)
+    positions = [(pp_rank, local) for pp_rank in range(s.pp_size) for local, _ in enumerate(stage_layers(s, pp_rank))]
+    with torch.no_grad():
+        for index, ((pp_rank, local), hf_layer) in enumerate(zip(positions, hf_layers)):
+            layer = loader.layer(pp_rank, local)
+            prefix = f"model.layers.{index}"
+            q, k, v = layer.qkv.effective_weight().float().split([q_rows, kv_rows, kv_rows], dim=0)
+            for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}", device))))
+            for field_name, hf_name in _HF_LINEARS.items():
+                weight = getattr(layer, field_name).effective_weight().float()
+                errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name, device))))
+            del layer, q, k, v
     return errors

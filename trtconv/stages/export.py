@@ -222,10 +222,17 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
 def store_export(cache: StageCache, key: str, artifact_tmp: Path, meta: dict[str, Any], reporter) -> None:
     from trtconv.cache.store import CacheError
 
+    from trtconv.cache.store import human_size
+
     try:
         cache.put(EXPORT_STAGE, key, artifact_tmp, meta)
     except CacheError as exc:  # busy or disk full: the artifact is fine, it just isn't cached
         reporter.warn(f"not cached: {exc}")
+        return
+    if cache.last_evicted:
+        freed = sum(e.size for e in cache.last_evicted)
+        reporter.stage("cache", f"evicted {len(cache.last_evicted)} least recently used entries ({human_size(freed)}) "
+                       f"to stay under max_size {human_size(cache.max_size)}")
 
 
 def restore_export(cache: StageCache, key: str, artifact_tmp: Path, reporter) -> dict | None:
