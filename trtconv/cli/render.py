@@ -17,7 +17,8 @@ def summary(outcome) -> dict:
         "engine": {k: m.engine.get(k) for k in ("target", "status", "reason")},
         "metrics": {k: v for k, v in m.metrics.items() if isinstance(v, dict)},
         "gates": [g.model_dump(mode="json") for g in m.gates],
-        "stages": [{"name": s.name, "status": s.status, "wall_s": s.wall_s, "peak_rss_mib": s.peak_rss_mib} for s in m.stages],
+        "stages": [{"name": s.name, "status": s.status, "wall_s": s.wall_s, "peak_rss_mib": s.peak_rss_mib,
+                    "peak_gpu_mib": s.peak_gpu_mib} for s in m.stages],
     }
 
 
@@ -42,6 +43,29 @@ def print_result(outcome, reporter, json_mode: bool) -> None:
     eng = m.engine
     if eng.get("target") not in (None, "none"):
         reporter.console.print(f"engine ({eng.get('target')}): {eng.get('status')} {eng.get('reason') or ''}", markup=False)
+    for line in time_lines(m.stages):
+        reporter.console.print(line, markup=False, highlight=False)
     reporter.console.print(f"{m.status}: {outcome.path} (digest {m.artifact_digest[:16]}…)", markup=False)
+
+
+def _gib(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib / 1024:.1f} GiB"
+
+
+def time_lines(stages) -> list[str]:
+    """Where the time went: one line per stage (time, peak host RSS, peak GPU), then the total.
+    A stage reused from the cache shows the time it took when it ran."""
+    lines = ["where the time went:"]
+    for s in stages:
+        note = ""
+        if s.status == "reused":
+            note = "  (reused from the cache)"
+        elif s.status not in ("ok",):
+            note = f"  ({s.status})"
+        spent = 0.0 if s.status == "reused" else s.wall_s
+        lines.append(f"  {s.name:<10} {spent:>8.1f} s   peak RSS {_gib(s.peak_rss_mib):>10}   peak GPU {_gib(s.peak_gpu_mib):>10}{note}")
+    total = sum(s.wall_s for s in stages if s.status != "reused")
+    lines.append(f"  {'total':<10} {total:>8.1f} s")
+    return lines
 
 
