@@ -27,6 +27,12 @@ def root(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_reflink(monkeypatch):
+    """Hard links, as on ext4 (where the tests run); a reflinking filesystem would give clones."""
+    monkeypatch.setattr(store_mod, "_reflink", lambda src, dst: False)
+
+
 @pytest.fixture
 def counted(monkeypatch) -> list[Path]:
     """Every full read for hashing, by path."""

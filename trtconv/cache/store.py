@@ -211,22 +211,43 @@ def _copy_file(src: Path, dst: Path, *, fsync: bool) -> tuple[str, int]:
 
 # errno values with which os.link says "not here": another filesystem, links unsupported or refused
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
+_FICLONE = 0x40049409  # Linux ioctl: dst shares src's blocks (btrfs, xfs, bcachefs), an independent file
 
 
-def _link_or_copy(src: Path, dst: Path, *, fsync: bool, sha256: str | None = None) -> tuple[str, int, bool]:
-    """dst becomes a hard link to src where the filesystem allows (no bytes copied), else a copy
-    made while hashing. Returns (sha256, size, linked). ``sha256`` is the file's hash when already
-    known and trusted; a linked file is otherwise read once to hash it.
-    """
+def _reflink(src: Path, dst: Path) -> bool:
+    """Clone src into a new dst where the filesystem can (copy-on-write); False, and no dst, where not."""
     try:
-        os.link(src, dst)
-    except OSError as err:
-        if err.errno not in _NO_LINK_ERRNOS:
-            raise
-        sha, size = _copy_file(src, dst, fsync=fsync)
-        return sha, size, False
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+        return True
+    except OSError:
+        Path(dst).unlink(missing_ok=True)
+        return False
+
+
+def _link_or_copy(src: Path, dst: Path, *, fsync: bool, sha256: str | None = None) -> tuple[str, int, str]:
+    """dst gets src's bytes as cheaply as the filesystem allows: a reflink (an independent file
+    sharing blocks), else a hard link (the same file), else a copy made while hashing (another
+    filesystem). Returns (sha256, size, "reflink" | "link" | "copy"). ``sha256`` is the file's
+    hash when already known and trusted; a reflinked or linked file is otherwise read once to hash it.
+    """
+    if _reflink(src, dst):
+        how = "reflink"
+    else:
+        try:
+            os.link(src, dst)
+            how = "link"
+        except OSError as err:
+            if err.errno not in _NO_LINK_ERRNOS:
+                raise
+            sha, size = _copy_file(src, dst, fsync=fsync)
+            return sha, size, "copy"
     size = os.stat(dst).st_size
-    return (sha256 or sha256_file(dst)), size, True
+    return (sha256 or sha256_file(dst)), size, how
 
 
 def _payload_files(folder: Path) -> list[str]:
@@ -489,9 +510,9 @@ def _refuse_pickle(source_dir: Path, files: list[str]) -> None:
 
 
 def _write_entry(tmp: Path, source_dir: Path, files: list[str], header: dict) -> None:
-    """The payload by hard link from source_dir (a copy across filesystems), then entry.json.
+    """The payload by reflink or hard link from source_dir (a copy across filesystems), then entry.json.
 
-    A linked payload file and the source file are one file: both become read-only, so the entry
+    A hard-linked payload file and the source file are one file: both become read-only, so the entry
     cannot be edited through the artifact by accident. An edit that forces its way in changes the
     file's mtime, which makes the next restore hash the entry again and find the damage.
     """
@@ -501,8 +522,8 @@ def _write_entry(tmp: Path, source_dir: Path, files: list[str], header: dict) ->
     for rel in files:
         src, dst = source_dir / rel, payload / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        sha256, size, linked = _link_or_copy(src, dst, fsync=True, sha256=known_sha256(src))
-        if linked:
+        sha256, size, how = _link_or_copy(src, dst, fsync=True, sha256=known_sha256(src))
+        if how != "copy":
             _fsync_file(dst)
         os.chmod(dst, _FILE_MODE)
         st = os.stat(dst)
@@ -635,7 +656,7 @@ def _copy_payload(payload: Path, dest: Path, records: list[dict]) -> str | None:
             mkdirs(dst.parent)
             trusted = rec["sha256"] if _unchanged_since_put(src, rec) else None
             try:
-                sha256, size, _linked = _link_or_copy(src, dst, fsync=False, sha256=trusted)
+                sha256, size, _how = _link_or_copy(src, dst, fsync=False, sha256=trusted)
             except FileNotFoundError:
                 problem = f"missing: {PAYLOAD_DIR}/{rec['path']}"
                 break
