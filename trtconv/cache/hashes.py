@@ -147,15 +147,31 @@ class BackgroundHashes:
         self._ready = {p: self.table.lookup(p) for p in self.paths}
         todo = [p for p, sha in self._ready.items() if sha is None]
         self.pending = bool(todo)
-        self._future: Future | None = None
+        self._future: dict[Path, Future] | None = None
         if todo:
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtconv-hash")
-            self._future = pool.submit(lambda: {p: self.table.sha256(p) for p in todo})
+            # One thread per file up to 4 (a sharded checkpoint hashes its shards side by side);
+            # the table is only written by result(), on the caller's thread.
+            pool = ThreadPoolExecutor(max_workers=min(4, len(todo)), thread_name_prefix="trtconv-hash")
+            futures = {p: pool.submit(self._hash, p) for p in todo}
             pool.shutdown(wait=False)
+            self._future = futures
+
+    def _hash(self, path: Path) -> tuple[str, os.stat_result | None]:
+        from trtconv.artifact.writer import sha256_file
+
+        before = os.stat(path)
+        sha = sha256_file(path)
+        after = os.stat(path)
+        same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
+        return sha, after if same else None
 
     def result(self) -> dict[Path, str]:
         if self._future is not None:
-            self._ready.update(self._future.result())
+            for path, future in self._future.items():
+                sha, st = future.result()
+                if st is not None:  # changed while read: not remembered, hashed again next time
+                    self.table.remember(path, sha, st)
+                self._ready[path] = sha
             self._future = None
         self.table.save()
         return dict(self._ready)
