@@ -287,7 +287,7 @@ def main_parent(args) -> None:
                        "bytes": sum(p.stat().st_size for p in args.model.glob("*.safetensors"))}
     log = args.work / "compile.log"
     compile_times = {}
-    for tag in ("cold", "warm"):
+    for tag in ("cold",) if args.skip_warm_compile else ("cold", "warm"):
         if tag == "cold" and not args.keep_extensions:
             subprocess.run(["rm", "-rf", ext_dir], check=True)
         rc, wall, _ = run_child([sys.executable, __file__, "_compile"], env, log)
@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp8,int4_awq", help=f"Comma list of {', '.join(PRECISIONS)}.")
     ap.add_argument("--warm", default="fp8", help="Comma list of precisions to run a second time (cache hit); '' for none.")
     ap.add_argument("--keep-extensions", action="store_true", help="Do not empty TORCH_EXTENSIONS_DIR before the cold compile.")
+    ap.add_argument("--skip-warm-compile", action="store_true", help="Time only the cold compile (it must run before the precisions anyway).")
     args = ap.parse_args()
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.warm = [p for p in args.warm.split(",") if p]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -168,9 +169,10 @@ class RankFiles:
 @dataclass
 class EmulatedLinear:
     """A linear as the engine computes it: smooth the input, quantize it, multiply by the
-    dequantized weight. ``weight`` is (out, in) in the compute dtype."""
+    dequantized weight. ``weight`` is (out, in) in the compute dtype, or a function giving it
+    (kept as stored on a GPU, see dense())."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | Callable[[], torch.Tensor]
     bias: torch.Tensor | None = None
     prequant_scale: torch.Tensor | None = None  # SmoothQuant/AWQ smoothing, applied to the input
     activation_quant: ActivationQuant | None = None
@@ -180,13 +182,28 @@ class EmulatedLinear:
             x = x * self.prequant_scale
         if self.activation_quant is not None:
             x = self.activation_quant(x)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, dense(self.weight), self.bias)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight an unquantized model would need for the same output: smoothing folded back."""
         if self.prequant_scale is None:
-            return self.weight
-        return self.weight * self.prequant_scale[None, :]
+            return dense(self.weight)
+        return dense(self.weight) * self.prequant_scale[None, :]
+
+
+# On a GPU a linear's weight may be kept as stored (fp8, int8, packed int4 + scales) and
+# dequantized when used: a function returning the dense tensor. The whole model in float32 would
+# be 4 bytes a parameter (32 GB for 8B) next to the original; dequantizing one linear at a time
+# costs milliseconds per forward pass. On a CPU weights are dense tensors, as always.
+def dense(weight) -> torch.Tensor:
+    return weight() if callable(weight) else weight
+
+
+def _lazy(fn, *parts):
+    """fn(*dense parts), now if every part is a tensor, else as a function evaluated when used."""
+    if not any(callable(p) for p in parts):
+        return fn(*parts)
+    return lambda: fn(*(dense(p) for p in parts))
 
 
 @dataclass
@@ -345,13 +362,16 @@ class CheckpointModel:
 class _Loader:
     """Reassembles TP shards (and PP stages) of one checkpoint into EmulatedLinears and tensors."""
 
-    def __init__(self, ckpt_dir: Path, config: dict, device: torch.device, compute_dtype: torch.dtype):
+    def __init__(self, ckpt_dir: Path, config: dict, device: torch.device, compute_dtype: torch.dtype,
+                 keep_stored: bool | None = None):
         self.ckpt_dir = ckpt_dir
         self.config = config
         self.shape = model_shape(config)
         self.files = RankFiles(ckpt_dir, self.shape.world_size)
         self.device = device
         self.dtype = compute_dtype
+        # Keep weights as stored and dequantize when used (see dense()): by default on a GPU.
+        self.lazy = device.type != "cpu" if keep_stored is None else keep_stored
 
     def _cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=self.device, dtype=self.dtype)
@@ -367,13 +387,14 @@ class _Loader:
             t = self.files.get_optional(rank, f"{prefix}.{suffix}")
             return None if t is None else t.to(self.device)
 
-        weight = dequantize_linear_weight(
-            algo,
-            weight=self.files.get(rank, f"{prefix}.weight").to(self.device),
-            weights_scaling_factor=get("weights_scaling_factor"),
-            weights_scaling_factor_2=get("weights_scaling_factor_2"),
-            group_size=self.shape.group_size,
-        )
+        stored = self.files.get(rank, f"{prefix}.weight").to(self.device)
+        wsf, wsf2 = get("weights_scaling_factor"), get("weights_scaling_factor_2")
+
+        def weight_now() -> torch.Tensor:
+            return dequantize_linear_weight(algo, weight=stored, weights_scaling_factor=wsf, weights_scaling_factor_2=wsf2,
+                                            group_size=self.shape.group_size)
+
+        weight = weight_now if self.lazy else weight_now()
         return EmulatedLinear(
             weight=weight,
             bias=get("bias"),
@@ -386,12 +407,12 @@ class _Loader:
         first = shards[0]
         if kind == "column":
             # Output rows are split; input smoothing and activation scale are replicated.
-            weight = torch.cat([s.weight for s in shards], dim=0)
+            weight = _lazy(lambda *w: torch.cat(w, dim=0), *[s.weight for s in shards])
             bias = torch.cat([s.bias for s in shards]) if first.bias is not None else None
             prequant = first.prequant_scale
         else:
             # Input columns are split: so are the per-input-channel smoothing scales.
-            weight = torch.cat([s.weight for s in shards], dim=1)
+            weight = _lazy(lambda *w: torch.cat(w, dim=1), *[s.weight for s in shards])
             bias = first.bias
             prequant = torch.cat([s.prequant_scale for s in shards]) if first.prequant_scale is not None else None
         return self._finish(EmulatedLinear(weight, bias, prequant, first.activation_quant))
@@ -412,7 +433,7 @@ class _Loader:
             v = [x[2] for x in split][::kv_stride]
             return torch.cat(q + k + v, dim=0)
 
-        weight = regroup([sh.weight for sh in shards])
+        weight = _lazy(lambda *w: regroup(list(w)), *[sh.weight for sh in shards])
         bias = regroup([sh.bias for sh in shards]) if shards[0].bias is not None else None
         first = shards[0]
         return self._finish(EmulatedLinear(weight, bias, first.prequant_scale, first.activation_quant))
@@ -420,7 +441,7 @@ class _Loader:
     def _finish(self, lin: EmulatedLinear) -> EmulatedLinear:
         if lin.activation_quant is not None:
             lin.activation_quant = lin.activation_quant.to(self.device)
-        return EmulatedLinear(self._cast(lin.weight), self._cast(lin.bias), self._cast(lin.prequant_scale), lin.activation_quant)
+        return EmulatedLinear(_lazy(self._cast, lin.weight), self._cast(lin.bias), self._cast(lin.prequant_scale), lin.activation_quant)
 
     def layer(self, pp_rank: int, local_index: int) -> DecoderLayer:
         ranks = self.stage_ranks(pp_rank)
@@ -480,16 +501,19 @@ class _Loader:
 
 
 def load_checkpoint_model(
-    ckpt_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
+    keep_stored: bool | None = None,
 ) -> CheckpointModel:
     """Read config.json + every rank{N}.safetensors as a TensorRT-LLM loader would.
 
     It does not require validate_checkpoint to pass: a checkpoint without rotary_base still loads
     (with TensorRT-LLM's default 10000), so the accuracy gate can measure what that costs.
+    ``keep_stored``: keep linear weights as stored and dequantize each when used (default: on a
+    GPU, where a float32 copy of an 8B model is 32 GB); the logits are the same either way.
     """
     ckpt_dir = Path(ckpt_dir)
     config = read_config(ckpt_dir)
-    return _Loader(ckpt_dir, config, torch.device(device), compute_dtype).model()
+    return _Loader(ckpt_dir, config, torch.device(device), compute_dtype, keep_stored).model()
 
 
 # --------------------------------------------------------------------------------------------
