@@ -296,7 +296,7 @@ def main_parent(args) -> None:
     report["extension_compile"] = compile_times
     results, warm = {}, {}
     for name in args.precisions:
-        bare = bench_bare(args, env, name)
+        bare = {"skipped": True} if name in args.no_bare else bench_bare(args, env, name)
         print(f"{name} bare: {json.dumps(bare)}", flush=True)
         trt = bench_trtconv(args, env, name, "cold")
         print(f"{name} trtconv: process {trt['process_s']:.1f} s rc {trt['rc']} "
@@ -332,10 +332,12 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp8,int4_awq", help=f"Comma list of {', '.join(PRECISIONS)}.")
     ap.add_argument("--warm", default="fp8", help="Comma list of precisions to run a second time (cache hit); '' for none.")
     ap.add_argument("--keep-extensions", action="store_true", help="Do not empty TORCH_EXTENSIONS_DIR before the cold compile.")
+    ap.add_argument("--no-bare", default="", help="Comma list of precisions to run trtconv only (bare measured in an earlier run).")
     ap.add_argument("--skip-warm-compile", action="store_true", help="Time only the cold compile (it must run before the precisions anyway).")
     args = ap.parse_args()
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.warm = [p for p in args.warm.split(",") if p]
+    args.no_bare = [p for p in args.no_bare.split(",") if p]
     bad = [p for p in args.precisions + args.warm if p not in PRECISIONS]
     if bad:
         ap.error(f"unknown precision {bad[0]!r}; allowed: {', '.join(PRECISIONS)}")
