@@ -275,3 +275,22 @@ def test_torch_extensions_go_under_the_cache_unless_set(root, monkeypatch):
     assert folder.parent == root / "torch-extensions" and os.environ["TORCH_EXTENSIONS_DIR"] == str(folder)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/mine")
     assert store_mod.use_torch_extensions_cache() == Path("/mine")
+
+
+def test_a_disabled_table_hashes_everything_and_writes_nothing(root, tmp_path, counted):
+    """--no-cache: the remembered hashes are neither used nor updated."""
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"w" * 100)
+    first = HashTable()
+    first.sha256(f)
+    first.save()
+    counted.clear()
+    off = BackgroundHashes([f], HashTable(enabled=False))
+    assert off.pending
+    off.result()
+    assert counted == [f]
+    before = (root / HASHES_FILE).stat().st_mtime_ns
+    table = HashTable(enabled=False)
+    table.remember(f, "0" * 64, f.stat())
+    table.save()
+    assert (root / HASHES_FILE).stat().st_mtime_ns == before

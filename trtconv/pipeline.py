@@ -137,12 +137,12 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")
         model_dir, hf_cfg, arch, weights = load.inspect_checkpoint(recipe.model, progress=reporter.info)
+        hashing = load.start_hashing(model_dir, weights, remembered=cache is not None)  # first: the checks below run meanwhile
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)
         calib_path = data_path(recipe.calibration.data, "calib")
         eval_path = data_path(recipe.evaluate.data, "eval")
-        hashing = load.start_hashing(model_dir, weights)
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
         preloaded = None
         if hashing.pending:
@@ -151,6 +151,10 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             # for files merely touched since.
             reporter.stage("load", "hashing the checkpoint (first time) while loading the model")
             preloaded = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, torch_device)
+            if recipe.quantization.precision != "none" or recipe.quantization.kv_cache != "none":
+                from trtconv.stages.calibrate import import_modelopt
+
+                import_modelopt()  # its ~6 s import, also under the hashing (same thread: no import races)
         inputs = load.describe_inputs(model_dir, weights, hashing)
         export_key = export.export_key(recipe, inputs, pack_sha256(calib_path), device)
     stages.append(m.record(architecture=arch, model_dir=str(model_dir), model_loaded=preloaded is not None))
@@ -165,6 +169,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         )
         samples.check_disjoint(calib_tokens, eval_tokens)
 
+    storing = None
     with writer:
         cached = export.restore_export(cache, export_key, writer.tmp, reporter) if cache else None
         if cached is not None:
@@ -186,7 +191,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             if cache:
                 meta = {"export": exported.manifest_record(), "calibration": calib_record,
                         "stages": [r.model_dump(mode="json") for r in unit_stages]}
-                export.store_export(cache, export_key, writer.tmp, meta, reporter)
+                storing = export.BackgroundStore(cache, export_key, writer.tmp, meta)  # overlaps evaluation
+                writer.wait_on_exit(storing.wait)
 
         reproducibility = {}
         if opts.repro_check:
@@ -239,6 +245,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             write_report(writer.tmp, manifest, outcome_eval.weight_errors, outcome_eval.stats.token_kl)
         if opts.junit:
             write_junit(opts.junit, gates, recipe.name, recipe.evaluate.allow_inconclusive)
+        if storing is not None:
+            storing.finish(reporter)  # its hashes are noted: the outputs below are not read again
         manifest.outputs = hash_tree(writer.tmp, reuse_noted=True)
         manifest.artifact_digest = artifact_digest(manifest.outputs)
         write_manifest(manifest, writer.tmp)

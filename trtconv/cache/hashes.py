@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -60,11 +59,12 @@ def sha256_of(path: Path) -> str:
 class HashTable:
     """The persistent table of input-file hashes under the cache root. Not shared between threads."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, *, enabled: bool = True):
         from trtconv.cache.store import cache_root
 
         self.path = Path(root if root is not None else cache_root()) / HASHES_FILE
-        self.entries = self._read()
+        self.enabled = enabled  # False (--no-cache): every file is hashed, nothing is read or written
+        self.entries = self._read() if enabled else {}
         self._dirty = False
 
     def _read(self) -> dict[str, dict]:
@@ -112,7 +112,7 @@ class HashTable:
     def save(self) -> None:
         """Merge into the file on disk (other runs may have added entries) and replace it atomically.
         A cache folder that cannot be written only costs re-hashing next time."""
-        if not self._dirty:
+        if not self._dirty or not self.enabled:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,14 +147,30 @@ class BackgroundHashes:
         self._ready = {p: self.table.lookup(p) for p in self.paths}
         todo = [p for p, sha in self._ready.items() if sha is None]
         self.pending = bool(todo)
-        self._future: dict[Path, Future] | None = None
+        self._running = False
         if todo:
-            # One thread per file up to 4 (a sharded checkpoint hashes its shards side by side);
-            # the table is only written by result(), on the caller's thread.
-            pool = ThreadPoolExecutor(max_workers=min(4, len(todo)), thread_name_prefix="trtconv-hash")
-            futures = {p: pool.submit(self._hash, p) for p in todo}
-            pool.shutdown(wait=False)
-            self._future = futures
+            # Up to 4 daemon threads (a sharded checkpoint hashes its shards side by side); daemon,
+            # so a run that stops early on a user error does not wait for 16 GB to be hashed.
+            # The table is only written by result(), on the caller's thread.
+            queue = list(todo)
+            lock = threading.Lock()
+            self._done: dict[Path, tuple] = {}
+            self._threads = [threading.Thread(target=self._work, args=(queue, lock), daemon=True, name="trtconv-hash")
+                             for _ in range(min(4, len(todo)))]
+            for t in self._threads:
+                t.start()
+            self._running = True
+
+    def _work(self, queue: list[Path], lock: threading.Lock) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                path = queue.pop(0)
+            try:
+                self._done[path] = ("ok", *self._hash(path))
+            except OSError as exc:
+                self._done[path] = ("error", exc, None)
 
     def _hash(self, path: Path) -> tuple[str, os.stat_result | None]:
         from trtconv.artifact.writer import sha256_file
@@ -166,12 +182,15 @@ class BackgroundHashes:
         return sha, after if same else None
 
     def result(self) -> dict[Path, str]:
-        if self._future is not None:
-            for path, future in self._future.items():
-                sha, st = future.result()
+        if self._running:
+            for t in self._threads:
+                t.join()
+            for path, (status, value, st) in self._done.items():
+                if status == "error":
+                    raise value
                 if st is not None:  # changed while read: not remembered, hashed again next time
-                    self.table.remember(path, sha, st)
-                self._ready[path] = sha
-            self._future = None
+                    self.table.remember(path, value, st)
+                self._ready[path] = value
+            self._running = False
         self.table.save()
         return dict(self._ready)

@@ -250,6 +250,11 @@ def _link_or_copy(src: Path, dst: Path, *, fsync: bool, sha256: str | None = Non
     return (sha256 or sha256_file(dst)), size, how
 
 
+def payload_files(folder: Path) -> list[str]:
+    """What put would store from folder now (relative POSIX paths, sorted)."""
+    return _payload_files(folder)
+
+
 def _payload_files(folder: Path) -> list[str]:
     """Relative POSIX paths of every file under folder, sorted. Directory symlinks are refused."""
     files = []
@@ -443,7 +448,8 @@ class StageCache:
         return None
 
     # -- store ---------------------------------------------------------------------------------
-    def put(self, stage: str, key: str, source_dir: Path, meta: Mapping[str, Any] | None = None, *, wait: float = 0.0) -> Path:
+    def put(self, stage: str, key: str, source_dir: Path, meta: Mapping[str, Any] | None = None, *, wait: float = 0.0,
+            files: list[str] | None = None) -> Path:
         """Store a copy of ``source_dir`` as entry (stage, key) and return the entry folder.
 
         Writes ``<key>.tmp-<pid>/`` (payload, then entry.json, each fsynced) and renames it into
@@ -451,12 +457,14 @@ class StageCache:
         another run holds it, waits ``wait`` seconds (default 0: fail at once), then raises
         CacheBusy. The result is in ``source_dir`` either way, so callers should warn and go on.
         A valid entry already under this key is kept (same key, same inputs) and returned.
-        ``meta`` must be JSON-serializable; it is stored, not part of the key.
+        ``meta`` must be JSON-serializable; it is stored, not part of the key. ``files`` (relative
+        paths) fixes which files are stored, for a folder others keep writing into meanwhile;
+        default: every file under source_dir now.
         """
         source_dir = Path(source_dir)
         if not source_dir.is_dir():
             raise CacheError(f"cannot cache {source_dir}: not a folder")
-        files = _payload_files(source_dir)
+        files = sorted(files) if files is not None else _payload_files(source_dir)
         _refuse_pickle(source_dir, files)
         meta_json = json.loads(canonical_json(dict(meta or {})))  # fails early on non-JSON meta
         final = self.entry_dir(stage, key)

@@ -134,12 +134,14 @@ def input_paths(model_dir: Path, weights: list[Path]) -> dict[str, list[Path]]:
     return {role: [model_dir / n for n in sorted(set(names)) if (model_dir / n).is_file()] for role, names in roles.items()}
 
 
-def start_hashing(model_dir: Path, weights: list[Path]):
+def start_hashing(model_dir: Path, weights: list[Path], remembered: bool = True):
     """Hash the checkpoint's files: at once from the hash table when unchanged since an earlier
-    run, else on a background thread (``.pending``) so the model can be loaded meanwhile."""
-    from trtconv.cache.hashes import BackgroundHashes
+    run, else on background threads (``.pending``) so the model can be loaded meanwhile.
+    ``remembered=False`` (--no-cache) neither uses nor updates the table."""
+    from trtconv.cache.hashes import BackgroundHashes, HashTable
 
-    return BackgroundHashes([p for paths in input_paths(model_dir, weights).values() for p in paths])
+    return BackgroundHashes([p for paths in input_paths(model_dir, weights).values() for p in paths],
+                            HashTable(enabled=remembered))
 
 
 def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[InputRecord]:
