@@ -19,7 +19,7 @@ from pathlib import Path
 
 from trtconv import __version__
 from trtconv.artifact.writer import ArtifactWriter
-from trtconv.cache.store import StageCache
+from trtconv.cache.store import StageCache, use_torch_extensions_cache
 from trtconv.core.environment import detect_device, host_summary, numeric_environment, package_versions
 from trtconv.core.errors import ArtifactError, GateFailed, Interrupted, UserError
 from trtconv.artifact.manifest import Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
@@ -118,7 +118,7 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
-    from trtconv.checkpoints.hf_model import load_tokenizer
+    from trtconv.checkpoints.hf_model import load_hf_model, load_tokenizer, release_memory
     from trtconv.data import samples
     from trtconv.engine.plan import preflight as check_engine
     from trtconv.gate import stats as evaluate
@@ -127,6 +127,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     from trtconv.core.ui import silence_library_progress_bars
 
     silence_library_progress_bars()
+    use_torch_extensions_cache()
     device = detect_device(opts.device)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
     cap_gpu_memory(device, opts.max_gpu_memory_gib)
@@ -138,17 +139,28 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")
         model_dir, hf_cfg, arch, weights = load.inspect_checkpoint(recipe.model, progress=reporter.info)
+        hashing = load.start_hashing(model_dir, weights, remembered=cache is not None)  # first: the checks below run meanwhile
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)
         memory = memory_plan(recipe, hf_cfg, device, opts.max_gpu_memory_gib, model_dir, reporter)
         calib_path = data_path(recipe.calibration.data, "calib")
         eval_path = data_path(recipe.evaluate.data, "eval")
-        reporter.stage("load", f"hashing {len(weights)} weight file(s), {sum(w.stat().st_size for w in weights) / 2**30:.2f} GiB")
-        inputs = load.describe_inputs(model_dir, weights)
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+        preloaded = None
+        if hashing.pending and not memory.streamed:
+            # Files not hashed before (or changed): load the model while the thread hashes them,
+            # rather than first hashing 16 GB and then reading it again. Wasted only on a cache hit
+            # for files merely touched since.
+            reporter.stage("load", "hashing the checkpoint (first time) while loading the model")
+            preloaded = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, torch_device)
+            if recipe.quantization.precision != "none" or recipe.quantization.kv_cache != "none":
+                from trtconv.stages.calibrate import import_modelopt
+
+                import_modelopt()  # its ~6 s import, also under the hashing (same thread: no import races)
+        inputs = load.describe_inputs(model_dir, weights, hashing)
         export_key = export.export_key(recipe, inputs, pack_sha256(calib_path), device)
-    stages.append(m.record(architecture=arch, model_dir=str(model_dir)))
+    stages.append(m.record(architecture=arch, model_dir=str(model_dir), model_loaded=preloaded is not None))
 
     calib_tokens = samples.calibration_rows(
         calib_path, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
@@ -160,9 +172,12 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         )
         samples.check_disjoint(calib_tokens, eval_tokens)
 
+    storing = None
     with writer:
         cached = export.restore_export(cache, export_key, writer.tmp, reporter) if cache else None
         if cached is not None:
+            preloaded = None
+            release_memory()
             exported = export.ExportResult.from_record(cached["export"], writer.tmp)
             calib_record = cached["calibration"]
             for rec in cached["stages"]:
@@ -170,13 +185,17 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
                 reporter.stage(rec.name, f"reused from the cache (key {export_key[:12]}, saves {rec.wall_s:.1f} s)")
                 stages.append(rec.model_copy(update={"status": "reused", "details": {**rec.details, "cache_key": export_key}}))
         else:
+            model, preloaded = preloaded, None  # handed over: the unit drops the last reference when done
             exported, calib_record, unit_stages = run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, writer.tmp,
-                                                                           torch_device, reporter, streamed=memory.streamed)
+                                                                           torch_device, reporter, model=model, streamed=memory.streamed)
+            del model
+            release_memory()  # the calibrated model goes before evaluation loads the original
             stages += unit_stages
             if cache:
                 meta = {"export": exported.manifest_record(), "calibration": calib_record,
                         "stages": [r.model_dump(mode="json") for r in unit_stages]}
-                export.store_export(cache, export_key, writer.tmp, meta, reporter)
+                storing = export.BackgroundStore(cache, export_key, writer.tmp, meta)  # overlaps evaluation
+                writer.wait_on_exit(storing.wait)
 
         reproducibility = {}
         if opts.repro_check:
@@ -229,7 +248,9 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             write_report(writer.tmp, manifest, outcome_eval.weight_errors, outcome_eval.stats.token_kl)
         if opts.junit:
             write_junit(opts.junit, gates, recipe.name, recipe.evaluate.allow_inconclusive)
-        manifest.outputs = hash_tree(writer.tmp)
+        if storing is not None:
+            storing.finish(reporter)  # its hashes are noted: the outputs below are not read again
+        manifest.outputs = hash_tree(writer.tmp, reuse_noted=True)
         manifest.artifact_digest = artifact_digest(manifest.outputs)
         write_manifest(manifest, writer.tmp)
         path = writer.commit() if passed else writer.commit_failed()
@@ -268,8 +289,9 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, cap_gib: float | None, mod
 
 
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
-                             reporter: Reporter, streamed: bool = False):
-    """The expensive unit: load the model, calibrate it, export it into root. Returns its records."""
+                             reporter: Reporter, model=None, streamed: bool = False):
+    """The expensive unit: load the model (unless the load stage already did), calibrate it,
+    export it into root. Returns its records."""
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.stages import calibrate, export
 
@@ -277,8 +299,9 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
         return run_streamed(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
     stages = []
     with StageMeter("calibrate") as m:
-        reporter.stage("calibrate", f"loading the model from {model_dir}")
-        model = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
+        if model is None:
+            reporter.stage("calibrate", f"loading the model from {model_dir}")
+            model = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
         reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype}) to "
                        f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "
                        f"{len(calib_tokens.rows)} x {recipe.calibration.seq_len} tokens")

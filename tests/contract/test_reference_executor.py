@@ -138,6 +138,15 @@ def test_executor_matches_fake_quant(quant_case):
     assert vs_original > 10 * vs_twin  # the quantization itself is visible
 
 
+def test_weights_kept_as_stored_give_the_same_logits(quant_case):
+    """On a GPU the executor keeps weights as stored and dequantizes each when used (no float32
+    copy of the model); forced here on the CPU, it must compute exactly what the dense path does."""
+    dense_model = load_checkpoint_model(quant_case["ckpt"], keep_stored=False)
+    stored_model = load_checkpoint_model(quant_case["ckpt"], keep_stored=True)
+    assert callable(stored_model.layers[0].qkv.weight) and not callable(dense_model.layers[0].qkv.weight)
+    assert torch.equal(stored_model.logits(quant_case["ids"]), dense_model.logits(quant_case["ids"]))
+
+
 def test_corrupt_weight_scale_moves_logits(quant_case, tmp_path):
     """One weights_scaling_factor x4 must move the logits far more than the executor's own error."""
     broken = copy_checkpoint(quant_case["ckpt"], tmp_path / "broken")

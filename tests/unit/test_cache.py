@@ -147,9 +147,14 @@ def test_put_get_round_trip(cache, root, source, tmp_path):
     out = cache.materialize(entry, tmp_path / "artifact")
     for rel in ("checkpoint/config.json", "checkpoint/rank0.safetensors", "tokenizer.json"):
         assert (out / rel).read_bytes() == (source / rel).read_bytes()
-    # The artifact's copy is an independent, writable file: editing it leaves the cache intact.
+    # The artifact's file is the cache's (hard link, read-only) or an independent clone (reflink):
+    # an edit through the artifact either leaves the cache intact or is found by the next lookup.
+    linked = os.path.samefile(out / "tokenizer.json", entry / PAYLOAD_DIR / "tokenizer.json")
+    assert not linked or (out / "tokenizer.json").stat().st_mode & 0o777 == 0o444
+    (out / "tokenizer.json").chmod(0o644)
     (out / "tokenizer.json").write_text("edited")
-    assert cache.get("export", key) == entry
+    assert cache.get("export", key) == (None if linked else entry)
+    assert not linked or cache.last_miss.kind == "corrupted"
 
 
 def test_restore_copies_a_hit_and_reports_a_miss(cache, source, tmp_path):
@@ -296,16 +301,16 @@ def test_lock_held_by_another_process_is_refused(cache, source, tmp_path):
 
 def test_interrupted_put_leaves_no_entry(cache, source, monkeypatch):
     key = key_of()
-    real_copy = cache_mod._copy_file
+    real_store = cache_mod._link_or_copy
     calls = []
 
-    def copy_then_die(src, dst, *, fsync):
+    def store_then_die(src, dst, **kwargs):
         calls.append(src)
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C half way through the payload
-        return real_copy(src, dst, fsync=fsync)
+        return real_store(src, dst, **kwargs)
 
-    monkeypatch.setattr(cache_mod, "_copy_file", copy_then_die)
+    monkeypatch.setattr(cache_mod, "_link_or_copy", store_then_die)
     with pytest.raises(KeyboardInterrupt):
         cache.put("export", key, source)
     stage_dir = cache.stage_dir("export")
@@ -455,10 +460,10 @@ def test_materialize_waits_for_a_locked_entry_then_gives_up(cache, source, tmp_p
 
 
 def test_disk_full_during_put_is_a_clear_error_and_leaves_nothing(cache, source, monkeypatch):
-    def no_space(src, dst, *, fsync):
+    def no_space(src, dst, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_mod, "_copy_file", no_space)
+    monkeypatch.setattr(cache_mod, "_link_or_copy", no_space)
     with pytest.raises(CacheError, match="No space left on device.*prune --max-size"):
         cache.put("export", key_of(), source)
     assert [p.name for p in cache.stage_dir("export").iterdir() if not p.name.startswith(".")] == []

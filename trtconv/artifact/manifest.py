@@ -89,15 +89,23 @@ class Manifest(Record):
 UNHASHED = {MANIFEST_NAME, SIGNATURE_NAME}
 
 
-def hash_tree(root: Path, skip: set[str] = UNHASHED) -> list[FileRecord]:
-    """Every file under root (sorted, relative POSIX paths) with sha256 and size."""
+def hash_tree(root: Path, skip: set[str] = UNHASHED, *, reuse_noted: bool = False) -> list[FileRecord]:
+    """Every file under root (sorted, relative POSIX paths) with sha256 and size.
+
+    ``reuse_noted``: take the hash this process noted when it stored or restored the very same
+    file (trtconv.cache.hashes), so a build reads its multi-GB outputs once. `verify` leaves it
+    off: it must read every byte.
+    """
+    from trtconv.cache.hashes import sha256_of
+
     records = []
     for p in sorted(root.rglob("*")):
         if p.is_file():
             rel = p.relative_to(root).as_posix()
             if rel in skip:
                 continue
-            records.append(FileRecord(path=rel, sha256=sha256_file(p), size=p.stat().st_size))
+            sha = sha256_of(p) if reuse_noted else sha256_file(p)
+            records.append(FileRecord(path=rel, sha256=sha, size=p.stat().st_size))
     return records
 
 

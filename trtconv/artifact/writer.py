@@ -56,6 +56,11 @@ class ArtifactWriter:
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         self._lock = FileLock(str(self.out.parent / f".{self.out.name}.lock"))
         self.final_path: Path | None = None
+        self._before_exit: list = []  # work still reading tmp (a cache store on a thread): waited for before tmp goes
+
+    def wait_on_exit(self, fn) -> None:
+        """Call fn (e.g. a thread's join) before the temporary folder is removed or renamed away."""
+        self._before_exit.append(fn)
 
     # -- checks made before any work, so a mistake costs nothing -------------------------------
     def preflight(self) -> None:
@@ -96,6 +101,8 @@ class ArtifactWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            for fn in self._before_exit:
+                fn()
             if self.tmp.exists():
                 shutil.rmtree(self.tmp, ignore_errors=True)
         finally:

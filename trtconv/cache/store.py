@@ -27,6 +27,7 @@ See docs/cache.md for what the key covers, locking, and ``trtconv cache ls | du 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 
 from trtconv.artifact.writer import sha256_file
+from trtconv.cache.hashes import known_sha256, note_sha256
 from trtconv.core.errors import ArtifactError
 from trtconv.data.reference_models import CACHE_ENV_VAR, CACHE_SUBDIR as REFERENCE_MODELS_SUBDIR, default_cache_dir
 
@@ -95,6 +97,32 @@ class CacheEntryGone(CacheError):
 def cache_root() -> Path:
     """``$TRTCONV_CACHE`` if set, else the platform cache folder (shared with reference models)."""
     return default_cache_dir()
+
+
+TORCH_EXTENSIONS_SUBDIR = "torch-extensions"
+
+
+def use_torch_extensions_cache() -> Path:
+    """Point TORCH_EXTENSIONS_DIR into the cache (unless the user set it) and return it.
+
+    ModelOpt compiles its CUDA extension (fp8/int4 kernels) with torch.utils.cpp_extension on first
+    use: about 80 s. Under the cache, per trtconv and ModelOpt version, a second process on the
+    host finds it built. Must run before ModelOpt loads its extension.
+    """
+    current = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if current:
+        return Path(current)
+    from importlib.metadata import PackageNotFoundError, version
+
+    from trtconv import __version__
+
+    try:
+        modelopt = version("nvidia-modelopt")
+    except PackageNotFoundError:
+        modelopt = "none"
+    folder = cache_root() / TORCH_EXTENSIONS_SUBDIR / f"trtconv-{__version__}-modelopt-{modelopt}"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    return folder
 
 
 def canonical_json(value: Any) -> str:
@@ -181,6 +209,52 @@ def _copy_file(src: Path, dst: Path, *, fsync: bool) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+# errno values with which os.link says "not here": another filesystem, links unsupported or refused
+_NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
+_FICLONE = 0x40049409  # Linux ioctl: dst shares src's blocks (btrfs, xfs, bcachefs), an independent file
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """Clone src into a new dst where the filesystem can (copy-on-write); False, and no dst, where not."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+        return True
+    except OSError:
+        Path(dst).unlink(missing_ok=True)
+        return False
+
+
+def _link_or_copy(src: Path, dst: Path, *, fsync: bool, sha256: str | None = None) -> tuple[str, int, str]:
+    """dst gets src's bytes as cheaply as the filesystem allows: a reflink (an independent file
+    sharing blocks), else a hard link (the same file), else a copy made while hashing (another
+    filesystem). Returns (sha256, size, "reflink" | "link" | "copy"). ``sha256`` is the file's
+    hash when already known and trusted; a reflinked or linked file is otherwise read once to hash it.
+    """
+    if _reflink(src, dst):
+        how = "reflink"
+    else:
+        try:
+            os.link(src, dst)
+            how = "link"
+        except OSError as err:
+            if err.errno not in _NO_LINK_ERRNOS:
+                raise
+            sha, size = _copy_file(src, dst, fsync=fsync)
+            return sha, size, "copy"
+    size = os.stat(dst).st_size
+    return (sha256 or sha256_file(dst)), size, how
+
+
+def payload_files(folder: Path) -> list[str]:
+    """What put would store from folder now (relative POSIX paths, sorted)."""
+    return _payload_files(folder)
+
+
 def _payload_files(folder: Path) -> list[str]:
     """Relative POSIX paths of every file under folder, sorted. Directory symlinks are refused."""
     files = []
@@ -246,10 +320,12 @@ class StageCache:
                 reporter.warn(str(err))
     """
 
-    def __init__(self, root: Path | None = None, *, verify: Verify = DEFAULT_VERIFY):
+    def __init__(self, root: Path | None = None, *, verify: Verify = DEFAULT_VERIFY, max_size: int | None = None):
         self.root = Path(root) if root is not None else cache_root()
         self.verify = verify
+        self.max_size = max_size if max_size is not None else max_size_setting()  # a bad setting fails here, before any work
         self.last_miss: CacheMiss | None = None
+        self.last_evicted: list[ListedEntry] = []  # what the last put removed to stay under max_size
 
     @property
     def last_miss_reason(self) -> str | None:
@@ -317,11 +393,14 @@ class StageCache:
         """Copy an entry's payload into ``dest`` (created if missing; existing files are never
         overwritten) and return ``dest``.
 
-        Copies, never hardlinks: a hardlinked artifact file *is* the cache file, so editing or
-        re-writing the artifact in place would silently change the cache (and artifacts often
-        live on another filesystem, where links fail anyway). Every byte is hashed while copied;
-        if a file does not match entry.json, the copies are removed, the entry is removed and
-        CacheCorrupted is raised. The entry's lock is held while copying, so prune cannot
+        Hard links where the filesystem allows, a copy across filesystems: an 8B export is 8-16 GB,
+        and copying it costs tens of seconds. A linked artifact file *is* the cache file, so both
+        are read-only (mode 0444); a file forced open and edited gets a new mtime, and the next
+        restore, finding the entry file changed since put, hashes it and discards the entry. A
+        file unchanged since put (same inode, size, mtime) is not re-read; any other is hashed and
+        must match entry.json, else the links/copies are removed, the entry is removed and
+        CacheCorrupted is raised (`get(verify="full")` re-hashes everything, whatever the stat
+        says). The entry's lock is held meanwhile, so prune cannot
         delete it half way; CacheBusy after ``lock_wait_s``.
         """
         entry = Path(entry)
@@ -369,7 +448,8 @@ class StageCache:
         return None
 
     # -- store ---------------------------------------------------------------------------------
-    def put(self, stage: str, key: str, source_dir: Path, meta: Mapping[str, Any] | None = None, *, wait: float = 0.0) -> Path:
+    def put(self, stage: str, key: str, source_dir: Path, meta: Mapping[str, Any] | None = None, *, wait: float = 0.0,
+            files: list[str] | None = None) -> Path:
         """Store a copy of ``source_dir`` as entry (stage, key) and return the entry folder.
 
         Writes ``<key>.tmp-<pid>/`` (payload, then entry.json, each fsynced) and renames it into
@@ -377,12 +457,14 @@ class StageCache:
         another run holds it, waits ``wait`` seconds (default 0: fail at once), then raises
         CacheBusy. The result is in ``source_dir`` either way, so callers should warn and go on.
         A valid entry already under this key is kept (same key, same inputs) and returned.
-        ``meta`` must be JSON-serializable; it is stored, not part of the key.
+        ``meta`` must be JSON-serializable; it is stored, not part of the key. ``files`` (relative
+        paths) fixes which files are stored, for a folder others keep writing into meanwhile;
+        default: every file under source_dir now.
         """
         source_dir = Path(source_dir)
         if not source_dir.is_dir():
             raise CacheError(f"cannot cache {source_dir}: not a folder")
-        files = _payload_files(source_dir)
+        files = sorted(files) if files is not None else _payload_files(source_dir)
         _refuse_pickle(source_dir, files)
         meta_json = json.loads(canonical_json(dict(meta or {})))  # fails early on non-JSON meta
         final = self.entry_dir(stage, key)
@@ -415,6 +497,7 @@ class StageCache:
                 _remove_tree(tmp)
         finally:
             lock.release()
+        self.last_evicted = evict_to_max_size(self.root, self.max_size, keep=final)
         return final
 
 
@@ -435,15 +518,25 @@ def _refuse_pickle(source_dir: Path, files: list[str]) -> None:
 
 
 def _write_entry(tmp: Path, source_dir: Path, files: list[str], header: dict) -> None:
+    """The payload by reflink or hard link from source_dir (a copy across filesystems), then entry.json.
+
+    A hard-linked payload file and the source file are one file: both become read-only, so the entry
+    cannot be edited through the artifact by accident. An edit that forces its way in changes the
+    file's mtime, which makes the next restore hash the entry again and find the damage.
+    """
     payload = tmp / PAYLOAD_DIR
     payload.mkdir(parents=True)
     records = []
     for rel in files:
-        dst = payload / rel
+        src, dst = source_dir / rel, payload / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        sha256, size = _copy_file(source_dir / rel, dst, fsync=True)
+        sha256, size, how = _link_or_copy(src, dst, fsync=True, sha256=known_sha256(src))
+        if how != "copy":
+            _fsync_file(dst)
         os.chmod(dst, _FILE_MODE)
-        records.append({"path": rel, "sha256": sha256, "size": size})
+        st = os.stat(dst)
+        note_sha256(dst, sha256)  # the artifact's file too, when linked: the manifest reuses it
+        records.append({"path": rel, "sha256": sha256, "size": size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino})
     record = {
         "cache_format": CACHE_FORMAT,
         **header,
@@ -458,6 +551,14 @@ def _write_entry(tmp: Path, source_dir: Path, files: list[str], header: dict) ->
     os.chmod(tmp / ENTRY_RECORD, _FILE_MODE)
     for dirpath, _dirs, _files in os.walk(tmp, topdown=False):
         _fsync_dir(Path(dirpath))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_leftovers(final: Path) -> None:
@@ -524,8 +625,24 @@ def entry_problem(entry: Path, stage: str, key: str, verify: Verify) -> str | No
     return None
 
 
+def _unchanged_since_put(src: Path, rec: dict) -> bool:
+    """The entry file is the very file put wrote (same inode, size and mtime): its recorded hash
+    still holds, so a restore need not read it. Any edit, truncation or replacement changes one."""
+    if not all(k in rec for k in ("mtime_ns", "ino")):
+        return False  # an entry from before these were recorded: hash it
+    try:
+        st = os.stat(src)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns, st.st_ino) == (rec["size"], rec["mtime_ns"], rec["ino"])
+
+
 def _copy_payload(payload: Path, dest: Path, records: list[dict]) -> str | None:
-    """Copy every recorded file into dest, hashing; on a mismatch undo the copies and say why."""
+    """Link (or copy) every recorded file into dest; on a mismatch undo and say why.
+
+    A file unchanged since put (stat identity) is linked without being read; any other is hashed
+    (while copied, or after linking) and must match entry.json.
+    """
     created: list[Path] = []
     made_dirs: list[Path] = []
 
@@ -545,15 +662,17 @@ def _copy_payload(payload: Path, dest: Path, records: list[dict]) -> str | None:
             if dst.exists():
                 raise CacheError(f"{dst} already exists; the cache never overwrites a file in {dest}")
             mkdirs(dst.parent)
+            trusted = rec["sha256"] if _unchanged_since_put(src, rec) else None
             try:
-                sha256, size = _copy_file(src, dst, fsync=False)
+                sha256, size, _how = _link_or_copy(src, dst, fsync=False, sha256=trusted)
             except FileNotFoundError:
                 problem = f"missing: {PAYLOAD_DIR}/{rec['path']}"
                 break
-            created.append(dst)  # a new file with the user's default mode, not the cache's read-only one
+            created.append(dst)
             if (sha256, size) != (rec["sha256"], rec["size"]):
                 problem = f"changed: {PAYLOAD_DIR}/{rec['path']} (sha256 {sha256[:12]}..., {ENTRY_RECORD} says {rec['sha256'][:12]}...)"
                 break
+            note_sha256(dst, sha256)
     except BaseException:
         _undo(created, made_dirs)
         raise
@@ -669,6 +788,32 @@ def parse_size(text: str) -> int:
     if not m:
         raise CacheError(f"--max-size {text!r} is not a size; write e.g. 500M, 10G or 1.5T (powers of 1024)")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+
+
+MAX_SIZE_ENV = "TRTCONV_CACHE_MAX_SIZE"
+DEFAULT_MAX_SIZE = "50G"  # an 8B export is 5-16 GB: a handful of recent ones
+
+
+def max_size_setting() -> int:
+    """``cache.max_size`` in bytes: $TRTCONV_CACHE_MAX_SIZE (e.g. 20G, 500M; 0 keeps nothing) or 50G."""
+    text = os.environ.get(MAX_SIZE_ENV, "").strip() or DEFAULT_MAX_SIZE
+    try:
+        return parse_size(text)
+    except CacheError:
+        raise CacheError(f"{MAX_SIZE_ENV}={text!r} is not a size; write e.g. 500M, 50G or 1.5T (powers of 1024)") from None
+
+
+def evict_to_max_size(root: Path, max_size: int, keep: Path | None = None) -> list[ListedEntry]:
+    """Remove least recently used stage entries until the stage entries fit in max_size.
+
+    Runs after every put. ``keep`` (the entry just written) is never removed, even if it alone
+    is larger than max_size: the run that wrote it is about to use it. Entries another run has
+    locked are kept (prune's rule); reference models are not counted (they have their own folder
+    and are retrained on demand). Returns what was removed.
+    """
+    entries = list_entries(root)
+    candidates = [e for e in plan_prune(entries, max_size=max_size) if keep is None or e.path != keep]
+    return prune(candidates).remove
 
 
 def human_size(size: int) -> str:

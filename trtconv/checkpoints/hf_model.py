@@ -32,14 +32,29 @@ def torch_dtype(name: str):
 def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
+    # Straight onto the device: on a GPU the weights go from the file to GPU memory without a
+    # whole-model copy in host RAM (an 8B model is 16 GB of bf16; a float32 host copy 32 GB).
+    placement = {} if str(device) == "cpu" else {"device_map": str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+            model_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **placement
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(f"{model_dir}: transformers cannot load this checkpoint: {exc}") from None
     model.eval()
-    return model.to(device)
+    return model if placement else model.to(device)
+
+
+def release_memory() -> None:
+    """Give dropped models' memory back now (the calibrated model, before evaluation loads the
+    original): collect the reference cycles ModelOpt's wrappers leave, return cached CUDA blocks."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # A tokenizer needs one vocabulary file; tokenizer_config.json alone only says which class reads it.

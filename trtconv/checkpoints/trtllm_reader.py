@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -123,9 +124,10 @@ class RankFiles:
 @dataclass
 class EmulatedLinear:
     """A linear as the engine computes it: smooth the input, quantize it, multiply by the
-    dequantized weight. ``weight`` is (out, in) in the compute dtype."""
+    dequantized weight. ``weight`` is (out, in) in the compute dtype, or a function giving it
+    (kept as stored on a GPU, see dense())."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | Callable[[], torch.Tensor]
     bias: torch.Tensor | None = None
     prequant_scale: torch.Tensor | None = None  # SmoothQuant/AWQ smoothing, applied to the input
     activation_quant: ActivationQuant | None = None
@@ -135,13 +137,28 @@ class EmulatedLinear:
             x = x * self.prequant_scale
         if self.activation_quant is not None:
             x = self.activation_quant(x)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, dense(self.weight), self.bias)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight an unquantized model would need for the same output: smoothing folded back."""
         if self.prequant_scale is None:
-            return self.weight
-        return self.weight * self.prequant_scale[None, :]
+            return dense(self.weight)
+        return dense(self.weight) * self.prequant_scale[None, :]
+
+
+# On a GPU a linear's weight may be kept as stored (fp8, int8, packed int4 + scales) and
+# dequantized when used: a function returning the dense tensor. The whole model in float32 would
+# be 4 bytes a parameter (32 GB for 8B) next to the original; dequantizing one linear at a time
+# costs milliseconds per forward pass. On a CPU weights are dense tensors, as always.
+def dense(weight) -> torch.Tensor:
+    return weight() if callable(weight) else weight
+
+
+def _lazy(fn, *parts):
+    """fn(*dense parts), now if every part is a tensor, else as a function evaluated when used."""
+    if not any(callable(p) for p in parts):
+        return fn(*parts)
+    return lambda: fn(*(dense(p) for p in parts))
 
 
 @dataclass
@@ -312,13 +329,16 @@ class CheckpointModel:
 class _Loader:
     """Reassembles TP shards (and PP stages) of one checkpoint into EmulatedLinears and tensors."""
 
-    def __init__(self, ckpt_dir: Path, config: dict, device: torch.device, compute_dtype: torch.dtype):
+    def __init__(self, ckpt_dir: Path, config: dict, device: torch.device, compute_dtype: torch.dtype,
+                 keep_stored: bool | None = None):
         self.ckpt_dir = ckpt_dir
         self.config = config
         self.shape = model_shape(config)
         self.files = RankFiles(ckpt_dir, self.shape.world_size)
         self.device = device
         self.dtype = compute_dtype
+        # Keep weights as stored and dequantize when used (see dense()): by default on a GPU.
+        self.lazy = device.type != "cpu" if keep_stored is None else keep_stored
 
     def _cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=self.device, dtype=self.dtype)
@@ -329,14 +349,19 @@ class _Loader:
     def local_linear(self, rank: int, prefix: str) -> EmulatedLinear:
         """One rank's shard of a linear, dequantized (in float32 until the final cast)."""
         algo = self.shape.quant_algo
-        get = lambda suffix: self.files.get_optional(rank, f"{prefix}.{suffix}")  # noqa: E731
-        weight = dequantize_linear_weight(
-            algo,
-            weight=self.files.get(rank, f"{prefix}.weight"),
-            weights_scaling_factor=get("weights_scaling_factor"),
-            weights_scaling_factor_2=get("weights_scaling_factor_2"),
-            group_size=self.shape.group_size,
-        )
+
+        def get(suffix: str) -> torch.Tensor | None:  # moved first, so a GPU dequantizes, not the host
+            t = self.files.get_optional(rank, f"{prefix}.{suffix}")
+            return None if t is None else t.to(self.device)
+
+        stored = self.files.get(rank, f"{prefix}.weight").to(self.device)
+        wsf, wsf2 = get("weights_scaling_factor"), get("weights_scaling_factor_2")
+
+        def weight_now() -> torch.Tensor:
+            return dequantize_linear_weight(algo, weight=stored, weights_scaling_factor=wsf, weights_scaling_factor_2=wsf2,
+                                            group_size=self.shape.group_size)
+
+        weight = weight_now if self.lazy else weight_now()
         return EmulatedLinear(
             weight=weight,
             bias=get("bias"),
@@ -349,12 +374,12 @@ class _Loader:
         first = shards[0]
         if kind == "column":
             # Output rows are split; input smoothing and activation scale are replicated.
-            weight = torch.cat([s.weight for s in shards], dim=0)
+            weight = _lazy(lambda *w: torch.cat(w, dim=0), *[s.weight for s in shards])
             bias = torch.cat([s.bias for s in shards]) if first.bias is not None else None
             prequant = first.prequant_scale
         else:
             # Input columns are split: so are the per-input-channel smoothing scales.
-            weight = torch.cat([s.weight for s in shards], dim=1)
+            weight = _lazy(lambda *w: torch.cat(w, dim=1), *[s.weight for s in shards])
             bias = first.bias
             prequant = torch.cat([s.prequant_scale for s in shards]) if first.prequant_scale is not None else None
         return self._finish(EmulatedLinear(weight, bias, prequant, first.activation_quant))
@@ -375,7 +400,7 @@ class _Loader:
             v = [x[2] for x in split][::kv_stride]
             return torch.cat(q + k + v, dim=0)
 
-        weight = regroup([sh.weight for sh in shards])
+        weight = _lazy(lambda *w: regroup(list(w)), *[sh.weight for sh in shards])
         bias = regroup([sh.bias for sh in shards]) if shards[0].bias is not None else None
         first = shards[0]
         return self._finish(EmulatedLinear(weight, bias, first.prequant_scale, first.activation_quant))
@@ -383,7 +408,7 @@ class _Loader:
     def _finish(self, lin: EmulatedLinear) -> EmulatedLinear:
         if lin.activation_quant is not None:
             lin.activation_quant = lin.activation_quant.to(self.device)
-        return EmulatedLinear(self._cast(lin.weight), self._cast(lin.bias), self._cast(lin.prequant_scale), lin.activation_quant)
+        return EmulatedLinear(_lazy(self._cast, lin.weight), self._cast(lin.bias), self._cast(lin.prequant_scale), lin.activation_quant)
 
     def layer(self, pp_rank: int, local_index: int) -> DecoderLayer:
         ranks = self.stage_ranks(pp_rank)
@@ -445,16 +470,19 @@ class _Loader:
 
 
 def load_checkpoint_model(
-    ckpt_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
+    keep_stored: bool | None = None,
 ) -> CheckpointModel:
     """Read config.json + every rank{N}.safetensors as a TensorRT-LLM loader would.
 
     It does not require validate_checkpoint to pass: a checkpoint without rotary_base still loads
     (with TensorRT-LLM's default 10000), so the accuracy gate can measure what that costs.
+    ``keep_stored``: keep linear weights as stored and dequantize each when used (default: on a
+    GPU, where a float32 copy of an 8B model is 32 GB); the logits are the same either way.
     """
     ckpt_dir = Path(ckpt_dir)
     config = read_config(ckpt_dir)
-    return _Loader(ckpt_dir, config, torch.device(device), compute_dtype).model()
+    return _Loader(ckpt_dir, config, torch.device(device), compute_dtype, keep_stored).model()
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,11 +498,11 @@ _HF_LINEARS = {
 }
 
 
-def _hf_weight(hf_layer: torch.nn.Module, dotted: str) -> torch.Tensor:
+def _hf_weight(hf_layer: torch.nn.Module, dotted: str, device: torch.device) -> torch.Tensor:
     module = hf_layer
     for part in dotted.split("."):
         module = getattr(module, part)
-    return module.weight.detach().float().cpu()
+    return module.weight.detach().to(device=device, dtype=torch.float32)
 
 
 def _rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -487,23 +515,38 @@ def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) 
     Compares the checkpoint's dequantized weight, with its smoothing scale folded back in, to the
     weight of ``hf_model``, which must be the ORIGINAL unquantized model (ModelOpt's SmoothQuant and
     AWQ rewrite the weights of the model they calibrate in place).
+
+    Layer by layer, on the device ``hf_model`` is on: one decoder layer of the checkpoint is
+    dequantized at a time (float32), never the whole model, and nothing moves to host memory.
     """
-    ckpt = load_checkpoint_model(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir)
+    device = next(hf_model.parameters()).device
+    loader = _Loader(ckpt_dir, read_config(ckpt_dir), device, torch.float32)
+    s = loader.shape
     errors: list[tuple[str, float]] = []
-    for index, (layer, hf_layer) in enumerate(zip(ckpt.layers, hf_model.model.layers)):
-        errors += layer_weight_errors(index, layer, hf_layer, ckpt.shape)
+    hf_layers = list(hf_model.model.layers)
+    positions = [(pp_rank, local) for pp_rank in range(s.pp_size) for local, _ in enumerate(stage_layers(s, pp_rank))]
+    with torch.no_grad():
+        for index, ((pp_rank, local), hf_layer) in enumerate(zip(positions, hf_layers)):
+            layer = loader.layer(pp_rank, local)
+            errors += layer_weight_errors(index, layer, hf_layer, s, device)
+            del layer
     return errors
 
 
-def layer_weight_errors(index: int, layer: DecoderLayer, hf_layer: torch.nn.Module, s: ModelShape) -> list[tuple[str, float]]:
-    """weight_quantization_errors for one decoder layer (what layer-streamed evaluation calls)."""
+def layer_weight_errors(index: int, layer: DecoderLayer, hf_layer: torch.nn.Module, s: ModelShape,
+                        device: torch.device | None = None) -> list[tuple[str, float]]:
+    """weight_quantization_errors for one decoder layer, computed on ``device`` (default: the
+    original layer's device); what layer-streamed evaluation calls."""
+    if device is None:
+        device = next(hf_layer.parameters()).device
     q_rows, kv_rows = s.num_heads * s.head_size, s.num_kv_heads * s.head_size
     prefix = f"model.layers.{index}"
     errors: list[tuple[str, float]] = []
-    q, k, v = layer.qkv.effective_weight().float().cpu().split([q_rows, kv_rows, kv_rows], dim=0)
+    q, k, v = layer.qkv.effective_weight().float().to(device).split([q_rows, kv_rows, kv_rows], dim=0)
     for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-        errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}"))))
+        errors.append((f"{prefix}.self_attn.{name}", _rel_error(part, _hf_weight(hf_layer, f"self_attn.{name}", device))))
     for field_name, hf_name in _HF_LINEARS.items():
-        weight = getattr(layer, field_name).effective_weight().float().cpu()
-        errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name))))
+        weight = getattr(layer, field_name).effective_weight().float().to(device)
+        errors.append((f"{prefix}.{hf_name}", _rel_error(weight, _hf_weight(hf_layer, hf_name, device))))
     return errors

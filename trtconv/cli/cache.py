@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from trtconv.cache.store import (REFERENCE_MODELS_SUBDIR, CacheError, ListedEntry, cache_root, human_size, list_entries, parse_size,
-                                 plan_prune, prune)
+from trtconv.cache.store import (MAX_SIZE_ENV, REFERENCE_MODELS_SUBDIR, CacheError, ListedEntry, cache_root, human_size, list_entries,
+                                 max_size_setting, parse_size, plan_prune, prune)
 
 # ---------------------------------------------------------------------------------------------
 # CLI: registered by trtconv.cli.app as `trtconv cache`
@@ -86,13 +86,21 @@ def du_command(as_json: JsonFlag = False) -> None:
         group["entries"] += 1
         group["size"] += e.size
     total = sum(g["size"] for g in groups.values())
+    try:
+        limit = max_size_setting()
+    except CacheError as err:
+        _error(err)
+    bounded = total - groups.get(REFERENCE_MODELS_SUBDIR, {}).get("size", 0)  # what max_size bounds
     if as_json:
-        _echo(json.dumps({"root": str(root), "total": total, "groups": groups}, indent=2))
+        _echo(json.dumps({"root": str(root), "total": total, "groups": groups,
+                          "max_size": limit, "bounded": bounded}, indent=2))
         return
     typer.echo(f"cache: {root}", err=True)
     for name, g in sorted(groups.items()):
         _echo(f"{human_size(g['size']):>10}  {g['entries']:>4}  {name}")
     _echo(f"{human_size(total):>10}  {sum(g['entries'] for g in groups.values()):>4}  total")
+    _echo(f"stage entries {human_size(bounded)} of max_size {human_size(limit)} ({MAX_SIZE_ENV}; least recently used "
+          "entries are evicted after each store; reference models are not counted)")
 
 
 @cache_app.command("prune")

@@ -18,7 +18,8 @@ def summary(outcome) -> dict:
         "engine": {k: m.engine.get(k) for k in ("target", "status", "reason")},
         "metrics": {k: v for k, v in m.metrics.items() if isinstance(v, dict)},
         "gates": [g.model_dump(mode="json") for g in m.gates],
-        "stages": [{"name": s.name, "status": s.status, "wall_s": s.wall_s, "peak_rss_mib": s.peak_rss_mib} for s in m.stages],
+        "stages": [{"name": s.name, "status": s.status, "wall_s": s.wall_s, "peak_rss_mib": s.peak_rss_mib,
+                    "peak_gpu_mib": s.peak_gpu_mib} for s in m.stages],
     }
 
 
@@ -41,5 +42,30 @@ def print_result(outcome, reporter, json_mode: bool) -> None:
         reporter.line(f"engine ({eng.get('target')}): {eng.get('status')} {eng.get('reason') or ''}".rstrip())
         if eng.get("command"):
             reporter.line("engine command: " + shlex.join(eng["command"]))
+    for line in time_lines(m.stages):
+        reporter.line(line)
     reporter.line(f"{m.status}: {outcome.path}")
     reporter.line(f"artifact_digest: {m.artifact_digest}")
+
+
+def _gib(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib / 1024:.1f} GiB"
+
+
+def time_lines(stages) -> list[str]:
+    """Where the time went: one line per stage (time, peak host RSS, peak GPU), then the total.
+    A stage reused from the cache shows the time it took when it ran."""
+    lines = ["where the time went:"]
+    for s in stages:
+        note = ""
+        if s.status == "reused":
+            note = "  (reused from the cache)"
+        elif s.status not in ("ok",):
+            note = f"  ({s.status})"
+        spent = 0.0 if s.status == "reused" else s.wall_s
+        lines.append(f"  {s.name:<10} {spent:>8.1f} s   peak RSS {_gib(s.peak_rss_mib):>10}   peak GPU {_gib(s.peak_gpu_mib):>10}{note}")
+    total = sum(s.wall_s for s in stages if s.status != "reused")
+    lines.append(f"  {'total':<10} {total:>8.1f} s")
+    return lines
+
+

@@ -39,7 +39,7 @@ class EvalOutcome:
 def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
                         weight_errors: bool = True, artifact_root: Path | None = None,
                         engine_record: dict | None = None, streamed: bool = False) -> EvalOutcome:
-    """The original model (fresh from disk, float32) against the artifact, gated.
+    """The original model (fresh from disk; float32 on a CPU, see baseline_dtype) against the artifact, gated.
 
     The candidate is the built engine through TensorRT-LLM's own API where that runs here (and the
     engine was built with context logits); otherwise the checkpoint on disk through trtconv's
@@ -51,7 +51,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 
     if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
         return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors)
-    baseline = load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
+    dtype = baseline_dtype(device, recipe.model.dtype)
+    baseline = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
     vocab = baseline.config.vocab_size
     engine = None
     if engine_record and engine_record.get("status") == "built" and artifact_root is not None:
@@ -80,12 +81,12 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     summary = evaluate.summarize(stats, recipe.evaluate.seed)
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
-    errors = weight_quantization_errors(checkpoint_dir, baseline.cpu()) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
+    errors = weight_quantization_errors(checkpoint_dir, baseline) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
     worst_layers = sorted(errors, key=lambda x: -x[1])[:5]
     record = {
         **tokens.manifest_record(),
         "candidate": kind,
-        "baseline": "original HF checkpoint (transformers, float32)",
+        "baseline": f"original HF checkpoint (transformers, {dtype})",
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
         "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in worst_layers],
     }
@@ -128,6 +129,13 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
     report_gates(gates, reporter)
     return EvalOutcome(summary, gates, record, stats, errors)
+
+
+def baseline_dtype(device: str, model_dtype: str) -> str:
+    """The original model is loaded once, straight onto the device: float32 on a CPU (as always),
+    the recipe's model dtype on a GPU, where a float32 copy of an 8B model alone is 32 GB.
+    (Which dtype evaluation computes in is issue 12's `compute dtype`; this keeps CPU unchanged.)"""
+    return "float32" if device == "cpu" else model_dtype
 
 
 def score_task(recipe: Recipe, model_dir: Path, baseline_logits, candidate, device: str, reporter: Reporter) -> dict:

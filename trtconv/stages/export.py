@@ -231,13 +231,52 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
     )
 
 
-def store_export(cache: StageCache, key: str, artifact_tmp: Path, meta: dict[str, Any], reporter) -> None:
-    from trtconv.cache.store import CacheError
+class BackgroundStore:
+    """The export stored in the cache on a thread, so hashing, linking and fsyncing an 8B export (8-16 GB) overlap
+    the evaluation instead of delaying it. The file list is taken now, on the caller's thread:
+    files written into the artifact later (engine, report, manifest) are not part of the entry.
+    The thread has its own StageCache (one per thread). Call ``finish`` before hashing the
+    artifact's outputs or committing it."""
 
-    try:
-        cache.put(EXPORT_STAGE, key, artifact_tmp, meta)
-    except CacheError as exc:  # busy or disk full: the artifact is fine, it just isn't cached
-        reporter.warn(f"not cached: {exc}")
+    def __init__(self, cache: StageCache, key: str, artifact_tmp: Path, meta: dict[str, Any]):
+        import threading
+
+        from trtconv.cache.store import CacheError, payload_files
+
+        self.cache = StageCache(cache.root, verify=cache.verify, max_size=cache.max_size)
+        self.error: Exception | None = None
+        try:
+            files = payload_files(artifact_tmp)
+        except CacheError as exc:
+            self.error, self._thread = exc, None
+            return
+
+        def put() -> None:
+            try:
+                self.cache.put(EXPORT_STAGE, key, artifact_tmp, meta, files=files)
+            except CacheError as exc:  # busy or disk full: the artifact is fine, it just isn't cached
+                self.error = exc
+
+        self._thread = threading.Thread(target=put, name="trtconv-cache-put")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def finish(self, reporter) -> None:
+        from trtconv.cache.store import human_size
+
+        self.wait()
+        if self.error is not None:
+            reporter.warn(f"not cached: {self.error}")
+            self.error = None
+        elif self.cache.last_evicted:
+            freed = sum(e.size for e in self.cache.last_evicted)
+            reporter.stage("cache", f"evicted {len(self.cache.last_evicted)} least recently used entries ({human_size(freed)}) "
+                           f"to stay under max_size {human_size(self.cache.max_size)}")
+            self.cache.last_evicted = []
 
 
 def restore_export(cache: StageCache, key: str, artifact_tmp: Path, reporter) -> dict | None:

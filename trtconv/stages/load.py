@@ -22,7 +22,6 @@ from pathlib import Path
 from trtconv.core.errors import ModelError
 from trtconv.architectures import HF_NAMES
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
-from trtconv.artifact.writer import sha256_file
 from trtconv.core.errors import DataError, UserError
 from trtconv.checkpoints.hf_model import TOKENIZER_FILES
 from trtconv.core.jsonio import read_json_object
@@ -276,23 +275,31 @@ def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool 
     )
 
 
-def hash_files(root: Path, names: list[str]) -> list[FileRecord]:
-    from trtconv.artifact.writer import sha256_file
-
-    out = []
-    for name in sorted(set(names)):
-        p = root / name
-        if p.is_file():
-            out.append(FileRecord(path=name, sha256=sha256_file(p), size=p.stat().st_size))
-    return out
-
-
-def describe_inputs(model_dir: Path, weights: list[Path]) -> list[InputRecord]:
+def input_paths(model_dir: Path, weights: list[Path]) -> dict[str, list[Path]]:
+    """The files that identify the model and the tokenizer, by role (only those that exist)."""
     model_files = ["config.json", "generation_config.json"] + [p.name for p in weights]
     model_files += [p.name for p in model_dir.glob("*.safetensors.index.json")]
+    roles = {"model": model_files, "tokenizer": list(TOKENIZER_FILES)}
+    return {role: [model_dir / n for n in sorted(set(names)) if (model_dir / n).is_file()] for role, names in roles.items()}
+
+
+def start_hashing(model_dir: Path, weights: list[Path], remembered: bool = True):
+    """Hash the checkpoint's files: at once from the hash table when unchanged since an earlier
+    run, else on background threads (``.pending``) so the model can be loaded meanwhile.
+    ``remembered=False`` (--no-cache) neither uses nor updates the table."""
+    from trtconv.cache.hashes import BackgroundHashes, HashTable
+
+    return BackgroundHashes([p for paths in input_paths(model_dir, weights).values() for p in paths],
+                            HashTable(enabled=remembered))
+
+
+def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[InputRecord]:
+    """The model's and tokenizer's files with sha256 and size (waits for ``hashing`` if given)."""
+    hashes = (hashing or start_hashing(model_dir, weights)).result()
     return [
-        InputRecord(role="model", root=str(model_dir), files=hash_files(model_dir, model_files)),
-        InputRecord(role="tokenizer", root=str(model_dir), files=hash_files(model_dir, list(TOKENIZER_FILES))),
+        InputRecord(role=role, root=str(model_dir),
+                    files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size) for p in paths])
+        for role, paths in input_paths(model_dir, weights).items()
     ]
 
 
@@ -348,6 +355,10 @@ def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
 
 def data_input(role: str, path: Path) -> InputRecord:
     if path.is_file():
-        files = [FileRecord(path=path.name, sha256=sha256_file(path), size=path.stat().st_size)]
+        from trtconv.cache.hashes import HashTable
+
+        table = HashTable()
+        files = [FileRecord(path=path.name, sha256=table.sha256(path), size=path.stat().st_size)]
+        table.save()
         return InputRecord(role=role, root=str(path.parent), files=files)
     return InputRecord(role=role, root=str(path), files=hash_tree(path, skip=set()))
