@@ -140,12 +140,12 @@ def test_every_precision_has_a_quant_format():
 
 
 def test_quant_format_rows_are_complete():
-    from trtconv.checkpoints.quant import QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
+    from trtconv.checkpoints.quant import ACTIVATION_ROUND_TRIPS, QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
 
     assert SUPPORTED_QUANT_ALGOS[0] is None and set(SUPPORTED_QUANT_ALGOS) == set(QUANT_FORMATS)
     for algo, fmt in QUANT_FORMATS.items():
         assert "weight" in fmt.trtllm_tensors, algo
-        assert fmt.activation in (None, "fp8", "int8"), algo
+        assert fmt.activation in (None, *ACTIVATION_ROUND_TRIPS), algo
         needs_input_scale = fmt.activation is not None
         assert ("activation_scaling_factor" in fmt.trtllm_tensors) == needs_input_scale, algo
         assert ("input_scale" in fmt.hf_scales) == needs_input_scale, algo

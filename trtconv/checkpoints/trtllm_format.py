@@ -15,6 +15,8 @@ The tensor tables were measured on what ModelOpt 0.47 ``export_tensorrt_llm_chec
 - per-channel scales follow their weight's split (dim 0 of a column linear), per-tensor ones are
   replicated; prequant (smoothing) scales are per *input* channel, so only row linears split them;
 - INT4 weights are two signed nibbles per int8 byte along the OUT dimension: shape (out/2, in);
+- NVFP4 weights are two e2m1 codes per uint8 byte along the IN dimension: shape (out, in/2), with
+  one FP8 e4m3 scale per 16 inputs (out, in/16) and 0-d float32 global and activation scales;
 - vocab_embedding is split on dim 0 (ModelOpt writes ``use_parallel_embedding: true``) and lm_head
   is zero-padded to a multiple of tp then split on dim 0. AWQ exports also pad the vocab to a
   multiple of 64 and write the padded ``vocab_size`` into config.json.
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtconv.architectures import TRTLLM_NAMES, by_trtllm_name
-from trtconv.checkpoints.quant import QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
+from trtconv.checkpoints.quant import NVFP4_BLOCK, QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
 from trtconv.core.errors import CheckpointError
 from trtconv.core.jsonio import read_json_object
 
@@ -180,6 +182,9 @@ def config_problems(config: dict) -> list[str]:
             "key 'rotary_base' is missing (rope model): TensorRT-LLM would silently use 10000 instead of the "
             "model's rope_theta; the exporter drops it under transformers 5 and it must be written back"
         )
+    quant = config.get("quantization") or {}
+    if quant.get("quant_algo") == "NVFP4" and quant.get("group_size", NVFP4_BLOCK) != NVFP4_BLOCK:
+        problems.append(f"quantization.group_size is {quant.get('group_size')!r}; NVFP4 blocks are {NVFP4_BLOCK} inputs")
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"key 'hidden_act' is {config.get('hidden_act')!r}; the supported architectures use 'silu'")
     return problems

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from trtconv.architectures import ROPE_KINDS
 from trtconv.checkpoints.quant import (  # noqa: F401  (numerics re-exported: tests and callers import them from here)
+    ACTIVATION_ROUND_TRIPS,
     FP8_E4M3_MAX,
     INT8_MAX,
     INT8_MIN,
@@ -56,13 +57,14 @@ DEFAULT_ROTARY_BASE = 10000.0  # TensorRT-LLM's default when config.json has no 
 
 @dataclass
 class ActivationQuant:
-    """Static per-tensor activation quantization with the checkpoint's activation_scaling_factor."""
+    """A GEMM input's quantization with the checkpoint's activation_scaling_factor: static per-tensor
+    for fp8 / int8, dynamic 16-element blocks under that static global scale for nvfp4."""
 
-    kind: str  # "fp8" or "int8"
+    kind: str  # a key of ACTIVATION_ROUND_TRIPS: "fp8", "int8" or "nvfp4"
     scale: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_round_trip(x, self.scale) if self.kind == "fp8" else int8_round_trip(x, self.scale)
+        return ACTIVATION_ROUND_TRIPS[self.kind](x, self.scale)
 
     def to(self, device: torch.device) -> "ActivationQuant":
         return ActivationQuant(self.kind, self.scale.to(device))

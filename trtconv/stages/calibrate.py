@@ -133,6 +133,10 @@ def quantizer_census(model) -> dict:
 def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, device: str, reporter) -> CalibrationResult:
     if section.precision == "none" and section.kv_cache == "none":
         return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
+    from trtconv.engine.plan import check_cuda_forward
+    from trtconv.precisions import PRECISIONS
+
+    check_cuda_forward(PRECISIONS[section.precision], device)  # the pipeline checked already; direct callers too
     mtq = import_modelopt()
     log: list[str] = []
     with quiet_dependency(log):  # ModelOpt prints the merged config to stdout
