@@ -207,3 +207,38 @@ def test_a_target_refuses_a_recipe_without_its_export():
                 "engine": {"target": name}, "export": {"tensorrt_llm_checkpoint": True, "hf_checkpoint": True, target.source_export: False}}
         with pytest.raises(RecipeError, match=f"set export.{target.source_export}: true"):
             validate_recipe_dict(data, "r.yaml")
+
+
+# -- precisions that need CUDA ----------------------------------------------------------------------
+
+
+def test_cuda_only_precisions_are_refused_on_cpu_before_any_work():
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.errors import UserError
+    from trtconv.core.ui import Reporter
+    from trtconv.engine.plan import preflight
+
+    cuda_only = [p.name for p in PRECISIONS.values() if p.needs_cuda]
+    assert cuda_only == ["nvfp4"]
+    cpu = DeviceInfo(kind="cpu", name="cpu", count=1)
+    hf_cfg = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    for name in cuda_only:
+        recipe = Recipe.model_validate({"name": "t", "model": {"reference": "llama-ref"}, "quantization": {"precision": name}}).resolved()
+        with pytest.raises(UserError, match=rf"precision '{name}' needs a CUDA GPU.*amax must be a CUDA tensor.*fp8"):
+            preflight(recipe, hf_cfg, cpu, Reporter())
+
+
+def test_nvfp4_on_a_hopper_gpu_gates_but_builds_no_engine():
+    """Calibration and the gate run on any CUDA GPU; only an engine build needs SM >= 10.0."""
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.errors import UserError
+    from trtconv.core.ui import Reporter
+    from trtconv.engine.plan import preflight
+
+    h200 = DeviceInfo(kind="cuda", name="NVIDIA H200", count=1, sm="9.0")
+    hf_cfg = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    base = {"name": "t", "model": {"reference": "llama-ref"}, "quantization": {"precision": "nvfp4"}}
+    preflight(Recipe.model_validate(base).resolved(), hf_cfg, h200, Reporter())  # warns, does not raise
+    with_engine = {**base, "engine": {"target": "tensorrt"}, "export": {"tensorrt_llm_checkpoint": True}}
+    with pytest.raises(UserError, match="SM >= 10.0"):
+        preflight(Recipe.model_validate(with_engine).resolved(), hf_cfg, h200, Reporter())
