@@ -63,8 +63,8 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     if arch == "qwen2":
         return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
     if arch == "mistral":
-        # No sliding window: the reference forward does not emulate one (trtconv.architectures).
-        return MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None, **common)
+        # No sliding window unless asked for (sliding_window=16): Mistral-7B v0.1 has 4096.
+        return MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **{"sliding_window": None, **common})
     raise ValueError(f"unknown arch {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 

@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from trtconv.architectures import ARCHITECTURES, HF_NAMES, by_hf_name
+from trtconv.architectures import ARCHITECTURES, HF_NAMES, WINDOW_CONFIG_PATH, by_hf_name, check_attention_window
 from trtconv.core.errors import CheckpointError
 from trtconv.checkpoints.trtllm_reader import (
     ActivationQuant,
@@ -92,8 +92,7 @@ def check_hf_architecture(config: dict, path: Path) -> str:
             f"{path}: architecture {arch!r} is not supported by the reference executor; "
             f"supported: {', '.join(HF_NAMES)}"
         )
-    if config.get("use_sliding_window") and not row.sliding_window:
-        raise CheckpointError(f"{path}: use_sliding_window is true; sliding-window attention is not emulated")
+    check_attention_window(config, row.hf_name, path, CheckpointError)
     return arch
 
 
@@ -435,7 +434,11 @@ class _HFLoader:
         layers = [self.layer(i) for i in range(self.config["num_hidden_layers"])]
         shape = hf_model_shape(self.config, self.arch, self.quant, vocab_rows=lm_head.shape[0])
         final_norm = self._cast(self.files.get("model.norm.weight"))
-        return CheckpointModel(rope_config(self.config), shape, embedding, layers, final_norm, lm_head, self.device, self.dtype)
+        config = rope_config(self.config)
+        window = check_attention_window(self.config, self.arch, self.hf_dir / "config.json", CheckpointError)
+        if window is not None:  # in the TensorRT-LLM key CheckpointModel reads
+            config[WINDOW_CONFIG_PATH[0]] = {WINDOW_CONFIG_PATH[1]: [window]}
+        return CheckpointModel(config, shape, embedding, layers, final_norm, lm_head, self.device, self.dtype)
 
 
 def load_hf_checkpoint_model(
