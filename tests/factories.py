@@ -84,3 +84,20 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", dtype: torch.dtype = tor
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_windowed_mistral(llama_dir: Path, out_dir: Path, sliding_window: int) -> Path:
+    """A trained MistralForCausalLM with a sliding window: the trained reference Llama's weights
+    (the same tensor layout) under a Mistral config. Its logits are peaked enough for accuracy
+    assertions (a random tiny model's are not); the window only narrows what each token sees."""
+    import json
+    import shutil
+
+    out_dir = Path(out_dir)
+    shutil.copytree(llama_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=sliding_window)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):  # Llama-only keys
+        config.pop(key, None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
