@@ -112,3 +112,32 @@ def test_checker_rejects_another_block_size(exported, tmp_path):
     edit_config(bad, lambda c: c["quantization"].update(group_size=32))
     with pytest.raises(CheckpointError, match="NVFP4 blocks are 16 inputs"):
         validate_checkpoint(bad)
+
+
+def test_hf_checkpoint_executor_reads_nvfp4(exported, tmp_path):
+    """The unified HF checkpoint: the same packing and scales under hub names, with weight_scale_2
+    unified across q/k/v and across gate/up (a fused GEMM has one global scale)."""
+    import copy
+
+    from modelopt.torch.export import export_hf_checkpoint
+    from safetensors import safe_open
+
+    from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
+
+    model, _ = exported
+    export_hf_checkpoint(copy.deepcopy(quantize(model, "nvfp4")), dtype=torch.bfloat16, export_dir=tmp_path / "hf")
+    executor = load_hf_checkpoint_model(tmp_path / "hf")
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+    prefix = "model.layers.1"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        for dequantized, original, group, scale_of in (
+            (executor.layers[1].qkv.weight, qkv, qkv, f"{prefix}.self_attn.k_proj"),
+            (executor.layers[1].gate.weight, mlp.up_proj.weight.detach(), gate_up, f"{prefix}.mlp.gate_proj"),
+            (executor.layers[1].proj.weight, mlp.down_proj.weight.detach(), mlp.down_proj.weight.detach(), f"{prefix}.mlp.down_proj"),
+        ):
+            global_scale = float(f.get_tensor(f"{scale_of}.weight_scale_2"))
+            assert global_scale == pytest.approx(float(group.abs().max()) / (6 * 448), rel=1e-6), scale_of
+            torch.testing.assert_close(dequantized.float(), reference_nvfp4(original, global_scale), rtol=1e-6, atol=0, msg=scale_of)
+    assert executor.layers[1].qkv.activation_quant.kind == "nvfp4"

@@ -242,3 +242,21 @@ def test_nvfp4_on_a_hopper_gpu_gates_but_builds_no_engine():
     with_engine = {**base, "engine": {"target": "tensorrt"}, "export": {"tensorrt_llm_checkpoint": True}}
     with pytest.raises(UserError, match="SM >= 10.0"):
         preflight(Recipe.model_validate(with_engine).resolved(), hf_cfg, h200, Reporter())
+
+
+def test_sliding_window_rows_convert_it_and_the_others_refuse_it():
+    """A row with sliding_window=True takes its factory's window; any other row refuses one, naming sliding_window."""
+    from tests.factories import tiny_config
+    from trtconv.architectures import ARCHITECTURES, check_attention_window
+    from trtconv.core.errors import ModelError
+
+    assert [a.hf_name for a in ARCHITECTURES.values() if a.sliding_window] == ["MistralForCausalLM"]
+    for arch in ARCHITECTURES.values():
+        cfg = {"sliding_window": 16, "use_sliding_window": True, "num_hidden_layers": 2}
+        if arch.sliding_window:
+            windowed = tiny_config(arch.family, sliding_window=16).to_dict()
+            assert check_attention_window(windowed, arch.hf_name, "config.json", ModelError) == 16
+        else:
+            with pytest.raises(ModelError, match=rf"sliding_window 16 with {arch.hf_name}: .*allowed"):
+                check_attention_window(cfg, arch.hf_name, "config.json", ModelError)
+        assert check_attention_window({"sliding_window": None}, arch.hf_name, "config.json", ModelError) is None

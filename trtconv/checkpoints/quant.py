@@ -280,7 +280,11 @@ def _hf_nvfp4(group: list, group_size: int, runtime_dtype: torch.dtype, where: P
     if group_size != NVFP4_BLOCK:
         raise CheckpointError(f"{where}: NVFP4 group_size is {group_size}; TensorRT-LLM runs only {NVFP4_BLOCK}")
     for s in group:
-        check_group_size(s, NVFP4_BLOCK, where)
+        inputs, blocks = s.weight.shape[1] * 2, s.weight_scale.shape[-1]  # two e2m1 per byte along in
+        if blocks * NVFP4_BLOCK != inputs:
+            raise CheckpointError(
+                f"{where}: tensor {s.prefix}.weight_scale has {blocks} blocks for {inputs} inputs; NVFP4 needs one per {NVFP4_BLOCK}"
+            )
     weight_scale_2 = same_across_group(group, "weight_scale_2", where)
     return [dequantize_linear_weight("NVFP4", s.weight, s.weight_scale, weight_scale_2, NVFP4_BLOCK) for s in group]
 
