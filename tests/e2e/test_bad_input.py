@@ -204,3 +204,5 @@ def test_nvfp4_on_cpu_is_refused_before_any_work(cli, tmp_path, monkeypatch):
     res = cli("build", REPO / "recipes" / "llama-ref-nvfp4.yaml", "-o", tmp_path / "o", "--device", "cpu")
     assert_user_error(res, "quantization.precision 'nvfp4' needs a CUDA GPU", "amax must be a CUDA tensor", "fp8")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+    doctor = cli("doctor", REPO / "recipes" / "llama-ref-nvfp4.yaml")
+    assert "recipe plan: quantization.precision 'nvfp4' needs a CUDA GPU" in doctor.output
