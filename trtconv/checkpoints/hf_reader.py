@@ -18,6 +18,12 @@ What a runtime does when loading, and therefore what this reader does too:
 - W4A8_AWQ: the kernel's group scales are ``weight_scale / weight_scale_2`` stored in float16;
   int4 x that scale becomes FP8 and ``weight_scale_2`` goes into alpha. ``input_scale`` and
   ``weight_scale_2`` must agree across a fused group (TensorRT-LLM refuses to load otherwise).
+- NVFP4: ``weight`` packs two e2m1 codes per byte along the input, ``weight_scale`` is one FP8
+  scale per 16 inputs, ``weight_scale_2`` (the global scale, unified by the exporter across a
+  fused group) must agree across the group; activations are quantized to FP4 blocks on the fly
+  under the group's largest ``input_scale`` (trtconv.checkpoints.quant.nvfp4_round_trip).
+- Sliding window: config.json ``sliding_window`` (Mistral) masks attention as the TensorRT-LLM
+  checkpoint's ``runtime_defaults.max_attention_window`` does.
 - AWQ: ``pre_quant_scale`` of q/k/v and gate/up is folded into the RMSNorm weight by the exporter;
   where a fused group still carries one, every member must carry the same (a fused GEMM has one
   input) and it is applied; o_proj / down_proj keep theirs.

@@ -8,7 +8,9 @@ which scale tensors must sit next to each weight and in which dtype the weight i
 facts used to live in five tables and two if-chains; each is now a field of one row, so a new
 format (NVFP4, ...) is one row here with its functions.
 
-The numerics below were moved here verbatim from the two readers; the reference executor's outputs
+NVFP4 (added as one row) brings the only new numerics: e2m1 unpacking and rounding, and a dynamic
+activation quantizer (nvfp4_round_trip), checked against ModelOpt's NVFP4QTensor in
+tests/contract/test_nvfp4.py. The older numerics were moved here verbatim from the two readers; the reference executor's outputs
 are bit-identical to before (tests/test_reference_executor.py, tests/test_hf_checkpoint_executor.py).
 Shapes and dtypes were measured on ModelOpt 0.47 exports.
 """
