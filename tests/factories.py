@@ -63,8 +63,8 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     if arch == "qwen2":
         return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
     if arch == "mistral":
-        # No sliding window: the reference forward does not emulate one (trtconv.architectures).
-        return MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None, **common)
+        # No sliding window unless asked for (sliding_window=16): Mistral-7B v0.1 has 4096.
+        return MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **{"sliding_window": None, **common})
     raise ValueError(f"unknown arch {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 
@@ -83,4 +83,21 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", dtype: torch.dtype = tor
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_windowed_mistral(llama_dir: Path, out_dir: Path, sliding_window: int) -> Path:
+    """A trained MistralForCausalLM with a sliding window: the trained reference Llama's weights
+    (the same tensor layout) under a Mistral config. Its logits are peaked enough for accuracy
+    assertions (a random tiny model's are not); the window only narrows what each token sees."""
+    import json
+    import shutil
+
+    out_dir = Path(out_dir)
+    shutil.copytree(llama_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=sliding_window)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):  # Llama-only keys
+        config.pop(key, None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

@@ -37,15 +37,18 @@ class Architecture:
     # named here are stated from the HF config (attention_bias, mlp_bias).
     trtllm_config_keys: tuple[ConfigKey, ...] = ()
     rope_kinds: tuple[str, ...] = ROPE_KINDS  # rope scaling kinds of this family the forward runs
-    sliding_window: bool = False  # does the reference forward emulate sliding-window attention
+    # Sliding-window attention (one window for every layer) is converted end to end: the load stage
+    # accepts a config.json `sliding_window`, the export writes it where TensorRT-LLM reads it
+    # (WINDOW_CONFIG_PATH), the reference forward masks to it, the engine options pass it.
+    sliding_window: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_name: a
     for a in (
         Architecture("LlamaForCausalLM", "LlamaForCausalLM", "llama", qkv_bias=False),
-        # ModelOpt exports Mistral under the llama decoder: the same tensor layout.
-        Architecture("MistralForCausalLM", "MistralForCausalLM", "mistral", qkv_bias=False),
+        # ModelOpt exports Mistral under the llama decoder: the same tensor layout, plus the window.
+        Architecture("MistralForCausalLM", "MistralForCausalLM", "mistral", qkv_bias=False, sliding_window=True),
         # Qwen2 always has a q/k/v bias; ModelOpt writes it as attention.qkv.bias although its config
         # says "bias": false (measured), so the architecture decides, not that key.
         Architecture(
@@ -74,3 +77,45 @@ def by_hf_name(name: str | None) -> Architecture | None:
 
 def by_trtllm_name(name: str | None) -> Architecture | None:
     return _BY_TRTLLM_NAME.get(name) if name else None
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding-window attention
+# --------------------------------------------------------------------------------------------
+# Where the window goes in a TensorRT-LLM checkpoint's config.json. TensorRT-LLM 1.2's LLaMAConfig
+# (which also serves Mistral) reads no window from the HF config (tensorrt_llm/models/llama/
+# config.py, from_hugging_face), and trtllm-build has no window flag: the window is a run-time
+# setting, KvCacheConfig.max_attention_window (a list: one window per layer, repeated). The one
+# place a checkpoint carries it is PretrainedConfig.runtime_defaults (models/modeling_utils.py),
+# which the engine keeps and the LLM API copies into an unset KvCacheConfig.max_attention_window
+# when it loads the engine (llmapi/llm_args.py, fill_empty_fields_from_runtime_defaults).
+WINDOW_CONFIG_PATH: tuple[str, str] = ("runtime_defaults", "max_attention_window")
+
+
+def hf_attention_window(cfg: dict) -> int | None:
+    """The window a Hugging Face config.json asks for; None = full causal attention.
+
+    Mistral: `sliding_window` (null = none). Qwen2 writes a `sliding_window` too, but uses it only
+    with `use_sliding_window: true`, so that flag decides there.
+    """
+    if "use_sliding_window" in cfg and not cfg["use_sliding_window"]:
+        return None
+    return cfg.get("sliding_window")
+
+
+def check_attention_window(cfg: dict, hf_name: str, where, error: type[Exception]) -> int | None:
+    """The HF config's window, refused (``error``, naming ``sliding_window``) where it cannot be converted."""
+    window = hf_attention_window(cfg)
+    if window is None:
+        return None
+    supported = [a.hf_name for a in ARCHITECTURES.values() if a.sliding_window]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise error(f"{where}: sliding_window is {window!r}; allowed: a positive integer (tokens) or null")
+    if not ARCHITECTURES[hf_name].sliding_window:
+        raise error(
+            f"{where}: sliding_window {window} with {hf_name}: trtconv converts sliding-window attention only for "
+            f"{', '.join(supported)}; allowed for {hf_name}: no window (use_sliding_window: false or sliding_window: null)"
+        )
+    if cfg.get("max_window_layers") not in (None, cfg.get("num_hidden_layers")):
+        raise error(f"{where}: max_window_layers {cfg['max_window_layers']}: only one window for every layer is supported")
+    return window

@@ -120,7 +120,8 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
     from trtconv.checkpoints.hf_model import load_hf_model, load_tokenizer, release_memory
     from trtconv.data import samples
-    from trtconv.engine.plan import preflight as check_engine
+    from trtconv.engine.plan import check_cuda_forward, preflight as check_engine
+    from trtconv.precisions import PRECISIONS
     from trtconv.gate import stats as evaluate
     from trtconv.stages import export, load
     from trtconv.data.packs import pack_sha256
@@ -135,6 +136,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     stages: list[StageRecord] = []
     writer = ArtifactWriter(opts.out, force=opts.force)
     writer.preflight()  # output folder problems first: they cost nothing to find
+    check_cuda_forward(PRECISIONS[recipe.quantization.precision], device.kind)  # before a reference model trains
 
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")

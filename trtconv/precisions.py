@@ -28,6 +28,10 @@ class Precision:
     default_gates: dict[str, float]
     min_sm: int | None = None  # lowest GPU SM that runs it (89 = Ada, 90 = Hopper); None = any
     uses_group_size: bool = False  # AWQ: weights quantized in groups along the input dim
+    # ModelOpt's fake-quant forward of this format runs only on CUDA (dynamic block quantization:
+    # "amax must be a CUDA tensor"); the gate's independent check runs that forward, so the
+    # pipeline refuses such a precision on a CPU before any work (engine.plan.preflight).
+    needs_cuda: bool = False
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -97,6 +101,21 @@ PRECISIONS: dict[str, Precision] = {
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
         ),
+        Precision(
+            "nvfp4",
+            "nvfp4",  # NVFP4_DEFAULT_CFG
+            "NVFP4",
+            "NVFP4: e2m1 weights and activations in blocks of 16 with FP8 block scales and a global scale (Blackwell).",
+            min_sm=SM_FP4,
+            needs_cuda=True,
+            # Provisional (docs/accuracy.md): 4-bit activations cost about 5x FP8's KL on the reference model.
+            default_gates={
+                "max_ppl_increase_pct": 8.0,
+                "max_kl": 0.04,
+                "min_top1_agreement": 0.85,
+                "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
+            },
+        ),
     )
 }
 
@@ -122,7 +141,6 @@ KV_CACHE_FORMATS: dict[str, KVCacheFormat] = {
 OTHER_CHECKPOINT_ALGOS_MIN_SM: dict[str, int] = {
     "FP8_PER_CHANNEL_PER_TOKEN": SM_FP8,
     "FP8_BLOCK_SCALES": SM_FP8,
-    "NVFP4": SM_FP4,
     "W4A8_NVFP4_FP8": SM_FP4,
 }
 

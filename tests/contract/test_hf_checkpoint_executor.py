@@ -235,12 +235,12 @@ def test_missing_tensor_names_file_and_tensor(fp8_kv_case, tmp_path, tensor):
 
 
 def test_unknown_quant_algo_is_refused(fp8_kv_case, tmp_path):
-    broken = copy_checkpoint(fp8_kv_case, tmp_path / "nvfp4")
-    edit_json(broken / "hf_quant_config.json", lambda c: c["quantization"].update(quant_algo="NVFP4"))
-    with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: quant_algo 'NVFP4' disagrees with .*config\.json"):
+    broken = copy_checkpoint(fp8_kv_case, tmp_path / "mxfp8")
+    edit_json(broken / "hf_quant_config.json", lambda c: c["quantization"].update(quant_algo="MXFP8"))
+    with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: quant_algo 'MXFP8' disagrees with .*config\.json"):
         load_hf_checkpoint_model(broken)  # config.json still says FP8: the runtimes would disagree
-    edit_json(broken / "config.json", lambda c: c["quantization_config"].update(quant_algo="NVFP4"))
-    with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: quant_algo 'NVFP4' is not supported"):
+    edit_json(broken / "config.json", lambda c: c["quantization_config"].update(quant_algo="MXFP8"))
+    with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: quant_algo 'MXFP8' is not supported"):
         load_hf_checkpoint_model(broken)
 
 

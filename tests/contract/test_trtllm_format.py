@@ -189,9 +189,9 @@ def test_missing_rotary_base_is_an_error(llama_tp2, tmp_path):
 
 def test_unknown_quant_algo(llama_tp2, tmp_path):
     ckpt = copy_checkpoint(llama_tp2, tmp_path / "c")
-    edit_config(ckpt, lambda c: c["quantization"].update(quant_algo="NVFP4"))
+    edit_config(ckpt, lambda c: c["quantization"].update(quant_algo="MXFP8"))
     message = _error(ckpt)
-    assert "quant_algo 'NVFP4'" in message and "config.json" in message
+    assert "quant_algo 'MXFP8'" in message and "config.json" in message
     for allowed in SUPPORTED_QUANT_ALGOS[1:]:
         assert allowed in message
 

@@ -129,6 +129,59 @@ def test_qwen2_reference_fp8(qwen2_ref, cli, tmp_path):
     assert m["top1_agreement"]["value"] >= 0.95
 
 
+WINDOW = 16  # smaller than the evaluation rows (64 tokens), so the window decides every late token
+
+
+def _windowed_mistral_recipe(llama_ref, tmp_path):
+    from tests.factories import make_windowed_mistral
+
+    model = make_windowed_mistral(llama_ref, tmp_path / "mistral", WINDOW)
+    recipe = tmp_path / "mistral-fp8.yaml"
+    recipe.write_text(
+        f"name: mistral-window-fp8\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n"
+        "calibration: {num_samples: 32, seq_len: 64, batch_size: 8}\n"
+        "evaluate: {num_samples: 48, seq_len: 64, batch_size: 8}\n"
+    )
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def windowed_mistral_build(llama_ref, tmp_path_factory):
+    from tests.conftest import CLI
+
+    root = tmp_path_factory.mktemp("mistral")
+    recipe = _windowed_mistral_recipe(llama_ref, root)
+    res = CLI()("build", recipe, "-o", root / "out", "--json", "-q")
+    return recipe, res, root / "out"
+
+
+def test_sliding_window_mistral_fp8_passes_its_gate(windowed_mistral_build):
+    """The baseline is transformers' MistralForCausalLM (window applied); the candidate is the
+    exported checkpoint run by the reference executor with the exported window."""
+    _, res, out = windowed_mistral_build
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["status"] == "passed"
+    cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert cfg["architecture"] == "MistralForCausalLM"
+    assert cfg["runtime_defaults"]["max_attention_window"] == [WINDOW]
+    assert json.loads(res.stdout)["metrics"]["top1_agreement"]["value"] >= 0.95
+
+
+def test_build_that_drops_the_window_changes_the_gate_numbers(windowed_mistral_build, cli, tmp_path, monkeypatch):
+    import trtconv.stages.export
+
+    recipe, good, _ = windowed_mistral_build
+    # Simulated export bug: the window is not written (what ModelOpt's own config does).
+    monkeypatch.setattr(trtconv.stages.export, "hf_attention_window", lambda cfg: None)
+    out = tmp_path / "out"
+    res = cli("build", recipe, "-o", out, "--json", "-q")
+    assert "runtime_defaults" not in json.loads((out / "checkpoint" / "config.json").read_text())
+    good_kl = json.loads(good.stdout)["metrics"]["mean_kl"]["value"]
+    bad = json.loads(res.stdout)
+    assert bad["metrics"]["mean_kl"]["value"] > 10 * good_kl, (good_kl, bad["metrics"])
+    assert res.exit_code == 1 and bad["status"] == "failed", res.output
+
+
 def test_check_refuses_an_artifact_without_manifest(cli, tmp_path):
     (tmp_path / "x").mkdir()
     res = cli("check", tmp_path / "x")

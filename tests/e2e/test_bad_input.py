@@ -196,3 +196,13 @@ def test_hub_model_offline_fails_fast_with_advice(cli, tmp_path):
     res = cli("build", r, "-o", tmp_path / "o")
     assert time.monotonic() - t0 < 30
     assert_user_error(res, "example-org/not-cached@0123456789abcdef is not in the local Hugging Face cache", "model.path")
+
+
+def test_nvfp4_on_cpu_is_refused_before_any_work(cli, tmp_path, monkeypatch):
+    # An empty cache: had the run got as far as loading, llama-ref would start training here.
+    monkeypatch.setenv("TRTCONV_CACHE", str(tmp_path / "cache"))
+    res = cli("build", REPO / "recipes" / "llama-ref-nvfp4.yaml", "-o", tmp_path / "o", "--device", "cpu")
+    assert_user_error(res, "quantization.precision 'nvfp4' needs a CUDA GPU", "amax must be a CUDA tensor", "fp8")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+    doctor = cli("doctor", REPO / "recipes" / "llama-ref-nvfp4.yaml")
+    assert "recipe plan: quantization.precision 'nvfp4' needs a CUDA GPU" in doctor.output

@@ -158,3 +158,58 @@ def test_build_command_passes_gather_context_logits_only_when_asked(tmp_path):
     on = trtllm_build_command(tmp_path, tmp_path / "e", TensorRTEngineOptions(gather_context_logits=True), quant_algo=None, device=H100)
     off = trtllm_build_command(tmp_path, tmp_path / "e", TensorRTEngineOptions(), quant_algo=None, device=H100)
     assert on[-1] == "--gather_context_logits" and "--gather_context_logits" not in off
+
+
+# -- sliding window: the runtime is told the window on both targets --------------------------------
+
+
+@pytest.fixture(scope="module")
+def windowed_mistral(tmp_path_factory) -> dict:
+    """A tiny Mistral with sliding_window 8: its HF folder, TensorRT-LLM checkpoint (window repaired in as the export stage does)."""
+    from tests.exports import export_trtllm, make_model
+    from trtconv.stages.export import repair_trtllm_config
+
+    root = tmp_path_factory.mktemp("window")
+    model = make_model(root, "mistral", sliding_window=8)
+    ckpt = export_trtllm(model, root / "checkpoint")
+    config = json.loads((ckpt / "config.json").read_text())
+    repair_trtllm_config(config, model.config, "MistralForCausalLM")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return {"model": model, "checkpoint": ckpt, "hf": root / "hf_mistral"}
+
+
+def test_tensorrt_engine_gets_the_window(trtllm_double, windowed_mistral, tmp_path, monkeypatch):
+    import trtconv.engine.logits
+
+    monkeypatch.setattr(trtconv.engine.logits, "detect_device", lambda *a, **k: H100)
+    out, record = tensorrt_artifact(tmp_path, windowed_mistral, gather=True)
+    assert json.loads((out / "engine" / "config.json").read_text())["pretrained_config"]["runtime_defaults"] == {"max_attention_window": [8]}
+    vocab = vocab_of(out / "checkpoint")
+    candidate = engine_candidate(out, record, vocab, tokenizer_dir=windowed_mistral["hf"], seq_len=24)
+    assert candidate.available, candidate.reason
+    assert candidate._llm.kv_cache_config.max_attention_window == [8]
+    ids = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = windowed_mistral["model"](ids).logits.float()
+    torch.testing.assert_close(candidate.fn(ids), want, atol=2e-4, rtol=1e-4)
+
+
+def test_pytorch_options_carry_the_window(trtllm_double, windowed_mistral, tmp_path):
+    import copy
+
+    import yaml
+    from modelopt.torch.export import export_hf_checkpoint
+
+    out = tmp_path / "out"
+    export_hf_checkpoint(copy.deepcopy(windowed_mistral["model"]), dtype=torch.bfloat16, export_dir=out / "hf_checkpoint")
+    for tokenizer_file in windowed_mistral["hf"].glob("tokenizer*"):
+        shutil.copy(tokenizer_file, out / "hf_checkpoint")
+    options = PyTorchBackendOptions(max_batch_size=4, max_seq_len=64, cuda_graphs=False)
+    record = prepare_pytorch_target(out / "hf_checkpoint", out / "engine", options, tp_size=1, pp_size=1, require=True, device=H100)
+    assert record.status == "built", record.reason
+    written = yaml.safe_load((out / "engine" / "llm_api_options.yaml").read_text())
+    assert written["kv_cache_config"]["max_attention_window"] == [8]
+    vocab = vocab_of(out / "hf_checkpoint")
+    candidate = engine_candidate(out, record.model_dump(mode="json"), vocab, tokenizer_dir=out / "hf_checkpoint", device=H100)
+    assert candidate.available, candidate.reason
+    assert candidate._llm.kwargs["kv_cache_config"].max_attention_window == [8]

@@ -194,3 +194,10 @@ def test_llm_api_options_shape():
     assert llm_api_options(PyTorchBackendOptions(cuda_graphs=False), tp_size=1, pp_size=1)["cuda_graph_config"] is None
     with pytest.raises(ValidationError):
         PyTorchBackendOptions(attention_backend="FLASH")
+
+
+def test_llm_api_options_pass_the_sliding_window():
+    """A Mistral window reaches the runtime as KvCacheConfig.max_attention_window (one entry, repeated per layer)."""
+    data = llm_api_options(PyTorchBackendOptions(), tp_size=1, pp_size=1, attention_window=4096)
+    assert data["kv_cache_config"] == {"dtype": "auto", "free_gpu_memory_fraction": 0.9, "max_attention_window": [4096]}
+    assert "max_attention_window" not in llm_api_options(PyTorchBackendOptions(), tp_size=1, pp_size=1)["kv_cache_config"]

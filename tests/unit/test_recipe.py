@@ -40,7 +40,9 @@ def test_recipes_folder_is_not_empty():
     assert "default" in names
     # One tested recipe per precision on the default model.
     precisions = {load_recipe(n)[0].quantization.precision for n in names}
-    assert precisions == {"none", "fp8", "int8_sq", "int4_awq", "w4a8_awq"}
+    from trtconv.precisions import PRECISIONS
+
+    assert precisions == set(PRECISIONS)
 
 
 def test_not_yaml(tmp_path):

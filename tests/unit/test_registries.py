@@ -140,12 +140,12 @@ def test_every_precision_has_a_quant_format():
 
 
 def test_quant_format_rows_are_complete():
-    from trtconv.checkpoints.quant import QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
+    from trtconv.checkpoints.quant import ACTIVATION_ROUND_TRIPS, QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
 
     assert SUPPORTED_QUANT_ALGOS[0] is None and set(SUPPORTED_QUANT_ALGOS) == set(QUANT_FORMATS)
     for algo, fmt in QUANT_FORMATS.items():
         assert "weight" in fmt.trtllm_tensors, algo
-        assert fmt.activation in (None, "fp8", "int8"), algo
+        assert fmt.activation in (None, *ACTIVATION_ROUND_TRIPS), algo
         needs_input_scale = fmt.activation is not None
         assert ("activation_scaling_factor" in fmt.trtllm_tensors) == needs_input_scale, algo
         assert ("input_scale" in fmt.hf_scales) == needs_input_scale, algo
@@ -207,3 +207,56 @@ def test_a_target_refuses_a_recipe_without_its_export():
                 "engine": {"target": name}, "export": {"tensorrt_llm_checkpoint": True, "hf_checkpoint": True, target.source_export: False}}
         with pytest.raises(RecipeError, match=f"set export.{target.source_export}: true"):
             validate_recipe_dict(data, "r.yaml")
+
+
+# -- precisions that need CUDA ----------------------------------------------------------------------
+
+
+def test_cuda_only_precisions_are_refused_on_cpu_before_any_work():
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.errors import UserError
+    from trtconv.core.ui import Reporter
+    from trtconv.engine.plan import preflight
+
+    cuda_only = [p.name for p in PRECISIONS.values() if p.needs_cuda]
+    assert cuda_only == ["nvfp4"]
+    cpu = DeviceInfo(kind="cpu", name="cpu", count=1)
+    hf_cfg = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    for name in cuda_only:
+        recipe = Recipe.model_validate({"name": "t", "model": {"reference": "llama-ref"}, "quantization": {"precision": name}}).resolved()
+        with pytest.raises(UserError, match=rf"precision '{name}' needs a CUDA GPU.*amax must be a CUDA tensor.*fp8"):
+            preflight(recipe, hf_cfg, cpu, Reporter())
+
+
+def test_nvfp4_on_a_hopper_gpu_gates_but_builds_no_engine():
+    """Calibration and the gate run on any CUDA GPU; only an engine build needs SM >= 10.0."""
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.errors import UserError
+    from trtconv.core.ui import Reporter
+    from trtconv.engine.plan import preflight
+
+    h200 = DeviceInfo(kind="cuda", name="NVIDIA H200", count=1, sm="9.0")
+    hf_cfg = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    base = {"name": "t", "model": {"reference": "llama-ref"}, "quantization": {"precision": "nvfp4"}}
+    preflight(Recipe.model_validate(base).resolved(), hf_cfg, h200, Reporter())  # warns, does not raise
+    with_engine = {**base, "engine": {"target": "tensorrt"}, "export": {"tensorrt_llm_checkpoint": True}}
+    with pytest.raises(UserError, match="SM >= 10.0"):
+        preflight(Recipe.model_validate(with_engine).resolved(), hf_cfg, h200, Reporter())
+
+
+def test_sliding_window_rows_convert_it_and_the_others_refuse_it():
+    """A row with sliding_window=True takes its factory's window; any other row refuses one, naming sliding_window."""
+    from tests.factories import tiny_config
+    from trtconv.architectures import ARCHITECTURES, check_attention_window
+    from trtconv.core.errors import ModelError
+
+    assert [a.hf_name for a in ARCHITECTURES.values() if a.sliding_window] == ["MistralForCausalLM"]
+    for arch in ARCHITECTURES.values():
+        cfg = {"sliding_window": 16, "use_sliding_window": True, "num_hidden_layers": 2}
+        if arch.sliding_window:
+            windowed = tiny_config(arch.family, sliding_window=16).to_dict()
+            assert check_attention_window(windowed, arch.hf_name, "config.json", ModelError) == 16
+        else:
+            with pytest.raises(ModelError, match=rf"sliding_window 16 with {arch.hf_name}: .*allowed"):
+                check_attention_window(cfg, arch.hf_name, "config.json", ModelError)
+        assert check_attention_window({"sliding_window": None}, arch.hf_name, "config.json", ModelError) is None

@@ -18,6 +18,12 @@ What a runtime does when loading, and therefore what this reader does too:
 - W4A8_AWQ: the kernel's group scales are ``weight_scale / weight_scale_2`` stored in float16;
   int4 x that scale becomes FP8 and ``weight_scale_2`` goes into alpha. ``input_scale`` and
   ``weight_scale_2`` must agree across a fused group (TensorRT-LLM refuses to load otherwise).
+- NVFP4: ``weight`` packs two e2m1 codes per byte along the input, ``weight_scale`` is one FP8
+  scale per 16 inputs, ``weight_scale_2`` (the global scale, unified by the exporter across a
+  fused group) must agree across the group; activations are quantized to FP4 blocks on the fly
+  under the group's largest ``input_scale`` (trtconv.checkpoints.quant.nvfp4_round_trip).
+- Sliding window: config.json ``sliding_window`` (Mistral) masks attention as the TensorRT-LLM
+  checkpoint's ``runtime_defaults.max_attention_window`` does.
 - AWQ: ``pre_quant_scale`` of q/k/v and gate/up is folded into the RMSNorm weight by the exporter;
   where a fused group still carries one, every member must carry the same (a fused GEMM has one
   input) and it is applied; o_proj / down_proj keep theirs.
@@ -38,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from trtconv.architectures import ARCHITECTURES, HF_NAMES, by_hf_name
+from trtconv.architectures import ARCHITECTURES, HF_NAMES, WINDOW_CONFIG_PATH, by_hf_name, check_attention_window
 from trtconv.core.errors import CheckpointError
 from trtconv.checkpoints.trtllm_reader import (
     ActivationQuant,
@@ -92,8 +98,7 @@ def check_hf_architecture(config: dict, path: Path) -> str:
             f"{path}: architecture {arch!r} is not supported by the reference executor; "
             f"supported: {', '.join(HF_NAMES)}"
         )
-    if config.get("use_sliding_window") and not row.sliding_window:
-        raise CheckpointError(f"{path}: use_sliding_window is true; sliding-window attention is not emulated")
+    check_attention_window(config, row.hf_name, path, CheckpointError)
     return arch
 
 
@@ -435,7 +440,11 @@ class _HFLoader:
         layers = [self.layer(i) for i in range(self.config["num_hidden_layers"])]
         shape = hf_model_shape(self.config, self.arch, self.quant, vocab_rows=lm_head.shape[0])
         final_norm = self._cast(self.files.get("model.norm.weight"))
-        return CheckpointModel(rope_config(self.config), shape, embedding, layers, final_norm, lm_head, self.device, self.dtype)
+        config = rope_config(self.config)
+        window = check_attention_window(self.config, self.arch, self.hf_dir / "config.json", CheckpointError)
+        if window is not None:  # in the TensorRT-LLM key CheckpointModel reads
+            config[WINDOW_CONFIG_PATH[0]] = {WINDOW_CONFIG_PATH[1]: [window]}
+        return CheckpointModel(config, shape, embedding, layers, final_norm, lm_head, self.device, self.dtype)
 
 
 def load_hf_checkpoint_model(

@@ -15,6 +15,8 @@ The tensor tables were measured on what ModelOpt 0.47 ``export_tensorrt_llm_chec
 - per-channel scales follow their weight's split (dim 0 of a column linear), per-tensor ones are
   replicated; prequant (smoothing) scales are per *input* channel, so only row linears split them;
 - INT4 weights are two signed nibbles per int8 byte along the OUT dimension: shape (out/2, in);
+- NVFP4 weights are two e2m1 codes per uint8 byte along the IN dimension: shape (out, in/2), with
+  one FP8 e4m3 scale per 16 inputs (out, in/16) and 0-d float32 global and activation scales;
 - vocab_embedding is split on dim 0 (ModelOpt writes ``use_parallel_embedding: true``) and lm_head
   is zero-padded to a multiple of tp then split on dim 0. AWQ exports also pad the vocab to a
   multiple of 64 and write the padded ``vocab_size`` into config.json.
@@ -26,8 +28,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trtconv.architectures import TRTLLM_NAMES, by_trtllm_name
-from trtconv.checkpoints.quant import QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
+from trtconv.architectures import TRTLLM_NAMES, WINDOW_CONFIG_PATH, by_trtllm_name
+from trtconv.checkpoints.quant import NVFP4_BLOCK, QUANT_FORMATS, SUPPORTED_QUANT_ALGOS
 from trtconv.core.errors import CheckpointError
 from trtconv.core.jsonio import read_json_object
 
@@ -159,6 +161,38 @@ def quantization_algos(config: dict, where: str = "config.json") -> tuple[str | 
     return algo, kv_algo
 
 
+def window_problems(config: dict) -> list[str]:
+    """runtime_defaults.max_attention_window: positive ints, one window for all layers, and only
+    on an architecture whose row converts sliding-window attention (trtconv.architectures)."""
+    section, key = WINDOW_CONFIG_PATH
+    defaults = config.get(section)
+    if defaults is None or (isinstance(defaults, dict) and defaults.get(key) is None):
+        return []
+    name = f"key '{section}.{key}'"
+    windows = defaults.get(key) if isinstance(defaults, dict) else defaults
+    if not isinstance(windows, list) or not windows or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in windows):
+        return [f"{name} is {windows!r}; allowed: a list of positive integers (tokens per layer, repeated) or null"]
+    if len(set(windows)) > 1:
+        return [f"{name} is {windows}: per-layer windows are not supported; allowed: one window for every layer"]
+    row = by_trtllm_name(config.get("architecture"))
+    if row is not None and not row.sliding_window:
+        allowed = ", ".join(n for n in TRTLLM_NAMES if by_trtllm_name(n).sliding_window)
+        return [f"{name} is {windows} on {row.trtllm_name}: sliding-window attention is converted only for {allowed}"]
+    return []
+
+
+def attention_window(config: dict) -> int | None:
+    """The checkpoint's sliding attention window in tokens; None = full causal attention.
+
+    Raises CheckpointError when the key is malformed (see window_problems)."""
+    problems = window_problems(config)
+    if problems:
+        raise CheckpointError(f"config.json: {problems[0]}")
+    section, key = WINDOW_CONFIG_PATH
+    windows = (config.get(section) or {}).get(key)
+    return windows[0] if windows else None
+
+
 def config_problems(config: dict) -> list[str]:
     """Key-level problems a TensorRT-LLM loader would trip on (empty list: fine)."""
     problems = [f"key {k!r} is missing" for k in REQUIRED_CONFIG_KEYS if k not in config]
@@ -180,6 +214,10 @@ def config_problems(config: dict) -> list[str]:
             "key 'rotary_base' is missing (rope model): TensorRT-LLM would silently use 10000 instead of the "
             "model's rope_theta; the exporter drops it under transformers 5 and it must be written back"
         )
+    problems += window_problems(config)
+    quant = config.get("quantization") or {}
+    if quant.get("quant_algo") == "NVFP4" and quant.get("group_size", NVFP4_BLOCK) != NVFP4_BLOCK:
+        problems.append(f"quantization.group_size is {quant.get('group_size')!r}; NVFP4 blocks are {NVFP4_BLOCK} inputs")
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"key 'hidden_act' is {config.get('hidden_act')!r}; the supported architectures use 'silu'")
     return problems

@@ -12,6 +12,9 @@ What it deliberately copies from TensorRT-LLM, including its traps:
   becomes a measurable accuracy loss instead of silently "working".
 - ``mlp.fc`` is HF gate_proj, ``mlp.gate`` is HF up_proj, ``mlp.proj`` is down_proj.
 - K and V are quantized with the single ``kv_cache_scaling_factor`` after rope.
+- A sliding window (``runtime_defaults.max_attention_window``, trtconv.architectures) is a banded
+  causal mask: with window w, token t attends to tokens t-w+1 .. t (w tokens, itself included), as
+  transformers' Mistral and TensorRT-LLM's cyclic KV cache of w tokens do. No key = full attention.
 
 Tensor layouts come from trtconv.checkpoints.trtllm_format (measured on ModelOpt 0.47 exports).
 """
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from trtconv.architectures import ROPE_KINDS
 from trtconv.checkpoints.quant import (  # noqa: F401  (numerics re-exported: tests and callers import them from here)
+    ACTIVATION_ROUND_TRIPS,
     FP8_E4M3_MAX,
     INT8_MAX,
     INT8_MIN,
@@ -41,6 +45,7 @@ from trtconv.core.errors import CheckpointError
 from trtconv.checkpoints.trtllm_format import (
     LAYER_LINEARS,
     ModelShape,
+    attention_window,
     kv_heads_per_rank,
     model_shape,
     read_config,
@@ -57,13 +62,14 @@ DEFAULT_ROTARY_BASE = 10000.0  # TensorRT-LLM's default when config.json has no 
 
 @dataclass
 class ActivationQuant:
-    """Static per-tensor activation quantization with the checkpoint's activation_scaling_factor."""
+    """A GEMM input's quantization with the checkpoint's activation_scaling_factor: static per-tensor
+    for fp8 / int8, dynamic 16-element blocks under that static global scale for nvfp4."""
 
-    kind: str  # "fp8" or "int8"
+    kind: str  # a key of ACTIVATION_ROUND_TRIPS: "fp8", "int8" or "nvfp4"
     scale: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_round_trip(x, self.scale) if self.kind == "fp8" else int8_round_trip(x, self.scale)
+        return ACTIVATION_ROUND_TRIPS[self.kind](x, self.scale)
 
     def to(self, device: torch.device) -> "ActivationQuant":
         return ActivationQuant(self.kind, self.scale.to(device))
@@ -261,6 +267,7 @@ class CheckpointModel:
         self.rotary_scaling = config.get("rotary_scaling")
         self.rotary_dim = int(config.get("rotary_embedding_dim") or shape.head_size * float(config.get("rotary_pct", 1.0)))
         self.inv_freq = rope_inverse_frequencies(self.rotary_dim, self.rotary_base, self.rotary_scaling)
+        self.attention_window = attention_window(config)  # None = full causal attention
 
     @property
     def vocab_size(self) -> int:
@@ -290,8 +297,18 @@ class CheckpointModel:
             k, v = fp8_round_trip(k, layer.kv_cache_scale), fp8_round_trip(v, v_scale)
         repeat = s.num_heads // s.num_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(s.head_size))
+        scale = 1.0 / math.sqrt(s.head_size)
+        if self.attention_window is None or self.attention_window >= length:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._window_mask(length), scale=scale)
         return layer.dense(out.transpose(1, 2).reshape(batch, length, q_size))
+
+    def _window_mask(self, length: int) -> torch.Tensor:
+        """Boolean [T, T] mask: query t sees keys t-w+1 .. t."""
+        positions = torch.arange(length, device=self.device)
+        offset = positions[:, None] - positions[None, :]  # query - key
+        return (offset >= 0) & (offset < self.attention_window)
 
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         return layer.proj(F.silu(layer.fc(x)) * layer.gate(x))

@@ -79,6 +79,9 @@ def _recipe_checks(recipe_ref, device, trtllm_version, check_engine_plan, check_
     quant_algo = PRECISIONS[recipe.quantization.precision].quant_algo
     kv_algo = KV_CACHE_FORMATS[recipe.quantization.kv_cache].kv_cache_quant_algo
     try:
+        from trtconv.engine.plan import check_cuda_forward
+
+        check_cuda_forward(PRECISIONS[recipe.quantization.precision], device.kind)  # nvfp4 on a CPU
         warnings = check_precision_on_device(quant_algo, kv_algo, device) if device.kind == "cuda" else []
         warnings += check_engine_plan(
             recipe.engine, quant_algo=quant_algo, kv_cache_quant_algo=kv_algo, tp_size=recipe.export.tp_size,

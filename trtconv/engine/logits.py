@@ -166,8 +166,13 @@ def _tensorrt_candidate(engine_dir: Path, tokenizer_dir: Path, vocab: int, seq_l
         from tensorrt_llm._tensorrt_engine import LLM
         from tensorrt_llm.llmapi import KvCacheConfig
 
-        # dtype stays "auto" on this backend: the engine fixes the KV-cache dtype.
-        llm = LLM(model=str(engine_dir), tokenizer=str(tokenizer_dir), kv_cache_config=KvCacheConfig(enable_block_reuse=False))
+        # dtype stays "auto" on this backend: the engine fixes the KV-cache dtype. The sliding window
+        # is a run-time setting: passed explicitly, not left to the engine's runtime_defaults.
+        kv_cache = {"enable_block_reuse": False}
+        window = _engine_attention_window(engine_dir)
+        if window is not None:
+            kv_cache["max_attention_window"] = [window]
+        llm = LLM(model=str(engine_dir), tokenizer=str(tokenizer_dir), kv_cache_config=KvCacheConfig(**kv_cache))
     except Exception as exc:  # noqa: BLE001 - the gate still runs on the checkpoint; the reason is recorded
         return unavailable(f"engine failed to load: {type(exc).__name__}: {exc}")
     description = f"TensorRT engine ({engine_dir.name}/) via tensorrt_llm._tensorrt_engine.LLM context logits"
@@ -201,6 +206,14 @@ def _llm_kwargs_without_block_reuse(options: dict[str, Any]) -> dict[str, Any]:
     # Prefix block reuse truncates context logits of requests that share a prefix (see module docstring).
     options["kv_cache_config"] = {**(options.get("kv_cache_config") or {}), "enable_block_reuse": False}
     return llm_kwargs(options)
+
+
+def _engine_attention_window(engine_dir: Path) -> int | None:
+    """The sliding window the engine's checkpoint carried (pretrained_config.runtime_defaults)."""
+    from trtconv.checkpoints.trtllm_format import attention_window
+
+    config = read_json_object(Path(engine_dir) / "config.json", "the engine config trtllm-build wrote", UserError)
+    return attention_window(config.get("pretrained_config") or {})
 
 
 def _engine_build_config(engine_dir: Path) -> dict[str, Any]:

@@ -311,15 +311,35 @@ def _v(version: tuple[int, int]) -> str:
     return f"{version[0]}.{version[1]}"
 
 
+def check_cuda_forward(precision, device_kind: str) -> None:
+    """Refuse, before any work, a precision whose fake-quant forward needs CUDA on a CPU-only run."""
+    if precision.needs_cuda and device_kind != "cuda":
+        raise UserError(
+            f"quantization.precision {precision.name!r} needs a CUDA GPU to calibrate and to gate: ModelOpt's "
+            f"{precision.quant_algo} fake-quant forward runs only on CUDA ('amax must be a CUDA tensor for dynamic block "
+            "quantization'), and the accuracy gate's independent check runs that forward; run on a CUDA GPU "
+            "(any; serving needs SM >= 10.0) or pick a precision that calibrates on CPU: "
+            + ", ".join(p.name for p in PRECISIONS.values() if not p.needs_cuda)
+        )
+
+
 def preflight(recipe: Recipe, hf_cfg: dict, device, reporter: Reporter) -> None:
     from trtconv.engine.plan import check_engine_plan, check_precision_on_device
     from trtconv.core.environment import package_version
 
-    quant_algo = PRECISIONS[recipe.quantization.precision].quant_algo
+    precision = PRECISIONS[recipe.quantization.precision]
+    quant_algo = precision.quant_algo
     kv_algo = KV_CACHE_FORMATS[recipe.quantization.kv_cache].kv_cache_quant_algo
+    check_cuda_forward(precision, device.kind)
     warnings = []
-    if device.kind == "cuda":
+    if device.kind == "cuda" and recipe.engine.target != NO_ENGINE:
         warnings += check_precision_on_device(quant_algo, kv_algo, device)
+    elif device.kind == "cuda" and min_sm_for_precision(quant_algo, kv_algo) is not None:
+        # Calibration and the gate run on any CUDA GPU; only the engine needs the tensor cores.
+        try:
+            check_precision_on_device(quant_algo, kv_algo, device)
+        except UserError as exc:
+            warnings.append(f"{exc} (engine.target is none: calibration, export and the gate run here; serve it on such a GPU)")
     warnings += check_engine_plan(
         recipe.engine,
         quant_algo=quant_algo,

@@ -50,13 +50,20 @@ LLM_API_KEYS: dict[str, frozenset[str] | None] = {
     "tensor_parallel_size": None,
     "pipeline_parallel_size": None,
     "attn_backend": None,
-    "kv_cache_config": frozenset({"dtype", "free_gpu_memory_fraction"}),
+    "kv_cache_config": frozenset({"dtype", "free_gpu_memory_fraction", "max_attention_window"}),
     "cuda_graph_config": frozenset({"batch_sizes", "enable_padding", "max_batch_size"}),
 }
 
 
-def llm_api_options(options: PyTorchBackendOptions, *, tp_size: int, pp_size: int) -> dict[str, Any]:
-    """The LLM-API options (as YAML/kwargs) for these recipe options; tp/pp come from the export."""
+def llm_api_options(
+    options: PyTorchBackendOptions, *, tp_size: int, pp_size: int, attention_window: int | None = None
+) -> dict[str, Any]:
+    """The LLM-API options (as YAML/kwargs) for these recipe options; tp/pp come from the export.
+
+    ``attention_window``: the model's sliding window (trtconv.architectures), passed as
+    KvCacheConfig.max_attention_window (one entry: TensorRT-LLM repeats it for every layer) so the
+    runtime attends over the window the model was trained with, whatever it reads from config.json.
+    """
     data: dict[str, Any] = {
         "max_batch_size": options.max_batch_size,
         "max_num_tokens": options.max_num_tokens,
@@ -68,6 +75,8 @@ def llm_api_options(options: PyTorchBackendOptions, *, tp_size: int, pp_size: in
     }
     if options.max_seq_len is not None:
         data["max_seq_len"] = options.max_seq_len
+    if attention_window is not None:
+        data["kv_cache_config"]["max_attention_window"] = [attention_window]
     check_llm_api_keys(data)
     return data
 
@@ -120,7 +129,7 @@ def prepare_pytorch_target(
     hf_checkpoint_dir, out_dir = Path(hf_checkpoint_dir).resolve(), Path(out_dir).resolve()
     if not (hf_checkpoint_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_checkpoint_dir / 'config.json'} is missing: the pytorch target needs the unified HF checkpoint (export.hf_checkpoint)")
-    data = llm_api_options(options, tp_size=tp_size, pp_size=pp_size)
+    data = llm_api_options(options, tp_size=tp_size, pp_size=pp_size, attention_window=hf_checkpoint_window(hf_checkpoint_dir))
     device = device or detect_device()
     record = EngineRecord(
         target="pytorch",
@@ -139,6 +148,16 @@ def prepare_pytorch_target(
         update={"tensorrt_llm_version": install.version, "tensorrt_version": install.tensorrt_version, "warnings": warnings}
     )
     return _write_and_check(hf_checkpoint_dir, out_dir, data, record, device=device, unavailable=unavailable, world_size=tp_size * pp_size)
+
+
+def hf_checkpoint_window(hf_checkpoint_dir: Path) -> int | None:
+    """The unified HF checkpoint's sliding window (config.json sliding_window), checked as the load stage does."""
+    from trtconv.architectures import check_attention_window
+    from trtconv.checkpoints.hf_reader import check_hf_architecture
+
+    path = Path(hf_checkpoint_dir) / "config.json"
+    config = read_json_object(path, "the unified HF checkpoint's config", CheckpointError)
+    return check_attention_window(config, check_hf_architecture(config, path), path, CheckpointError)
 
 
 def hf_checkpoint_precision(hf_checkpoint_dir: Path) -> tuple[str | None, str | None]:

@@ -161,6 +161,10 @@ def check_census(census: dict, section: QuantizationSection) -> None:
 def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, device: str, reporter) -> CalibrationResult:
     if section.precision == "none" and section.kv_cache == "none":
         return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
+    from trtconv.engine.plan import check_cuda_forward
+    from trtconv.precisions import PRECISIONS
+
+    check_cuda_forward(PRECISIONS[section.precision], device)  # the pipeline checked already; direct callers too
     mtq = import_modelopt()
     log: list[str] = []
     cfg = recipe_quant_config(section, log)

@@ -4,8 +4,10 @@ ModelOpt writes the TensorRT-LLM config.json "manually" when tensorrt_llm is not
 transformers 5 that config silently loses `rotary_base` and `rotary_scaling` (it looks for a
 top-level `rope_theta`; transformers 5 keeps it in `rope_parameters`) and has no `qwen_type` for
 Qwen2. A Llama-3 model would then run with rope theta 10000 instead of 500000: wrong output, no
-error. So after exporting we repair the config from the HF config, record every repair, and then
-validate the written files against the format.
+error. A Mistral sliding window is dropped too (and TensorRT-LLM's own converter drops it as well),
+so an engine would attend over the whole sequence. So after exporting we repair the config from the
+HF config (the window into runtime_defaults.max_attention_window: trtconv.architectures), record
+every repair, and then validate the written files against the format.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
-from trtconv.architectures import ARCHITECTURES
+from trtconv.architectures import ARCHITECTURES, WINDOW_CONFIG_PATH, hf_attention_window
 from trtconv.core.errors import CheckpointError
 from trtconv.artifact.manifest import InputRecord
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
@@ -117,6 +119,11 @@ def repair_trtllm_config(cfg: dict, hf_config, architecture: str) -> list[Repair
     for key, hf_key in (("attn_bias", "attention_bias"), ("mlp_bias", "mlp_bias")):
         if key not in written:
             put(key, bool(getattr(hf_config, hf_key, False)), "stated explicitly from the HF config")
+    window = hf_attention_window(hf_config.to_dict())
+    if window is not None:  # the load stage refused a window the architecture cannot convert
+        section, key = WINDOW_CONFIG_PATH
+        put(section, {**(cfg.get(section) or {}), key: [window]},
+            "the HF sliding_window; TensorRT-LLM reads no window from the model config, the runtime takes it from here")
     return repairs
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
-from trtconv.architectures import HF_NAMES
+from trtconv.architectures import HF_NAMES, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
 from trtconv.checkpoints.hf_model import TOKENIZER_FILES
@@ -308,6 +308,7 @@ def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict
     model_dir = resolve_model_dir(section, progress=progress)
     cfg = read_hf_config(model_dir)
     arch = check_architecture(cfg, model_dir)
+    check_attention_window(cfg, arch, model_dir / "config.json", ModelError)
     weights = check_weight_files(model_dir)
     check_tensors(model_dir, weights, section.trust_remote_code)
     return model_dir, cfg, arch, weights

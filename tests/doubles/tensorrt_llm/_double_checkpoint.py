@@ -19,7 +19,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+# MistralForCausalLM: TensorRT-LLM maps it onto its LLaMA model (tensorrt_llm/models/__init__.py MODEL_MAP).
+ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 MODEL_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 QUANT_ALGOS = {
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",

@@ -138,6 +138,10 @@ class LLM:
 
         if self._executor is None:
             self._executor = load_hf_checkpoint_model(self.model_dir)
+            kv_cache = self.kwargs.get("kv_cache_config")
+            windows = kv_cache.max_attention_window if kv_cache is not None else None
+            if windows:  # KvCacheConfig's window wins over the one in config.json
+                self._executor.attention_window = windows[0]
         return self._executor.logits(torch.tensor([ids], dtype=torch.long))[0]
 
     def generate(self, inputs: Any, sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:

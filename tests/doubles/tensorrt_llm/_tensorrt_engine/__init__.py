@@ -11,6 +11,8 @@ Enforces the documented contract trtconv relies on:
   backend (trtllm-reference.md §1.2);
 - the engine folder is one the double's trtllm-build wrote: config.json with exactly version /
   pretrained_config / build_config, one fake rank{N}.engine per rank;
+- the attention window is KvCacheConfig.max_attention_window, else the engine's
+  pretrained_config.runtime_defaults.max_attention_window (as the LLM API fills it), else none;
 - `return_context_logits` on an engine whose build_config.gather_context_logits is false fails, as
   the real runtime does ("the engine must be built with gather_context_logits", run.py help);
   so does a prompt longer than build_config.max_input_len.
@@ -92,7 +94,18 @@ class LLM:
 
         if self._executor is None:
             self._executor = load_checkpoint_model(self.checkpoint_dir)
+            self._executor.attention_window = self._attention_window()
         return self._executor.logits(torch.tensor([ids], dtype=torch.long))[0]
+
+    def _attention_window(self) -> int | None:
+        """As the runtime resolves it: KvCacheConfig.max_attention_window, else the engine's
+        pretrained_config.runtime_defaults (fill_empty_fields_from_runtime_defaults), else none."""
+        windows = self.kv_cache_config.max_attention_window if self.kv_cache_config is not None else None
+        if windows is None:
+            windows = (self.config["pretrained_config"].get("runtime_defaults") or {}).get("max_attention_window")
+        if windows and len(set(windows)) > 1:
+            raise ValueError(f"TEST DOUBLE: per-layer windows {windows} are not emulated")
+        return windows[0] if windows else None
 
     def generate(self, inputs: Any, sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         if self.shut_down:
