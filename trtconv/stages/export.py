@@ -119,7 +119,7 @@ def repair_trtllm_config(cfg: dict, hf_config, architecture: str) -> list[Repair
     for key, hf_key in (("attn_bias", "attention_bias"), ("mlp_bias", "mlp_bias")):
         if key not in written:
             put(key, bool(getattr(hf_config, hf_key, False)), "stated explicitly from the HF config")
-    window = hf_attention_window(hf_config.to_dict())
+    window = hf_attention_window(hf_config.to_dict() if hasattr(hf_config, "to_dict") else vars(hf_config))
     if window is not None:  # the load stage refused a window the architecture cannot convert
         section, key = WINDOW_CONFIG_PATH
         put(section, {**(cfg.get(section) or {}), key: [window]},
