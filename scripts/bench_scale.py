@@ -152,7 +152,10 @@ def bench_trtconv(args, env, name: str, tag: str) -> dict:
     out = args.work / f"trtconv-{name}"
     log = args.work / f"trtconv-{name}-{tag}.log"
     cmd = [sys.executable, "-m", "trtconv", "calibrate", "--model", str(args.model), "--precision", precision,
-           "--kv-cache", kv, "--device", DEVICE, "-o", str(out), "--force"]
+           "--kv-cache", kv, "--device", DEVICE, "-o", str(out), "--force",
+           # the same rows and batches as the bare side, whatever calibrate's defaults are
+           "--num-samples", str(CALIB["num_samples"]), "--seq-len", str(CALIB["seq_len"]),
+           "--batch-size", str(CALIB["batch_size"]), "--seed", str(CALIB["seed"])]
     rc, wall, rss = run_child(cmd, env, log)
     stages = {}
     try:
