@@ -95,12 +95,17 @@ def test_qwen2_export_has_bias_and_qwen_type(cli, tiny_qwen2, tmp_path):
 
 def test_tp2_writes_two_ranks(cli, tiny_llama, tmp_path):
     out = tmp_path / "out"
-    # The tiny model's o_proj has 128 inputs: 64 per rank, so the group must be 64 (128 is refused).
-    refused = calibrate(cli, tiny_llama, tmp_path / "refused", "int4_awq", "none", "--tp-size", "2")
+    # The tiny model's o_proj has 128 inputs: 64 per rank, so the group must be 64 (a pinned 128 is
+    # refused; unpinned, 64 is chosen and said).
+    refused = calibrate(cli, tiny_llama, tmp_path / "refused", "int4_awq", "none", "--tp-size", "2",
+                        "--set", "quantization.awq_group_size=128")
     assert refused.exit_code == 2 and "o_proj (input dim 64 per TP rank)" in refused.output
     assert not (tmp_path / "refused").exists()
-    res = calibrate(cli, tiny_llama, out, "int4_awq", "none", "--tp-size", "2", "--set", "quantization.awq_group_size=64")
+    res = calibrate(cli, tiny_llama, out, "int4_awq", "none", "--tp-size", "2")
     assert res.exit_code == 0, res.output
+    assert "AWQ group size 64 (auto" in res.output
+    calibration = manifest(out)["calibration"]
+    assert (calibration["awq_group_size"], calibration["awq_group_size_source"]) == (64, "auto")
     cfg = json.loads((out / "checkpoint" / "config.json").read_text())
     assert cfg["mapping"]["tp_size"] == 2 and cfg["mapping"]["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoint").glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]

@@ -30,7 +30,7 @@ from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import StageMeter
 from trtconv.stages.engine import ENGINE_DIR
-from trtconv.stages.load import check_lengths, check_parallelism, data_input, data_path
+from trtconv.stages.load import check_lengths, check_parallelism, data_input, data_inputs, data_packs
 
 
 @dataclass
@@ -122,7 +122,6 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     from trtconv.engine.plan import preflight as check_engine
     from trtconv.gate import stats as evaluate
     from trtconv.stages import export, load
-    from trtconv.data.packs import pack_sha256
     from trtconv.core.ui import silence_library_progress_bars
 
     silence_library_progress_bars()
@@ -139,20 +138,20 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)
-        calib_path = data_path(recipe.calibration.data, "calib")
-        eval_path = data_path(recipe.evaluate.data, "eval")
+        calib_packs = data_packs(recipe.calibration.data, "calibration")
+        eval_packs = data_packs(recipe.evaluate.data, "evaluation")
         inputs = load.describe_inputs(model_dir, weights)
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
-        export_key = export.export_key(recipe, inputs, pack_sha256(calib_path), device)
+        export_key = export.export_key(recipe, inputs, samples.packs_sha256(calib_packs), device)
     stages.append(m.record(architecture=arch, model_dir=str(model_dir)))
 
     calib_tokens = samples.calibration_rows(
-        calib_path, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
+        calib_packs, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
     )
     eval_tokens = None
     if recipe.evaluate.enabled:
         eval_tokens = samples.evaluation_rows(
-            eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
+            eval_packs, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
         )
         samples.check_disjoint(calib_tokens, eval_tokens)
 
@@ -185,7 +184,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         if eval_tokens is not None:
             # A built engine may be the candidate: its files are part of what the statistics depend on.
             engine_files = hash_tree(writer.tmp / ENGINE_DIR) if engine_record.get("status") == "built" else []
-            eval_key = evaluate_stage.evaluate_key(recipe, export_key, pack_sha256(eval_path), device,
+            eval_key = evaluate_stage.evaluate_key(recipe, export_key, samples.packs_sha256(eval_packs), device,
                                           engine_files=[(f.path, f.sha256) for f in engine_files])
             outcome_eval, eval_meter = evaluate_stage.run(recipe, model_dir, eval_tokens, eval_key, cache, writer, torch_device,
                                                           reporter, engine_record=engine_record)
@@ -205,8 +204,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             recipe=recipe.model_dump(mode="json"),
             recipe_sha256=recipe.sha256(),
             inputs=inputs
-            + [data_input("calibration_data", calib_path)]
-            + ([data_input("evaluation_data", eval_path)] if eval_tokens is not None else [])
+            + data_inputs("calibration_data", calib_packs)
+            + (data_inputs("evaluation_data", eval_packs) if eval_tokens is not None else [])
             + ([data_input("task_data", Path(recipe.evaluate.multiple_choice))] if eval_tokens is not None and recipe.evaluate.multiple_choice else []),
             versions=package_versions(),
             device=device.to_dict(),
@@ -238,27 +237,33 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
                              reporter: Reporter):
     """The expensive unit: load the model, calibrate it, export it into root. Returns its records."""
-    from trtconv.checkpoints.hf_model import load_hf_model
+    from trtconv.checkpoints.hf_model import compute_dtype, load_hf_model
     from trtconv.stages import calibrate, export
 
     stages = []
     with StageMeter("calibrate") as m:
-        model = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
-        reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype}) to "
+        dtype = compute_dtype(recipe.model.dtype, device)
+        model = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
+        computes = dtype if dtype == recipe.model.dtype else f"computing in {dtype} on the {device}, exporting {recipe.export.dtype}"
+        reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {computes}) to "
                        f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "
                        f"{len(calib_tokens.rows)} x {recipe.calibration.seq_len} tokens")
-        calibrate.check_group_size(model, recipe.quantization, recipe.export.tp_size)
-        calib = calibrate.run(model, recipe.quantization, calib_tokens, recipe.calibration.batch_size, device, reporter)
+        group = calibrate.choose_group_size(model, recipe.quantization, recipe.export.tp_size)
+        if group.note:
+            reporter.stage("calibrate", group.note)
+        quantization = recipe.quantization.model_copy(update={"awq_group_size": group.size})
+        calib = calibrate.run(model, quantization, calib_tokens, recipe.calibration.batch_size, device, reporter)
     stages.append(
-        m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output)
+        m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output,
+                 compute_dtype=dtype)
     )
     with StageMeter("export") as m:
         reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
-        exported = export.run(model, tokenizer, model.config, arch, recipe.export, recipe.quantization, root)
+        exported = export.run(model, tokenizer, model.config, arch, recipe.export, quantization, root)
         for r in exported.repairs:
             reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
     stages.append(m.record(repairs=len(exported.repairs)))
-    return exported, {"quant_config": calib.quant_config, "census": calib.census}, stages
+    return exported, {"quant_config": calib.quant_config, "census": calib.census, "compute_dtype": dtype, **group.record()}, stages
 
 
 def repro_check(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, writer, device: str, reporter: Reporter) -> dict:

@@ -137,7 +137,23 @@ def bootstrap_interval(stats: DocumentStats, metric: str, seed: int) -> tuple[fl
     return paired_interval(arrays, lambda *a: fn(*a), seed)
 
 
-def summarize(stats: DocumentStats, seed: int) -> dict:
+def pack_stats(stats: DocumentStats, first_row: int, rows: int) -> DocumentStats:
+    """The documents of one pack (rows first_row .. first_row + rows - 1)."""
+    part = slice(first_row, first_row + rows)
+    return DocumentStats(stats.n_tokens[part], stats.nll_baseline[part], stats.nll_candidate[part], stats.kl[part],
+                         stats.top1_agree[part])
+
+
+def summarize(stats: DocumentStats, seed: int, packs: list[dict] | None = None) -> dict:
+    """Every metric with its interval over all documents; with several packs (evaluation's
+    extra["packs"]) also each pack's own, under summary["packs"][name], which the gates judge."""
+    out = _summarize(stats, seed)
+    if packs:
+        out["packs"] = {p["name"]: _summarize(pack_stats(stats, p["first_row"], p["rows"]), seed) for p in packs}
+    return out
+
+
+def _summarize(stats: DocumentStats, seed: int) -> dict:
     arrays = (stats.n_tokens, stats.nll_baseline, stats.nll_candidate, stats.kl, stats.top1_agree)
     out = {"num_documents": int(len(stats.n_tokens)), "num_tokens": int(stats.n_tokens.sum())}
     for name, fn in METRICS.items():
@@ -169,6 +185,15 @@ def decide(metric_summary: dict, threshold: float, comparator: str) -> tuple[str
 
 
 def apply_gates(summary: dict, section: EvaluateSection) -> list[GateResult]:
+    """Each gate on the pooled metrics, or, when the evaluation has several packs, on every pack's
+    own (named `max_kl[eval-prose]`): a precision that is fine on code but breaks prose must fail."""
+    if summary.get("packs"):
+        return [g.model_copy(update={"metric": f"{g.metric}[{name}]"})
+                for name, part in summary["packs"].items() for g in _gates(part, section)]
+    return _gates(summary, section)
+
+
+def _gates(summary: dict, section: EvaluateSection) -> list[GateResult]:
     results = []
     for key, (metric, comparator) in GATES.items():
         threshold = getattr(section.gates, key)

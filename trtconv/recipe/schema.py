@@ -44,7 +44,7 @@ class ModelSection(Strict):
     hub_id: str | None = Field(None, description="Hugging Face Hub model id (needs network unless cached).")
     revision: str | None = Field(None, description="Pinned Hub revision (commit sha); required with hub_id.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the model is loaded and calibrated in."
+        "bfloat16", description="dtype the model is calibrated in on a GPU; on a CPU it computes in float32 (see docs/accuracy.md)."
     )
     trust_remote_code: bool = Field(False, description="Run the checkpoint's own Python code. Only if you trust it.")
 
@@ -68,7 +68,11 @@ class QuantizationSection(Strict):
         default_factory=lambda: ["*lm_head*"],
         description="fnmatch patterns of module names left unquantized (ModelOpt quantizer names).",
     )
-    awq_group_size: Literal[64, 128] = Field(128, description="AWQ group size along the input dimension.")
+    awq_group_size: Literal[32, 64, 128] | None = Field(
+        None,
+        description="AWQ group size along the input dimension; null = the largest of 128, 64, 32 that divides every "
+        "quantized layer (the output and the manifest say which).",
+    )
 
 
 class CalibrationSection(Strict):

@@ -74,7 +74,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     finally:
         if engine is not None:
             engine.close()
-    summary = evaluate.summarize(stats, recipe.evaluate.seed)
+    summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
     errors = weight_quantization_errors(checkpoint_dir, baseline.cpu()) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
@@ -177,7 +177,7 @@ def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device
         if cached is not None:
             stats, errors, meta = cached
             reporter.stage("evaluate", f"statistics reused from the cache (key {key[:12]}, saves {meta['wall_s']:.1f} s); gates recomputed")
-            summary = evaluate.summarize(stats, recipe.evaluate.seed)
+            summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=meta["record"].get("packs"))
             stored = meta["record"].get("task_correct")
             task_correct = {k: np.asarray(v, dtype=bool) for k, v in stored.items()} if stored else None
             gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
@@ -209,11 +209,15 @@ class CheckResult:
     passed: bool
 
 
+def _inputs(manifest: Manifest, role: str, artifact: Path) -> list[InputRecord]:
+    found = [rec for rec in manifest.inputs if rec.role == role]
+    if not found:
+        raise ArtifactError(f"{artifact / 'manifest.json'} records no {role} input; it cannot be checked again")
+    return found
+
+
 def _input(manifest: Manifest, role: str, artifact: Path) -> InputRecord:
-    for rec in manifest.inputs:
-        if rec.role == role:
-            return rec
-    raise ArtifactError(f"{artifact / 'manifest.json'} records no {role} input; it cannot be checked again")
+    return _inputs(manifest, role, artifact)[0]
 
 
 def _verified_path(rec: InputRecord, artifact: Path) -> Path:
@@ -241,10 +245,11 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
     manifest = read_manifest(artifact)
     recipe = Recipe.model_validate(manifest.recipe)
     model_dir = _verified_path(_input(manifest, "model", artifact), artifact)
-    eval_path = _verified_path(_input(manifest, "evaluation_data", artifact), artifact)
+    eval_paths = [_verified_path(rec, artifact) for rec in _inputs(manifest, "evaluation_data", artifact)]
+    eval_packs = [samples.Pack(p.stem, p) for p in eval_paths]
     torch_device = "cuda" if detect_device(device).kind == "cuda" else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer")
-    tokens = samples.evaluation_rows(eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
+    tokens = samples.evaluation_rows(eval_packs, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
 
     results = []
     for target in [artifact] + ([Path(against)] if against else []):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtconv.checkpoints.hf_model import compute_dtype
 from trtconv.core.errors import CheckpointError
 from trtconv.artifact.manifest import InputRecord
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
@@ -208,7 +209,8 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
         EXPORT_STAGE,
         {
             "model_files": files_part(inputs),
-            "model": {"dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code},
+            "model": {"dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
+                      "compute_dtype": compute_dtype(recipe.model.dtype, "cuda" if device.kind == "cuda" else "cpu")},
             "quantization": recipe.quantization.model_dump(mode="json"),
             "calibration": calibration,
             "calibration_data_sha256": calib_sha256,
