@@ -194,6 +194,11 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         evaluation = outcome_eval.record if outcome_eval else {}
 
         passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
+        if not passed and recipe.evaluate.sensitivity and recipe.quantization.precision != "none":
+            with StageMeter("sensitivity") as m:
+                evaluation = {**evaluation, "advice": advise(recipe, model_dir, calib_tokens, eval_tokens,
+                                                             calib_record, metrics, torch_device, reporter)}
+            stages.append(m.record())
         (writer.tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         manifest = Manifest(
             trtconv_version=__version__,
@@ -232,6 +237,21 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     if not passed:
         raise GateFailed(outcome)
     return outcome
+
+
+def advise(recipe: Recipe, model_dir: Path, calib_tokens, eval_tokens, calib_record: dict, metrics: dict, device: str,
+           reporter: Reporter) -> dict:
+    """A failed gate's way forward (trtconv.gate.sensitivity): the worst layers, an exclude list, other precisions."""
+    from trtconv.gate import sensitivity
+
+    measured_kl = max(m["mean_kl"]["value"] for m in [metrics, *(metrics.get("packs") or {}).values()])
+    reporter.stage("sensitivity", "a gate failed: measuring which decoder layers cost the most accuracy")
+    built = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
+        update={"awq_group_size": calib_record.get("awq_group_size")})})
+    record = sensitivity.run(model_dir, built, calib_tokens, eval_tokens, measured_kl, device, reporter).record()
+    for line in sensitivity.advice_lines(record, recipe.quantization.exclude, recipe.evaluate.gates.max_kl):
+        reporter.stage("advice", line)
+    return record
 
 
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,

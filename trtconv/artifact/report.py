@@ -117,7 +117,17 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
     if token_kl is not None and token_kl.size:
         plot_token_kl(token_kl, root / KL_PLOT)
         lines += [f"![per-token KL]({KL_PLOT})", ""]
-    if manifest.status != "passed" and weight_errors:
+    advice = manifest.evaluation.get("advice")
+    if manifest.status != "passed" and advice:
+        from trtconv.gate.sensitivity import advice_lines
+
+        q = manifest.recipe["quantization"]
+        lines += ["## What to try", ""]
+        lines += [f"- {line}" for line in advice_lines(advice, q["exclude"], manifest.recipe["evaluate"]["gates"]["max_kl"])]
+        lines += ["", "| decoder layer | KL with only this layer quantized |", "|---|---|"]
+        lines += [f"| `{d['layer']}` | {d['kl']:.4g} |" for d in advice["layers"][:10]]
+        lines.append("")
+    elif manifest.status != "passed" and weight_errors:
         lines += [
             "## What to try",
             "",

@@ -120,6 +120,11 @@ class EvaluateSection(Strict):
         False, description="Let a gate whose confidence interval straddles its threshold pass (default: it fails)."
     )
     gates: GatesSection = Field(default_factory=GatesSection)
+    sensitivity: bool = Field(
+        True,
+        description="When a gate fails, measure each decoder layer's share of the damage (ModelOpt, a few rows) and "
+        "suggest a quantization.exclude list and other precisions (docs/accuracy.md).",
+    )
 
 
 class Recipe(Strict):

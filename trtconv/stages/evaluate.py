@@ -277,7 +277,7 @@ _STAT_FIELDS = ("n_tokens", "nll_baseline", "nll_candidate", "kl", "top1_agree",
 
 def evaluate_key(recipe: Recipe, upstream: str, eval_sha256: str, device: DeviceInfo, engine_files: list | None = None) -> str:
     section = recipe.evaluate.model_dump(mode="json")
-    for not_an_input in ("gates", "allow_inconclusive", "enabled", "data", "multiple_choice"):
+    for not_an_input in ("gates", "allow_inconclusive", "enabled", "data", "multiple_choice", "sensitivity"):
         section.pop(not_an_input)
     task = recipe.evaluate.multiple_choice
     section["multiple_choice_sha256"] = pack_sha256(Path(task)) if task else None
