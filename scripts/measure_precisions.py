@@ -12,6 +12,7 @@ it is the conversion time a user sees on this host.
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -29,16 +30,22 @@ OPEN_GATES = ["--set", "evaluate.gates.max_kl=1000", "--set", "evaluate.gates.ma
               "--set", "evaluate.gates.min_top1_agreement=0"]
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds used by finished child processes: on a shared host, wall time alone says little."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def measure(model: Path, out: Path, name: str, extra: list[str]) -> dict:
     target = out / name
     cmd = [sys.executable, "-m", "trtconv", "calibrate", "--model", str(model), *VARIANTS[name], "-o", str(target),
            "--force", "--json", "--no-cache", *OPEN_GATES, *extra]
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), _children_cpu_s()
     res = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.monotonic() - t0
+    wall, cpu = time.monotonic() - t0, _children_cpu_s() - cpu0
     (out / f"{name}.log").write_text(res.stderr, encoding="utf-8")
     manifest = json.loads((target / "manifest.json").read_text()) if (target / "manifest.json").is_file() else {}
-    return {"variant": name, "exit_code": res.returncode, "wall_s": round(wall, 1), "metrics": manifest.get("metrics"),
+    return {"variant": name, "exit_code": res.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "metrics": manifest.get("metrics"),
             "stages": {s["name"]: s["wall_s"] for s in manifest.get("stages", [])},
             "calibration": {k: manifest.get("calibration", {}).get(k) for k in ("compute_dtype", "awq_group_size")}}
 

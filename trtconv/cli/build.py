@@ -74,7 +74,7 @@ def calibrate(
     precision: Annotated[str, typer.Option("--precision", help="none, fp8, int8_sq, int4_awq, w4a8_awq.")],
     output: OutOpt,
     kv_cache: Annotated[str, typer.Option("--kv-cache", help="none or fp8.")] = "none",
-    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: built-in pack.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: the built-in mix (docstrings, English prose, code).")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
