@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# The shipped gates, checked against measurements (docs/accuracy.md): on the trained reference Llama
+# every precision passes with a wide margin (fp8 KL 0.00017 on every pack, top-1 0.985); on a real
+# pretrained model, SmolLM2-135M-Instruct, fp8 measured KL 0.037 [0.033, 0.043] and top-1 0.891:
+# 11 % of next tokens change, real damage, so it fails -- the gate sits 3.7x below that whole interval
+# and ~50x above the good case. Kept as they were, never loosened to make a build pass; a failed gate
+# comes with advice instead (trtconv.gate.sensitivity).
 @dataclass(frozen=True)
 class DefaultGates:
     max_ppl_increase_pct: float
