@@ -248,7 +248,12 @@ def advise(recipe: Recipe, model_dir: Path, calib_tokens, eval_tokens, calib_rec
     reporter.stage("sensitivity", "a gate failed: measuring which decoder layers cost the most accuracy")
     built = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
         update={"awq_group_size": calib_record.get("awq_group_size")})})
-    record = sensitivity.run(model_dir, built, calib_tokens, eval_tokens, measured_kl, device, reporter).record()
+    try:
+        record = sensitivity.run(model_dir, built, calib_tokens, eval_tokens, measured_kl, device, reporter).record()
+    except (UserError, RuntimeError, ValueError, AttributeError) as exc:
+        # Advice is a help, not a stage that can lose the failed artifact and its numbers.
+        reporter.warn(f"no layer advice: the sensitivity pass failed ({exc})")
+        return {"error": str(exc)}
     for line in sensitivity.advice_lines(record, recipe.quantization.exclude, recipe.evaluate.gates.max_kl):
         reporter.stage("advice", line)
     return record

@@ -118,7 +118,7 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
         plot_token_kl(token_kl, root / KL_PLOT)
         lines += [f"![per-token KL]({KL_PLOT})", ""]
     advice = manifest.evaluation.get("advice")
-    if manifest.status != "passed" and advice:
+    if manifest.status != "passed" and advice and "layers" in advice:
         from trtconv.gate.sensitivity import advice_lines
 
         q = manifest.recipe["quantization"]
