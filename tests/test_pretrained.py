@@ -5,7 +5,8 @@ top-1 agreement, measured on the exported files, must match ModelOpt's own fake-
 of the same model (`mtq.quantize` in memory, no export) on the same tokens, within the gate's
 bootstrap interval. Both runs use the defaults (built-in calibration mix, 64 x 256 tokens, the
 precision's preset, automatic AWQ group size); only the evaluation is smaller (12 documents, 4 per
-pack) to keep the CPU cost modest. Measured numbers are in docs/accuracy.md.
+pack) and the failed-gate advice is off (fp8 fails its gate on this model: docs/accuracy.md), to keep
+the CPU cost modest. Measured numbers are in docs/accuracy.md.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def test_smollm2_has_the_shapes_of_a_real_model(smollm2):
 def test_gate_on_exported_files_matches_modelopt_in_memory(cli, smollm2, tmp_path, precision):
     out = tmp_path / precision
     res = cli("calibrate", "--model", smollm2, "--precision", precision, "-o", out,
-              "--set", f"evaluate.num_samples={EVAL_DOCS}")
+              "--set", f"evaluate.num_samples={EVAL_DOCS}", "--set", "evaluate.sensitivity=false")
     assert res.exit_code in (0, 1), res.output  # 1 = a gate failed: the artifact and its numbers are still written
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["calibration"]["compute_dtype"] == "float32"
