@@ -183,6 +183,9 @@ def advice_lines(record: dict, recipe_exclude: list[str], max_kl: float) -> list
             f"{record['estimated_gate_kl_with_suggested_exclude']:.3g} estimated (gate {max_kl:g}); measured on the "
             f"sensitivity rows {record['full_kl']:.3g} -> {measured:.3g}"
         )
+    if record["num_layers"] and len(record["suggested_exclude"]) > record["num_layers"] // 2:
+        lines.append("the damage is spread over most layers, not a few: excluding them gives back most of the "
+                     "size saving, so a precision with more bits (or a larger model) is the better way")
     if record["precisions_to_try"]:
         lines.append(f"or a precision with more bits: {', '.join(record['precisions_to_try'])} "
                      "(see docs/accuracy.md for what each costs and measured)")
