@@ -19,7 +19,15 @@ _TOKENIZER_TEXT = [
 ]
 
 
-def make_tokenizer(out_dir: Path, vocab_size: int = 512):
+# A chat template as real instruct models ship one (ChatML, like SmolLM2 / Qwen2): it must reach the
+# artifact's tokenizer/ so a runtime can format conversations.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(out_dir: Path, vocab_size: int = 512, chat_template: str | None = None):
     """A byte-level BPE tokenizer trained on a few lines, saved as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,6 +43,8 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 512):
     )
     tok.train_from_iterator(_TOKENIZER_TEXT * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(out_dir)
     return fast
 
@@ -100,4 +110,21 @@ def make_windowed_mistral(llama_dir: Path, out_dir: Path, sliding_window: int) -
     for key in ("attention_bias", "mlp_bias", "pretraining_tp"):  # Llama-only keys
         config.pop(key, None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def make_real_shaped_model(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A tiny model with the shapes real pretrained models have and the reference models lack:
+    tied input/output embeddings, head_dim (48) != hidden / heads (128 / 4 = 32), a vocabulary that
+    is not a multiple of 64 (517, larger than the tokenizer's: unused rows, as in real checkpoints),
+    and a chat template in the tokenizer. o_proj's input (4 x 48 = 192) takes AWQ group 64, not 128."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(out_dir, chat_template=CHAT_TEMPLATE)
+    cfg = tiny_config(arch, vocab_size=517, tie_word_embeddings=True, head_dim=48)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
     return out_dir

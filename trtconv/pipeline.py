@@ -29,7 +29,7 @@ from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import StageMeter
-from trtconv.stages.load import check_lengths, check_parallelism, data_input, data_path
+from trtconv.stages.load import check_lengths, check_parallelism, data_input, data_inputs, data_packs
 from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
 
 
@@ -118,13 +118,12 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
-    from trtconv.checkpoints.hf_model import load_hf_model, load_tokenizer, release_memory
+    from trtconv.checkpoints.hf_model import compute_dtype, load_hf_model, load_tokenizer, release_memory
     from trtconv.data import samples
     from trtconv.engine.plan import check_cuda_forward, preflight as check_engine
     from trtconv.precisions import PRECISIONS
     from trtconv.gate import stats as evaluate
     from trtconv.stages import export, load
-    from trtconv.data.packs import pack_sha256
     from trtconv.core.ui import silence_library_progress_bars
 
     silence_library_progress_bars()
@@ -146,8 +145,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)
         memory = memory_plan(recipe, hf_cfg, device, opts.max_gpu_memory_gib, model_dir, reporter)
-        calib_path = data_path(recipe.calibration.data, "calib")
-        eval_path = data_path(recipe.evaluate.data, "eval")
+        calib_packs = data_packs(recipe.calibration.data, "calibration")
+        eval_packs = data_packs(recipe.evaluate.data, "evaluation")
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
         preloaded = None
         if hashing.pending and not memory.streamed:
@@ -155,22 +154,23 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             # rather than first hashing 16 GB and then reading it again. Wasted only on a cache hit
             # for files merely touched since.
             reporter.stage("load", "hashing the checkpoint (first time) while loading the model")
-            preloaded = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, torch_device)
+            preloaded = load_hf_model(model_dir, compute_dtype(recipe.model.dtype, torch_device), recipe.model.trust_remote_code,
+                                       torch_device)
             if recipe.quantization.precision != "none" or recipe.quantization.kv_cache != "none":
                 from trtconv.stages.calibrate import import_modelopt
 
                 import_modelopt()  # its ~6 s import, also under the hashing (same thread: no import races)
         inputs = load.describe_inputs(model_dir, weights, hashing)
-        export_key = export.export_key(recipe, inputs, pack_sha256(calib_path), device)
+        export_key = export.export_key(recipe, inputs, samples.packs_sha256(calib_packs), device)
     stages.append(m.record(architecture=arch, model_dir=str(model_dir), model_loaded=preloaded is not None))
 
     calib_tokens = samples.calibration_rows(
-        calib_path, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
+        calib_packs, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
     )
     eval_tokens = None
     if recipe.evaluate.enabled:
         eval_tokens = samples.evaluation_rows(
-            eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
+            eval_packs, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed
         )
         samples.check_disjoint(calib_tokens, eval_tokens)
 
@@ -210,7 +210,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         if eval_tokens is not None:
             # A built engine may be the candidate: its files are part of what the statistics depend on.
             engine_files = hash_tree(writer.tmp / ENGINE_DIR) if engine_record.get("status") == "built" else []
-            eval_key = evaluate_stage.evaluate_key(recipe, export_key, pack_sha256(eval_path), device,
+            eval_key = evaluate_stage.evaluate_key(recipe, export_key, samples.packs_sha256(eval_packs), device,
                                           engine_files=[(f.path, f.sha256) for f in engine_files])
             outcome_eval, eval_meter = evaluate_stage.run(recipe, model_dir, eval_tokens, eval_key, cache, writer, torch_device,
                                                           reporter, engine_record=engine_record, streamed=memory.streamed)
@@ -220,6 +220,11 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         evaluation = outcome_eval.record if outcome_eval else {}
 
         passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
+        if not passed and recipe.evaluate.sensitivity and recipe.quantization.precision != "none":
+            with StageMeter("sensitivity") as m:
+                evaluation = {**evaluation, "advice": advise(recipe, model_dir, calib_tokens, eval_tokens,
+                                                             calib_record, metrics, torch_device, reporter)}
+            stages.append(m.record())
         (writer.tmp / RECIPE_NAME).write_text(recipe.to_yaml(), encoding="utf-8")
         manifest = Manifest(
             trtconv_version=__version__,
@@ -230,8 +235,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             recipe=recipe.model_dump(mode="json"),
             recipe_sha256=recipe.sha256(),
             inputs=inputs
-            + [data_input("calibration_data", calib_path)]
-            + ([data_input("evaluation_data", eval_path)] if eval_tokens is not None else [])
+            + data_inputs("calibration_data", calib_packs)
+            + (data_inputs("evaluation_data", eval_packs) if eval_tokens is not None else [])
             + ([data_input("task_data", Path(recipe.evaluate.multiple_choice))] if eval_tokens is not None and recipe.evaluate.multiple_choice else []),
             versions=package_versions(),
             device=device.to_dict(),
@@ -290,46 +295,85 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, cap_gib: float | None, mod
     return plan
 
 
+def advise(recipe: Recipe, model_dir: Path, calib_tokens, eval_tokens, calib_record: dict, metrics: dict, device: str,
+           reporter: Reporter) -> dict:
+    """A failed gate's way forward (trtconv.gate.sensitivity): the worst layers, an exclude list, other precisions."""
+    from trtconv.gate import sensitivity
+
+    measured_kl = max(m["mean_kl"]["value"] for m in [metrics, *(metrics.get("packs") or {}).values()])
+    reporter.stage("sensitivity", "a gate failed: measuring which decoder layers cost the most accuracy")
+    built = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
+        update={"awq_group_size": calib_record.get("awq_group_size")})})
+    try:
+        record = sensitivity.run(model_dir, built, calib_tokens, eval_tokens, measured_kl, device, reporter).record()
+    except (UserError, RuntimeError, ValueError, AttributeError) as exc:
+        # Advice is a help, not a stage that can lose the failed artifact and its numbers.
+        reporter.warn(f"no layer advice: the sensitivity pass failed ({exc})")
+        return {"error": str(exc)}
+    for line in sensitivity.advice_lines(record, recipe.quantization.exclude, recipe.evaluate.gates.max_kl):
+        reporter.stage("advice", line)
+    return record
+
+
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
                              reporter: Reporter, model=None, streamed: bool = False):
     """The expensive unit: load the model (unless the load stage already did), calibrate it,
     export it into root. Returns its records."""
-    from trtconv.checkpoints.hf_model import load_hf_model
+    from trtconv.checkpoints.hf_model import compute_dtype, load_hf_model
     from trtconv.stages import calibrate, export
 
     if streamed:
         return run_streamed(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
     stages = []
     with StageMeter("calibrate") as m:
+        dtype = compute_dtype(recipe.model.dtype, device)
         if model is None:
             reporter.stage("calibrate", f"loading the model from {model_dir}")
-            model = load_hf_model(model_dir, recipe.model.dtype, recipe.model.trust_remote_code, device)
-        reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {recipe.model.dtype}) to "
+            model = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
+        computes = dtype if dtype == recipe.model.dtype else f"computing in {dtype} on the {device}, exporting {recipe.export.dtype}"
+        reporter.stage("calibrate", f"{arch} ({model.num_parameters() / 1e6:.1f} M parameters, {computes}) to "
                        f"{recipe.quantization.precision} (kv cache {recipe.quantization.kv_cache}), "
                        f"{len(calib_tokens.rows)} x {recipe.calibration.seq_len} tokens")
-        calibrate.check_group_size(model, recipe.quantization, recipe.export.tp_size)
-        calib = calibrate.run(model, recipe.quantization, calib_tokens, recipe.calibration.batch_size, device, reporter)
+        group = calibrate.choose_group_size(model, recipe.quantization, recipe.export.tp_size)
+        if group.note:
+            reporter.stage("calibrate", group.note)
+        quantization = recipe.quantization.model_copy(update={"awq_group_size": group.size})
+        calib = calibrate.run(model, quantization, calib_tokens, recipe.calibration.batch_size, device, reporter)
     stages.append(
-        m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output)
+        m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output,
+                 compute_dtype=dtype)
     )
     with StageMeter("export") as m:
         reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
-        exported = export.run(model, tokenizer, model.config, arch, recipe.export, recipe.quantization, root)
+        exported = export.run(model, tokenizer, model.config, arch, recipe.export, quantization, root)
         for r in exported.repairs:
             reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
     stages.append(m.record(repairs=len(exported.repairs)))
-    return exported, {"quant_config": calib.quant_config, "census": calib.census, "path": "in_memory"}, stages
+    return exported, {"quant_config": calib.quant_config, "census": calib.census, "compute_dtype": dtype, **group.record(), "path": "in_memory"}, stages
 
 
 def run_streamed(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str, reporter: Reporter):
     """The same unit, one decoder layer at a time (calibrate and export interleave: one meter for both)."""
-    from trtconv.stages import streamed
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trtconv.checkpoints.hf_model import compute_dtype
+    from trtconv.stages import calibrate, streamed
 
     with StageMeter("calibrate") as m:
-        exported, record, log = streamed.run(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
+        # The AWQ group size is chosen from the layers' shapes, here of a model on the meta device.
+        with torch.device("meta"):
+            shapes = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        group = calibrate.choose_group_size(shapes, recipe.quantization, recipe.export.tp_size)
+        del shapes
+        if group.note:
+            reporter.stage("calibrate", group.note)
+        chosen = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"awq_group_size": group.size})})
+        exported, record, log = streamed.run(chosen, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
+    dtype = compute_dtype(recipe.model.dtype, device)
     stage = m.record(status="ok", quantizers=record["census"], modelopt_output=log, path="streamed",
-                     repairs=len(exported.repairs))
-    return exported, {**record, "path": "streamed"}, [stage]
+                     repairs=len(exported.repairs), compute_dtype=dtype)
+    return exported, {**record, "compute_dtype": dtype, **group.record(), "path": "streamed"}, [stage]
 
 
 def repro_check(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, writer, device: str, reporter: Reporter) -> dict:

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 SM_FP8 = 89  # Ada (8.9) and Hopper (9.0): FP8 tensor cores
 SM_FP4 = 100  # Blackwell (10.0): FP4 tensor cores
 
+# The shipped gates, checked against measurements (docs/accuracy.md): on the trained reference Llama
+# every precision passes with a wide margin (fp8 KL 0.00017 on every pack, top-1 0.985); on a real
+# pretrained model, SmolLM2-135M-Instruct, fp8 measured KL 0.037 [0.033, 0.043] and top-1 0.891:
+# 11 % of next tokens change, real damage, so it fails -- the gate sits 3.7x below that whole interval
+# and ~50x above the good case. Kept as they were, never loosened to make a build pass; a failed gate
+# comes with advice instead (trtconv.gate.sensitivity).
 # The multiple-choice gate's shipped default: a candidate may lose at most this many accuracy points
 # (interval-based). It is the same for every precision: the task's items, not the format, set the noise.
 TASK_ACCURACY_DROP_PP = 3.0

@@ -205,3 +205,22 @@ def test_multiple_choice_task_is_scored_and_gated(llama_ref, cli, tmp_path):
     # The same gate comes back from `trtconv check`.
     checked = cli("check", out, "--json")
     assert checked.exit_code == 0 and any(g["metric"] == "max_task_accuracy_drop_pp" for g in json.loads(checked.stdout)[0]["gates"])
+
+
+def test_failed_gate_comes_with_a_way_forward(llama_ref, cli, tmp_path):
+    """A gate that fails names the most sensitive layers, an exclude list measured to help, and
+    precisions with more bits, in the output, the manifest and report.md (trtconv.gate.sensitivity)."""
+    out = tmp_path / "strict"
+    res = cli("build", "llama-ref-fp8", "-o", out, "--set", "evaluate.gates.max_kl=0.00005",
+              "--set", "calibration.num_samples=16", "--set", "evaluate.num_samples=12")
+    assert res.exit_code == 1, res.output
+    advice = json.loads((out / "manifest.json").read_text())["evaluation"]["advice"]
+    kls = [d["kl"] for d in advice["layers"]]
+    assert len(kls) == 4 and kls == sorted(kls, reverse=True) and kls[0] > 0
+    assert advice["suggested_exclude"] and all(p.startswith("*layers.") and p.endswith(".*") for p in advice["suggested_exclude"])
+    assert advice["kl_with_suggested_exclude"] < advice["full_kl"]
+    assert advice["estimated_gate_kl_with_suggested_exclude"] < advice["gate_kl"]
+    assert advice["precisions_to_try"] == ["none"]
+    assert "try quantization.exclude: ['*lm_head*', '*layers." in res.output
+    report = (out / "report.md").read_text()
+    assert "## What to try" in report and "KL with only this layer quantized" in report

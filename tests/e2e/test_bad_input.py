@@ -121,8 +121,9 @@ def test_awq_group_size_must_divide(cli, tmp_path):
     from tests.factories import make_tiny_model
 
     m = make_tiny_model(tmp_path / "m", "llama", intermediate_size=192)
-    res = cli("calibrate", "--model", m, "--precision", "int4_awq", "-o", tmp_path / "o", *SMALL)
-    assert_user_error(res, "down_proj (input dim 192)", "not a multiple of 128")
+    res = cli("calibrate", "--model", m, "--precision", "int4_awq", "-o", tmp_path / "o", "--set",
+              "quantization.awq_group_size=128", *SMALL)
+    assert_user_error(res, "down_proj (input dim 192)", "not a multiple of 128", "use awq_group_size 64")
 
 
 def test_tp_must_divide_kv_heads(cli, tiny_llama, tmp_path):

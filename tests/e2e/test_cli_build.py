@@ -95,12 +95,17 @@ def test_qwen2_export_has_bias_and_qwen_type(cli, tiny_qwen2, tmp_path):
 
 def test_tp2_writes_two_ranks(cli, tiny_llama, tmp_path):
     out = tmp_path / "out"
-    # The tiny model's o_proj has 128 inputs: 64 per rank, so the group must be 64 (128 is refused).
-    refused = calibrate(cli, tiny_llama, tmp_path / "refused", "int4_awq", "none", "--tp-size", "2")
+    # The tiny model's o_proj has 128 inputs: 64 per rank, so the group must be 64 (a pinned 128 is
+    # refused; unpinned, 64 is chosen and said).
+    refused = calibrate(cli, tiny_llama, tmp_path / "refused", "int4_awq", "none", "--tp-size", "2",
+                        "--set", "quantization.awq_group_size=128")
     assert refused.exit_code == 2 and "o_proj (input dim 64 per TP rank)" in refused.output
     assert not (tmp_path / "refused").exists()
-    res = calibrate(cli, tiny_llama, out, "int4_awq", "none", "--tp-size", "2", "--set", "quantization.awq_group_size=64")
+    res = calibrate(cli, tiny_llama, out, "int4_awq", "none", "--tp-size", "2")
     assert res.exit_code == 0, res.output
+    assert "AWQ group size 64 (auto" in res.output
+    calibration = manifest(out)["calibration"]
+    assert (calibration["awq_group_size"], calibration["awq_group_size_source"]) == (64, "auto")
     cfg = json.loads((out / "checkpoint" / "config.json").read_text())
     assert cfg["mapping"]["tp_size"] == 2 and cfg["mapping"]["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoint").glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
@@ -144,7 +149,10 @@ def test_json_summary_and_inspect_and_verify(cli, tiny_llama, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)  # stdout carries only the JSON document
     assert summary["status"] == "passed" and summary["artifact_digest"] == manifest(out)["artifact_digest"]
-    assert {g["metric"] for g in summary["gates"]} == {"max_ppl_increase_pct", "max_kl", "min_top1_agreement"}
+    # The built-in evaluation mix is gated per pack: max_kl[eval], max_kl[eval-prose], max_kl[eval-code], ...
+    assert {g["metric"] for g in summary["gates"]} == {f"{k}[{p}]" for k in ("max_ppl_increase_pct", "max_kl", "min_top1_agreement")
+                                                      for p in ("eval", "eval-prose", "eval-code")}
+    assert set(summary["metrics"]["packs"]) == {"eval", "eval-prose", "eval-code"}
     shown = cli("inspect", out)
     assert shown.exit_code == 0 and "rotary_base" in shown.stdout and "PASSED" in shown.stdout
     assert cli("verify", out).exit_code == 0
@@ -180,4 +188,4 @@ def test_hf_only_export_is_gated_through_the_hf_checkpoint_reader(cli, tiny_llam
     m = manifest(out)
     assert not (out / "checkpoint").exists()
     assert m["evaluation"]["candidate"].startswith("unified HF checkpoint")
-    assert {g["metric"] for g in m["gates"]} == {"max_ppl_increase_pct", "max_kl", "min_top1_agreement"}
+    assert {g["metric"].split("[")[0] for g in m["gates"]} == {"max_ppl_increase_pct", "max_kl", "min_top1_agreement"}

@@ -169,6 +169,7 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
                 f"| multiple-choice accuracy ({t['num_items']} items) | {t['accuracy_baseline']['value']:.4f} | "
                 f"{t['accuracy_candidate']['value']:.4f} | {_fmt_ci(t['accuracy_difference_pp'])} pp |"
             )
+        lines += _pack_table(m.get("packs") or {})
         lines += [
             "",
             "| gate | value | 95% interval | threshold | verdict |",
@@ -192,7 +193,17 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
     if token_kl is not None and token_kl.size:
         plot_token_kl(token_kl, root / KL_PLOT, manifest.gates)
         lines += [f"![per-token KL]({KL_PLOT})", ""]
-    if manifest.status != "passed" and weight_errors:
+    advice = manifest.evaluation.get("advice")
+    if manifest.status != "passed" and advice and "layers" in advice:
+        from trtconv.gate.sensitivity import advice_lines
+
+        q = manifest.recipe["quantization"]
+        lines += ["## What to try", ""]
+        lines += [f"- {line}" for line in advice_lines(advice, q["exclude"], manifest.recipe["evaluate"]["gates"]["max_kl"])]
+        lines += ["", "| decoder layer | KL with only this layer quantized |", "|---|---|"]
+        lines += [f"| `{d['layer']}` | {d['kl']:.4g} |" for d in advice["layers"][:10]]
+        lines.append("")
+    elif manifest.status != "passed" and weight_errors:
         lines += [
             "## What to try",
             "",
@@ -215,6 +226,19 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
         lines += ["## Export repairs", ""] + [f"- `{r['key']}`: `{r['before']!r}` → `{r['after']!r}` ({r['why']})" for r in repairs]
         lines.append("")
     (root / REPORT_NAME).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _pack_table(packs: dict) -> list[str]:
+    """Per evaluation pack: the gate judges each one (a model may keep code and lose prose)."""
+    if not packs:
+        return []
+    lines = ["", "Per evaluation pack (each gated on its own):", "",
+             "| pack | documents | perplexity original → artifact | change % [95% CI] | mean KL [95% CI] | top-1 agreement [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for name, p in packs.items():
+        lines.append(f"| {name} | {p['num_documents']} | {p['ppl_baseline']['value']:.4f} → {p['ppl_candidate']['value']:.4f} | "
+                     f"{_fmt_ci(p['ppl_increase_pct'])} | {_fmt_ci(p['mean_kl'])} | {_fmt_ci(p['top1_agreement'])} |")
+    return lines
 
 
 def _folder_sizes(root: Path) -> dict[str, int]:

@@ -92,7 +92,7 @@ def calibrate(
     precision: Annotated[str, typer.Option("--precision", help=", ".join(PRECISIONS) + ".")],
     output: OutOpt,
     kv_cache: Annotated[str, typer.Option("--kv-cache", help=" or ".join(KV_CACHE_FORMATS) + ".")] = "none",
-    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: built-in pack.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: the built-in mix (docstrings, English prose, code).")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Calibration sequences of --seq-len tokens.")] = _CALIBRATION["num_samples"],
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence (a warning below 32).")] = _CALIBRATION["seq_len"],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per calibration forward pass.")] = _CALIBRATION["batch_size"],

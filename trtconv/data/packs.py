@@ -56,7 +56,15 @@ DEFAULT_MAX_CHARS = 4096
 # How many documents to read from a streamed hub split per requested sample: enough to survive
 # filtering and dedupe without downloading a whole corpus.
 HUB_OVERSAMPLE = 4
-BUILTIN_PACKS = ("calib", "eval", "reference-train")
+BUILTIN_PACKS = ("calib", "eval", "reference-train", "calib-prose", "eval-prose", "calib-code", "eval-code")
+# The default data when a recipe gives none: docstrings (the reference models' own domain), English
+# prose (Austen, public domain) and Python code (CPython stdlib, PSF-2.0), so a real chat model is
+# calibrated on text like its own and judged on each kind separately (see PROVENANCE.md).
+# Calibration mixes them in equal shares; evaluation reports and gates each one.
+BUILTIN_MIXES = {
+    "calibration": ("calib", "calib-prose", "calib-code"),
+    "evaluation": ("eval", "eval-prose", "eval-code"),
+}
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,7 @@ def _installed_data_dir() -> Path | None:
 
 
 def builtin_pack(name: str) -> Path:
-    """Path of a committed pack: 'calib' (default calibration), 'eval' (held out), 'reference-train'."""
+    """Path of a committed pack: 'calib*' (calibration), 'eval*' (held out), 'reference-train' (see PROVENANCE.md)."""
     if name not in BUILTIN_PACKS:
         raise DataError(f"Unknown built-in pack {name!r}; known packs: {', '.join(BUILTIN_PACKS)}.")
     path = calibration_data_dir() / f"{name}.jsonl"

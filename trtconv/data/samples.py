@@ -60,9 +60,47 @@ def _text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def calibration_rows(path: Path, tokenizer, num_samples: int, seq_len: int, seed: int) -> TokenSet:
-    docs = _load_documents(path, "calibration")
-    need = num_samples * seq_len
+@dataclass(frozen=True)
+class Pack:
+    """One pack of a data set: a short name (the file's stem) and where it is."""
+
+    name: str
+    path: Path
+
+
+def as_packs(data: Path | str | list[Pack]) -> list[Pack]:
+    """A pack list from one path (a file or folder is one pack) or an existing list."""
+    if isinstance(data, (str, Path)):
+        return [Pack(Path(data).stem, Path(data))]
+    return list(data)
+
+
+def builtin_packs(role: str) -> list[Pack]:
+    """The built-in mix for 'calibration' or 'evaluation' (trtconv.data.packs.BUILTIN_MIXES)."""
+    from trtconv.data.packs import BUILTIN_MIXES, builtin_pack
+
+    return [Pack(name, builtin_pack(name)) for name in BUILTIN_MIXES[role]]
+
+
+def packs_sha256(packs: list[Pack]) -> str:
+    """sha256 of a pack set: one pack hashes exactly as the file (so one-file keys are unchanged);
+    several hash their names and sha256s in order."""
+    if len(packs) == 1:
+        return pack_sha256(packs[0].path)
+    digest = hashlib.sha256()
+    for p in packs:
+        digest.update(f"{p.name}\0{pack_sha256(p.path)}\n".encode())
+    return digest.hexdigest()
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """total split into `parts` shares that differ by at most one, the larger ones first."""
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
+
+
+def _pack_stream(pack: Pack, tokenizer, need: int, seed: int) -> tuple[list[int], list[str], list]:
+    """EOS-separated token stream of a pack's documents in seeded order, stopping once `need` tokens are there."""
+    docs = _load_documents(pack.path, "calibration")
     stream: list[int] = []
     used: list[str] = []
     for i in _seeded_order(len(docs), seed):
@@ -75,27 +113,49 @@ def calibration_rows(path: Path, tokenizer, num_samples: int, seq_len: int, seed
         used.append(doc.id)
         if len(stream) >= need:
             break
-    if len(stream) < need:
-        raise DataError(
-            f"calibration data {path} has {len(stream)} tokens in {len(docs)} documents; "
-            f"calibration.num_samples x seq_len = {num_samples} x {seq_len} = {need} tokens are needed: "
-            "add text, or lower num_samples or seq_len"
-        )
-    rows = [stream[k * seq_len : (k + 1) * seq_len] for k in range(num_samples)]
-    by_id = {d.id: d for d in docs}
+    return stream, used, docs
+
+
+def calibration_rows(data: Path | list[Pack], tokenizer, num_samples: int, seq_len: int, seed: int) -> TokenSet:
+    """num_samples rows of seq_len tokens; with several packs each gives an equal share of rows
+    (split_evenly), packed from its own documents in seeded order, and the rows are interleaved
+    pack by pack so every calibration batch sees every kind of text."""
+    packs = as_packs(data)
+    per_pack, used, shas, records, available = [], [], [], [], 0
+    for pack, quota in zip(packs, split_evenly(num_samples, len(packs))):
+        need = quota * seq_len
+        stream, pack_used, docs = _pack_stream(pack, tokenizer, need, seed)
+        if len(stream) < need:
+            raise DataError(
+                f"calibration data {pack.path} has {len(stream)} tokens in {len(docs)} documents; "
+                f"calibration.num_samples x seq_len = {quota} x {seq_len} = {need} tokens are needed"
+                + (f" from this pack (one of {len(packs)})" if len(packs) > 1 else "")
+                + ": add text, or lower num_samples or seq_len"
+            )
+        per_pack.append([stream[k * seq_len : (k + 1) * seq_len] for k in range(quota)])
+        by_id = {d.id: d for d in docs}
+        used += pack_used
+        shas += [_text_sha(by_id[i].text) for i in pack_used]
+        available += len(docs)
+        records.append({"name": pack.name, "data": str(pack.path), "data_sha256": pack_sha256(pack.path),
+                        "rows": quota, "documents_used": len(pack_used)})
+    rows = [chunk[k] for k in range(max(map(len, per_pack), default=0)) for chunk in per_pack if k < len(chunk)]
+    extra = {"document_sha256": shas, "num_documents_available": available}
+    if len(packs) > 1:
+        extra["packs"] = records
     return TokenSet(
         rows=rows,
         lengths=[seq_len] * num_samples,
         doc_ids=used,
-        data_path=str(path),
-        data_sha256=pack_sha256(path),
+        data_path=", ".join(str(p.path) for p in packs),
+        data_sha256=packs_sha256(packs),
         seed=seed,
-        extra={"document_sha256": [_text_sha(by_id[i].text) for i in used], "num_documents_available": len(docs)},
+        extra=extra,
     )
 
 
-def evaluation_rows(path: Path, tokenizer, num_samples: int, seq_len: int, seed: int) -> TokenSet:
-    docs = _load_documents(path, "evaluation")
+def _pack_eval_rows(pack: Pack, tokenizer, quota: int, seq_len: int, seed: int, of: int):
+    docs = _load_documents(pack.path, "evaluation")
     rows, lengths, ids, shas = [], [], [], []
     for i in _seeded_order(len(docs), seed):
         doc = docs[int(i)]
@@ -106,21 +166,43 @@ def evaluation_rows(path: Path, tokenizer, num_samples: int, seq_len: int, seed:
         rows.append(toks + [tokenizer.eos_token_id] * (seq_len - len(toks)))
         ids.append(doc.id)
         shas.append(_text_sha(doc.text))
-        if len(rows) == num_samples:
+        if len(rows) == quota:
             break
-    if len(rows) < num_samples:
+    if len(rows) < quota:
         raise DataError(
-            f"evaluation data {path} has {len(rows)} documents of at least {MIN_EVAL_TOKENS} tokens; "
-            f"evaluate.num_samples asks for {num_samples}: lower it or add documents"
+            f"evaluation data {pack.path} has {len(rows)} documents of at least {MIN_EVAL_TOKENS} tokens; "
+            f"evaluate.num_samples asks for {quota}"
+            + (f" from this pack (an equal share of the total over {of} packs)" if of > 1 else "")
+            + ": lower it or add documents"
         )
+    return rows, lengths, ids, shas, len(docs)
+
+
+def evaluation_rows(data: Path | list[Pack], tokenizer, num_samples: int, seq_len: int, seed: int) -> TokenSet:
+    """One document per row; with several packs each gives an equal share of the rows, kept together
+    in pack order (extra["packs"] says which rows are whose) so the gate can judge each pack."""
+    packs = as_packs(data)
+    rows, lengths, ids, shas, records, available = [], [], [], [], [], 0
+    for pack, quota in zip(packs, split_evenly(num_samples, len(packs))):
+        r, lens, i, sh, n_docs = _pack_eval_rows(pack, tokenizer, quota, seq_len, seed, len(packs))
+        records.append({"name": pack.name, "data": str(pack.path), "data_sha256": pack_sha256(pack.path),
+                        "first_row": len(rows), "rows": len(r)})
+        rows += r
+        lengths += lens
+        ids += i
+        shas += sh
+        available += n_docs
+    extra = {"document_sha256": shas, "num_documents_available": available}
+    if len(packs) > 1:
+        extra["packs"] = records
     return TokenSet(
         rows=rows,
         lengths=lengths,
         doc_ids=ids,
-        data_path=str(path),
-        data_sha256=pack_sha256(path),
+        data_path=", ".join(str(p.path) for p in packs),
+        data_sha256=packs_sha256(packs),
         seed=seed,
-        extra={"document_sha256": shas, "num_documents_available": len(docs)},
+        extra=extra,
     )
 
 

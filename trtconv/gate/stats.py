@@ -147,7 +147,22 @@ def bootstrap_interval(stats: DocumentStats, metric: str, seed: int) -> tuple[fl
     return paired_interval(arrays, lambda *a: fn(_resampled(a)), seed)
 
 
-def summarize(stats: DocumentStats, seed: int) -> dict:
+def pack_stats(stats: DocumentStats, first_row: int, rows: int) -> DocumentStats:
+    """The documents of one pack (rows first_row .. first_row + rows - 1)."""
+    part = slice(first_row, first_row + rows)
+    return DocumentStats(**{name: getattr(stats, name)[part] for name in RESAMPLED_FIELDS})
+
+
+def summarize(stats: DocumentStats, seed: int, packs: list[dict] | None = None) -> dict:
+    """Every metric with its interval over all documents; with several packs (evaluation's
+    extra["packs"]) also each pack's own, under summary["packs"][name], which the gates judge."""
+    out = _summarize(stats, seed)
+    if packs:
+        out["packs"] = {p["name"]: _summarize(pack_stats(stats, p["first_row"], p["rows"]), seed) for p in packs}
+    return out
+
+
+def _summarize(stats: DocumentStats, seed: int) -> dict:
     out = {"num_documents": int(len(stats.n_tokens)), "num_tokens": int(stats.n_tokens.sum())}
     for name, fn in METRICS.items():
         ci = bootstrap_interval(stats, name, seed)
@@ -178,7 +193,16 @@ def decide(metric_summary: dict, threshold: float, comparator: str) -> tuple[str
 
 
 def apply_gates(summary: dict, section: EvaluateSection) -> list[GateResult]:
-    """The document gates (trtconv.gate.gates, source "documents") whose threshold is set, in table order."""
+    """The document gates (trtconv.gate.gates, source "documents") whose threshold is set, in table
+    order, on the pooled metrics, or, when the evaluation has several packs, on every pack's own
+    (named `max_kl[eval-prose]`): a precision that is fine on code but breaks prose must fail."""
+    if summary.get("packs"):
+        return [g.model_copy(update={"metric": f"{g.metric}[{name}]"})
+                for name, part in summary["packs"].items() for g in _gates(part, section)]
+    return _gates(summary, section)
+
+
+def _gates(summary: dict, section: EvaluateSection) -> list[GateResult]:
     results = []
     for gate in gates_from("documents"):
         threshold = getattr(section.gates, gate.key)

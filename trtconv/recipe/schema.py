@@ -50,7 +50,7 @@ class ModelSection(Strict):
     hub_id: str | None = Field(None, description="Hugging Face Hub model id (needs network unless cached).")
     revision: str | None = Field(None, description="Pinned Hub revision (commit sha); required with hub_id.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the model is loaded and calibrated in."
+        "bfloat16", description="dtype the model is calibrated in on a GPU; on a CPU it computes in float32 (see docs/accuracy.md)."
     )
     trust_remote_code: bool = Field(False, description="Run the checkpoint's own Python code. Only if you trust it.")
 
@@ -74,7 +74,11 @@ class QuantizationSection(Strict):
         default_factory=lambda: ["*lm_head*"],
         description="fnmatch patterns of module names left unquantized (ModelOpt quantizer names).",
     )
-    awq_group_size: Literal[64, 128] = Field(128, description="AWQ group size along the input dimension.")
+    awq_group_size: Literal[32, 64, 128] | None = Field(
+        None,
+        description="AWQ group size along the input dimension; null = the largest of 128, 64, 32 that divides every "
+        "quantized layer (the output and the manifest say which).",
+    )
 
 
 class CalibrationSection(Strict):
@@ -141,6 +145,11 @@ class EvaluateSection(Strict):
         False, description="Let a gate whose confidence interval straddles its threshold pass (default: it fails)."
     )
     gates: GatesSection = Field(default_factory=GatesSection)
+    sensitivity: bool = Field(
+        True,
+        description="When a gate fails, measure each decoder layer's share of the damage (ModelOpt, a few rows) and "
+        "suggest a quantization.exclude list and other precisions (docs/accuracy.md).",
+    )
 
 
 class Recipe(Strict):

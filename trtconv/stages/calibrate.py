@@ -52,6 +52,8 @@ def build_quant_config(section: QuantizationSection) -> dict:
     cfg = copy.deepcopy(QUANT_CFG_CHOICES[precision.modelopt_preset])
     entries = cfg["quant_cfg"]
     if precision.uses_group_size:
+        if section.awq_group_size is None:
+            raise ValueError("build_quant_config needs a resolved awq_group_size (see choose_group_size)")
         _set_awq_group_size(entries, section.awq_group_size)
     for pattern in section.exclude:
         entries.append({"quantizer_name": pattern if pattern.endswith("*") else pattern + "*", "enable": False})
@@ -71,26 +73,70 @@ def _set_awq_group_size(entries: list[dict], group: int) -> None:
                 c["block_sizes"][-1] = group  # ModelOpt keys the block dim by int (-1 = input dim)
 
 
-def check_group_size(model, section: QuantizationSection, tp_size: int) -> None:
-    """int4 AWQ quantizes weights in groups along the input dim: every quantized Linear must divide evenly."""
-    if not PRECISIONS[section.precision].uses_group_size:
-        return
-    group = section.awq_group_size
-    bad = []
+# AWQ group sizes trtconv offers, largest first: a larger group stores fewer scales (smaller, faster),
+# a smaller one fits more shapes (hidden 576 = 9 x 64 takes 64, not 128) and is a little more accurate.
+AWQ_GROUP_SIZES = (128, 64, 32)
+
+
+@dataclass(frozen=True)
+class GroupSizeChoice:
+    size: int | None  # None: the precision has no groups
+    source: str  # "pinned" (the recipe's), "auto", or "n/a"
+    note: str  # what the output says
+
+    def record(self) -> dict:
+        return {"awq_group_size": self.size, "awq_group_size_source": self.source}
+
+
+def _group_input_dims(model, section: QuantizationSection, tp_size: int) -> list[tuple[str, int, bool]]:
+    """(name, input dim per rank, split across TP ranks) of every quantized Linear."""
+    dims = []
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or _excluded(name, section.exclude):
             continue
         # Row-parallel layers (o_proj, down_proj) are split along the input dim across TP ranks.
         row_parallel = name.endswith(("o_proj", "down_proj"))
-        in_dim = mod.in_features // tp_size if row_parallel else mod.in_features
-        if in_dim % group:
-            bad.append(f"{name} (input dim {in_dim}{' per TP rank' if row_parallel and tp_size > 1 else ''})")
-    if bad:
-        raise UserError(
-            f"quantization.precision {section.precision} with awq_group_size {group}: these layers' input "
-            f"dimension is not a multiple of {group}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
-            "use awq_group_size 64, exclude them (quantization.exclude), or another precision"
-        )
+        dims.append((name, mod.in_features // tp_size if row_parallel else mod.in_features, row_parallel and tp_size > 1))
+    return dims
+
+
+def _not_dividing(dims: list[tuple[str, int, bool]], group: int) -> list[str]:
+    return [f"{name} (input dim {d}{' per TP rank' if split else ''})" for name, d, split in dims if d % group]
+
+
+def choose_group_size(model, section: QuantizationSection, tp_size: int) -> GroupSizeChoice:
+    """int4 AWQ quantizes weights in groups along the input dim: every quantized Linear must divide evenly.
+
+    A pinned `awq_group_size` that does not divide is refused, naming the layers; unpinned (null),
+    the largest of AWQ_GROUP_SIZES that divides every layer is taken, and the output says why.
+    """
+    if not PRECISIONS[section.precision].uses_group_size:
+        return GroupSizeChoice(None, "n/a", "")
+    dims = _group_input_dims(model, section, tp_size)
+    pinned = section.awq_group_size
+    if pinned is not None:
+        bad = _not_dividing(dims, pinned)
+        if bad:
+            fits = [g for g in AWQ_GROUP_SIZES if not _not_dividing(dims, g)]
+            raise UserError(
+                f"quantization.precision {section.precision} with awq_group_size {pinned}: these layers' input "
+                f"dimension is not a multiple of {pinned}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
+                + (f"use awq_group_size {fits[0]} (or null: the largest that fits), " if fits else "")
+                + "exclude them (quantization.exclude), or another precision"
+            )
+        return GroupSizeChoice(pinned, "pinned", f"AWQ group size {pinned} (pinned by the recipe)")
+    why = ""
+    for group in AWQ_GROUP_SIZES:
+        bad = _not_dividing(dims, group)
+        if not bad:
+            return GroupSizeChoice(group, "auto", f"AWQ group size {group} (auto: the largest of "
+                                   f"{', '.join(map(str, AWQ_GROUP_SIZES))} that divides every quantized layer{why})")
+        why = f"; {group} does not divide {bad[0]}"
+    raise UserError(
+        f"quantization.precision {section.precision}: no AWQ group size ({', '.join(map(str, AWQ_GROUP_SIZES))}) divides "
+        f"every quantized layer's input dimension ({', '.join(bad[:5])}); exclude those layers (quantization.exclude) "
+        "or use another precision"
+    )
 
 
 def _excluded(module_name: str, patterns: list[str]) -> bool:

@@ -78,7 +78,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     finally:
         if engine is not None:
             engine.close()
-    summary = evaluate.summarize(stats, recipe.evaluate.seed)
+    summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
     errors = weight_quantization_errors(checkpoint_dir, baseline) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
@@ -221,7 +221,7 @@ def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device
         if cached is not None:
             stats, errors, meta = cached
             reporter.stage("evaluate", f"statistics reused from the cache (key {key[:12]}, saves {meta['wall_s']:.1f} s); gates recomputed")
-            summary = evaluate.summarize(stats, recipe.evaluate.seed)
+            summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=meta["record"].get("packs"))
             stored = meta["record"].get("task_correct")
             task_correct = {k: np.asarray(v, dtype=bool) for k, v in stored.items()} if stored else None
             gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
@@ -253,11 +253,15 @@ class CheckResult:
     passed: bool
 
 
+def _inputs(manifest: Manifest, role: str, artifact: Path) -> list[InputRecord]:
+    found = [rec for rec in manifest.inputs if rec.role == role]
+    if not found:
+        raise ArtifactError(f"{artifact / 'manifest.json'} records no {role} input; it cannot be checked again")
+    return found
+
+
 def _input(manifest: Manifest, role: str, artifact: Path) -> InputRecord:
-    for rec in manifest.inputs:
-        if rec.role == role:
-            return rec
-    raise ArtifactError(f"{artifact / 'manifest.json'} records no {role} input; it cannot be checked again")
+    return _inputs(manifest, role, artifact)[0]
 
 
 def _verified_path(rec: InputRecord, artifact: Path) -> Path:
@@ -293,12 +297,13 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
     manifest = read_manifest(artifact)
     recipe = Recipe.model_validate(manifest.recipe)
     model_dir = _verified_path(_input(manifest, "model", artifact), artifact)
-    eval_path = _verified_path(_input(manifest, "evaluation_data", artifact), artifact)
+    eval_paths = [_verified_path(rec, artifact) for rec in _inputs(manifest, "evaluation_data", artifact)]
+    eval_packs = [samples.Pack(p.stem, p) for p in eval_paths]
     device_info = detect_device(device)
     torch_device = "cuda" if device_info.kind == "cuda" else "cpu"
     streamed = _streamed_here(recipe, model_dir, device_info)
     tokenizer = AutoTokenizer.from_pretrained(artifact / TOKENIZER_DIR)
-    tokens = samples.evaluation_rows(eval_path, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
+    tokens = samples.evaluation_rows(eval_packs, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
 
     results = []
     for target in [artifact] + ([Path(against)] if against else []):
@@ -326,7 +331,7 @@ _STAT_FIELDS = STAT_FIELDS  # every DocumentStats array, so a new statistic is c
 
 def evaluate_key(recipe: Recipe, upstream: str, eval_sha256: str, device: DeviceInfo, engine_files: list | None = None) -> str:
     section = recipe.evaluate.model_dump(mode="json")
-    for not_an_input in ("gates", "allow_inconclusive", "enabled", "data", "multiple_choice"):
+    for not_an_input in ("gates", "allow_inconclusive", "enabled", "data", "multiple_choice", "sensitivity"):
         section.pop(not_an_input)
     task = recipe.evaluate.multiple_choice
     section["multiple_choice_sha256"] = pack_sha256(Path(task)) if task else None

@@ -20,6 +20,7 @@ from typing import Any
 
 from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
 from trtconv.architectures import ARCHITECTURES, WINDOW_CONFIG_PATH, hf_attention_window
+from trtconv.checkpoints.hf_model import compute_dtype
 from trtconv.core.errors import CheckpointError
 from trtconv.artifact.manifest import InputRecord
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
@@ -227,7 +228,8 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
         EXPORT_STAGE,
         {
             "model_files": files_part(inputs),
-            "model": {"dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code},
+            "model": {"dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
+                      "compute_dtype": compute_dtype(recipe.model.dtype, "cuda" if device.kind == "cuda" else "cpu")},
             "quantization": recipe.quantization.model_dump(mode="json"),
             "calibration": calibration,
             "calibration_data_sha256": calib_sha256,

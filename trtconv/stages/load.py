@@ -318,15 +318,17 @@ def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict
 # Pre-flight: cheap checks of the recipe against the model, before any expensive work
 
 
-def data_path(section_data: str | None, builtin: str) -> Path:
-    from trtconv.data.packs import builtin_pack
+def data_packs(section_data: str | None, role: str) -> list:
+    """The packs a section reads: its own file or folder, or (null) the built-in mix for `role`
+    ('calibration' | 'evaluation', see trtconv.data.packs.BUILTIN_MIXES)."""
+    from trtconv.data.samples import Pack, builtin_packs
 
     if section_data is None:
-        return builtin_pack(builtin)
+        return builtin_packs(role)
     path = Path(section_data)
     if not path.exists():
         raise DataError(f"data path {path} does not exist; give a .jsonl, .txt or a folder of them")
-    return path
+    return [Pack(path.stem, path)]
 
 
 def check_lengths(recipe: Recipe, hf_cfg: dict, model_dir: Path) -> None:
@@ -363,3 +365,8 @@ def data_input(role: str, path: Path) -> InputRecord:
         table.save()
         return InputRecord(role=role, root=str(path.parent), files=files)
     return InputRecord(role=role, root=str(path), files=hash_tree(path, skip=set()))
+
+
+def data_inputs(role: str, packs: list) -> list[InputRecord]:
+    """One input record per pack, in the order the packs are read."""
+    return [data_input(role, p.path) for p in packs]

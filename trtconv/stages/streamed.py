@@ -251,13 +251,15 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     import torch
     from safetensors.torch import save_file
 
+    from trtconv.checkpoints.hf_model import compute_dtype
     from trtconv.checkpoints.safetensors_stream import merge_parts
     from trtconv.checkpoints.trtllm_format import validate_checkpoint
     from trtconv.stages import calibrate, export
 
     check_supported(recipe)
     q, ex = recipe.quantization, recipe.export
-    dtype, export_dtype = _torch_dtype(recipe.model.dtype), _torch_dtype(ex.dtype)
+    # The same compute dtype as the in-memory path (float32 on a CPU), so both write the same bytes.
+    dtype, export_dtype = _torch_dtype(compute_dtype(recipe.model.dtype, device)), _torch_dtype(ex.dtype)
     quantizes = not (q.precision == "none" and q.kv_cache == "none")
     log: list[str] = []
     cfg = calibrate.recipe_quant_config(q, log) if quantizes else None
