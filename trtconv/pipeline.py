@@ -139,7 +139,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")
-        model_dir, hf_cfg, arch, weights = load.inspect_checkpoint(recipe.model, progress=reporter.info)
+        model_dir, hf_cfg, arch, weights = load.run(recipe.model, progress=reporter.info)
         hashing = load.start_hashing(model_dir, weights, remembered=cache is not None)  # first: the checks below run meanwhile
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)

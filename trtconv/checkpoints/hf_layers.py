@@ -8,6 +8,7 @@ that every shard the index names exists (a missing shard is found before any wor
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -106,3 +107,62 @@ class WeightIndex:
 
 
 _DTYPE_SIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model around the layers: a one-layer shell with the real outer weights, and one layer at a time
+
+
+class _Stop(Exception):
+    pass
+
+
+def build_shell(model_dir: Path, index: WeightIndex, dtype, device: str):
+    """(one-layer model with the real outer weights, the decoder layer class, the full config)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full = AutoConfig.from_pretrained(model_dir)
+    cfg = copy.deepcopy(full)
+    cfg.num_hidden_layers = 1
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    layer_cls = type(shell.model.layers[0])
+    shell.load_state_dict(index.outer(dtype, device), strict=False, assign=True)
+    if shell.config.tie_word_embeddings:
+        shell.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) were made on meta: rebuild them on the device.
+    shell.model.rotary_emb = type(shell.model.rotary_emb)(shell.config).to(device)
+    return shell.eval(), layer_cls, full
+
+
+def capture_layer0_inputs(shell, batches) -> list[tuple[tuple, dict]]:
+    """Layer 0's positional and keyword arguments for every batch, as the model passes them."""
+    import torch
+
+    cached = []
+
+    def hook(_mod, args, kwargs):
+        cached.append((args, dict(kwargs)))
+        raise _Stop
+
+    handle = shell.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    shell(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return cached
+
+
+def load_layer(layer_cls, config, index: WeightIndex, i: int, dtype, device: str):
+    import torch
+
+    with torch.device("meta"):
+        layer = layer_cls(config, layer_idx=i)
+    layer.load_state_dict(index.layer(i, dtype, device), strict=True, assign=True)
+    return layer.eval()

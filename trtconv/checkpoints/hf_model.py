@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
+from trtconv.core.jsonio import read_json_object
 
 # The files a tokenizer may consist of (hashed as the tokenizer input, copied into the artifact).
 TOKENIZER_FILES = (
@@ -21,6 +22,13 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
+    return read_json_object(cfg_path, "a Hugging Face model config", ModelError)
 
 
 def torch_dtype(name: str):

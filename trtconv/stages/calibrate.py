@@ -23,6 +23,10 @@ from trtconv.recipe.schema import QuantizationSection
 from trtconv.data.samples import TokenSet
 from trtconv.core.ui import quiet_dependency
 
+NAME = "calibrate"
+# Cached together with export, as one unit, under export.export_key (see there).
+CACHE_KEY_COVERS: tuple[str, ...] = ()
+
 
 @dataclass
 class CalibrationResult:

@@ -16,6 +16,11 @@ from trtconv.recipe.schema import Recipe
 from trtconv.artifact.layout import ENGINE_DIR
 from trtconv.stages.base import StageMeter
 
+NAME = "engine"
+# Not cached: a built engine is bound to the GPU and TensorRT it was built with; its files enter
+# the evaluation key instead.
+CACHE_KEY_COVERS: tuple[str, ...] = ()
+
 
 def run(recipe: Recipe, exported, root: Path, require: bool, reporter: Reporter) -> tuple[dict, StageRecord]:
     """Build (or prepare) the recipe's engine target into root/engine; returns the record and the stage's meter record."""

@@ -26,6 +26,11 @@ from trtconv.gate.stats import STAT_FIELDS, gates_passed
 from trtconv.recipe.schema import Recipe
 from trtconv.stages.base import StageMeter, device_part, restore_entry
 
+NAME = "evaluate"
+# evaluate_key: what can change the per-document statistics (gates are always recomputed).
+CACHE_KEY_COVERS: tuple[str, ...] = ("export key", "evaluate section without gates", "evaluation data sha256",
+                                       "task data sha256", "versions", "device", "engine files")
+
 
 @dataclass
 class EvalOutcome:
@@ -103,7 +108,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     """evaluate_checkpoint with one decoder layer of each model in memory (stages/evaluate_streamed.py)."""
     from trtconv.gate import stats as evaluate
     from trtconv.stages.evaluate_streamed import LayerStreamedPair, run_scorers
-    from trtconv.stages.load import read_hf_config
+    from trtconv.checkpoints.hf_model import read_hf_config
 
     pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"])
 
@@ -281,7 +286,7 @@ def _verified_path(rec: InputRecord, artifact: Path) -> Path:
 def _streamed_here(recipe: Recipe, model_dir: Path, device: DeviceInfo) -> bool:
     """The memory plan on this device: evaluate layer by layer when the two models do not fit."""
     from trtconv.memory_plan import plan_for_build
-    from trtconv.stages.load import read_hf_config
+    from trtconv.checkpoints.hf_model import read_hf_config
 
     return plan_for_build(recipe, read_hf_config(model_dir), device, None).streamed
 
@@ -324,7 +329,7 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
 # ---------------------------------------------------------------------------------------------
 # The stage cache: per-document statistics and weight errors, gates always recomputed
 
-EVALUATE_STAGE = "evaluate"
+EVALUATE_STAGE = NAME  # the cache folder of this stage
 STATS_FILE = "document_stats.safetensors"
 _STAT_FIELDS = STAT_FIELDS  # every DocumentStats array, so a new statistic is cached without a change here
 

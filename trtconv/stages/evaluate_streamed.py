@@ -67,7 +67,7 @@ class LayerStreamedPair:
         from trtconv.checkpoints.hf_layers import WeightIndex
         from trtconv.checkpoints.trtllm_format import read_config
         from trtconv.checkpoints.trtllm_reader import _Loader, layer_weight_errors
-        from trtconv.stages.streamed import build_shell, capture_layer0_inputs, load_layer
+        from trtconv.checkpoints.hf_layers import build_shell, capture_layer0_inputs, load_layer
 
         index = WeightIndex(self.model_dir)
         shell, layer_cls, _full = build_shell(self.model_dir, index, torch.float32, self.device)

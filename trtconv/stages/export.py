@@ -31,6 +31,11 @@ from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import ExportSection, QuantizationSection, Recipe
 from trtconv.core.ui import quiet_dependency
 
+NAME = "export"
+# export_key: what can change the bytes of checkpoint/, hf_checkpoint/, tokenizer/ (calibration included).
+CACHE_KEY_COVERS: tuple[str, ...] = ("model files", "model dtype, compute dtype and trust_remote_code", "quantization", "calibration",
+                                       "calibration data sha256", "export", "versions", "device")
+
 
 
 @dataclass
@@ -218,7 +223,7 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
 # ---------------------------------------------------------------------------------------------
 # The stage cache: calibrate + export are one cached unit (see docs/cache.md for why)
 
-EXPORT_STAGE = "export"
+EXPORT_STAGE = NAME  # the cache folder of this unit
 
 
 def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, device: DeviceInfo) -> str:

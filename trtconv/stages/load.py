@@ -23,9 +23,12 @@ from trtconv.core.errors import ModelError
 from trtconv.architectures import HF_NAMES, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
-from trtconv.checkpoints.hf_model import TOKENIZER_FILES
-from trtconv.core.jsonio import read_json_object
+from trtconv.checkpoints.hf_model import TOKENIZER_FILES, read_hf_config
 from trtconv.recipe.schema import ModelSection, Recipe
+
+NAME = "load"
+# Not cached: it is what the cache keys are made of (the checkpoint's file hashes).
+CACHE_KEY_COVERS: tuple[str, ...] = ()
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
 
@@ -96,13 +99,6 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
                          f"the network/proxy (HTTPS_PROXY, HF_ENDPOINT) or {local_copy}") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"{where}: cannot fetch from the Hub: {exc}") from None
-
-
-def read_hf_config(model_dir: Path) -> dict:
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
-    return read_json_object(cfg_path, "a Hugging Face model config", ModelError)
 
 
 def check_architecture(cfg: dict, model_dir: Path) -> str:
@@ -301,6 +297,12 @@ def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[
                     files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size) for p in paths])
         for role, paths in input_paths(model_dir, weights).items()
     ]
+
+
+def run(section: ModelSection, progress=None) -> tuple[Path, dict, str, list[Path]]:
+    """The load stage: resolve, check and describe the checkpoint before any model is loaded
+    (hashing starts with `start_hashing`, the model itself loads in checkpoints.hf_model)."""
+    return inspect_checkpoint(section, progress=progress)
 
 
 def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict, str, list[Path]]:

@@ -33,7 +33,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from trtconv.checkpoints.hf_layers import WeightIndex
+from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, capture_layer0_inputs, load_layer
+from trtconv.checkpoints.hf_model import torch_dtype
 from trtconv.core.errors import UserError
 from trtconv.core.ui import quiet_dependency
 
@@ -51,67 +52,6 @@ def check_supported(recipe) -> None:
     if recipe.model.trust_remote_code:
         raise UserError("calibration.streaming: models with their own code (model.trust_remote_code) are not streamed; "
                         "set calibration.streaming: never")
-
-
-class _Stop(Exception):
-    pass
-
-
-def _torch_dtype(name: str):
-    from trtconv.checkpoints.hf_model import torch_dtype
-
-    return torch_dtype(name)
-
-
-def build_shell(model_dir: Path, index: WeightIndex, dtype, device: str):
-    """(one-layer model with the real outer weights, the decoder layer class, the full config)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    full = AutoConfig.from_pretrained(model_dir)
-    cfg = copy.deepcopy(full)
-    cfg.num_hidden_layers = 1
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    layer_cls = type(shell.model.layers[0])
-    shell.load_state_dict(index.outer(dtype, device), strict=False, assign=True)
-    if shell.config.tie_word_embeddings:
-        shell.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) were made on meta: rebuild them on the device.
-    shell.model.rotary_emb = type(shell.model.rotary_emb)(shell.config).to(device)
-    return shell.eval(), layer_cls, full
-
-
-def capture_layer0_inputs(shell, batches) -> list[tuple[tuple, dict]]:
-    """Layer 0's positional and keyword arguments for every batch, as the model passes them."""
-    import torch
-
-    cached = []
-
-    def hook(_mod, args, kwargs):
-        cached.append((args, dict(kwargs)))
-        raise _Stop
-
-    handle = shell.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    shell(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return cached
-
-
-def load_layer(layer_cls, config, index: WeightIndex, i: int, dtype, device: str):
-    import torch
-
-    with torch.device("meta"):
-        layer = layer_cls(config, layer_idx=i)
-    layer.load_state_dict(index.layer(i, dtype, device), strict=True, assign=True)
-    return layer.eval()
 
 
 def named_root(layer, i: int):
@@ -259,7 +199,7 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     check_supported(recipe)
     q, ex = recipe.quantization, recipe.export
     # The same compute dtype as the in-memory path (float32 on a CPU), so both write the same bytes.
-    dtype, export_dtype = _torch_dtype(compute_dtype(recipe.model.dtype, device)), _torch_dtype(ex.dtype)
+    dtype, export_dtype = torch_dtype(compute_dtype(recipe.model.dtype, device)), torch_dtype(ex.dtype)
     quantizes = not (q.precision == "none" and q.kv_cache == "none")
     log: list[str] = []
     cfg = calibrate.recipe_quant_config(q, log) if quantizes else None
