@@ -119,7 +119,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
 
     reporter.stage("evaluate", "layer-streamed: the original and the checkpoint one layer at a time")
     stats, task_correct = run_scorers(pair, scorer, reporter, weight_errors)
-    summary = evaluate.summarize(stats, recipe.evaluate.seed)
+    summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     errors = pair.errors
     record = {
