@@ -60,7 +60,7 @@ def test_report_and_junit_are_written(built, cli, tmp_path):
     res = cli("check", out, "--junit", junit)
     assert res.exit_code == 0, res.output
     xml = junit.read_text()
-    assert xml.count("<testcase") == 3 and "<failure" not in xml
+    assert xml.count("<testcase") == 9 and "<failure" not in xml  # 3 gates x 3 evaluation packs
 
 
 def test_corrupted_scale_fails_the_gate_and_names_the_layer(built, cli, tmp_path):
