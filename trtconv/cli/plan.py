@@ -23,7 +23,12 @@ def plan(
     set_: SetOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Predict weight bytes, peak GPU/host memory and disk per stage, and serving memory; exit 4 if something does not fit."""
+    """Predict weight bytes, peak GPU/host memory and disk per stage, and serving memory; exit 4 if something does not fit.
+
+    Example (will a 70B FP8 conversion fit one H200, and what serves it?):
+
+        trtconv plan my-70b-fp8.yaml --gpu h200-141gb --json
+    """
     from trtconv.memory_plan import EXIT_DOES_NOT_FIT, describe, model_config, plan_for_gpu
     from trtconv.recipe.schema import load_recipe
 
