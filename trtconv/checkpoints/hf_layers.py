@@ -17,13 +17,6 @@ from trtconv.core.errors import ModelError
 LAYER_PREFIX = "model.layers."
 
 
-def check_index(model_dir: Path) -> None:
-    """A sharded checkpoint's index must name only shards that are there (checked without reading them)."""
-    index = Path(model_dir) / "model.safetensors.index.json"
-    if index.is_file():
-        read_index(index)
-
-
 def read_index(index: Path) -> dict[str, Path]:
     """Tensor name -> shard path from a safetensors index; a shard it names but that is absent is an error."""
     model_dir = index.parent
@@ -34,9 +27,10 @@ def read_index(index: Path) -> dict[str, Path]:
         raise ModelError(f"{index}: not a safetensors index (needs a 'weight_map' object): {exc}") from None
     missing = sorted(s for s in names if not (model_dir / s).is_file())
     if missing:
-        raise ModelError(f"{index} names shard {missing[0]}, which is not in {model_dir}"
-                         + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
-                         + "; download the complete checkpoint")
+        raise ModelError(
+            f"{index} names shard{'s' if len(missing) > 1 else ''} {', '.join(missing)}, not found in {model_dir}: "
+            "the checkpoint is incomplete; download the missing shard(s) again"
+        )
     return {name: model_dir / shard for name, shard in weight_map.items()}
 
 

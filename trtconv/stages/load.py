@@ -142,21 +142,12 @@ INDEX_NAME = "model.safetensors.index.json"
 
 def _index_shards(model_dir: Path) -> list[Path] | None:
     """The shards a sharded checkpoint's index names (None without an index); a missing shard is named."""
+    from trtconv.checkpoints.hf_layers import read_index
+
     index = model_dir / INDEX_NAME
     if not index.is_file():
         return None
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {exc}") from None
-    missing = [s for s in shards if not (model_dir / s).is_file()]
-    if missing:
-        raise ModelError(
-            f"{index} names shard{'s' if len(missing) > 1 else ''} {', '.join(missing)}, not found in {model_dir}: "
-            "the checkpoint is incomplete; download the missing shard(s) again"
-        )
-    return [model_dir / s for s in shards]
+    return sorted(set(read_index(index).values()))
 
 
 def check_weight_files(model_dir: Path) -> list[Path]:
