@@ -139,8 +139,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")
-        model_dir, hf_cfg, arch, weights = load.run(recipe.model, progress=reporter.info)
-        hashing = load.start_hashing(model_dir, weights, remembered=cache is not None)  # first: the checks below run meanwhile
+        # Hashing starts inside: the checks below (and the tensor check) run meanwhile.
+        model_dir, hf_cfg, arch, weights, hashing = load.run(recipe.model, progress=reporter.info, remembered=cache is not None)
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)
@@ -160,9 +160,14 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
                 from trtconv.stages.calibrate import import_modelopt
 
                 import_modelopt()  # its ~6 s import, also under the hashing (same thread: no import races)
-        inputs = load.describe_inputs(model_dir, weights, hashing)
-        export_key = export.export_key(recipe, inputs, samples.packs_sha256(calib_packs), device)
-    stages.append(m.record(architecture=arch, model_dir=str(model_dir), model_loaded=preloaded is not None))
+        # First-time hashes never hold the run up: without them no cache entry can be found anyway
+        # (only one whose files were merely touched since, which is then rebuilt), so the expensive
+        # unit starts at once and the keys are made when the hashes are in, before anything is stored.
+        inputs = export_key = None
+        if not hashing.pending:
+            inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
+    stages.append(m.record(architecture=arch, model_dir=str(model_dir), model_loaded=preloaded is not None,
+                           hashing="overlapped" if export_key is None else "remembered"))
 
     calib_tokens = samples.calibration_rows(
         calib_packs, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
@@ -176,7 +181,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 
     storing = None
     with writer:
-        cached = export.restore_export(cache, export_key, writer.tmp, reporter) if cache else None
+        cached = export.restore_export(cache, export_key, writer.tmp, reporter) if cache and export_key else None
         if cached is not None:
             preloaded = None
             release_memory()
@@ -193,6 +198,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             del model
             release_memory()  # the calibrated model goes before evaluation loads the original
             stages += unit_stages
+            if export_key is None:
+                inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
             if cache:
                 meta = {"export": exported.manifest_record(), "calibration": calib_record,
                         "stages": [r.model_dump(mode="json") for r in unit_stages]}
@@ -265,6 +272,15 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     if not passed:
         raise GateFailed(outcome)
     return outcome
+
+
+def _keys(recipe: Recipe, model_dir: Path, weights: list[Path], hashing, calib_packs, device) -> tuple[list, str]:
+    """The model's input records (waiting for its hashes) and the export's cache key."""
+    from trtconv.data import samples
+    from trtconv.stages import export, load
+
+    inputs = load.describe_inputs(model_dir, weights, hashing)
+    return inputs, export.export_key(recipe, inputs, samples.packs_sha256(calib_packs), device)
 
 
 def cap_gpu_memory(device, cap_gib: float | None) -> None:

@@ -290,19 +290,27 @@ def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[
     ]
 
 
-def run(section: ModelSection, progress=None) -> tuple[Path, dict, str, list[Path]]:
-    """The load stage: resolve, check and describe the checkpoint before any model is loaded
-    (hashing starts with `start_hashing`, the model itself loads in checkpoints.hf_model)."""
-    return inspect_checkpoint(section, progress=progress)
+def run(section: ModelSection, progress=None, remembered: bool = True):
+    """The load stage: resolve, check and describe the checkpoint before any model is loaded (the
+    model itself loads in checkpoints.hf_model). Returns (folder, hf config, architecture, weight
+    files, hashing): the files' hashes start as soon as the weight files are known, so the tensor
+    check (seconds: transformers import, the architecture on the meta device) runs under them."""
+    started = []
+    found = inspect_checkpoint(section, progress, lambda model_dir, weights: started.append(
+        start_hashing(model_dir, weights, remembered=remembered)))
+    return (*found, started[0])
 
 
-def inspect_checkpoint(section: ModelSection, progress=None) -> tuple[Path, dict, str, list[Path]]:
-    """All checks that need no model load: (folder, hf config, architecture, weight files)."""
+def inspect_checkpoint(section: ModelSection, progress=None, weights_known=None) -> tuple[Path, dict, str, list[Path]]:
+    """All checks that need no model load: (folder, hf config, architecture, weight files).
+    ``weights_known(folder, weight files)`` is called before the (slowest) tensor check."""
     model_dir = resolve_model_dir(section, progress=progress)
     cfg = read_hf_config(model_dir)
     arch = check_architecture(cfg, model_dir)
     check_attention_window(cfg, arch, model_dir / "config.json", ModelError)
     weights = check_weight_files(model_dir)
+    if weights_known is not None:
+        weights_known(model_dir, weights)
     check_tensors(model_dir, weights, section.trust_remote_code)
     return model_dir, cfg, arch, weights
 
