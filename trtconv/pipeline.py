@@ -12,6 +12,7 @@ import datetime as _dt
 import errno
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from trtconv import __version__
 from trtconv.artifact.writer import ArtifactWriter
+from trtconv.cache import runs
 from trtconv.cache.store import StageCache, use_torch_extensions_cache
 from trtconv.core.environment import detect_device, host_summary, numeric_environment, package_versions
 from trtconv.core.errors import ArtifactError, GateFailed, Interrupted, UserError
@@ -29,7 +31,7 @@ from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import StageMeter
-from trtconv.stages.load import check_lengths, check_parallelism, data_input, data_inputs, data_packs
+from trtconv.stages.load import all_inputs, check_lengths, check_parallelism, data_packs
 from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
 
 
@@ -136,6 +138,13 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     writer = ArtifactWriter(opts.out, force=opts.force)
     writer.preflight()  # output folder problems first: they cost nothing to find
     check_cuda_forward(PRECISIONS[recipe.quantization.precision], device.kind)  # before a reference model trains
+    started = time.monotonic()
+    run_key = whole_run_key(recipe, opts, device, reporter) if cache is not None and not opts.repro_check else None
+    if run_key is not None:
+        with writer:
+            manifest = runs.restore(cache, run_key, writer.tmp, opts.command, started, reporter)
+            if manifest is not None:
+                return _finish(manifest, writer, opts, reporter)
 
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")
@@ -241,10 +250,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             status_reason="" if passed else "accuracy gate failed: " + ", ".join(g.metric for g in gates if g.verdict != "pass"),
             recipe=recipe.model_dump(mode="json"),
             recipe_sha256=recipe.sha256(),
-            inputs=inputs
-            + data_inputs("calibration_data", calib_packs)
-            + (data_inputs("evaluation_data", eval_packs) if eval_tokens is not None else [])
-            + ([data_input("task_data", Path(recipe.evaluate.multiple_choice))] if eval_tokens is not None and recipe.evaluate.multiple_choice else []),
+            inputs=all_inputs(inputs, recipe, calib_packs, eval_packs),
             versions=package_versions(),
             device=device.to_dict(),
             host=host_summary(),
@@ -260,18 +266,39 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         )
         if outcome_eval is not None:
             write_report(writer.tmp, manifest, outcome_eval.weight_errors, outcome_eval.stats.token_kl)
-        if opts.junit:
-            write_junit(opts.junit, gates, recipe.name, recipe.evaluate.allow_inconclusive)
         if storing is not None:
             storing.finish(reporter)  # its hashes are noted: the outputs below are not read again
         manifest.outputs = hash_tree(writer.tmp, reuse_noted=True)
         manifest.artifact_digest = artifact_digest(manifest.outputs)
-        write_manifest(manifest, writer.tmp)
-        path = writer.commit() if passed else writer.commit_failed()
+        if cache is not None and not opts.repro_check:  # the inputs' hashes are all known now
+            key = runs.run_key(recipe, manifest.inputs, device, opts.require_engine, opts.max_gpu_memory_gib)
+            runs.store(cache, key, writer.tmp, manifest, reporter)
+        return _finish(manifest, writer, opts, reporter)
+
+
+def _finish(manifest: Manifest, writer: ArtifactWriter, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
+    """Write the manifest, put the artifact in place (a failed one never over a good one), raise GateFailed if it failed."""
+    if opts.junit:
+        write_junit(opts.junit, manifest.gates, manifest.recipe["name"], manifest.recipe["evaluate"]["allow_inconclusive"])
+    write_manifest(manifest, writer.tmp)
+    passed = manifest.status == "passed"
+    path = writer.commit() if passed else writer.commit_failed()
     outcome = BuildOutcome(manifest=manifest, path=path)
     if not passed:
         raise GateFailed(outcome)
     return outcome
+
+
+def whole_run_key(recipe: Recipe, opts: BuildOptions, device, reporter: Reporter) -> str | None:
+    """The whole-run cache key (trtconv.cache.runs), when every input's hash is remembered; else None."""
+    from trtconv.stages import load
+
+    model_inputs = load.remembered_inputs(recipe.model, progress=reporter.info)
+    if model_inputs is None:
+        return None
+    inputs = all_inputs(model_inputs, recipe, data_packs(recipe.calibration.data, "calibration"),
+                        data_packs(recipe.evaluate.data, "evaluation"))
+    return runs.run_key(recipe, inputs, device, opts.require_engine, opts.max_gpu_memory_gib)
 
 
 def _keys(recipe: Recipe, model_dir: Path, weights: list[Path], hashing, calib_packs, device) -> tuple[list, str]:

@@ -54,6 +54,47 @@ def test_warm_build_reuses_every_stage_and_gives_the_same_digest(cli, tiny_llama
     print(f"cold {cold_s:.2f} s, warm {warm_s:.2f} s, ratio {warm_s / cold_s:.2f}")  # in-process (imports already warm)
 
 
+def test_an_unchanged_run_reuses_the_whole_artifact(cli, tiny_llama, tmp_path, cache_dir):
+    assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "cold", *ARGS).exit_code == 0
+    warm = cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "warm", *ARGS)
+    assert warm.exit_code == 0, warm.output
+    assert "the whole artifact reused from the cache" in warm.output
+    assert "statistics reused" not in warm.output  # no stage ran, not even the gates' bootstrap
+    cold, hit = manifest(tmp_path / "cold"), manifest(tmp_path / "warm")
+    assert hit["stages"][0]["details"]["built_utc"] == cold["created_utc"]
+    assert hit["artifact_digest"] == cold["artifact_digest"] and hit["gates"] == cold["gates"]
+    assert {f["path"]: f["sha256"] for f in hit["outputs"] if f["path"] != "report.md"} == \
+        {f["path"]: f["sha256"] for f in cold["outputs"] if f["path"] != "report.md"}
+    assert "Reused whole from the stage cache" in (tmp_path / "warm" / "report.md").read_text()
+    assert "Reused whole" not in (tmp_path / "cold" / "report.md").read_text()  # the cache's linked copy untouched
+    assert len(list((cache_dir / "stages" / "run").glob("*/entry.json"))) == 1
+
+
+def test_a_touched_input_is_not_a_whole_run_hit(cli, tiny_llama, tmp_path, cache_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    assert cli("calibrate", "--model", model, "-o", tmp_path / "a", *ARGS).exit_code == 0
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(time.time_ns(), time.time_ns()))  # same bytes, new mtime: its hash is unknown
+    res = cli("calibrate", "--model", model, "-o", tmp_path / "b", *ARGS)
+    assert res.exit_code == 0, res.output
+    assert "the whole artifact reused" not in res.output
+    assert statuses(tmp_path / "b")["calibrate"] == "ok"  # rebuilt before the hash was known
+    assert manifest(tmp_path / "a")["artifact_digest"] == manifest(tmp_path / "b")["artifact_digest"]
+    again = cli("calibrate", "--model", model, "-o", tmp_path / "c", *ARGS)  # now the hash is remembered again
+    assert "the whole artifact reused from the cache" in again.output
+
+
+def test_a_failed_run_is_reused_as_failed(cli, tiny_llama, tmp_path, cache_dir):
+    strict = [*ARGS, "--set", "evaluate.gates.max_kl=0"]
+    assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "a", *strict).exit_code == 1
+    res = cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "b", *strict)
+    assert res.exit_code == 1 and "the whole artifact reused" in res.output
+    assert manifest(tmp_path / "b")["status"] == "failed"
+
+
 def test_changing_only_thresholds_reruns_only_the_gate(cli, tiny_llama, tmp_path, cache_dir):
     assert cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "a", *ARGS).exit_code == 0
     res = cli("calibrate", "--model", tiny_llama, "-o", tmp_path / "b", *ARGS, "--set", "evaluate.gates.max_kl=0")

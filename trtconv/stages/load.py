@@ -290,6 +290,29 @@ def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[
     ]
 
 
+def remembered_inputs(section: ModelSection, progress=None) -> list[InputRecord] | None:
+    """The model's and tokenizer's input records from the hash table alone (no file read in full),
+    or None when any file is not in it or changed since: the whole-run cache's view of the inputs."""
+    from trtconv.cache.hashes import HashTable
+
+    model_dir = resolve_model_dir(section, progress=progress)
+    paths = input_paths(model_dir, check_weight_files(model_dir))
+    table = HashTable()
+    hashes = {p: table.lookup(p) for files in paths.values() for p in files}
+    if None in hashes.values():
+        return None
+    return [InputRecord(role=role, root=str(model_dir), files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size)
+                                                               for p in files]) for role, files in paths.items()]
+
+
+def all_inputs(model_inputs: list[InputRecord], recipe: Recipe, calib_packs: list, eval_packs: list) -> list[InputRecord]:
+    """Every input the manifest records, in its order: model, tokenizer, calibration, evaluation and task data."""
+    evaluated = recipe.evaluate.enabled
+    task = [data_input("task_data", Path(recipe.evaluate.multiple_choice))] if evaluated and recipe.evaluate.multiple_choice else []
+    return (model_inputs + data_inputs("calibration_data", calib_packs)
+            + (data_inputs("evaluation_data", eval_packs) if evaluated else []) + task)
+
+
 def run(section: ModelSection, progress=None, remembered: bool = True):
     """The load stage: resolve, check and describe the checkpoint before any model is loaded (the
     model itself loads in checkpoints.hf_model). Returns (folder, hf config, architecture, weight
