@@ -16,7 +16,11 @@ Made for the GPU host (see docs/performance.md for results and the exact command
      `export_tensorrt_llm_checkpoint` exactly as stages/export.py calls it; peak GPU from
      torch.cuda.max_memory_allocated, peak host RSS from the child's ru_maxrss (os.wait4);
    - trtconv: the real `trtconv calibrate --model M --precision P --device cuda -o OUT` (default
-     evaluation on), its per-stage wall_s / peak_rss_mib / peak_gpu_mib from the manifest;
+     evaluation on), its per-stage wall_s / peak_rss_mib / peak_gpu_mib from the manifest. The
+     failed-gate advice pass is off (`evaluate.sensitivity=false`): random weights always fail the
+     gate, and the advice is extra work a passing conversion never does;
+   - host memory both ways: peak RSS (counts the memory-mapped checkpoint's page-cache pages) and
+     peak anonymous RSS (RssAnon: the process's own memory), sampled every 50 ms;
 4. with --warm P, runs trtconv for P a second time (stage-cache hit) and compares with the cold run;
 5. prints one table per stage (load + quantize, export, whole) and writes WORK/bench.md and
    WORK/bench.json.
@@ -57,6 +61,30 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class AnonPeak:
+    """Peak RssAnon of this process, sampled every 50 ms on a thread (as trtconv's StageMeter does)."""
+
+    def __init__(self):
+        import threading
+
+        from trtconv.stages.base import _status_mib
+
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.05):
+                self.peak = max(self.peak, _status_mib("RssAnon") or 0.0)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" only to check the script itself on a machine without a GPU
 
 
@@ -90,6 +118,7 @@ def bare_child(model: Path, precision: str, kv_cache: str, out: Path) -> dict:
             for start in range(0, len(ids), CALIB["batch_size"]):
                 m(input_ids=ids[start:start + CALIB["batch_size"]].to(DEVICE), use_cache=False)
 
+    anon = AnonPeak()
     t0 = time.monotonic()
     m = AutoModelForCausalLM.from_pretrained(model, device_map=DEVICE, dtype=torch.bfloat16)
     m.eval()
@@ -104,7 +133,7 @@ def bare_child(model: Path, precision: str, kv_cache: str, out: Path) -> dict:
     t3 = time.monotonic()
     return {"load_s": t1 - t0, "quantize_s": t2 - t1, "export_s": t3 - t2,
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
-            "peak_rss_mib_self": _peak_rss_mib()}
+            "peak_rss_mib_self": _peak_rss_mib(), "peak_anon_mib": anon.stop()}
 
 
 def compile_child() -> dict:
@@ -155,7 +184,7 @@ def bench_trtconv(args, env, name: str, tag: str) -> dict:
            "--kv-cache", kv, "--device", DEVICE, "-o", str(out), "--force",
            # the same rows and batches as the bare side, whatever calibrate's defaults are
            "--num-samples", str(CALIB["num_samples"]), "--seq-len", str(CALIB["seq_len"]),
-           "--batch-size", str(CALIB["batch_size"]), "--seed", str(CALIB["seed"])]
+           "--batch-size", str(CALIB["batch_size"]), "--seed", str(CALIB["seed"]), "--set", "evaluate.sensitivity=false"]
     rc, wall, rss = run_child(cmd, env, log)
     stages = {}
     try:
@@ -220,14 +249,15 @@ def tables(results: dict, warm: dict) -> str:
     out.append("\n### whole (bare: load + quantize + export; trtconv: the whole `trtconv calibrate` process, "
                "default evaluation included)\n")
     out.append("| precision | bare s | bare process s | trtconv process s | ratio (to bare s) | trtconv evaluate s | "
-               "peak GPU GiB bare / trtconv | peak host RSS GiB bare / trtconv | trtconv status |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "peak GPU GiB bare / trtconv | peak host RSS GiB bare / trtconv | peak anonymous RSS GiB bare / trtconv | trtconv status |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         b, t = r["bare"], r["trtconv"]
         whole = b.get("load_s", 0) + b.get("quantize_s", 0) + b.get("export_s", 0) if "export_s" in b else None
         out.append(f"| {name} | {fmt(whole)} | {fmt(b.get('process_s'))} | {fmt(t['process_s'])} | {ratio(whole, t['process_s'])} | "
                    f"{fmt(stage_s(t, 'evaluate'))} | {gib(b.get('peak_gpu_mib'))} / {gib(trtconv_peak_gpu(t))} | "
-                   f"{gib(b.get('peak_rss_mib'))} / {gib(t['peak_rss_mib'])} | {t['status']} (rc {t['rc']}) |")
+                   f"{gib(b.get('peak_rss_mib'))} / {gib(t['peak_rss_mib'])} | {gib(b.get('peak_anon_mib'))} / "
+                   f"{gib(_max(s.get('details', {}).get('peak_rss_anon_mib') for s in t['stages'].values()))} | {t['status']} (rc {t['rc']}) |")
     if warm:
         out.append("\n### second run of an unchanged recipe (stage-cache hit)\n")
         out.append("| precision | cold trtconv process s | warm trtconv process s | warm / cold | same digest |")

@@ -17,30 +17,43 @@ from trtconv.core.environment import DeviceInfo
 from trtconv.core.ui import stage_phase
 
 
-def _rss_mib() -> float | None:
+def _status_mib(field: str = "VmRSS") -> float | None:
+    """A memory line of /proc/self/status in MiB (None off Linux). VmRSS counts the pages of
+    memory-mapped files too (a safetensors checkpoint read through mmap: page cache, shared and
+    reclaimable); RssAnon is the process's own memory, what it needs the host to have."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
 
 
+def _rss_mib() -> float | None:
+    return _status_mib("VmRSS")
+
+
 class StageMeter:
-    """Wall time, peak resident memory (sampled every 50 ms) and peak CUDA memory of one stage."""
+    """Wall time, peak resident memory and its anonymous part (sampled every 50 ms) and peak CUDA memory of one stage."""
 
     def __init__(self, name: str):
         self.name = name
         self.peak_rss = 0.0
+        self.peak_anon: float | None = None
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            rss = _rss_mib()
-            if rss is not None:
-                self.peak_rss = max(self.peak_rss, rss)
+            self._take()
+
+    def _take(self) -> None:
+        rss, anon = _rss_mib(), _status_mib("RssAnon")
+        if rss is not None:
+            self.peak_rss = max(self.peak_rss, rss)
+        if anon is not None:
+            self.peak_anon = max(self.peak_anon or 0.0, anon)
 
     def __enter__(self) -> StageMeter:
         import torch
@@ -49,6 +62,7 @@ class StageMeter:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.peak_rss = _rss_mib() or 0.0
+        self._take()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         self._phase = stage_phase(self.name)  # spinner / CI heartbeat, and a closing line with the time
@@ -63,7 +77,7 @@ class StageMeter:
         self.wall_s = time.monotonic() - self._t0
         self._stop.set()
         self._thread.join()
-        self.peak_rss = max(self.peak_rss, _rss_mib() or 0.0)
+        self._take()
         self.peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
 
     def record(self, status: str = "ok", **details) -> StageRecord:
@@ -73,7 +87,7 @@ class StageMeter:
             wall_s=round(self.wall_s, 3),
             peak_rss_mib=round(self.peak_rss, 1),
             peak_gpu_mib=round(self.peak_gpu, 1) if self.peak_gpu is not None else None,
-            details=details,
+            details={**details, **({"peak_rss_anon_mib": round(self.peak_anon, 1)} if self.peak_anon is not None else {})},
         )
 
 
