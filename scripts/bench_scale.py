@@ -270,7 +270,10 @@ def tables(results: dict, warm: dict) -> str:
     for name, r in list(results.items()) + [(f"{k} (warm)", {"trtconv": v}) for k, v in warm.items()]:
         t = r["trtconv"]
         parts = ", ".join(f"{n} {s['wall_s']:.1f}{' reused' if s['status'] == 'reused' else ''} "
-                          f"(GPU {gib(s.get('peak_gpu_mib'))}, RSS {gib(s.get('peak_rss_mib'))} GiB)" for n, s in t["stages"].items())
+                          f"(GPU {gib(s.get('peak_gpu_mib'))}, RSS {gib(s.get('peak_rss_mib'))}, anon "
+                          f"{gib(s.get('details', {}).get('peak_rss_anon_mib'))} GiB"
+                          + (f"; {s['details']['seconds']}" if s.get("details", {}).get("seconds") else "") + ")"
+                          for n, s in t["stages"].items())
         out.append(f"- {name}: {parts}")
     return "\n".join(out) + "\n"
 

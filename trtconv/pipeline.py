@@ -391,7 +391,7 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
         exported = export.run(model, tokenizer, model.config, arch, recipe.export, quantization, root)
         for r in exported.repairs:
             reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
-    stages.append(m.record(repairs=len(exported.repairs)))
+    stages.append(m.record(repairs=len(exported.repairs), seconds=exported.seconds))
     return exported, {"quant_config": calib.quant_config, "census": calib.census, "compute_dtype": dtype, **group.record(), "path": "in_memory"}, stages
 
 

@@ -54,6 +54,7 @@ class ExportResult:
     repairs: list[Repair] = field(default_factory=list)
     validation: dict = field(default_factory=dict)
     dependency_warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the stage's time went (stage record, not the manifest's export)
 
     @classmethod
     def from_record(cls, record: dict, root: Path) -> ExportResult:
@@ -155,7 +156,7 @@ def make_readable(folder: Path) -> None:
             p.chmod(0o644)
 
 
-def export_trtllm(model, hf_config, architecture: str, section: ExportSection, quant, out: Path, warns: list[str]):
+def export_trtllm(model, hf_config, architecture: str, section: ExportSection, quant, out: Path, warns: list[str], clock=None):
     import torch
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from modelopt.torch.export.model_utils import get_model_type
@@ -171,7 +172,12 @@ def export_trtllm(model, hf_config, architecture: str, section: ExportSection, q
             inference_tensor_parallel=section.tp_size,
             inference_pipeline_parallel=section.pp_size,
         )
-    return finish_trtllm_config(out, hf_config, architecture, quant)
+    if clock is not None:
+        clock.lap("modelopt_export")
+    repairs = finish_trtllm_config(out, hf_config, architecture, quant)
+    if clock is not None:
+        clock.lap("config_repair")
+    return repairs
 
 
 def finish_trtllm_config(out: Path, hf_config, architecture: str, quant: QuantizationSection) -> list[Repair]:
@@ -206,18 +212,39 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
 
     warns: list[str] = []
     tok_dir = root / TOKENIZER_DIR
+    clock = _Clock()
     tokenizer.save_pretrained(tok_dir)
-    result = ExportResult(checkpoint_dir=None, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, dependency_warnings=warns)
+    result = ExportResult(checkpoint_dir=None, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, dependency_warnings=warns,
+                          seconds=clock.lap("tokenizer"))
     if section.hf_checkpoint:
         result.hf_checkpoint_dir = root / HF_CHECKPOINT_DIR
         export_hf(model, tokenizer, section, quant, result.hf_checkpoint_dir, warns)
+        clock.lap("hf_checkpoint")
     if section.tensorrt_llm_checkpoint:
         result.checkpoint_dir = root / CHECKPOINT_DIR
-        result.repairs = export_trtllm(model, hf_config, architecture, section, quant, result.checkpoint_dir, warns)
+        result.repairs = export_trtllm(model, hf_config, architecture, section, quant, result.checkpoint_dir, warns, clock)
         report = validate_checkpoint(result.checkpoint_dir)
         raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
         result.validation = json.loads(json.dumps(raw, default=str))  # paths -> strings: it goes into JSON records
+        clock.lap("validation")
     return result
+
+
+class _Clock:
+    """Laps of the export stage (ModelOpt's own export against trtconv's additions), in one dict."""
+
+    def __init__(self):
+        import time
+
+        self._now = time.monotonic
+        self.t = self._now()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> dict[str, float]:
+        t = self._now()
+        self.seconds[name] = round(t - self.t, 3)
+        self.t = t
+        return self.seconds
 
 
 # ---------------------------------------------------------------------------------------------
