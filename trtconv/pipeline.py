@@ -415,7 +415,7 @@ def run_streamed(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_to
         exported, record, log = streamed.run(chosen, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
     dtype = compute_dtype(recipe.model.dtype, device)
     stage = m.record(status="ok", quantizers=record["census"], modelopt_output=log, path="streamed",
-                     repairs=len(exported.repairs), compute_dtype=dtype)
+                     repairs=len(exported.repairs), compute_dtype=dtype, seconds=exported.seconds)
     return exported, {**record, "compute_dtype": dtype, **group.record(), "path": "streamed"}, [stage]
 
 

@@ -54,7 +54,7 @@ class ExportResult:
     repairs: list[Repair] = field(default_factory=list)
     validation: dict = field(default_factory=dict)
     dependency_warnings: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)  # where the stage's time went (stage record, not the manifest's export)
+    seconds: dict = field(default_factory=dict)  # where the stage's time went (stage record, not the manifest's export)
 
     @classmethod
     def from_record(cls, record: dict, root: Path) -> ExportResult:

@@ -196,7 +196,10 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     from trtconv.checkpoints.trtllm_format import validate_checkpoint
     from trtconv.stages import calibrate, export
 
+    import time
+
     check_supported(recipe)
+    t0 = time.monotonic()
     q, ex = recipe.quantization, recipe.export
     # The same compute dtype as the in-memory path (float32 on a CPU), so both write the same bytes.
     dtype, export_dtype = torch_dtype(compute_dtype(recipe.model.dtype, device)), torch_dtype(ex.dtype)
@@ -229,10 +232,12 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
         (parts / f"rank{r}").mkdir(parents=True, exist_ok=True)
     census: dict = {"enabled": {}, "invalid_amax": []}
     layer_cfgs: dict = {}
+    seconds: dict = {"shell": round(time.monotonic() - t0, 3), "layers": []}  # what a larger model's time scales with
     tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
     try:
         with reporter.progress("calibration layers", total=n_layers) as advance:
             for i in range(n_layers):
+                t_layer = time.monotonic()
                 layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
                 with quiet_dependency(log):
                     streams = calibrate_layer(layer, i, cfg, streams)
@@ -251,7 +256,9 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
                 del layer, ranks
                 if device != "cpu":
                     torch.cuda.empty_cache()
+                seconds["layers"].append(round(time.monotonic() - t_layer, 3))
                 advance(1)
+        t_merge = time.monotonic()
         if cfg is not None:
             calibrate.check_census(census, q)
         for r in range(ex.tp_size):
@@ -263,6 +270,8 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(parts, ignore_errors=True)
+    seconds["merge"] = round(time.monotonic() - t_merge, 3)
+    t_finish = time.monotonic()
     tok_dir = root / export.TOKENIZER_DIR
     tokenizer.save_pretrained(tok_dir)
     repairs = export.finish_trtllm_config(checkpoint, hf_config, architecture, q)
@@ -270,6 +279,7 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
     result = export.ExportResult(checkpoint_dir=checkpoint, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, repairs=repairs,
                                  validation=json.loads(json.dumps(raw, default=str)), dependency_warnings=log)
+    result.seconds = {**seconds, "tokenizer_repair_validation": round(time.monotonic() - t_finish, 3)}
     record = {"quant_config": calibrate._jsonable(cfg) if cfg is not None else {}, "census": census}
     return result, record, log
 
