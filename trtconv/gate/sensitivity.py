@@ -8,8 +8,9 @@ every quantizer is switched off except one layer's, and the KL(original || quant
 on a few evaluation rows (SENSITIVITY_EVAL_ROWS, spread over the packs). Layers are ranked by that
 KL; the smallest set of the worst layers whose removal brings the estimated KL under the gate
 becomes the suggested `quantization.exclude`, and that suggestion is then measured for real (all
-other quantizers on). The cost is one small calibration plus one short forward per layer, and
-it is recorded; it runs only when a gate failed and `evaluate.sensitivity` is on.
+other quantizers on). The cost is one small calibration plus, per layer, a short forward from
+that layer on (LayerInputs: about half a forward on average), and it is recorded; it runs only
+when a gate failed and `evaluate.sensitivity` is on.
 
 Per-layer KLs add up only approximately (layers interact), which is why the suggestion is measured
 and why the report states both numbers. Precisions with more bits are named as the other way out.
@@ -86,7 +87,48 @@ def _set_quantizers(model, enabled) -> None:
 
 def _kl(model, rows: torch.Tensor, lengths: list[int], base_logp: torch.Tensor) -> float:
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=rows, use_cache=False).logits.float(), -1)
+        return _kl_of(model(input_ids=rows, use_cache=False).logits, lengths, base_logp)
+
+
+class LayerInputs:
+    """Every decoder layer's inputs on the sensitivity rows with all quantizers off, as the model
+    passes them (hidden states, and the mask and rotary tables, per layer: Qwen2 mixes full and
+    sliding-window layers). With only layer i's quantizers on, layers before i compute exactly what
+    they compute here, so layer i's KL can start at layer i: the pass runs N(N+1)/2 layer forwards
+    instead of N², with the same operations on the same tensors, hence the same KLs."""
+
+    def __init__(self, model, rows: torch.Tensor):
+        self.model = model
+        self.layers = list(model.get_decoder().layers)
+        self.calls: list[tuple[tuple, dict]] = []
+        handles = [layer.register_forward_pre_hook(self._keep, with_kwargs=True) for layer in self.layers]
+        try:
+            with torch.no_grad():
+                model(input_ids=rows, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(self.calls) != len(self.layers):
+            raise RuntimeError(f"sensitivity: captured {len(self.calls)} layer calls for {len(self.layers)} decoder layers")
+
+    def _keep(self, _mod, args, kwargs):
+        self.calls.append((args, dict(kwargs)))
+
+    def kl_from(self, start: int, lengths: list[int], base_logp: torch.Tensor) -> float:
+        """KL of the model run from decoder layer `start`'s captured input (its norm and lm_head as the model applies them)."""
+        args, kwargs = self.calls[start]
+        hidden = args[0]
+        with torch.no_grad():
+            for layer, (layer_args, layer_kwargs) in zip(self.layers[start:], self.calls[start:]):
+                out = layer(hidden, *layer_args[1:], **layer_kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+            decoder = self.model.get_decoder()
+            logits = self.model.get_output_embeddings()(decoder.norm(hidden))
+        return _kl_of(logits, lengths, base_logp)
+
+
+def _kl_of(logits: torch.Tensor, lengths: list[int], base_logp: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits.float(), -1)
     total, n = 0.0, 0
     for j, length in enumerate(lengths):
         b, c = base_logp[j, : length - 1], logp[j, : length - 1]
@@ -144,12 +186,15 @@ def run(model_dir, recipe, calib_tokens, eval_tokens, measured_kl: float, device
     enabled_at_start = _enabled_quantizers(model)
     full_kl = _kl(model, rows, lengths, base_logp)
     prefixes = layer_prefixes(model)
+    _set_quantizers(model, lambda n: False)
+    inputs = LayerInputs(model, rows)
     per_layer = []
     with reporter.progress("sensitivity: layers", total=len(prefixes)) as advance:
-        for prefix in prefixes:
+        for i, prefix in enumerate(prefixes):
             _set_quantizers(model, lambda n, p=prefix: n in enabled_at_start and n.startswith(p + "."))
-            per_layer.append((prefix, _kl(model, rows, lengths, base_logp)))
+            per_layer.append((prefix, inputs.kl_from(i, lengths, base_logp)))
             advance(1)
+    del inputs
     per_layer.sort(key=lambda x: -x[1])
     chosen, estimate = suggest(per_layer, full_kl, recipe.evaluate.gates.max_kl or measured_kl, measured_kl)
     kl_with = None
