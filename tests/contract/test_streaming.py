@@ -136,6 +136,7 @@ def test_cli_cap_streams_and_keeps_the_digest(cli, tmp_path):
         runs[name] = json.loads(res.stdout)
         runs[name]["manifest"] = json.loads((Path(runs[name]["artifact"]) / "manifest.json").read_text())
     assert runs["uncapped"]["manifest"]["calibration"]["path"] == "in_memory"
+    assert runs["uncapped"]["manifest"]["evaluation"]["path"] == "in_memory"  # on CPU evaluation follows calibration
     assert runs["capped"]["manifest"]["calibration"]["path"] == "streamed"
     assert runs["capped"]["manifest"]["evaluation"]["path"] == "streamed"
     assert runs["capped"]["artifact_digest"] == runs["uncapped"]["artifact_digest"]
