@@ -6,6 +6,11 @@ counts per stage (in-memory and layer-streamed), compares them with a GPU from a
 catalogue (or the detected GPU, or a `--max-gpu-memory` cap) and says what to change when
 something does not fit. `trtconv plan` prints it; `build` refuses a run whose chosen path cannot fit.
 
+Calibration and evaluation choose their paths separately. Evaluation streams when calibration does,
+and on a GPU also when evaluating in memory (the original plus the checkpoint) would need more than
+calibrating in memory: the streamed evaluator computes the same numbers, so evaluation need never
+be the stage that sets a conversion's peak. On a CPU evaluation follows calibration, as it always has.
+
 Every estimate is parameter arithmetic plus named allowances (the CUDA context, activation
 workspaces); docs/performance.md ("Models larger than the GPU") compares them with measured peaks.
 KV-cache bytes per token = layers x KV heads x head size x KV dtype bytes x 2 (K and V).
@@ -151,7 +156,8 @@ class MemoryPlan:
     export_bytes: int  # the exported checkpoint (all ranks)
     kv_bytes_per_token: int
     streaming: str  # "never" | "always" | "auto": what the recipe asks
-    streamed: bool  # what the build will do
+    streamed: bool  # what the build will do: calibration (and export) layer by layer
+    evaluate_streamed: bool = False  # evaluation layer by layer (see _choose_paths)
     max_seq_len: int = 0  # the serving limit the KV cache is sized for
     concurrent_full_sequences: int | None = None  # full-length sequences whose KV cache fits next to the weights
     checks: list[Check] = field(default_factory=list)
@@ -162,11 +168,20 @@ class MemoryPlan:
         return all(c.fits for c in self.checks if c.stage in self.relevant_stages())
 
     def relevant_stages(self) -> set[str]:
-        other = "(in memory)" if self.streamed else "(streamed)"
-        return {c.stage for c in self.checks if other not in c.stage}
+        """The checks of the paths that will run (the other path's checks are shown, not applied)."""
+        other = {f"{stage} ({'in memory' if streamed else 'streamed'})"
+                 for stage, streamed in (("calibrate", self.streamed), ("evaluate", self.evaluate_streamed))}
+        return {c.stage for c in self.checks if c.stage not in other}
+
+    @property
+    def evaluation_path(self) -> str:
+        if not any(c.stage.startswith("evaluate") for c in self.checks):
+            return "off"
+        return "streamed" if self.evaluate_streamed else "in memory"
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "checks"}
+        d["evaluation_path"] = self.evaluation_path
         d["checks"] = [c.to_dict() | {"applies": c.stage in self.relevant_stages()} for c in self.checks]
         d["fits"] = self.fits
         return d
@@ -191,9 +206,11 @@ def _activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
 
 
 def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus: int = 1,
-                host_bytes: int | None = None, disk_bytes: int | None = None, context_bytes: int = CUDA_CONTEXT) -> MemoryPlan:
-    """Every stage's peak GPU/host memory and disk, both calibration paths, and the serving memory.
-    `context_bytes`: the CUDA context allowance (0 when the "GPU" is a cap on a CPU run)."""
+                host_bytes: int | None = None, disk_bytes: int | None = None, context_bytes: int = CUDA_CONTEXT,
+                on_gpu: bool = True) -> MemoryPlan:
+    """Every stage's peak GPU/host memory and disk, both paths of calibration and of evaluation, and
+    the serving memory. `context_bytes`: the CUDA context allowance (0 when the "GPU" is a cap on a
+    CPU run); `on_gpu`: whether the stages compute on a CUDA device (False: a CPU run)."""
     shape = Shape.from_config(hf_cfg)
     q, ex = recipe.quantization, recipe.export
     load_b = DTYPE_BYTES[recipe.model.dtype]
@@ -205,15 +222,34 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
                       streaming=streaming, streamed=streaming == "always")
     _calibration_checks(plan, shape, recipe, context_bytes, host_bytes)
     if recipe.evaluate.enabled:
-        _evaluation_checks(plan, shape, recipe.evaluate, context_bytes)
+        _evaluation_checks(plan, shape, recipe, context_bytes, on_gpu)
     copies = 2 if streaming == "never" else 3  # artifact + stage cache (+ the streamed path's part files)
     plan.checks.append(Check("export", "disk", plan.export_bytes * copies, disk_bytes, "artifact + stage cache (+ layer parts)"))
     _serving_checks(plan, shape, recipe, gpu_memory_bytes, gpus)
-    if streaming == "auto":
-        # Any in-memory stage (calibration, or evaluation's two float32 copies) that does not fit: stream both.
-        plan.streamed = not all(c.fits for c in plan.checks if "(in memory)" in c.stage and c.where == "gpu")
+    _choose_paths(plan, recipe, on_gpu)
     _advise(plan, shape, recipe)
     return plan
+
+
+def evaluation_streams_alone(recipe) -> bool:
+    """Whether evaluation can stream while calibration runs in memory: the streamed evaluator reads a
+    TensorRT-LLM checkpoint (not the unified HF one) and builds the original from transformers'
+    own classes (not a model's remote code)."""
+    judged_trtllm = recipe.engine.target != "pytorch" and recipe.export.tensorrt_llm_checkpoint
+    return bool(judged_trtllm and not recipe.model.trust_remote_code)
+
+
+def _choose_paths(plan: MemoryPlan, recipe, on_gpu: bool) -> None:
+    """calibration.streaming auto: stream calibration when an in-memory stage does not fit (on a GPU,
+    where evaluation can stream on its own, calibration's own check decides). Evaluation streams with
+    calibration, and on a GPU also when in memory it would need more than calibrating in memory."""
+    alone = on_gpu and evaluation_streams_alone(recipe)
+    in_memory = {c.stage: c for c in plan.checks if c.where == "gpu" and "(in memory)" in c.stage}
+    if plan.streaming == "auto":
+        plan.streamed = not all(c.fits for stage, c in in_memory.items() if not (alone and stage.startswith("evaluate")))
+    calibrate, evaluate = in_memory["calibrate (in memory)"], in_memory.get("evaluate (in memory)")
+    sets_peak = evaluate is not None and evaluate.need_bytes > calibrate.need_bytes
+    plan.evaluate_streamed = plan.streamed or (alone and sets_peak)
 
 
 def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: int, host_bytes: int | None) -> None:
@@ -243,16 +279,31 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
               "the shell's export, a layer read/quantized/exported"))
 
 
-def _evaluation_checks(plan: MemoryPlan, shape: Shape, ev, context_bytes: int) -> None:
-    """Float32 original and candidate: both whole in memory; streamed, one layer of each plus every hidden state."""
+def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: int, on_gpu: bool) -> None:
+    """What each evaluation path holds (stages/evaluate.py, stages/evaluate_streamed.py).
+
+    The original is in `baseline_dtype`: the load dtype on a GPU, float32 on a CPU. The checkpoint is
+    what trtconv's reference executor holds: on a GPU linear weights as stored (each dequantized to
+    float32 when used) and the rest in float32; on a CPU everything in float32. In memory both are
+    whole; streamed, both models' embeddings/lm_head, two layers of each (the one computing and the
+    next, being read) and every document's hidden states of both.
+    """
+    ev, ex = recipe.evaluate, recipe.export
+    base_b = DTYPE_BYTES[recipe.model.dtype] if on_gpu else 4
+    linear_b = (LINEAR_BYTES[recipe.quantization.precision] or DTYPE_BYTES[ex.dtype]) if on_gpu else 4
+    cand_layer = int(shape.layer_linear_params() * linear_b) + shape.layer_other_params() * 4
+    dequantized = 2 * shape.hidden * shape.intermediate * 4 if on_gpu else 0  # the widest linear, dequantized and cast
     tokens = ev.batch_size * ev.seq_len
     per_batch = 2 * tokens * shape.vocab * 4 + _activation_bytes(shape, tokens, 4)  # both models' logits + a layer's temporaries
-    gpu = plan.gpu_memory_bytes
-    plan.checks.append(Check("evaluate (in memory)", "gpu", context_bytes + 2 * shape.params() * 4 + per_batch, gpu,
-                             "original + candidate in float32"))
-    hidden = 2 * ev.num_samples * ev.seq_len * shape.hidden * 4
-    plan.checks.append(Check("evaluate (streamed)", "gpu", context_bytes + 2 * (shape.layer_params() + shape.outer_params()) * 4
-                             + hidden + per_batch, gpu, "a layer of each + hidden states"))
+    fixed = context_bytes + dequantized + per_batch
+    gpu, outer = plan.gpu_memory_bytes, shape.outer_params()
+    whole = shape.params() * base_b + shape.layers * cand_layer + outer * 4
+    plan.checks.append(Check("evaluate (in memory)", "gpu", fixed + whole, gpu,
+                             f"original ({'load dtype' if on_gpu else 'float32'}) + checkpoint as the executor holds it"))
+    hidden = ev.num_samples * ev.seq_len * shape.hidden * (base_b + 4)
+    layers = 2 * (shape.layer_params() * base_b + cand_layer)
+    plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + outer * (base_b + 4) + layers + hidden, gpu,
+                             "two layers of each + embeddings/lm_head + hidden states"))
 
 
 def _serving_checks(plan: MemoryPlan, shape: Shape, recipe, gpu: int, gpus: int) -> None:
@@ -301,13 +352,14 @@ def _advise(plan: MemoryPlan, shape: Shape, recipe) -> None:
             plan.advice.append(f"calibration: even one layer + the activation cache ({streamed.need_bytes / GIB:.1f} GiB) "
                                f"does not fit {gpu_gib:.1f} GiB; lower calibration.num_samples or seq_len, or use a larger GPU")
     ev = by.get(("evaluate (in memory)", "gpu"))
-    if ev is not None and not ev.fits and plan.streaming == "never":
-        plan.advice.append("evaluation: two float32 copies do not fit; set calibration.streaming: auto to evaluate layer by layer")
+    if ev is not None and not ev.fits and not plan.evaluate_streamed:
+        plan.advice.append("evaluation: the original and the checkpoint do not fit together; set calibration.streaming: auto "
+                           "to evaluate layer by layer")
     ev_streamed = by.get(("evaluate (streamed)", "gpu"))
     if ev_streamed is not None and not ev_streamed.fits:
-        plan.advice.append(f"evaluation: even layer by layer it needs {ev_streamed.need_bytes / GIB:.1f} GiB (float32 layers, both "
-                           "models' embeddings/lm_head, every document's hidden states); lower evaluate.num_samples or seq_len, "
-                           "or set evaluate.enabled: false here and run `trtconv check` on a larger GPU")
+        plan.advice.append(f"evaluation: even layer by layer it needs {ev_streamed.need_bytes / GIB:.1f} GiB (two layers of each "
+                           "model, both models' embeddings/lm_head, every document's hidden states); lower evaluate.num_samples "
+                           "or seq_len, or set evaluate.enabled: false here and run `trtconv check` on a larger GPU")
     serve = by[("serve (per GPU)", "gpu")]
     if not serve.fits:
         tp = _min_tp(plan, shape, recipe, plan.gpu_memory_bytes)
@@ -362,8 +414,22 @@ def describe(plan: MemoryPlan) -> list[str]:
              f"{plan.load_bytes / GIB:.1f} GiB at the load dtype; exported checkpoint {plan.export_bytes / GIB:.1f} GiB; "
              f"KV cache {plan.kv_bytes_per_token / 1024:.0f} KiB per token",
              f"GPU {plan.gpu}: {plan.gpu_memory_bytes / GIB:.1f} GiB x {plan.gpus}; calibration path: {path} "
-             f"(calibration.streaming: {plan.streaming})"]
+             f"(calibration.streaming: {plan.streaming})",
+             f"evaluation path: {plan.evaluation_path}{evaluation_reason(plan)}"]
     return lines
+
+
+def evaluation_reason(plan: MemoryPlan) -> str:
+    by = {c.stage: c for c in plan.checks if c.where == "gpu"}
+    ev, cal = by.get("evaluate (in memory)"), by["calibrate (in memory)"]
+    if ev is None:
+        return " (evaluate.enabled: false)"
+    if plan.streamed:
+        return " (with calibration)"
+    if plan.evaluate_streamed:
+        return (f" (in memory it would need {ev.need_bytes / GIB:.1f} GiB, more than calibrating in memory, "
+                f"{cal.need_bytes / GIB:.1f} GiB)")
+    return ""
 
 
 def host_available_bytes() -> int | None:
@@ -379,7 +445,8 @@ def host_available_bytes() -> int | None:
 
 def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, layer_bytes: int | None = None) -> MemoryPlan:
     """The plan `build` runs first: against the GPU in use (or the cap), or on CPU against the cap or
-    the host's available memory. Refuses (UserError, exit 2) a run whose chosen path cannot fit."""
+    the host's available memory. Refuses (UserError, exit 2) a run whose chosen paths (calibration's,
+    evaluation's) cannot fit."""
     if device.kind == "cuda":
         total = int(device.memory_gib * GIB)
         mem = total if max_gpu_memory_gib is None else min(total, int(max_gpu_memory_gib * GIB))
@@ -388,29 +455,35 @@ def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | Non
         avail = host_available_bytes()
         mem = int(max_gpu_memory_gib * GIB) if max_gpu_memory_gib is not None else (avail or 2**62)
         name = "cpu" if max_gpu_memory_gib is None else "cpu (--max-gpu-memory cap)"
-    plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if device.kind == "cuda" else 1),
-                       context_bytes=CUDA_CONTEXT if device.kind == "cuda" else 0)
+    on_gpu = device.kind == "cuda"
+    plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if on_gpu else 1),
+                       context_bytes=CUDA_CONTEXT if on_gpu else 0, on_gpu=on_gpu)
     cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else f"{name} ({mem / GIB:.1f} GiB)"
-    by = {(c.stage, c.where): c for c in plan.checks}
+    by = {c.stage: c for c in plan.checks if c.where == "gpu"}
     if plan.streamed:
-        need = by[("calibrate (streamed)", "gpu")]
+        need = by["calibrate (streamed)"]
         one_layer = layer_bytes if layer_bytes is not None else plan.layer_bytes
         if not need.fits:
             raise UserError(
                 f"{cap} is less than layer-streamed calibration needs: one decoder layer is {one_layer / GIB:.2f} GiB "
                 f"({recipe.model.dtype}), {need.need_bytes / GIB:.2f} GiB with the activation cache and workspace; "
                 "raise the cap, or lower calibration.num_samples / seq_len / batch_size")
-        ev = by.get(("evaluate (streamed)", "gpu"))
+    else:
+        _refuse_in_memory(by["calibrate (in memory)"], cap)
+    if plan.evaluate_streamed:
+        ev = by.get("evaluate (streamed)")
         if ev is not None and not ev.fits:
             raise UserError(
-                f"{cap} is less than layer-streamed evaluation needs ({ev.need_bytes / GIB:.2f} GiB: one float32 layer of the "
+                f"{cap} is less than layer-streamed evaluation needs ({ev.need_bytes / GIB:.2f} GiB: two layers of the "
                 "original and of the checkpoint, both models' embeddings and lm_head, the hidden states of every document); "
                 "raise the cap, lower evaluate.num_samples / seq_len, or set evaluate.enabled: false and run `trtconv check` elsewhere")
-    else:
-        for stage in ("calibrate (in memory)", "evaluate (in memory)"):
-            need = by.get((stage, "gpu"))
-            if need is not None and not need.fits:
-                raise UserError(
-                    f"{stage.split()[0]} in memory needs {need.need_bytes / GIB:.1f} GiB and {cap} has less; "
-                    "set calibration.streaming: auto (or always) to work one layer at a time (see `trtconv plan`)")
+    elif "evaluate (in memory)" in by:
+        _refuse_in_memory(by["evaluate (in memory)"], cap)
     return plan
+
+
+def _refuse_in_memory(need: Check, cap: str) -> None:
+    if not need.fits:
+        raise UserError(
+            f"{need.stage.split()[0]} in memory needs {need.need_bytes / GIB:.1f} GiB and {cap} has less; "
+            "set calibration.streaming: auto (or always) to work one layer at a time (see `trtconv plan`)")

@@ -229,7 +229,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             eval_key = evaluate_stage.evaluate_key(recipe, export_key, samples.packs_sha256(eval_packs), device,
                                           engine_files=[(f.path, f.sha256) for f in engine_files])
             outcome_eval, eval_meter = evaluate_stage.run(recipe, model_dir, eval_tokens, eval_key, cache, writer, torch_device,
-                                                          reporter, engine_record=engine_record, streamed=memory.streamed)
+                                                          reporter, engine_record=engine_record, streamed=memory.evaluate_streamed)
             stages.append(eval_meter)
         metrics = outcome_eval.summary if outcome_eval else {}
         gates = outcome_eval.gates if outcome_eval else []
@@ -322,7 +322,7 @@ def cap_gpu_memory(device, cap_gib: float | None) -> None:
 
 
 def memory_plan(recipe: Recipe, hf_cfg: dict, device, cap_gib: float | None, model_dir: Path, reporter: Reporter):
-    """The memory plan `trtconv plan` prints, against this device: which calibration path runs, or a refusal."""
+    """The memory plan `trtconv plan` prints, against this device: which calibration and evaluation paths run, or a refusal."""
     from trtconv.checkpoints.hf_layers import WeightIndex
     from trtconv.memory_plan import plan_for_build
 
@@ -335,6 +335,10 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, cap_gib: float | None, mod
         reporter.stage("load", f"memory plan: layer-streamed calibration (calibration.streaming: {recipe.calibration.streaming}; "
                        f"whole model {plan.load_bytes / 2**30:.1f} GiB, one layer {plan.layer_bytes / 2**30:.2f} GiB, "
                        f"{plan.gpu_memory_bytes / 2**30:.1f} GiB available)")
+    elif plan.evaluate_streamed:
+        from trtconv.memory_plan import evaluation_reason
+
+        reporter.stage("load", f"memory plan: calibration in memory, evaluation layer-streamed{evaluation_reason(plan)}")
     return plan
 
 

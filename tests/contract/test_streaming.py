@@ -136,7 +136,37 @@ def test_cli_cap_streams_and_keeps_the_digest(cli, tmp_path):
         runs[name] = json.loads(res.stdout)
         runs[name]["manifest"] = json.loads((Path(runs[name]["artifact"]) / "manifest.json").read_text())
     assert runs["uncapped"]["manifest"]["calibration"]["path"] == "in_memory"
+    assert runs["uncapped"]["manifest"]["evaluation"]["path"] == "in_memory"  # on CPU evaluation follows calibration
     assert runs["capped"]["manifest"]["calibration"]["path"] == "streamed"
     assert runs["capped"]["manifest"]["evaluation"]["path"] == "streamed"
     assert runs["capped"]["artifact_digest"] == runs["uncapped"]["artifact_digest"]
     assert runs["capped"]["metrics"] == runs["uncapped"]["metrics"]
+
+
+@pytest.mark.slow
+def test_streamed_baseline_in_bf16_equals_the_whole_model(tmp_path, tiny_llama):
+    """On a GPU both evaluation paths run the original in the load dtype (baseline_dtype): layer by
+    layer it gives the whole model's logits bit for bit. Checked on CPU in bfloat16, the GPU's dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.exports import export_trtllm, token_batches
+    from trtconv.checkpoints.hf_model import load_hf_model
+    from trtconv.stages.evaluate_streamed import LayerStreamedPair
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    ckpt = export_trtllm(model, tmp_path / "ckpt")
+    vocab = model.config.vocab_size
+    batches = token_batches(vocab, count=2, batch=2, length=24)
+    pair = LayerStreamedPair(tiny_llama, ckpt, "cpu", vocab, torch.bfloat16)
+    record, _ = pair.recorders()
+    for ids in batches:
+        record(ids)
+    pair.compute()
+    replay, _ = pair.replayers()
+    whole = load_hf_model(tiny_llama, "bfloat16", False, "cpu")
+    with torch.no_grad():
+        for ids in batches:
+            streamed, expected = replay(ids), whole(input_ids=ids, use_cache=False).logits
+            assert streamed.dtype == expected.dtype == torch.bfloat16
+            assert torch.equal(streamed, expected)

@@ -53,8 +53,66 @@ def test_70b_fp8_fits_one_h200_not_one_h100(cli, tmp_path):
 
 def test_streaming_never_on_a_model_larger_than_the_gpu_advises_streaming(cli, tmp_path):
     recipe = _recipe(tmp_path, LLAMA3_70B, "fp8")
-    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb", "--set", "calibration.streaming=never")
+    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb", "--set", "calibration.streaming=never")
     assert code != 0 and any("calibration.streaming: auto" in a for a in plan["advice"])
+    # On an H200 the bf16 model (131 GiB) fits for calibration; evaluation, which in memory would
+    # add the checkpoint, streams on its own, so `never` (for calibration) fits.
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb", "--set", "calibration.streaming=never")
+    assert code == 0 and not plan["streamed"] and plan["evaluate_streamed"] and plan["evaluation_path"] == "streamed"
+
+
+LLAMA3_8B = {**LLAMA3_70B, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32}
+
+
+def _build_plan(tmp_path: Path, device, config: dict = LLAMA3_8B, cap_gib: float | None = None, **model):
+    from trtconv.memory_plan import plan_for_build
+    from trtconv.recipe.schema import recipe_from_dict
+
+    recipe = recipe_from_dict({"name": "plan", "model": {"path": str(tmp_path), "dtype": "bfloat16", **model},
+                               "quantization": {"precision": "fp8"}}).resolved()
+    return plan_for_build(recipe, config, device, cap_gib)
+
+
+H200 = {"kind": "cuda", "name": "NVIDIA H200", "sm": "9.0", "count": 1, "memory_gib": 139.8}
+
+
+def test_8b_on_a_gpu_calibrates_in_memory_and_evaluates_layer_by_layer(tmp_path):
+    """In memory, evaluation (bf16 original + the checkpoint) would set the peak: it streams; calibration does not."""
+    from trtconv.core.environment import DeviceInfo
+
+    plan = _build_plan(tmp_path, DeviceInfo(**H200))
+    by = {c.stage: c for c in plan.checks if c.where == "gpu"}
+    assert by["evaluate (in memory)"].need_bytes > by["calibrate (in memory)"].need_bytes
+    assert not plan.streamed and plan.evaluate_streamed and plan.fits
+    assert by["evaluate (streamed)"].need_bytes < by["calibrate (in memory)"].need_bytes  # evaluation no longer sets the peak
+    assert plan.relevant_stages() >= {"calibrate (in memory)", "evaluate (streamed)"}
+    assert not plan.relevant_stages() & {"calibrate (streamed)", "evaluate (in memory)"}
+
+
+def test_8b_on_a_cpu_keeps_both_in_memory(tmp_path):
+    """On a CPU evaluation follows calibration, as before (the default recipe's CPU artifact is unchanged)."""
+    from trtconv.core.environment import DeviceInfo
+
+    plan = _build_plan(tmp_path, DeviceInfo(kind="cpu", name="cpu"), cap_gib=200)
+    assert not plan.streamed and not plan.evaluate_streamed and plan.evaluation_path == "in memory"
+
+
+def test_remote_code_models_evaluate_in_memory_on_a_gpu(tmp_path):
+    """The streamed evaluator builds the original from transformers' own classes, never a model's code."""
+    from trtconv.core.environment import DeviceInfo
+
+    plan = _build_plan(tmp_path, DeviceInfo(**H200), trust_remote_code=True)
+    assert not plan.streamed and not plan.evaluate_streamed
+
+
+def test_plan_prints_the_evaluation_path(cli, tmp_path):
+    recipe = _recipe(tmp_path, LLAMA3_8B, "fp8")
+    res = cli("plan", recipe, "--gpu", "h200-141gb")
+    assert res.exit_code == 0, res.stderr
+    assert "calibration path: in memory" in res.stdout
+    assert "evaluation path: streamed (in memory it would need" in res.stdout
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb", "--set", "evaluate.enabled=false")
+    assert code == 0 and plan["evaluation_path"] == "off"
 
 
 def test_unknown_gpu_names_the_catalogue(cli, tmp_path):

@@ -92,6 +92,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
         **tokens.manifest_record(),
         "candidate": kind,
         "baseline": f"original HF checkpoint (transformers, {dtype})",
+        "path": "in_memory",
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
         "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in worst_layers],
     }
@@ -105,12 +106,13 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 
 def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
                       weight_errors: bool = True) -> EvalOutcome:
-    """evaluate_checkpoint with one decoder layer of each model in memory (stages/evaluate_streamed.py)."""
+    """evaluate_checkpoint with at most two decoder layers of each model in memory (stages/evaluate_streamed.py)."""
+    from trtconv.checkpoints.hf_model import read_hf_config, torch_dtype
     from trtconv.gate import stats as evaluate
     from trtconv.stages.evaluate_streamed import LayerStreamedPair, run_scorers
-    from trtconv.checkpoints.hf_model import read_hf_config
 
-    pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"])
+    dtype = baseline_dtype(device, recipe.model.dtype)  # as in memory: the same baseline numerics per layer
+    pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"], torch_dtype(dtype))
 
     def scorer(baseline_logits, candidate):
         stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, lambda n=1: None)
@@ -125,7 +127,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     record = {
         **tokens.manifest_record(),
         "candidate": "TensorRT-LLM checkpoint via trtconv's reference executor (float32)",
-        "baseline": "original HF checkpoint (transformers, float32)",
+        "baseline": f"original HF checkpoint (transformers, {dtype})",
         "path": "streamed",
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
         "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in sorted(errors, key=lambda x: -x[1])[:5]],
@@ -284,11 +286,11 @@ def _verified_path(rec: InputRecord, artifact: Path) -> Path:
 
 
 def _streamed_here(recipe: Recipe, model_dir: Path, device: DeviceInfo) -> bool:
-    """The memory plan on this device: evaluate layer by layer when the two models do not fit."""
+    """The memory plan on this device: evaluate layer by layer where the build would (memory_plan._choose_paths)."""
     from trtconv.memory_plan import plan_for_build
     from trtconv.checkpoints.hf_model import read_hf_config
 
-    return plan_for_build(recipe, read_hf_config(model_dir), device, None).streamed
+    return plan_for_build(recipe, read_hf_config(model_dir), device, None).evaluate_streamed
 
 
 def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Path | None = None):

@@ -1,19 +1,24 @@
 """Layer-streamed evaluation: the original model and the exported checkpoint side by side, one layer at a time.
 
-The in-memory gate holds two float32 copies of the model (for 70B, 560 GB). Here only one decoder
-layer of each model is in memory at a time; the hidden states of every evaluation batch, for both
-models, are what is kept. The scorers (per-document statistics, the multiple-choice task) stay
-exactly as they are: they run twice, first against recorders that note which batches they ask for
-(returning placeholder logits), then, after both models have been run over all noted batches
-layer by layer, against replayers that return the real logits in the same order. Every operation
-is the one the in-memory path runs, in the same order on the same shapes, so the statistics and
-the verdicts are the same (tests/test_streaming.py compares them).
+The in-memory gate holds the whole original and the whole checkpoint (for 70B in bf16 with an fp8
+checkpoint, over 200 GB). Here at most two decoder layers of each model are in memory: the one
+computing and the next, read from the memory-mapped safetensors on a worker thread meanwhile (so
+reading overlaps computing; one worker, and the order of the operations is unchanged). The hidden
+states of every evaluation batch, for both models, are what is kept. The original computes in the
+in-memory path's `baseline_dtype` (float32 on a CPU, the load dtype on a GPU). The scorers
+(per-document statistics, the multiple-choice task) stay exactly as they are: they run twice,
+first against recorders that note which batches they ask for (returning placeholder logits), then,
+after both models have been run over all noted batches layer by layer, against replayers that
+return the real logits in the same order. Every operation is the one the in-memory path runs, in
+the same order on the same shapes, so the statistics and the verdicts are the same
+(tests/contract/test_streaming.py compares them).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,8 +26,10 @@ import torch
 class LayerStreamedPair:
     """Both models' logits for a fixed set of batches, computed one decoder layer at a time."""
 
-    def __init__(self, model_dir: Path, checkpoint_dir: Path, device: str, vocab: int):
+    def __init__(self, model_dir: Path, checkpoint_dir: Path, device: str, vocab: int,
+                 baseline_dtype: torch.dtype = torch.float32):
         self.model_dir, self.checkpoint_dir, self.device, self.vocab = Path(model_dir), Path(checkpoint_dir), device, vocab
+        self.baseline_dtype = baseline_dtype  # the original's dtype: stages/evaluate.py baseline_dtype, as in memory
         self.batches: list[torch.Tensor] = []  # distinct batches asked for, in first-asked order
         self.calls: dict[str, list[int]] = {"baseline": [], "candidate": []}  # batch index of each call, per model
         self.errors: list[tuple[str, float]] = []
@@ -70,7 +77,7 @@ class LayerStreamedPair:
         from trtconv.checkpoints.hf_layers import build_shell, capture_layer0_inputs, load_layer
 
         index = WeightIndex(self.model_dir)
-        shell, layer_cls, _full = build_shell(self.model_dir, index, torch.float32, self.device)
+        shell, layer_cls, _full = build_shell(self.model_dir, index, self.baseline_dtype, self.device)
         loader = _Loader(self.checkpoint_dir, read_config(self.checkpoint_dir), torch.device(self.device), torch.float32)
         cand = loader.model(with_layers=False)
         batches = [b.to(self.device) for b in self.batches]
@@ -78,17 +85,23 @@ class LayerStreamedPair:
         hidden_b = [a[0] for a, _ in base]
         hidden_c = [cand.embedding[ids] for ids in batches]
         rope = [cand.rope_tables(ids.shape[1]) for ids in batches]
-        for i, (pp, local) in enumerate(loader.layer_positions()):
-            original = load_layer(layer_cls, shell.config, index, i, torch.float32, self.device)
-            quantized = loader.layer(pp, local)
-            for k, (args, kwargs) in enumerate(base):
-                out = original(hidden_b[k], *args[1:], **kwargs)
-                hidden_b[k] = out[0] if isinstance(out, (tuple, list)) else out
-                hidden_c[k] = cand.layer_forward(quantized, hidden_c[k], *rope[k])
-            if weight_errors:
-                self.errors += layer_weight_errors(i, quantized, original, cand.shape)
-            del original, quantized
-            advance(1)
+        positions = loader.layer_positions()
+
+        @torch.no_grad()
+        def load(i: int):  # on the worker thread: reads and places layer i of both models
+            pp, local = positions[i]
+            return load_layer(layer_cls, shell.config, index, i, self.baseline_dtype, self.device), loader.layer(pp, local)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtconv-eval-prefetch") as pool:
+            for i, (original, quantized) in enumerate(prefetched(pool, load, len(positions))):
+                for k, (args, kwargs) in enumerate(base):
+                    out = original(hidden_b[k], *args[1:], **kwargs)
+                    hidden_b[k] = out[0] if isinstance(out, (tuple, list)) else out
+                    hidden_c[k] = cand.layer_forward(quantized, hidden_c[k], *rope[k])
+                if weight_errors:
+                    self.errors += layer_weight_errors(i, quantized, original, cand.shape)
+                del original, quantized  # before layer i + 2 is read: two layers of each at most
+                advance(1)
         self.baseline_hidden = [shell.model.norm(h) for h in hidden_b]
         self.baseline_head = lambda h: shell.lm_head(h)
         self.candidate_hidden = [cand.final_hidden(h) for h in hidden_c]
@@ -98,6 +111,18 @@ class LayerStreamedPair:
         from trtconv.checkpoints.trtllm_format import read_config
 
         return int(read_config(self.checkpoint_dir)["num_hidden_layers"])
+
+
+def prefetched(pool: ThreadPoolExecutor, load: Callable[[int], object], count: int) -> Iterator:
+    """load(0), ..., load(count - 1) in order; load(i + 1) runs on `pool` while the caller uses load(i).
+    The caller drops item i before asking for the next: at most two are alive, the one in use and the
+    one loading."""
+    pending = pool.submit(load, 0) if count else None
+    for i in range(count):
+        current = pending.result()  # a failed load raises here, in the caller's thread
+        pending = pool.submit(load, i + 1) if i + 1 < count else None
+        yield current
+        del current
 
 
 def run_scorers(pair: LayerStreamedPair, scorer: Callable, reporter, weight_errors: bool = True):
