@@ -285,8 +285,9 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
     The original is in `baseline_dtype`: the load dtype on a GPU, float32 on a CPU. The checkpoint is
     what trtconv's reference executor holds: on a GPU linear weights as stored (each dequantized to
     float32 when used) and the rest in float32; on a CPU everything in float32. In memory both are
-    whole; streamed, both models' embeddings/lm_head, two layers of each (the one computing and the
-    next, being read) and every document's hidden states of both.
+    whole; streamed, two layers of each (the one computing and the next, being read) and every
+    document's hidden states of both, with both models' embeddings/lm_head (on a GPU they wait on
+    the host during the layer loop: then two layers, or the two lm_heads, whichever is larger).
     """
     ev, ex = recipe.evaluate, recipe.export
     base_b = DTYPE_BYTES[recipe.model.dtype] if on_gpu else 4
@@ -302,8 +303,13 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
                              f"original ({'load dtype' if on_gpu else 'float32'}) + checkpoint as the executor holds it"))
     hidden = ev.num_samples * ev.seq_len * shape.hidden * (base_b + 4)
     layers = 2 * (shape.layer_params() * base_b + cand_layer)
-    plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + outer * (base_b + 4) + layers + hidden, gpu,
-                             "two layers of each + embeddings/lm_head + hidden states"))
+    if on_gpu:  # the vocabulary matrices wait on the host during the layer loop; then only the two lm_heads return
+        heads = shape.vocab * shape.hidden * (base_b + 4)
+        plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + hidden + max(layers, heads), gpu,
+                                 "two layers of each, then both lm_heads (embeddings parked) + hidden states"))
+    else:
+        plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + outer * (base_b + 4) + layers + hidden, gpu,
+                                 "two layers of each + embeddings/lm_head + hidden states"))
 
 
 def _serving_checks(plan: MemoryPlan, shape: Shape, recipe, gpu: int, gpus: int) -> None:

@@ -91,9 +91,17 @@ def test_streamed_equals_in_memory_llama_ref(tmp_path, llama_ref):
 
 
 @pytest.mark.slow
-def test_streamed_evaluation_equals_in_memory(tmp_path, llama_ref):
-    """Same per-document statistics, task scores, weight errors and gate verdicts, one layer at a time."""
+@pytest.mark.parametrize("parked", [False, True])
+def test_streamed_evaluation_equals_in_memory(tmp_path, llama_ref, monkeypatch, parked):
+    """Same per-document statistics, task scores, weight errors and gate verdicts, one layer at a time
+    (parked: with the vocabulary matrices parked during the layer loop, as on a GPU)."""
     import numpy as np
+
+    from trtconv.stages import evaluate_streamed
+
+    if parked:
+        park = evaluate_streamed.park_vocab_matrices
+        monkeypatch.setattr(evaluate_streamed, "park_vocab_matrices", lambda shell, cand, device: park(shell, cand, device, force=True))
 
     from trtconv.checkpoints.hf_model import load_tokenizer
     from trtconv.data.packs import builtin_pack

@@ -4,7 +4,8 @@ The in-memory gate holds the whole original and the whole checkpoint (for 70B in
 checkpoint, over 200 GB). Here at most two decoder layers of each model are in memory: the one
 computing and the next, read from the memory-mapped safetensors on a worker thread meanwhile (so
 reading overlaps computing; one worker, and the order of the operations is unchanged). The hidden
-states of every evaluation batch, for both models, are what is kept. The original computes in the
+states of every evaluation batch, for both models, are what is kept (on a GPU the vocabulary
+matrices wait in host memory during the layer loop: park_vocab_matrices). The original computes in the
 in-memory path's `baseline_dtype` (float32 on a CPU, the load dtype on a GPU). The scorers
 (per-document statistics, the multiple-choice task) stay exactly as they are: they run twice,
 first against recorders that note which batches they ask for (returning placeholder logits), then,
@@ -86,6 +87,7 @@ class LayerStreamedPair:
         hidden_c = [cand.embedding[ids] for ids in batches]
         rope = [cand.rope_tables(ids.shape[1]) for ids in batches]
         positions = loader.layer_positions()
+        parked = park_vocab_matrices(shell, cand, self.device)
 
         @torch.no_grad()
         def load(i: int):  # on the worker thread: reads and places layer i of both models
@@ -102,6 +104,7 @@ class LayerStreamedPair:
                     self.errors += layer_weight_errors(i, quantized, original, cand.shape)
                 del original, quantized  # before layer i + 2 is read: two layers of each at most
                 advance(1)
+        parked.restore()
         self.baseline_hidden = [shell.model.norm(h) for h in hidden_b]
         self.baseline_head = lambda h: shell.lm_head(h)
         self.candidate_hidden = [cand.final_hidden(h) for h in hidden_c]
@@ -111,6 +114,32 @@ class LayerStreamedPair:
         from trtconv.checkpoints.trtllm_format import read_config
 
         return int(read_config(self.checkpoint_dir)["num_hidden_layers"])
+
+
+class park_vocab_matrices:
+    """On a GPU, the layer loop needs no vocabulary matrix: both embeddings are dropped once the
+    first hidden states exist, and both lm_heads wait in host memory until the logits are wanted.
+    For a 70B model they are 13 GiB (bf16 original, float32 checkpoint): more than everything else
+    the loop holds. Moving a tensor is exact, so the logits do not change. On a CPU nothing moves."""
+
+    def __init__(self, shell, cand, device: str, force: bool = False):
+        self.shell, self.cand, self.device = shell, cand, device
+        self.active = force or device != "cpu"  # force: a CPU test that nothing later needs the embeddings
+        if not self.active:
+            return
+        tied = shell.lm_head.weight is shell.model.embed_tokens.weight
+        if not tied:
+            shell.model.embed_tokens.to("meta")
+        shell.lm_head.to("cpu")
+        cand.embedding = None
+        cand.lm_head = cand.lm_head.to("cpu")
+        torch.cuda.empty_cache()
+
+    def restore(self) -> None:
+        if not self.active:
+            return
+        self.shell.lm_head.to(self.device)
+        self.cand.lm_head = self.cand.lm_head.to(self.device)
 
 
 def prefetched(pool: ThreadPoolExecutor, load: Callable[[int], object], count: int) -> Iterator:
