@@ -173,6 +173,7 @@ def bench_bare(args, env, name: str) -> dict:
     subprocess.run(["rm", "-rf", str(out)], check=True)
     log = args.work / f"bare-{name}.log"
     rc, wall, rss = run_child([sys.executable, __file__, "_bare", str(args.model), precision, kv, str(out)], env, log)
+    subprocess.run(["rm", "-rf", str(out)], check=True)  # 5-16 GB each: the host's disk holds a few at most
     return {"rc": rc, "process_s": wall, "peak_rss_mib": rss, **child_result(log)}
 
 
@@ -341,6 +342,9 @@ def main_parent(args) -> None:
         if name in args.warm:
             warm[name] = bench_trtconv(args, env, name, "warm")
             print(f"{name} trtconv warm: process {warm[name]['process_s']:.1f} s", flush=True)
+        # The artifact and its cache entries (hard links of the same 5-16 GB) are not needed any more;
+        # the hash table and the compiled extension stay.
+        subprocess.run(["rm", "-rf", str(args.work / f"trtconv-{name}"), str(Path(env["TRTCONV_CACHE"]) / "stages")], check=True)
         write(args.work, report, results, warm)  # after each precision: a run cut short still reports
     print(write(args.work, report, results, warm))
 

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Layer-streamed conversion under a GPU memory cap, on the GPU host (docs/performance.md,
-# "Models larger than the GPU"). Run from a copy of the repo with .whl beside it:
+# "Models larger than the GPU"). Run from the repo root with .whl carried:
 #   bash scripts/gpu_streaming.sh 8b     # llama3-8b-shaped: fp8 and int4_awq, uncapped vs --max-gpu-memory 8
-#   bash scripts/gpu_streaming.sh 70b    # llama3-70b-shaped cut to 8 layers, fp8 under --max-gpu-memory 16
+#   bash scripts/gpu_streaming.sh 70b    # llama3-70b-shaped cut to 8 layers under --max-gpu-memory 16: fp8 (evaluation on), int4_awq
 # Writes one JSON line per run (digest, stage times, peaks, the plan's prediction) to $OUT/runs.jsonl.
 set -uo pipefail
 WHAT=${1:-8b}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WHL=${WHL:-$ROOT/../.whl}
+WHL=${WHL:-$ROOT/.whl}
+export PYTHONPATH=/tmp/site:$ROOT HF_HUB_OFFLINE=1 TRTCONV_NO_CACHE=1 NUM_SAMPLES=${NUM_SAMPLES:-32}
 if ! python3 -c "import modelopt" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/*.whl
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$WHL"/*.tar.gz
 fi
-export PYTHONPATH=/tmp/site:$ROOT HF_HUB_OFFLINE=1 TRTCONV_NO_CACHE=1 NUM_SAMPLES=${NUM_SAMPLES:-32}
+export TRTCONV_CACHE=${TRTCONV_CACHE:-/tmp/bench/trtconv-cache}  # where gpu_bench.sh compiled ModelOpt's extension
 cd "$ROOT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 
@@ -23,8 +24,10 @@ run() {  # run NAME MODEL RECIPE-ARGS...
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "/tmp/smi_$name.txt" &
   local smi=$!
   local t0=$(date +%s.%N)
+  local evaluation=(--set evaluate.enabled=false)
+  [ "${EVAL:-0}" = 1 ] && evaluation=(--set evaluate.sensitivity=false)  # random weights fail the gate: no advice pass
   timeout ${RUN_TIMEOUT:-240} python3 -m trtconv calibrate --model "$model" --device cuda --no-cache -q --json -o "$art" \
-      --set evaluate.enabled=false --num-samples ${NUM_SAMPLES:-32} "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+      "${evaluation[@]}" --num-samples ${NUM_SAMPLES:-32} "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
   local rc=$? t1=$(date +%s.%N)
   kill $smi; wait $smi 2>/dev/null
   python3 - "$name" "$art" "$rc" "$t0" "$t1" "/tmp/smi_$name.txt" "$model" "$@" >> "$OUT/runs.jsonl" <<'PY'
@@ -50,10 +53,11 @@ cap = float(args[args.index("--max-gpu-memory") + 1]) if "--max-gpu-memory" in a
 import os
 r = recipe_from_dict({"name": "p", "model": {"path": model}, "quantization": {"precision": prec},
                       "calibration": {"num_samples": int(os.environ.get("NUM_SAMPLES", 32)), "batch_size": 4},
-                      "evaluate": {"enabled": False}}).resolved()
+                      "evaluate": {"enabled": os.environ.get("EVAL") == "1", "sensitivity": False}}).resolved()
 total = torch.cuda.get_device_properties(0).total_memory
 plan = plan_memory(r, cfg, int(cap * GIB) if cap else total, "cuda")
-rec["plan"] = {"streamed": plan.streamed, **{f"{c.stage}|{c.where}": round(c.need_bytes / GIB, 2) for c in plan.checks}}
+rec["plan"] = {"streamed": plan.streamed, "evaluate_streamed": plan.evaluate_streamed,
+               **{f"{c.stage}|{c.where}": round(c.need_bytes / GIB, 2) for c in plan.checks}}
 print(json.dumps(rec))
 PY
   tail -c 600 "$OUT/$name.err"; tail -1 "$OUT/runs.jsonl"
@@ -67,8 +71,10 @@ if [ "$WHAT" = 8b ]; then
   run awq_cap8 /tmp/m8 --precision int4_awq --max-gpu-memory 8
   run awq_full /tmp/m8 --precision int4_awq
 else
-  python3 scripts/shaped_model.py llama3-70b /tmp/m70 --layers 8 2>&1 | tail -1
-  run l70x8_fp8_cap16 /tmp/m70 --precision fp8 --max-gpu-memory 16
+  # 70B shapes cut to 8 layers, the default 64 calibration rows; fp8 with the default (streamed) evaluation.
+  export NUM_SAMPLES=64
+  [ -f /tmp/m70/config.json ] || python3 scripts/shaped_model.py llama3-70b /tmp/m70 --layers 8 2>&1 | tail -1
+  EVAL=1 run l70x8_fp8_cap16 /tmp/m70 --precision fp8 --max-gpu-memory 16
   run l70x8_awq_cap16 /tmp/m70 --precision int4_awq --max-gpu-memory 16
 fi
 df -h /tmp | tail -1 >> "$OUT/gpu.txt"
