@@ -110,7 +110,8 @@ def bare_child(model: Path, precision: str, kv_cache: str, out: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     rows = samples.calibration_rows(builtin_pack("calib"), tokenizer, CALIB["num_samples"], CALIB["seq_len"], CALIB["seed"]).rows
-    cfg = build_quant_config(QuantizationSection(precision=precision, kv_cache=kv_cache))
+    group = {"awq_group_size": 128} if "awq" in precision else {}  # what trtconv chooses for Llama-3-8B's shapes
+    cfg = build_quant_config(QuantizationSection(precision=precision, kv_cache=kv_cache, **group))
     ids = torch.tensor(rows, dtype=torch.long)
 
     def forward_loop(m):
@@ -335,6 +336,11 @@ def main_parent(args) -> None:
     for name in args.precisions:
         bare = {"skipped": True} if name in args.no_bare else bench_bare(args, env, name)
         print(f"{name} bare: {json.dumps(bare)}", flush=True)
+        if name in args.bare_only:
+            results[name] = {"bare": bare, "trtconv": {"rc": None, "process_s": None, "peak_rss_mib": None, "stages": {},
+                                                       "status": "not run (--bare-only)", "digest": None}}
+            write(args.work, report, results, warm)
+            continue
         trt = bench_trtconv(args, env, name, "cold")
         print(f"{name} trtconv: process {trt['process_s']:.1f} s rc {trt['rc']} "
               + ", ".join(f"{n} {s['wall_s']:.1f}s" for n, s in trt["stages"].items()), flush=True)
@@ -373,11 +379,13 @@ def main() -> None:
     ap.add_argument("--warm", default="fp8", help="Comma list of precisions to run a second time (cache hit); '' for none.")
     ap.add_argument("--keep-extensions", action="store_true", help="Do not empty TORCH_EXTENSIONS_DIR before the cold compile.")
     ap.add_argument("--no-bare", default="", help="Comma list of precisions to run trtconv only (bare measured in an earlier run).")
+    ap.add_argument("--bare-only", default="", help="Comma list of precisions to run bare ModelOpt only (trtconv measured in an earlier run).")
     ap.add_argument("--skip-warm-compile", action="store_true", help="Time only the cold compile (it must run before the precisions anyway).")
     args = ap.parse_args()
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.warm = [p for p in args.warm.split(",") if p]
     args.no_bare = [p for p in args.no_bare.split(",") if p]
+    args.bare_only = [p for p in args.bare_only.split(",") if p]
     bad = [p for p in args.precisions + args.warm if p not in PRECISIONS]
     if bad:
         ap.error(f"unknown precision {bad[0]!r}; allowed: {', '.join(PRECISIONS)}")

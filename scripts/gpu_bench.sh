@@ -13,7 +13,7 @@ if ! python3 -c "import modelopt" 2>/dev/null; then
 fi
 KEEP=(); [ -n "$(ls -A "$WORK"/trtconv-cache/torch-extensions 2>/dev/null)" ] && KEEP=(--keep-extensions)
 timeout "${BENCH_TIMEOUT:-540}" python3 scripts/bench_scale.py --work "$WORK" --precisions "$PRECISIONS" --warm "$WARM" \
-  --skip-warm-compile "${KEEP[@]}"
+  --skip-warm-compile "${KEEP[@]}" ${BARE_ONLY:+--bare-only "$BARE_ONLY"}
 echo "bench exit $?"
 cp "$WORK"/bench.md "$WORK"/bench.json "$WORK"/*.log "$OUT"/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"

@@ -26,7 +26,7 @@ run() {  # run NAME MODEL RECIPE-ARGS...
   local t0=$(date +%s.%N)
   local evaluation=(--set evaluate.enabled=false)
   [ "${EVAL:-0}" = 1 ] && evaluation=(--set evaluate.sensitivity=false)  # random weights fail the gate: no advice pass
-  timeout ${RUN_TIMEOUT:-240} python3 -m trtconv calibrate --model "$model" --device cuda --no-cache -q --json -o "$art" \
+  timeout ${RUN_TIMEOUT:-240} python3 -m trtconv calibrate --model "$model" --device cuda --no-cache -o "$art" \
       "${evaluation[@]}" --num-samples ${NUM_SAMPLES:-32} "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
   local rc=$? t1=$(date +%s.%N)
   kill $smi; wait $smi 2>/dev/null
@@ -60,7 +60,7 @@ rec["plan"] = {"streamed": plan.streamed, "evaluate_streamed": plan.evaluate_str
                **{f"{c.stage}|{c.where}": round(c.need_bytes / GIB, 2) for c in plan.checks}}
 print(json.dumps(rec))
 PY
-  tail -c 600 "$OUT/$name.err"; tail -1 "$OUT/runs.jsonl"
+  grep -ahE "^\[ *[0-9.]+s\] |where the time|^  [a-z]+ +[0-9.]+ s" "$OUT/$name.err" "$OUT/$name.json" | tail -14; tail -c 600 "$OUT/$name.err"; tail -1 "$OUT/runs.jsonl"
   rm -rf "$art"
 }
 

@@ -303,10 +303,11 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
                              f"original ({'load dtype' if on_gpu else 'float32'}) + checkpoint as the executor holds it"))
     hidden = ev.num_samples * ev.seq_len * shape.hidden * (base_b + 4)
     layers = 2 * (shape.layer_params() * base_b + cand_layer)
-    if on_gpu:  # the vocabulary matrices wait on the host during the layer loop; then only the two lm_heads return
+    if on_gpu:  # one model's vocabulary matrices at a time, none during the layer loop, then both lm_heads
         heads = shape.vocab * shape.hidden * (base_b + 4)
-        plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + hidden + max(layers, heads), gpu,
-                                 "two layers of each, then both lm_heads (embeddings parked) + hidden states"))
+        candidate_outer = outer * 4  # the checkpoint's embedding and lm_head (float32) while its first states are made
+        plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + hidden + max(layers, heads, candidate_outer), gpu,
+                                 "two layers of each, or one model's vocabulary matrices (the others parked) + hidden states"))
     else:
         plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + outer * (base_b + 4) + layers + hidden, gpu,
                                  "two layers of each + embeddings/lm_head + hidden states"))

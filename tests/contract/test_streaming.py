@@ -101,7 +101,7 @@ def test_streamed_evaluation_equals_in_memory(tmp_path, llama_ref, monkeypatch, 
 
     if parked:
         park = evaluate_streamed.park_vocab_matrices
-        monkeypatch.setattr(evaluate_streamed, "park_vocab_matrices", lambda shell, cand, device: park(shell, cand, device, force=True))
+        monkeypatch.setattr(evaluate_streamed, "park_vocab_matrices", lambda device: park(device, force=True))
 
     from trtconv.checkpoints.hf_model import load_tokenizer
     from trtconv.data.packs import builtin_pack

@@ -78,16 +78,19 @@ class LayerStreamedPair:
         from trtconv.checkpoints.hf_layers import build_shell, capture_layer0_inputs, load_layer
 
         index = WeightIndex(self.model_dir)
-        shell, layer_cls, _full = build_shell(self.model_dir, index, self.baseline_dtype, self.device)
-        loader = _Loader(self.checkpoint_dir, read_config(self.checkpoint_dir), torch.device(self.device), torch.float32)
-        cand = loader.model(with_layers=False)
         batches = [b.to(self.device) for b in self.batches]
+        # One model's vocabulary matrices at a time: the original's are parked before the checkpoint's load.
+        shell, layer_cls, _full = build_shell(self.model_dir, index, self.baseline_dtype, self.device)
         base = capture_layer0_inputs(shell, batches)  # [(args, kwargs)] per batch
         hidden_b = [a[0] for a, _ in base]
+        parked = park_vocab_matrices(self.device)
+        parked.original(shell)
+        loader = _Loader(self.checkpoint_dir, read_config(self.checkpoint_dir), torch.device(self.device), torch.float32)
+        cand = loader.model(with_layers=False)
         hidden_c = [cand.embedding[ids] for ids in batches]
         rope = [cand.rope_tables(ids.shape[1]) for ids in batches]
         positions = loader.layer_positions()
-        parked = park_vocab_matrices(shell, cand, self.device)
+        parked.candidate(cand)
 
         @torch.no_grad()
         def load(i: int):  # on the worker thread: reads and places layer i of both models
@@ -117,29 +120,40 @@ class LayerStreamedPair:
 
 
 class park_vocab_matrices:
-    """On a GPU, the layer loop needs no vocabulary matrix: both embeddings are dropped once the
-    first hidden states exist, and both lm_heads wait in host memory until the logits are wanted.
+    """On a GPU, the layer loop needs no vocabulary matrix: each model's embedding is dropped once its
+    first hidden states exist, and its lm_head waits in host memory until the logits are wanted.
     For a 70B model they are 13 GiB (bf16 original, float32 checkpoint): more than everything else
-    the loop holds. Moving a tensor is exact, so the logits do not change. On a CPU nothing moves."""
+    the loop holds, so the original's are parked before the checkpoint's are read. Moving a tensor
+    is exact, so the logits do not change. On a CPU nothing moves."""
 
-    def __init__(self, shell, cand, device: str, force: bool = False):
-        self.shell, self.cand, self.device = shell, cand, device
+    def __init__(self, device: str, force: bool = False):
+        self.device = device
         self.active = force or device != "cpu"  # force: a CPU test that nothing later needs the embeddings
-        if not self.active:
-            return
-        tied = shell.lm_head.weight is shell.model.embed_tokens.weight
-        if not tied:
-            shell.model.embed_tokens.to("meta")
-        shell.lm_head.to("cpu")
-        cand.embedding = None
-        cand.lm_head = cand.lm_head.to("cpu")
-        torch.cuda.empty_cache()
+        self.shell = self.cand = None
+
+    def original(self, shell) -> None:
+        self.shell = shell
+        if self.active:
+            if shell.lm_head.weight is not shell.model.embed_tokens.weight:  # tied: the head is the embedding
+                shell.model.embed_tokens.to("meta")
+            shell.lm_head.to("cpu")
+            self._release()
+
+    def candidate(self, cand) -> None:
+        self.cand = cand
+        if self.active:
+            cand.embedding = None
+            cand.lm_head = cand.lm_head.to("cpu")
+            self._release()
+
+    def _release(self) -> None:
+        if self.device != "cpu":
+            torch.cuda.empty_cache()
 
     def restore(self) -> None:
-        if not self.active:
-            return
-        self.shell.lm_head.to(self.device)
-        self.cand.lm_head = self.cand.lm_head.to(self.device)
+        if self.active:
+            self.shell.lm_head.to(self.device)
+            self.cand.lm_head = self.cand.lm_head.to(self.device)
 
 
 def prefetched(pool: ThreadPoolExecutor, load: Callable[[int], object], count: int) -> Iterator:
