@@ -128,7 +128,6 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     from trtconv.stages import export, load
     from trtconv.core.ui import silence_library_progress_bars
 
-    silence_library_progress_bars()
     use_torch_extensions_cache()
     device = detect_device(opts.device)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
@@ -145,6 +144,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             manifest = runs.restore(cache, run_key, writer.tmp, opts.command, started, reporter)
             if manifest is not None:
                 return _finish(manifest, writer, opts, reporter)
+    silence_library_progress_bars()  # imports transformers: after the whole-run check, which needs none of it
 
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")

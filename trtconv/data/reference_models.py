@@ -128,11 +128,11 @@ def default_cache_dir() -> Path:
 
 
 def package_versions() -> dict[str, str]:
-    import tokenizers
-    import torch
-    import transformers
+    """From the installed distributions' metadata (the same strings as the modules' __version__):
+    finding a trained model must not import transformers (seconds), or a whole-run cache hit would."""
+    from importlib.metadata import version
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return {name: version(name) for name in ("torch", "transformers", "tokenizers")}
 
 
 def training_code_sha256() -> str:
