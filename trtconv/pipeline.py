@@ -166,9 +166,9 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             preloaded = load_hf_model(model_dir, compute_dtype(recipe.model.dtype, torch_device), recipe.model.trust_remote_code,
                                        torch_device)
             if recipe.quantization.precision != "none" or recipe.quantization.kv_cache != "none":
-                from trtconv.stages.calibrate import import_modelopt
+                from trtconv.core.imports import import_modelopt
 
-                import_modelopt()  # its ~6 s import, also under the hashing (same thread: no import races)
+                import_modelopt()  # its ~6 s import, also under the hashing
         # First-time hashes never hold the run up: without them no cache entry can be found anyway
         # (only one whose files were merely touched since, which is then rebuilt), so the expensive
         # unit starts at once and the keys are made when the hashes are in, before anything is stored.

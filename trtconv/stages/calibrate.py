@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from trtconv.core.imports import import_modelopt
 from trtconv.core.errors import DataError, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import QuantizationSection
@@ -35,23 +36,11 @@ class CalibrationResult:
     dependency_output: list[str] = field(default_factory=list)  # what ModelOpt printed/warned
 
 
-def import_modelopt():
-    """Import ModelOpt's torch API, with the one missing dependency it does not declare named."""
-    try:
-        import modelopt.torch.quantization as mtq
-    except ModuleNotFoundError as exc:
-        raise UserError(
-            f"nvidia-modelopt cannot be imported ({exc}); install trtconv's dependencies "
-            "(pip install trtconv) — note nvidia-modelopt 0.47 also needs `requests`"
-        ) from None
-    return mtq
-
-
 def build_quant_config(section: QuantizationSection) -> dict:
     """The ModelOpt config for the recipe: preset + group size + exclusions + KV cache (later entries win)."""
+    mtq = import_modelopt()  # first: see trtconv.core.imports
     from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES, QUANT_CFG_CHOICES
 
-    mtq = import_modelopt()
     precision = PRECISIONS[section.precision]
     cfg = copy.deepcopy(QUANT_CFG_CHOICES[precision.modelopt_preset])
     entries = cfg["quant_cfg"]

@@ -158,6 +158,10 @@ def make_readable(folder: Path) -> None:
 
 def export_trtllm(model, hf_config, architecture: str, section: ExportSection, quant, out: Path, warns: list[str], clock=None):
     import torch
+
+    from trtconv.core.imports import import_modelopt
+
+    import_modelopt()  # first, on its own thread: see trtconv.core.imports
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from modelopt.torch.export.model_utils import get_model_type
 
@@ -197,6 +201,9 @@ def export_hf(model, tokenizer, section: ExportSection, quant: QuantizationSecti
     if quant.precision == "none" and quant.kv_cache == "none":
         model.save_pretrained(out)
     else:
+        from trtconv.core.imports import import_modelopt
+
+        import_modelopt()  # first, on its own thread: see trtconv.core.imports
         from modelopt.torch.export import export_hf_checkpoint
 
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[section.dtype]

@@ -198,7 +198,10 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
 
     import time
 
+    from trtconv.core.imports import import_modelopt
+
     check_supported(recipe)
+    import_modelopt()  # first, on its own thread: see trtconv.core.imports
     t0 = time.monotonic()
     q, ex = recipe.quantization, recipe.export
     # The same compute dtype as the in-memory path (float32 on a CPU), so both write the same bytes.
