@@ -64,6 +64,24 @@ def test_json_user_error_is_a_json_object_on_stdout(cli, tmp_path):
     assert r.exit_code == 2 and json.loads(r.stdout)["exit_code"] == 2
 
 
+def test_json_usage_errors_from_typer_are_json_too():
+    """A value Typer itself refuses (before any trtconv code runs) still gives the JSON object under --json."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for args, needle in ((["build", "default", "--device", "tpu"], "'tpu' is not one of"), (["version"], "No such option: --json")):
+        r = subprocess.run([sys.executable, "-m", "trtconv", *args, "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        out = json.loads(r.stdout)
+        assert out["exit_code"] == 2 and needle in out["error"], out
+        assert "Traceback" not in r.stderr and needle in r.stderr  # the message is on stderr as well
+    r = subprocess.run([sys.executable, "-m", "trtconv", "build", "default", "--device", "tpu"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""  # without --json: Typer's own output, unchanged
+
+
 def test_plain_output_is_never_wrapped_and_tables_become_lines(capsys):
     from trtconv.core.ui import Reporter
 

@@ -10,6 +10,9 @@ print one message, never a traceback (with --json also a JSON object on stdout).
 
 from __future__ import annotations
 
+import json
+import sys
+
 import typer
 import yaml
 
@@ -78,7 +81,27 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """The console entry point. Under --json, Typer's own usage errors (an unknown option, a value that
+    is not allowed) also print the {"error", "exit_code"} object every other error prints, so a CI job
+    parsing stdout gets one for every failure; without --json, Typer's output is left as it is."""
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    try:
+        result = app(standalone_mode=False)
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    except typer.TyperException as exc:  # Typer's (vendored click's) usage errors
+        code = getattr(exc, "exit_code", 2)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            print(f"Error: {message}", file=sys.stderr)
+        print(json.dumps({"error": message, "exit_code": code}))
+        sys.exit(code)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":
