@@ -219,7 +219,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         if opts.repro_check:
             reproducibility = repro_check(recipe, model_dir, arch, tokenizer, calib_tokens, writer, torch_device, reporter)
 
-        engine_record, engine_meter = engine_stage.run(recipe, exported, writer.tmp, opts.require_engine, reporter)
+        engine_record, engine_meter = engine_stage.run(recipe, writer.tmp, opts.require_engine, reporter)
         stages.append(engine_meter)
 
         outcome_eval = None

@@ -260,3 +260,12 @@ def test_sliding_window_rows_convert_it_and_the_others_refuse_it():
             with pytest.raises(ModelError, match=rf"sliding_window 16 with {arch.hf_name}: .*allowed"):
                 check_attention_window(cfg, arch.hf_name, "config.json", ModelError)
         assert check_attention_window({"sliding_window": None}, arch.hf_name, "config.json", ModelError) is None
+
+
+def test_every_engine_target_has_a_backend_row():
+    """The data table (recipe choices) and the behaviour table (what runs) name the same targets."""
+    from trtconv.engine.backends import BACKENDS
+    from trtconv.engine.targets import ENGINE_TARGETS
+
+    assert list(BACKENDS) == list(ENGINE_TARGETS)
+    assert all(b.name == name for name, b in BACKENDS.items())

@@ -44,7 +44,7 @@ from trtconv.engine.plan import parse_version
 from trtconv.engine.stamp import check_engine_compatible, read_engine_stamp
 from trtconv.engine.pytorch import OPTIONS_FILE
 from trtconv.engine.record import NOT_INSTALLED_REASON, TrtllmInstall, probe_tensorrt_llm
-from trtconv.artifact.layout import ENGINE_DIR, HF_CHECKPOINT_DIR
+from trtconv.artifact.layout import ENGINE_DIR
 from trtconv.engine.targets import ENGINE_TARGETS
 from trtconv.core.environment import DeviceInfo, detect_device
 from trtconv.core.errors import UserError
@@ -120,9 +120,9 @@ def engine_candidate(
     why = _why_not_on_this_host(engine_dir, device, install)
     if why:
         return unavailable(why)
-    if target == "tensorrt":
-        return _tensorrt_candidate(engine_dir, Path(tokenizer_dir), vocab, seq_len)
-    return _pytorch_candidate(engine_dir, artifact_root / HF_CHECKPOINT_DIR, vocab, seq_len, install)
+    from trtconv.engine.backends import BACKENDS
+
+    return BACKENDS[target].candidate(engine_dir, artifact_root, Path(tokenizer_dir), vocab, seq_len, install)
 
 
 def _why_not_ready(engine_record: dict[str, Any], engine_dir: Path) -> str | None:
@@ -151,7 +151,7 @@ def _why_not_on_this_host(engine_dir: Path, device: DeviceInfo, install: TrtllmI
     return None
 
 
-def _tensorrt_candidate(engine_dir: Path, tokenizer_dir: Path, vocab: int, seq_len: int | None) -> EngineLogits:
+def tensorrt_candidate(engine_dir: Path, tokenizer_dir: Path, vocab: int, seq_len: int | None) -> EngineLogits:
     build = _engine_build_config(engine_dir)
     if build.get("gather_context_logits") is not True:
         return unavailable(
@@ -179,7 +179,7 @@ def _tensorrt_candidate(engine_dir: Path, tokenizer_dir: Path, vocab: int, seq_l
     return EngineLogits(_logits_fn(llm, SamplingParams, vocab), description, None, llm)
 
 
-def _pytorch_candidate(engine_dir: Path, hf_dir: Path, vocab: int, seq_len: int | None, install: TrtllmInstall) -> EngineLogits:
+def pytorch_candidate(engine_dir: Path, hf_dir: Path, vocab: int, seq_len: int | None, install: TrtllmInstall) -> EngineLogits:
     if install.version is None or parse_version(install.version)[:2] < PYTORCH_CONTEXT_LOGITS_MIN:
         return unavailable(f"TensorRT-LLM {install.version}: the PyTorch backend returns context logits from 1.1 on")
     options_path = engine_dir / OPTIONS_FILE

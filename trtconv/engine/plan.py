@@ -118,10 +118,10 @@ def check_engine_plan(
     _check_parallelism(tp_size, pp_size, num_kv_heads)
     warnings += _check_version(section.target, trtllm_version)
     warnings += _check_option_availability(section, trtllm_version)
-    if section.target == "tensorrt":
-        warnings += check_tensorrt_options(section.tensorrt, quant_algo=quant_algo, kv_cache_quant_algo=kv_cache_quant_algo, device=device)
-    else:
-        warnings += check_pytorch_options(section.pytorch, quant_algo=quant_algo, kv_cache_quant_algo=kv_cache_quant_algo, device=device)
+    from trtconv.engine.backends import BACKENDS
+
+    warnings += BACKENDS[section.target].check_options(section, quant_algo=quant_algo, kv_cache_quant_algo=kv_cache_quant_algo,
+                                                       device=device)
     if device is not None and device.kind == "cuda" and device.count and device.count < tp_size * pp_size:
         warnings.append(
             f"tp_size x pp_size = {tp_size * pp_size} GPUs are needed to RUN this engine; {device.count} visible here "
@@ -189,22 +189,32 @@ def _check_parallelism(tp_size: int, pp_size: int, num_kv_heads: int) -> None:
 
 
 def _check_version(target: str, trtllm_version: str | None) -> list[str]:
+    from trtconv.engine.backends import BACKENDS
+
     if trtllm_version is None:
         return [f"TensorRT-LLM is not installed here: the {target} target will be recorded, not built (not_built)"]
     major, minor, _, is_pre = parse_version(trtllm_version)
-    if target == "tensorrt":
-        if (major, minor) < TENSORRT_TARGET_MIN:
-            raise UserError(
-                f"engine.target=tensorrt needs TensorRT-LLM 1.0-1.2; {trtllm_version} is installed. 0.x builds with other flags and "
-                "defaults (e.g. use_paged_context_fmha and use_fp8_context_fmha were off). Install tensorrt-llm>=1.0,<1.3"
-            )
-        if (major, minor) > TENSORRT_TARGET_MAX_MINOR:
-            raise UserError(
-                f"engine.target=tensorrt needs TensorRT-LLM 1.0-1.2; {trtllm_version} is installed. After 1.2 the TensorRT engine "
-                "backend is deprecated (1.3.0rc) and then removed (trtllm-build, LLM(backend='tensorrt')). Use engine.target: pytorch "
-                "(TensorRT-LLM's PyTorch backend loads the unified HF checkpoint), or install tensorrt-llm>=1.0,<1.3"
-            )
-        return [f"TensorRT-LLM {trtllm_version} is a pre-release"] if is_pre else []
+    return BACKENDS[target].check_version(major, minor, is_pre, trtllm_version)
+
+
+def tensorrt_version_rule(major: int, minor: int, is_pre: bool, trtllm_version: str) -> list[str]:
+    """engine.target tensorrt: TensorRT-LLM 1.0-1.2 (the TensorRT engine backend's releases)."""
+    if (major, minor) < TENSORRT_TARGET_MIN:
+        raise UserError(
+            f"engine.target=tensorrt needs TensorRT-LLM 1.0-1.2; {trtllm_version} is installed. 0.x builds with other flags and "
+            "defaults (e.g. use_paged_context_fmha and use_fp8_context_fmha were off). Install tensorrt-llm>=1.0,<1.3"
+        )
+    if (major, minor) > TENSORRT_TARGET_MAX_MINOR:
+        raise UserError(
+            f"engine.target=tensorrt needs TensorRT-LLM 1.0-1.2; {trtllm_version} is installed. After 1.2 the TensorRT engine "
+            "backend is deprecated (1.3.0rc) and then removed (trtllm-build, LLM(backend='tensorrt')). Use engine.target: pytorch "
+            "(TensorRT-LLM's PyTorch backend loads the unified HF checkpoint), or install tensorrt-llm>=1.0,<1.3"
+        )
+    return [f"TensorRT-LLM {trtllm_version} is a pre-release"] if is_pre else []
+
+
+def pytorch_version_rule(major: int, minor: int, is_pre: bool, trtllm_version: str) -> list[str]:
+    """engine.target pytorch: TensorRT-LLM 1.0 or later (tensorrt_llm.LLM is the PyTorch backend from 1.0)."""
     if (major, minor) < PYTORCH_TARGET_MIN:
         raise UserError(
             f"engine.target=pytorch needs TensorRT-LLM 1.0 or later (the PyTorch backend became tensorrt_llm.LLM in 1.0); "

@@ -93,12 +93,10 @@ def rebuild_engine_for_artifact(
     tp_size, pp_size = _export_parallelism(recipe)
     engine_dir = out_dir / ENGINE_DIR
     source_dir = out_dir / ENGINE_TARGETS[chosen].source_dir
-    if chosen == "tensorrt":
-        require_checkpoint_files(source_dir, tp_size=tp_size, pp_size=pp_size)
-        return build_tensorrt_engine(source_dir, engine_dir, section.tensorrt, require=require, device=device, install=install)
-    return prepare_pytorch_target(
-        source_dir, engine_dir, section.pytorch, tp_size=tp_size, pp_size=pp_size, require=require, device=device, install=install
-    )
+    from trtconv.engine.backends import BACKENDS
+
+    return BACKENDS[chosen].build(source_dir, engine_dir, section, tp_size=tp_size, pp_size=pp_size, require=require,
+                                  device=device, install=install)
 
 
 def require_checkpoint_files(checkpoint_dir: Path, *, tp_size: int, pp_size: int) -> None:

@@ -4,8 +4,8 @@ A target turns the export into what a TensorRT-LLM runtime loads. Its row says w
 starts from (the recipe flag that must be on, and the artifact folder it reads), its options model
 (the recipe's `engine.<name>` section), and the TensorRT-LLM releases it supports. The recipe's
 `engine.target` choices and options fields, the recipe's export check, the engine record, the plan
-checks and the CLI's `--target` read this table; the work itself is done by trtconv.engine.tensorrt
-and trtconv.engine.pytorch (dispatched in trtconv.engine.rebuild and the pipeline).
+checks and the CLI's `--target` read this table; what each target does (option and version rules,
+build, the gate's engine candidate) is its row in trtconv.engine.backends.
 
 This module is plain data on purpose: the recipe schema imports it, so it imports only the
 options models and the artifact layout, never the engine code.

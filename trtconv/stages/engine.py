@@ -22,26 +22,19 @@ NAME = "engine"
 CACHE_KEY_COVERS: tuple[str, ...] = ()
 
 
-def run(recipe: Recipe, exported, root: Path, require: bool, reporter: Reporter) -> tuple[dict, StageRecord]:
+def run(recipe: Recipe, root: Path, require: bool, reporter: Reporter) -> tuple[dict, StageRecord]:
     """Build (or prepare) the recipe's engine target into root/engine; returns the record and the stage's meter record."""
     if recipe.engine.target == "none":
         return {"target": "none", "status": "skipped"}, StageRecord(name="engine", status="skipped", wall_s=0.0, details={"target": "none"})
-    from trtconv.engine.rebuild import build_tensorrt_engine, prepare_pytorch_target
+    from trtconv.engine.backends import BACKENDS
+    from trtconv.engine.targets import ENGINE_TARGETS
 
+    backend = BACKENDS[recipe.engine.target]
+    source = root / ENGINE_TARGETS[recipe.engine.target].source_dir
     with StageMeter("engine") as m:
-        if recipe.engine.target == "tensorrt":
-            reporter.stage("engine", "tensorrt: trtllm-build from the TensorRT-LLM checkpoint")
-            record = build_tensorrt_engine(exported.checkpoint_dir, root / ENGINE_DIR, recipe.engine.tensorrt, require=require)
-        else:
-            reporter.stage("engine", "pytorch: LLM-API options for the unified HF checkpoint")
-            record = prepare_pytorch_target(
-                exported.hf_checkpoint_dir,
-                root / ENGINE_DIR,
-                recipe.engine.pytorch,
-                tp_size=recipe.export.tp_size,
-                pp_size=recipe.export.pp_size,
-                require=require,
-            )
+        reporter.stage("engine", f"{backend.name}: {backend.working}")
+        record = backend.build(source, root / ENGINE_DIR, recipe.engine, tp_size=recipe.export.tp_size, pp_size=recipe.export.pp_size,
+                               require=require)
     status = {"built": "ok", "not_built": "not_built", "failed": "failed"}[record.status]
     reporter.stage("engine", f"{record.target}: {record.status}" + (f" ({record.reason})" if record.reason else ""))
     if record.status == "failed":

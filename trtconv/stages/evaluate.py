@@ -202,11 +202,15 @@ def is_hf_checkpoint(folder: Path) -> bool:
 
 
 def candidate_dir(recipe: Recipe, root: Path) -> Path:
-    """What ships is what the gate judges: the unified HF checkpoint when the pytorch target serves
-    it (or it is the only export), else the TensorRT-LLM checkpoint the engine is built from."""
-    if recipe.engine.target == "pytorch" or not recipe.export.tensorrt_llm_checkpoint:
-        return root / HF_CHECKPOINT_DIR
-    return root / CHECKPOINT_DIR
+    """What ships is what the gate judges: the export the engine target starts from (its row's
+    source_dir: the unified HF checkpoint for pytorch, the TensorRT-LLM checkpoint for tensorrt);
+    without a target, the TensorRT-LLM checkpoint unless the HF one is the only export."""
+    from trtconv.engine.targets import ENGINE_TARGETS
+
+    target = ENGINE_TARGETS.get(recipe.engine.target)
+    if target is not None:
+        return root / target.source_dir
+    return root / (CHECKPOINT_DIR if recipe.export.tensorrt_llm_checkpoint else HF_CHECKPOINT_DIR)
 
 
 
