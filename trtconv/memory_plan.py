@@ -246,9 +246,9 @@ def evaluation_streams_alone(recipe) -> bool:
 def _choose_paths(plan: MemoryPlan, recipe, on_gpu: bool) -> None:
     """calibration.streaming auto: stream calibration when an in-memory stage does not fit (on a GPU,
     where evaluation can stream on its own, calibration's own check decides). Evaluation streams with
-    calibration, and on a GPU always (where it can): measured on an 8B model on an H200, streamed
-    evaluation took the time in-memory evaluation took (16.7 s against 16.6-17.1 s) and peaked at
-    6.3 GiB instead of 21.2 GiB, so in memory it only ever set the run's peak (docs/performance.md)."""
+    calibration, and on a GPU always (where it can): in memory it holds the original and the
+    checkpoint together, more than calibration ever holds. Measured on an 8B model on an H200
+    (docs/performance.md): streamed 16.7 s at 6.3 GiB, in memory 14.3 s at 27.9 GiB (an earlier run)."""
     alone = on_gpu and evaluation_streams_alone(recipe)
     in_memory = {c.stage: c for c in plan.checks if c.where == "gpu" and "(in memory)" in c.stage}
     if plan.streaming == "auto":
@@ -439,7 +439,7 @@ def evaluation_reason(plan: MemoryPlan) -> str:
     if plan.streamed:
         return " (with calibration)"
     if plan.evaluate_streamed:
-        return f" (on a GPU: as fast as in memory, which would need {ev.need_bytes / GIB:.1f} GiB)"
+        return f" (on a GPU always: in memory it would need {ev.need_bytes / GIB:.1f} GiB)"
     return ""
 
 
