@@ -127,12 +127,12 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("trtconv"))
 
 
-def package_versions() -> dict[str, str]:
+def package_versions() -> dict[str, str | None]:
     """From the installed distributions' metadata (the same strings as the modules' __version__):
     finding a trained model must not import transformers (seconds), or a whole-run cache hit would."""
-    from importlib.metadata import version
+    from trtconv.core.environment import package_version
 
-    return {name: version(name) for name in ("torch", "transformers", "tokenizers")}
+    return {name: package_version(name) for name in ("torch", "transformers", "tokenizers")}
 
 
 def training_code_sha256() -> str:

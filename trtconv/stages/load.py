@@ -283,11 +283,12 @@ def start_hashing(model_dir: Path, weights: list[Path], remembered: bool = True)
 def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[InputRecord]:
     """The model's and tokenizer's files with sha256 and size (waits for ``hashing`` if given)."""
     hashes = (hashing or start_hashing(model_dir, weights)).result()
-    return [
-        InputRecord(role=role, root=str(model_dir),
-                    files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size) for p in paths])
-        for role, paths in input_paths(model_dir, weights).items()
-    ]
+    return _input_records(model_dir, input_paths(model_dir, weights), hashes)
+
+
+def _input_records(model_dir: Path, paths: dict[str, list[Path]], hashes: dict[Path, str]) -> list[InputRecord]:
+    return [InputRecord(role=role, root=str(model_dir), files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size)
+                                                               for p in files]) for role, files in paths.items()]
 
 
 def remembered_inputs(section: ModelSection, progress=None) -> list[InputRecord] | None:
@@ -301,16 +302,21 @@ def remembered_inputs(section: ModelSection, progress=None) -> list[InputRecord]
     hashes = {p: table.lookup(p) for files in paths.values() for p in files}
     if None in hashes.values():
         return None
-    return [InputRecord(role=role, root=str(model_dir), files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size)
-                                                               for p in files]) for role, files in paths.items()]
+    return _input_records(model_dir, paths, hashes)
 
 
 def all_inputs(model_inputs: list[InputRecord], recipe: Recipe, calib_packs: list, eval_packs: list) -> list[InputRecord]:
     """Every input the manifest records, in its order: model, tokenizer, calibration, evaluation and task data."""
+    from trtconv.cache.hashes import HashTable
+
+    table = HashTable()  # one read of the table for every data file, one save
     evaluated = recipe.evaluate.enabled
-    task = [data_input("task_data", Path(recipe.evaluate.multiple_choice))] if evaluated and recipe.evaluate.multiple_choice else []
-    return (model_inputs + data_inputs("calibration_data", calib_packs)
-            + (data_inputs("evaluation_data", eval_packs) if evaluated else []) + task)
+    task = Path(recipe.evaluate.multiple_choice) if evaluated and recipe.evaluate.multiple_choice else None
+    records = (model_inputs + data_inputs("calibration_data", calib_packs, table)
+               + (data_inputs("evaluation_data", eval_packs, table) if evaluated else [])
+               + ([data_input("task_data", task, table)] if task else []))
+    table.save()
+    return records
 
 
 def run(section: ModelSection, progress=None, remembered: bool = True):
@@ -380,17 +386,21 @@ def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
         raise UserError(f"export.pp_size = {recipe.export.pp_size} exceeds the model's {layers} layers")
 
 
-def data_input(role: str, path: Path) -> InputRecord:
+def data_input(role: str, path: Path, table=None) -> InputRecord:
+    """A data file's or folder's record; a file's hash comes from ``table`` (a HashTable the caller
+    saves), else from a table of its own, saved here."""
     if path.is_file():
         from trtconv.cache.hashes import HashTable
 
-        table = HashTable()
+        own = table is None
+        table = HashTable() if own else table
         files = [FileRecord(path=path.name, sha256=table.sha256(path), size=path.stat().st_size)]
-        table.save()
+        if own:
+            table.save()
         return InputRecord(role=role, root=str(path.parent), files=files)
     return InputRecord(role=role, root=str(path), files=hash_tree(path, skip=set()))
 
 
-def data_inputs(role: str, packs: list) -> list[InputRecord]:
+def data_inputs(role: str, packs: list, table=None) -> list[InputRecord]:
     """One input record per pack, in the order the packs are read."""
-    return [data_input(role, p.path) for p in packs]
+    return [data_input(role, p.path, table) for p in packs]
