@@ -182,7 +182,8 @@ def bench_trtconv(args, env, name: str, tag: str) -> dict:
     precision, kv = PRECISIONS[name]
     out = args.work / f"trtconv-{name}"
     log = args.work / f"trtconv-{name}-{tag}.log"
-    cmd = [sys.executable, "-m", "trtconv", "calibrate", "--model", str(args.model), "--precision", precision,
+    sampler = [str(ROOT / "scripts" / "stack_sampler.py"), str(args.work / f"trtconv-{name}-{tag}.stacks")] if args.sample_stacks else []
+    cmd = [sys.executable, *sampler, "-m", "trtconv", "calibrate", "--model", str(args.model), "--precision", precision,
            "--kv-cache", kv, "--device", DEVICE, "-o", str(out), "--force",
            # the same rows and batches as the bare side, whatever calibrate's defaults are
            "--num-samples", str(CALIB["num_samples"]), "--seq-len", str(CALIB["seq_len"]),
@@ -196,7 +197,7 @@ def bench_trtconv(args, env, name: str, tag: str) -> dict:
     except (OSError, ValueError, KeyError):
         digest, status = None, None
     return {"rc": rc, "process_s": wall, "peak_rss_mib": rss, "stages": stages, "status": status, "digest": digest,
-            "command": " ".join(cmd[1:])}
+            "command": " ".join(cmd[1 + len(sampler):])}
 
 
 def stage_s(r: dict, *names: str) -> float | None:
@@ -381,6 +382,8 @@ def main() -> None:
     ap.add_argument("--no-bare", default="", help="Comma list of precisions to run trtconv only (bare measured in an earlier run).")
     ap.add_argument("--bare-only", default="", help="Comma list of precisions to run bare ModelOpt only (trtconv measured in an earlier run).")
     ap.add_argument("--skip-warm-compile", action="store_true", help="Time only the cold compile (it must run before the precisions anyway).")
+    ap.add_argument("--sample-stacks", action="store_true",
+                    help="Run trtconv under scripts/stack_sampler.py: WORK/trtconv-P-TAG.stacks.{timeline,top}.txt.")
     args = ap.parse_args()
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.warm = [p for p in args.warm.split(",") if p]
