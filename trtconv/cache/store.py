@@ -34,7 +34,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -229,11 +230,13 @@ def _reflink(src: Path, dst: Path) -> bool:
         return False
 
 
-def _link_or_copy(src: Path, dst: Path, *, fsync: bool, sha256: str | None = None) -> tuple[str, int, str]:
+def _link_or_copy(src: Path, dst: Path, *, fsync: bool, sha256: str | None = None,
+                  linked: Callable[[Path], None] | None = None) -> tuple[str, int, str]:
     """dst gets src's bytes as cheaply as the filesystem allows: a reflink (an independent file
     sharing blocks), else a hard link (the same file), else a copy made while hashing (another
     filesystem). Returns (sha256, size, "reflink" | "link" | "copy"). ``sha256`` is the file's
     hash when already known and trusted; a reflinked or linked file is otherwise read once to hash it.
+    ``linked(dst)`` is called once a reflink or link exists, before the hashing (to start its fsync).
     """
     if _reflink(src, dst):
         how = "reflink"
@@ -246,6 +249,8 @@ def _link_or_copy(src: Path, dst: Path, *, fsync: bool, sha256: str | None = Non
                 raise
             sha, size = _copy_file(src, dst, fsync=fsync)
             return sha, size, "copy"
+    if linked is not None:
+        linked(dst)
     size = os.stat(dst).st_size
     return (sha256 or sha256_file(dst)), size, how
 
@@ -527,16 +532,22 @@ def _write_entry(tmp: Path, source_dir: Path, files: list[str], header: dict) ->
     payload = tmp / PAYLOAD_DIR
     payload.mkdir(parents=True)
     records = []
-    for rel in files:
-        src, dst = source_dir / rel, payload / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        sha256, size, how = _link_or_copy(src, dst, fsync=True, sha256=known_sha256(src))
-        if how != "copy":
-            _fsync_file(dst)
-        os.chmod(dst, _FILE_MODE)
-        st = os.stat(dst)
-        note_sha256(dst, sha256)  # the artifact's file too, when linked: the manifest reuses it
-        records.append({"path": rel, "sha256": sha256, "size": size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino})
+    # A linked file's fsync (writing back what the export left in the page cache: 4 s for 8.5 GB on
+    # the H200 host) runs on a thread of its own while the file is hashed (8.7 s), not after it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtconv-cache-fsync") as syncer:
+        syncing = []
+        for rel in files:
+            src, dst = source_dir / rel, payload / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            sha256, size, how = _link_or_copy(src, dst, fsync=True, sha256=known_sha256(src),
+                                              linked=lambda p: syncing.append(syncer.submit(_fsync_file, p)))
+            st = os.stat(dst)
+            note_sha256(dst, sha256)  # the artifact's file too, when linked: the manifest reuses it
+            records.append({"path": rel, "sha256": sha256, "size": size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino})
+        for done in syncing:
+            done.result()  # an fsync error fails the put
+    for r in records:
+        os.chmod(payload / r["path"], _FILE_MODE)
     record = {
         "cache_format": CACHE_FORMAT,
         **header,
