@@ -162,6 +162,7 @@ class MemoryPlan:
     streaming: str  # "never" | "always" | "auto": what the recipe asks
     streamed: bool  # what the build will do: calibration (and export) layer by layer
     evaluate_streamed: bool = False  # evaluation layer by layer (see _choose_paths)
+    evaluate_parks: bool = False  # streamed on a GPU: vocabulary matrices wait on the host during the layer loop
     max_seq_len: int = 0  # the serving limit the KV cache is sized for
     concurrent_full_sequences: int | None = None  # full-length sequences whose KV cache fits next to the weights
     checks: list[Check] = field(default_factory=list)
@@ -308,13 +309,17 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
                              f"original ({'load dtype' if on_gpu else 'float32'}) + checkpoint as the executor holds it"))
     hidden = ev.num_samples * ev.seq_len * shape.hidden * (base_b + 4)
     layers = 2 * (shape.layer_params() * base_b + cand_layer)
-    if on_gpu:  # one model's vocabulary matrices at a time, none during the layer loop, then both lm_heads
+    resident = fixed + outer * (base_b + 4) + layers + hidden
+    if on_gpu and gpu is not None and resident > gpu:
+        # Parked: one model's vocabulary matrices at a time, none during the layer loop, then both lm_heads.
+        # Moving them costs seconds (8B: about 3 s on the H200), so only where they would not fit.
+        plan.evaluate_parks = True
         heads = shape.vocab * shape.hidden * (base_b + 4)
         candidate_outer = outer * 4  # the checkpoint's embedding and lm_head (float32) while its first states are made
         plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + hidden + max(layers, heads, candidate_outer), gpu,
                                  "two layers of each, or one model's vocabulary matrices (the others parked) + hidden states"))
     else:
-        plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + outer * (base_b + 4) + layers + hidden, gpu,
+        plan.checks.append(Check("evaluate (streamed)", "gpu", resident, gpu,
                                  "two layers of each + embeddings/lm_head + hidden states"))
 
 

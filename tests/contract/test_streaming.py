@@ -100,8 +100,8 @@ def test_streamed_evaluation_equals_in_memory(tmp_path, llama_ref, monkeypatch, 
     from trtconv.stages import evaluate_streamed
 
     if parked:
-        park = evaluate_streamed.park_vocab_matrices
-        monkeypatch.setattr(evaluate_streamed, "park_vocab_matrices", lambda device: park(device, force=True))
+        parked_cls = evaluate_streamed.park_vocab_matrices
+        monkeypatch.setattr(evaluate_streamed, "park_vocab_matrices", lambda device, park=True: parked_cls(device, force=True))
 
     from trtconv.checkpoints.hf_model import load_tokenizer
     from trtconv.data.packs import builtin_pack

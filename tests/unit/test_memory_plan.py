@@ -89,6 +89,23 @@ def test_8b_on_a_gpu_calibrates_in_memory_and_evaluates_layer_by_layer(tmp_path)
     assert not plan.relevant_stages() & {"calibrate (streamed)", "evaluate (in memory)"}
 
 
+def test_streamed_evaluation_parks_the_vocabulary_matrices_only_where_they_would_not_fit(tmp_path):
+    """Parking costs seconds (moving 3 GB off the GPU and back for 8B): on an uncapped H200 the 8B
+    model's vocabulary matrices stay; under a cap that they would break (70B shapes, 16 GiB) they wait
+    on the host, and the plan's figure is then the parked one."""
+    from trtconv.core.environment import DeviceInfo
+
+    uncapped = _build_plan(tmp_path, DeviceInfo(**H200))
+    assert uncapped.evaluate_streamed and not uncapped.evaluate_parks
+    seventy = {**LLAMA3_70B, "num_hidden_layers": 8}
+    capped = _build_plan(tmp_path, DeviceInfo(**H200), config=seventy, cap_gib=16)
+    unparked = _build_plan(tmp_path, DeviceInfo(**H200), config=seventy)
+    assert capped.evaluate_streamed and capped.evaluate_parks and not unparked.evaluate_parks
+    need = {p: next(c.need_bytes for c in plan.checks if c.stage == "evaluate (streamed)" and c.where == "gpu")
+            for p, plan in (("capped", capped), ("unparked", unparked))}
+    assert need["capped"] <= 16 * 2**30 < need["unparked"]
+
+
 def test_8b_on_a_cpu_keeps_both_in_memory(tmp_path):
     """On a CPU evaluation follows calibration, as before (the default recipe's CPU artifact is unchanged)."""
     from trtconv.core.environment import DeviceInfo

@@ -522,8 +522,10 @@ def _hf_weight(hf_layer: torch.nn.Module, dotted: str, device: torch.device) -> 
     return module.weight.detach().to(device=device, dtype=torch.float32)
 
 
-def _rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((candidate - reference).norm() / reference.norm().clamp_min(1e-30))
+def _rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor on the weights' device: reading it (float()) waits for the device, so callers
+    that loop over layers read them all at the end, not once per linear."""
+    return (candidate - reference).norm() / reference.norm().clamp_min(1e-30)
 
 
 def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) -> list[tuple[str, float]]:
@@ -548,13 +550,22 @@ def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) 
             layer = loader.layer(pp_rank, local)
             errors += layer_weight_errors(index, layer, hf_layer, s, device)
             del layer
-    return errors
+    return read_errors(errors)
+
+
+def read_errors(errors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, float]]:
+    """The errors as floats, copied off the device in one transfer (the same values as one by one)."""
+    if not errors:
+        return []
+    values = torch.stack([e for _, e in errors]).cpu().tolist()
+    return [(name, float(v)) for (name, _), v in zip(errors, values)]
 
 
 def layer_weight_errors(index: int, layer: DecoderLayer, hf_layer: torch.nn.Module, s: ModelShape,
-                        device: torch.device | None = None) -> list[tuple[str, float]]:
+                        device: torch.device | None = None) -> list[tuple[str, torch.Tensor]]:
     """weight_quantization_errors for one decoder layer, computed on ``device`` (default: the
-    original layer's device); what layer-streamed evaluation calls."""
+    original layer's device), as 0-d tensors (read_errors makes them floats); what layer-streamed
+    evaluation calls."""
     if device is None:
         device = next(hf_layer.parameters()).device
     q_rows, kv_rows = s.num_heads * s.head_size, s.num_kv_heads * s.head_size

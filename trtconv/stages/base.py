@@ -35,6 +35,20 @@ def _rss_mib() -> float | None:
     return _status_mib("VmRSS")
 
 
+class Laps:
+    """Where a stage's time went, lap by lap, in one dict of seconds (the stage record's `seconds`)."""
+
+    def __init__(self):
+        self.t = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> dict[str, float]:
+        t = time.monotonic()
+        self.seconds[name] = round(t - self.t, 3)
+        self.t = t
+        return self.seconds
+
+
 class StageMeter:
     """Wall time, peak resident memory and its anonymous part (sampled every 50 ms) and peak CUDA memory of one stage."""
 

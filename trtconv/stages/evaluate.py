@@ -9,7 +9,8 @@ again on an artifact that already exists (`trtconv check`), re-reading every inp
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,12 @@ class EvalOutcome:
     record: dict  # what the manifest's `evaluation` section holds
     stats: object  # evaluate.DocumentStats
     weight_errors: list
+    seconds: dict = field(default_factory=dict)  # where the time went (the streamed path's laps)
 
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
                         weight_errors: bool = True, artifact_root: Path | None = None,
-                        engine_record: dict | None = None, streamed: bool = False) -> EvalOutcome:
+                        engine_record: dict | None = None, streamed: bool = False, park: bool = True) -> EvalOutcome:
     """The original model (fresh from disk; float32 on a CPU, see baseline_dtype) against the artifact, gated.
 
     The candidate is the built engine through TensorRT-LLM's own API where that runs here (and the
@@ -55,7 +57,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     from trtconv.gate import stats as evaluate
 
     if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
-        return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors)
+        return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors, park)
     dtype = baseline_dtype(device, recipe.model.dtype)
     baseline = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
     vocab = baseline.config.vocab_size
@@ -105,14 +107,14 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 
 
 def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
-                      weight_errors: bool = True) -> EvalOutcome:
+                      weight_errors: bool = True, park: bool = True) -> EvalOutcome:
     """evaluate_checkpoint with at most two decoder layers of each model in memory (stages/evaluate_streamed.py)."""
     from trtconv.checkpoints.hf_model import read_hf_config, torch_dtype
     from trtconv.gate import stats as evaluate
     from trtconv.stages.evaluate_streamed import LayerStreamedPair, run_scorers
 
     dtype = baseline_dtype(device, recipe.model.dtype)  # as in memory: the same baseline numerics per layer
-    pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"], torch_dtype(dtype))
+    pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"], torch_dtype(dtype), park)
 
     def scorer(baseline_logits, candidate):
         stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, lambda n=1: None)
@@ -120,7 +122,9 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
         return stats, task
 
     reporter.stage("evaluate", "layer-streamed: the original and the checkpoint one layer at a time")
+    started = time.monotonic()
     stats, task_correct = run_scorers(pair, scorer, reporter, weight_errors)
+    seconds = {**pair.seconds, "scoring": round(time.monotonic() - started - sum(pair.seconds.values()), 3)}
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     errors = pair.errors
@@ -135,7 +139,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     if task_correct is not None:
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
     report_gates(gates, reporter)
-    return EvalOutcome(summary, gates, record, stats, errors)
+    return EvalOutcome(summary, gates, record, stats, errors, seconds)
 
 
 def baseline_dtype(device: str, model_dtype: str) -> str:
@@ -222,7 +226,7 @@ def report_gates(gates, reporter: Reporter) -> None:
 
 
 def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device: str, reporter: Reporter,
-        engine_record: dict | None = None, streamed: bool = False) -> tuple[EvalOutcome, StageRecord]:
+        engine_record: dict | None = None, streamed: bool = False, park: bool = True) -> tuple[EvalOutcome, StageRecord]:
     """The evaluate stage, its statistics reused from the cache under `key` when there; gates always recomputed."""
     from trtconv.gate import stats as evaluate
 
@@ -241,11 +245,11 @@ def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device
             return EvalOutcome(summary, gates, meta["record"], stats, errors), record
         with StageMeter("evaluate") as m:
             outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter,
-                                          artifact_root=writer.tmp, engine_record=engine_record, streamed=streamed)
+                                          artifact_root=writer.tmp, engine_record=engine_record, streamed=streamed, park=park)
         if cache:
             store_evaluation(cache, key, outcome.stats, outcome.weight_errors, {"record": outcome.record, "wall_s": m.wall_s},
                                    scratch, reporter)
-        return outcome, m.record(candidate=outcome.record.get("candidate"))
+        return outcome, m.record(candidate=outcome.record.get("candidate"), **({"seconds": outcome.seconds} if outcome.seconds else {}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -289,12 +293,13 @@ def _verified_path(rec: InputRecord, artifact: Path) -> Path:
     return root
 
 
-def _streamed_here(recipe: Recipe, model_dir: Path, device: DeviceInfo) -> bool:
-    """The memory plan on this device: evaluate layer by layer where the build would (memory_plan._choose_paths)."""
+def _streamed_here(recipe: Recipe, model_dir: Path, device: DeviceInfo) -> tuple[bool, bool]:
+    """The memory plan on this device: (layer by layer, parking the vocabulary matrices) where the build would (memory_plan)."""
     from trtconv.memory_plan import plan_for_build
     from trtconv.checkpoints.hf_model import read_hf_config
 
-    return plan_for_build(recipe, read_hf_config(model_dir), device, None).evaluate_streamed
+    plan = plan_for_build(recipe, read_hf_config(model_dir), device, None)
+    return plan.evaluate_streamed, plan.evaluate_parks
 
 
 def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Path | None = None):
@@ -312,7 +317,7 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
     eval_packs = [samples.Pack(p.stem, p) for p in eval_paths]
     device_info = detect_device(device)
     torch_device = "cuda" if device_info.kind == "cuda" else "cpu"
-    streamed = _streamed_here(recipe, model_dir, device_info)
+    streamed, park = _streamed_here(recipe, model_dir, device_info)
     tokenizer = AutoTokenizer.from_pretrained(artifact / TOKENIZER_DIR)
     tokens = samples.evaluation_rows(eval_packs, tokenizer, recipe.evaluate.num_samples, recipe.evaluate.seq_len, recipe.evaluate.seed)
 
@@ -326,7 +331,7 @@ def check_artifact(artifact: Path, device: str, reporter: Reporter, against: Pat
         reporter.stage("check", f"{ckpt} against the original {model_dir}")
         engine_record = read_manifest(target).engine if target != artifact else manifest.engine
         outcome = evaluate_checkpoint(recipe, model_dir, ckpt, tokens, torch_device, reporter,
-                                      artifact_root=target, engine_record=engine_record, streamed=streamed)
+                                      artifact_root=target, engine_record=engine_record, streamed=streamed, park=park)
         passed = gates_passed(outcome.gates, recipe.evaluate.allow_inconclusive)
         results.append(CheckResult(target, manifest, outcome, passed))
     return results

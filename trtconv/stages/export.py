@@ -26,7 +26,7 @@ from trtconv.artifact.manifest import InputRecord
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.jsonio import read_json_object
-from trtconv.stages.base import device_part, files_part, restore_entry
+from trtconv.stages.base import Laps, device_part, files_part, restore_entry
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import ExportSection, QuantizationSection, Recipe
 from trtconv.core.ui import quiet_dependency
@@ -219,7 +219,7 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
 
     warns: list[str] = []
     tok_dir = root / TOKENIZER_DIR
-    clock = _Clock()
+    clock = Laps()
     tokenizer.save_pretrained(tok_dir)
     result = ExportResult(checkpoint_dir=None, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, dependency_warnings=warns,
                           seconds=clock.lap("tokenizer"))
@@ -235,23 +235,6 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
         result.validation = json.loads(json.dumps(raw, default=str))  # paths -> strings: it goes into JSON records
         clock.lap("validation")
     return result
-
-
-class _Clock:
-    """Laps of the export stage (ModelOpt's own export against trtconv's additions), in one dict."""
-
-    def __init__(self):
-        import time
-
-        self._now = time.monotonic
-        self.t = self._now()
-        self.seconds: dict[str, float] = {}
-
-    def lap(self, name: str) -> dict[str, float]:
-        t = self._now()
-        self.seconds[name] = round(t - self.t, 3)
-        self.t = t
-        return self.seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +308,11 @@ class BackgroundStore:
             reporter.stage("cache", f"evicted {len(self.cache.last_evicted)} least recently used entries ({human_size(freed)}) "
                            f"to stay under max_size {human_size(self.cache.max_size)}")
             self.cache.last_evicted = []
+
+
+def is_cached(cache: StageCache, key: str) -> bool:
+    """Whether an export entry exists under key (a hint: restore_export still verifies it)."""
+    return cache.entry_dir(EXPORT_STAGE, key).is_dir()
 
 
 def restore_export(cache: StageCache, key: str, artifact_tmp: Path, reporter) -> dict | None:
