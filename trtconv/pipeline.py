@@ -26,13 +26,16 @@ from trtconv.core.environment import detect_device, host_summary, numeric_enviro
 from trtconv.core.errors import ArtifactError, GateFailed, Interrupted, UserError
 from trtconv.artifact.manifest import Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
 from trtconv.recipe.schema import Recipe
-from trtconv.artifact.report import write_junit, write_report
+from trtconv.artifact.report import preload_plotting, write_junit, write_report
 from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import StageMeter
 from trtconv.stages.load import all_inputs, check_lengths, check_parallelism, data_packs
 from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
+
+
+DEVICE_MEMO = "host-device.json"  # in the cache folder: core.environment.detect_device's memo
 
 
 @dataclass
@@ -126,13 +129,14 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     from trtconv.precisions import PRECISIONS
     from trtconv.gate import stats as evaluate
     from trtconv.stages import export, load
+    from trtconv.core.imports import start_modelopt_import
     from trtconv.core.ui import silence_library_progress_bars
 
     use_torch_extensions_cache()
-    device = detect_device(opts.device)
-    torch_device = "cuda" if device.kind == "cuda" else "cpu"
-    cap_gpu_memory(device, opts.max_gpu_memory_gib)
     cache = None if opts.no_cache else StageCache()
+    # Remembered per host (no torch import): most of an unchanged recipe's whole-run hit was importing torch.
+    device = detect_device(opts.device, memo=cache.root / DEVICE_MEMO if cache is not None else None)
+    torch_device = "cuda" if device.kind == "cuda" else "cpu"
     stages: list[StageRecord] = []
     writer = ArtifactWriter(opts.out, force=opts.force)
     writer.preflight()  # output folder problems first: they cost nothing to find
@@ -144,7 +148,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             manifest = runs.restore(cache, run_key, writer.tmp, opts.command, started, reporter)
             if manifest is not None:
                 return _finish(manifest, writer, opts, reporter)
-    silence_library_progress_bars()  # imports transformers: after the whole-run check, which needs none of it
+    cap_gpu_memory(device, opts.max_gpu_memory_gib)  # imports torch: after the whole-run check, which needs none of it
+    silence_library_progress_bars()  # imports transformers: likewise
 
     with StageMeter("load") as m:
         reporter.stage("load", "resolving the model")
@@ -157,6 +162,14 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         calib_packs = data_packs(recipe.calibration.data, "calibration")
         eval_packs = data_packs(recipe.evaluate.data, "evaluation")
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+        # First-time hashes never hold the run up: without them no cache entry can be found anyway
+        # (only one whose files were merely touched since, which is then rebuilt), so the expensive
+        # unit starts at once and the keys are made when the hashes are in, before anything is stored.
+        inputs = export_key = None
+        if not hashing.pending:
+            inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
+        if _calibrates(recipe) and not (cache and export_key and export.is_cached(cache, export_key)):
+            start_modelopt_import()  # 6-8 s on a thread of its own, under the model load (trtconv.core.imports)
         preloaded = None
         if hashing.pending and not memory.streamed:
             # Files not hashed before (or changed): load the model while the thread hashes them,
@@ -165,16 +178,6 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             reporter.stage("load", "hashing the checkpoint (first time) while loading the model")
             preloaded = load_hf_model(model_dir, compute_dtype(recipe.model.dtype, torch_device), recipe.model.trust_remote_code,
                                        torch_device)
-            if recipe.quantization.precision != "none" or recipe.quantization.kv_cache != "none":
-                from trtconv.core.imports import import_modelopt
-
-                import_modelopt()  # its ~6 s import, also under the hashing
-        # First-time hashes never hold the run up: without them no cache entry can be found anyway
-        # (only one whose files were merely touched since, which is then rebuilt), so the expensive
-        # unit starts at once and the keys are made when the hashes are in, before anything is stored.
-        inputs = export_key = None
-        if not hashing.pending:
-            inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
     stages.append(m.record(architecture=arch, model_dir=str(model_dir), model_loaded=preloaded is not None,
                            hashing="overlapped" if export_key is None else "remembered"))
 
@@ -224,12 +227,14 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
 
         outcome_eval = None
         if eval_tokens is not None:
+            preload_plotting()  # the report's plots, imported under the evaluation
             # A built engine may be the candidate: its files are part of what the statistics depend on.
             engine_files = hash_tree(writer.tmp / ENGINE_DIR) if engine_record.get("status") == "built" else []
             eval_key = evaluate_stage.evaluate_key(recipe, export_key, samples.packs_sha256(eval_packs), device,
                                           engine_files=[(f.path, f.sha256) for f in engine_files])
             outcome_eval, eval_meter = evaluate_stage.run(recipe, model_dir, eval_tokens, eval_key, cache, writer, torch_device,
-                                                          reporter, engine_record=engine_record, streamed=memory.evaluate_streamed)
+                                                          reporter, engine_record=engine_record, streamed=memory.evaluate_streamed,
+                                                          park=memory.evaluate_parks)
             stages.append(eval_meter)
         metrics = outcome_eval.summary if outcome_eval else {}
         gates = outcome_eval.gates if outcome_eval else []
@@ -287,6 +292,11 @@ def _finish(manifest: Manifest, writer: ArtifactWriter, opts: BuildOptions, repo
     if not passed:
         raise GateFailed(outcome)
     return outcome
+
+
+def _calibrates(recipe: Recipe) -> bool:
+    """Whether the run calibrates with ModelOpt (weights or the KV cache quantized)."""
+    return recipe.quantization.precision != "none" or recipe.quantization.kv_cache != "none"
 
 
 def whole_run_key(recipe: Recipe, opts: BuildOptions, device, reporter: Reporter) -> str | None:

@@ -46,13 +46,40 @@ def _gates_caption(gates: list[GateResult]) -> str:
     return "gates: " + "; ".join(f"{g.metric} {g.comparator} {g.threshold:g} ({g.verdict})" for g in gates) if gates else "no gates"
 
 
+_preloading = None  # the thread preload_plotting started
+
+
 def _pyplot():
+    if _preloading is not None:
+        _preloading.join()  # never two threads inside matplotlib's first import and backend choice
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def preload_plotting() -> None:
+    """Import matplotlib (about 1 s) on a thread of its own while evaluation runs, so the report does
+    not wait for it; a failure is left to the report's own import to raise."""
+    import threading
+
+    global _preloading
+    if _preloading is not None:
+        return
+
+    def load() -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported by write_report's own import
+            pass
+
+    _preloading = threading.Thread(target=load, name="trtconv-import-matplotlib")
+    _preloading.start()
 
 
 def _save(fig, path: Path) -> None:

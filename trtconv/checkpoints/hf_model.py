@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
+from trtconv.core.imports import retry_after_import_deadlock
 from trtconv.core.jsonio import read_json_object
 
 # The files a tokenizer may consist of (hashed as the tokenizer input, copied into the artifact).
@@ -60,9 +61,9 @@ def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: 
     # whole-model copy in host RAM (an 8B model is 16 GB of bf16; a float32 host copy 32 GB).
     placement = {} if str(device) == "cpu" else {"device_map": str(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = retry_after_import_deadlock(lambda: AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **placement
-        )
+        ))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(f"{model_dir}: transformers cannot load this checkpoint: {exc}") from None
     model.eval()

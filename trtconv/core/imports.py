@@ -1,25 +1,87 @@
-"""Importing NVIDIA ModelOpt: once, on a fresh thread, with its undeclared dependency named.
+"""Importing NVIDIA ModelOpt: once, on a thread of its own, started early, with its undeclared dependency named.
 
-ModelOpt's dependency pulp keeps the exceptions of its failed optional imports (cplex, COPT) at
-module level, tracebacks included; a traceback holds its frames and every frame its caller
-(`f_back`), so whatever was on the stack during the first import stayed alive for the rest of the
-process. On the H200 that was the calibrated 8B model (15 GiB of GPU memory) when ModelOpt was first
-imported inside the calibrate stage: it sat through evaluation (docs/performance.md, run 3). On a
-thread of its own the import's stack ends at the thread, so nothing of the caller is kept.
+On a thread of its own: ModelOpt's dependency pulp keeps the exceptions of its failed optional
+imports (cplex, COPT) at module level, tracebacks included; a traceback holds its frames and every
+frame its caller (`f_back`), so whatever was on the stack during the first import stayed alive for
+the rest of the process. On the H200 that was the calibrated 8B model (15 GiB of GPU memory) when
+ModelOpt was first imported inside the calibrate stage: it sat through evaluation
+(docs/performance.md, run 3). On a thread of its own the import's stack ends at the thread.
+
+Started early: the import takes 6-8 s on the H200 host (torch's compiler stack, transformers'
+trainer, reading some thousand files), while bare ModelOpt's timings start after it. The pipeline
+starts it (`start_modelopt_import`) as soon as it knows calibration will run, so it overlaps the
+tokenizer, the token rows and the model load; `import_modelopt` waits for it.
+
+Two threads importing at once can, in rare module cycles, make Python's import lock raise
+`_DeadlockError` in one of them. On the background thread any failure is dropped (the import is
+done again, on demand, where its error is reported); on the main thread `retry_after_import_deadlock`
+waits for the background import and tries once more.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from trtconv.core.errors import UserError
 
 MODULE = "modelopt.torch.quantization"
+# What the calibrate and export stages use, in the order they need it.
+BACKGROUND_MODULES = (MODULE, "modelopt.torch.export")
+
+_background: threading.Thread | None = None
+T = TypeVar("T")
+
+
+def start_modelopt_import() -> None:
+    """Begin importing ModelOpt on a thread of its own (at most once); errors surface in import_modelopt."""
+    global _background
+    if _background is not None or MODULE in sys.modules:
+        return
+
+    def load() -> None:
+        for name in BACKGROUND_MODULES:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # noqa: BLE001 - imported again where needed, and its error reported there
+                return
+
+    # Not a daemon: a process that exits meanwhile waits for the import instead of killing it mid-way.
+    _background = threading.Thread(target=load, name="trtconv-import-modelopt")
+    _background.start()
+
+
+def wait_for_background_import() -> None:
+    if _background is not None:
+        _background.join()
+
+
+def retry_after_import_deadlock(fn: Callable[[], T]) -> T:
+    """fn(), and once more after the background import has finished if fn's imports met it in a cycle."""
+    try:
+        return fn()
+    except RuntimeError as exc:
+        if _background is None or not _is_import_deadlock(exc):
+            raise
+    wait_for_background_import()
+    return fn()
+
+
+def _is_import_deadlock(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 20:  # transformers' lazy modules wrap the import error in a RuntimeError
+        if type(exc).__name__ == "_DeadlockError":
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def import_modelopt():
-    """modelopt.torch.quantization (imported on a fresh thread the first time); UserError if absent."""
+    """modelopt.torch.quantization (waiting for the background import, else imported on a fresh thread); UserError if absent."""
+    wait_for_background_import()
     if MODULE not in sys.modules:
         failed: list[BaseException] = []
 
