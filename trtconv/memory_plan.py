@@ -441,10 +441,11 @@ def evaluation_reason(plan: MemoryPlan) -> str:
     ev = by.get("evaluate (in memory)")
     if ev is None:
         return " (evaluate.enabled: false)"
+    parked = "; vocabulary matrices wait on the host during the layer loop" if plan.evaluate_parks else ""
     if plan.streamed:
-        return " (with calibration)"
+        return f" (with calibration{parked})"
     if plan.evaluate_streamed:
-        return f" (on a GPU always: in memory it would need {ev.need_bytes / GIB:.1f} GiB)"
+        return f" (on a GPU always: in memory it would need {ev.need_bytes / GIB:.1f} GiB{parked})"
     return ""
 
 

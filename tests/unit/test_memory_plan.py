@@ -104,6 +104,10 @@ def test_streamed_evaluation_parks_the_vocabulary_matrices_only_where_they_would
     need = {p: next(c.need_bytes for c in plan.checks if c.stage == "evaluate (streamed)" and c.where == "gpu")
             for p, plan in (("capped", capped), ("unparked", unparked))}
     assert need["capped"] <= 16 * 2**30 < need["unparked"]
+    from trtconv.memory_plan import evaluation_reason
+
+    assert "vocabulary matrices wait on the host" in evaluation_reason(capped)
+    assert "vocabulary matrices" not in evaluation_reason(uncapped)
 
 
 def test_8b_on_a_cpu_keeps_both_in_memory(tmp_path):
