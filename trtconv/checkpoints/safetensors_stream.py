@@ -1,12 +1,17 @@
-"""Merge safetensors part files into one file byte-identical to `safetensors.torch.save_file`.
+"""safetensors files byte-identical to `safetensors.torch.save_file`, with one tensor in host memory at a time.
 
-Layer-streamed export writes each decoder layer's tensors to a part file as soon as the layer is
-done; the rank file is then assembled from the parts through memory maps, so host memory stays at
-one copy buffer instead of the whole checkpoint. Byte identity with save_file (so the streamed and
-the in-memory paths give the same artifact digest) follows save_file's layout (safetensors 0.8,
-`prepare` in tensor.rs): u64 header length | compact JSON header padded with spaces to a multiple
-of 8 | tensors back to back in header order. The order (dtype rank, then name) is asked of the
-installed library by serializing zero-length stand-ins, never hard-coded.
+Two writers. `merge_parts`: layer-streamed export writes each decoder layer's tensors to a part file
+as soon as the layer is done; the rank file is then assembled from the parts, so host memory stays at
+one copy buffer instead of the whole checkpoint. `save_file_streamed`: save_file of tensors that sit
+on a GPU first copies every one of them to host memory (safetensors 0.8 `_flatten_as_ptr`), which
+is what set the 8B fp8 export's 9.6 GiB of anonymous host memory, in bare ModelOpt as in trtconv
+(docs/performance.md); this writes the same bytes copying one tensor at a time. ModelOpt's TensorRT-LLM
+export calls it through `streamed_save_file` (stages/export.py).
+
+Byte identity with save_file (so the paths give the same artifact digest) follows save_file's layout
+(safetensors 0.8, `prepare` in tensor.rs): u64 header length | compact JSON header padded with spaces
+to a multiple of 8 | tensors back to back in header order. The order (dtype rank, then name) is asked
+of the installed library by serializing zero-length stand-ins, never hard-coded.
 """
 
 from __future__ import annotations
@@ -35,6 +40,57 @@ def library_order(dtypes: dict[str, str]) -> list[str]:
     return [k for k in json.loads(blob[8 : 8 + n]) if k != "__metadata__"]
 
 
+def _write_header(f, order: list[str], infos: dict[str, tuple[str, list[int], int]]) -> None:
+    """save_file's header for tensors written in `order`; infos: name -> (dtype, shape, byte size)."""
+    header, offset = {}, 0
+    for name in order:
+        dtype, shape, size = infos[name]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    f.write(struct.pack("<Q", len(raw)) + raw)
+
+
+def can_stream(tensors: dict) -> bool:
+    """Whether save_file_streamed writes what save_file would: dense, contiguous tensors that share no
+    memory, of dtypes the library knows (anything else goes to save_file, which raises its own errors)."""
+    import torch
+    from safetensors.torch import _TYPES
+
+    known = set(_TYPES.values())
+    seen: set[tuple[str, int]] = set()
+    for t in tensors.values():
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or not t.is_contiguous() or t.dtype not in known:
+            return False
+        if t.numel():
+            where = (str(t.device), t.untyped_storage().data_ptr())
+            if where in seen:
+                return False
+            seen.add(where)
+    return True
+
+
+def save_file_streamed(tensors: dict, filename, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file(tensors, filename)`'s bytes, each tensor copied to the host and
+    written in turn (save_file itself when metadata is given or can_stream says no)."""
+    import torch
+    from safetensors.torch import _TYPES, save_file
+
+    if metadata is not None or not can_stream(tensors):
+        save_file(tensors, filename, metadata=metadata)
+        return
+    names = {dtype: name for name, dtype in _TYPES.items()}
+    infos = {k: (names[t.dtype], list(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()}
+    order = library_order({k: v[0] for k, v in infos.items()})
+    with open(filename, "wb") as f:
+        _write_header(f, order, infos)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).cpu().numpy()))
+
+
 def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK) -> None:
     """Write `out` as save_file(union of the parts' tensors) would, copying bytes part by part."""
     src: dict[str, tuple[Path, int, dict]] = {}
@@ -47,16 +103,9 @@ def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK) -> None:
                 raise ValueError(f"tensor {name} is in both {src[name][0]} and {p}")
             src[name] = (p, start, info)
     order = library_order({k: v[2]["dtype"] for k, v in src.items()})
-    header, offset = {}, 0
-    for name in order:
-        info = src[name][2]
-        size = info["data_offsets"][1] - info["data_offsets"][0]
-        header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
+    infos = {k: (v[2]["dtype"], v[2]["shape"], v[2]["data_offsets"][1] - v[2]["data_offsets"][0]) for k, v in src.items()}
     with open(out, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        _write_header(f, order, infos)
         for name in order:
             path, start, info = src[name]
             a, b = info["data_offsets"]
