@@ -168,7 +168,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         inputs = export_key = None
         if not hashing.pending:
             inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
-        if _calibrates(recipe) and not (cache and export_key and export.is_cached(cache, export_key)):
+        if recipe.quantization.quantizes and not (cache and export_key and export.is_cached(cache, export_key)):
             start_modelopt_import()  # 6-8 s on a thread of its own, under the model load (trtconv.core.imports)
         preloaded = None
         if hashing.pending and not memory.streamed:
@@ -292,11 +292,6 @@ def _finish(manifest: Manifest, writer: ArtifactWriter, opts: BuildOptions, repo
     if not passed:
         raise GateFailed(outcome)
     return outcome
-
-
-def _calibrates(recipe: Recipe) -> bool:
-    """Whether the run calibrates with ModelOpt (weights or the KV cache quantized)."""
-    return recipe.quantization.precision != "none" or recipe.quantization.kv_cache != "none"
 
 
 def whole_run_key(recipe: Recipe, opts: BuildOptions, device, reporter: Reporter) -> str | None:

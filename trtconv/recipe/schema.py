@@ -80,6 +80,11 @@ class QuantizationSection(Strict):
         "quantized layer (the output and the manifest say which).",
     )
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether ModelOpt calibrates anything: the weights/activations or the KV cache."""
+        return self.precision != "none" or self.kv_cache != "none"
+
 
 class CalibrationSection(Strict):
     data: str | None = Field(

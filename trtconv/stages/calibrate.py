@@ -198,7 +198,7 @@ def check_census(census: dict, section: QuantizationSection) -> None:
 
 
 def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, device: str, reporter) -> CalibrationResult:
-    if section.precision == "none" and section.kv_cache == "none":
+    if not section.quantizes:
         return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
     from trtconv.engine.plan import check_cuda_forward
     from trtconv.precisions import PRECISIONS

@@ -221,7 +221,7 @@ def finish_trtllm_config(out: Path, hf_config, architecture: str, quant: Quantiz
 def export_hf(model, tokenizer, section: ExportSection, quant: QuantizationSection, out: Path, warns: list[str]):
     import torch
 
-    if quant.precision == "none" and quant.kv_cache == "none":
+    if not quant.quantizes:
         model.save_pretrained(out)
     else:
         from trtconv.core.imports import import_modelopt

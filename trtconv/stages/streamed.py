@@ -206,9 +206,8 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     q, ex = recipe.quantization, recipe.export
     # The same compute dtype as the in-memory path (float32 on a CPU), so both write the same bytes.
     dtype, export_dtype = torch_dtype(compute_dtype(recipe.model.dtype, device)), torch_dtype(ex.dtype)
-    quantizes = not (q.precision == "none" and q.kv_cache == "none")
     log: list[str] = []
-    cfg = calibrate.recipe_quant_config(q, log) if quantizes else None
+    cfg = calibrate.recipe_quant_config(q, log) if q.quantizes else None
     index = WeightIndex(model_dir)
     shell, layer_cls, hf_config = build_shell(model_dir, index, dtype, device)
     n_layers = hf_config.num_hidden_layers
