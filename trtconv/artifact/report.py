@@ -52,6 +52,10 @@ _preloading = None  # the thread preload_plotting started
 def _pyplot():
     if _preloading is not None:
         _preloading.join()  # never two threads inside matplotlib's first import and backend choice
+    return _import_pyplot()
+
+
+def _import_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,10 +75,7 @@ def preload_plotting() -> None:
 
     def load() -> None:
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401
+            _import_pyplot()
         except Exception:  # noqa: BLE001 - reported by write_report's own import
             pass
 

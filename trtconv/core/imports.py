@@ -36,21 +36,28 @@ _background: threading.Thread | None = None
 T = TypeVar("T")
 
 
+def _import_all(names: tuple[str, ...], failed: list[BaseException]) -> None:
+    """Import names in order (a thread's target); the first failure goes into `failed` and stops it."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # noqa: BLE001 - the caller decides whether to raise it
+            failed.append(exc)
+            return
+
+
+def _importer(names: tuple[str, ...], failed: list[BaseException]) -> threading.Thread:
+    # Not a daemon: a process that exits meanwhile waits for the import instead of killing it mid-way.
+    return threading.Thread(target=_import_all, args=(names, failed), name="trtconv-import-modelopt")
+
+
 def start_modelopt_import() -> None:
-    """Begin importing ModelOpt on a thread of its own (at most once); errors surface in import_modelopt."""
+    """Begin importing ModelOpt on a thread of its own (at most once); errors surface in import_modelopt,
+    which imports again on demand and reports them."""
     global _background
     if _background is not None or MODULE in sys.modules:
         return
-
-    def load() -> None:
-        for name in BACKGROUND_MODULES:
-            try:
-                importlib.import_module(name)
-            except BaseException:  # noqa: BLE001 - imported again where needed, and its error reported there
-                return
-
-    # Not a daemon: a process that exits meanwhile waits for the import instead of killing it mid-way.
-    _background = threading.Thread(target=load, name="trtconv-import-modelopt")
+    _background = _importer(BACKGROUND_MODULES, [])
     _background.start()
 
 
@@ -83,15 +90,8 @@ def import_modelopt():
     """modelopt.torch.quantization (waiting for the background import, else imported on a fresh thread); UserError if absent."""
     wait_for_background_import()
     if MODULE not in sys.modules:
-        failed: list[BaseException] = []
-
-        def load() -> None:
-            try:
-                __import__(MODULE)
-            except BaseException as exc:  # re-raised below, on the caller's thread
-                failed.append(exc)
-
-        thread = threading.Thread(target=load, name="trtconv-import-modelopt")
+        failed: list[BaseException] = []  # re-raised below, on the caller's thread
+        thread = _importer((MODULE,), failed)
         thread.start()
         thread.join()
         if failed:
