@@ -18,7 +18,7 @@ if ! python3 -c "import modelopt" 2>/dev/null; then
 fi
 EXT=$(python3 -c "from trtconv.cache.store import use_torch_extensions_cache as u; print(u())")
 if [ -n "${CHECK:-}" ]; then  # the streamed evaluation's copy stream and parking change no number (a small model)
-  timeout 240 python3 scripts/check_streamed_gpu.py /tmp/check 2>&1 | grep -v "^\[" | tee "$OUT/check.log" | tail -8
+  timeout 320 python3 scripts/check_streamed_gpu.py /tmp/check 2>&1 | grep -v "^\[" | tee "$OUT/check.log" | tail -8
 fi
 KEEP=(); [ -n "$(ls -A "$EXT" 2>/dev/null)" ] && KEEP=(--keep-extensions)
 SAMPLING=(); [ -n "${SAMPLE:-}" ] && SAMPLING=(--sample-stacks)

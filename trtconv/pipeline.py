@@ -30,7 +30,7 @@ from trtconv.artifact.report import preload_plotting, write_junit, write_report
 from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
-from trtconv.stages.base import StageMeter
+from trtconv.stages.base import Laps, StageMeter
 from trtconv.stages.load import all_inputs, check_lengths, check_parallelism, data_packs
 from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
 
@@ -269,15 +269,22 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             metrics=metrics,
             gates=gates,
         )
-        if outcome_eval is not None:
-            write_report(writer.tmp, manifest, outcome_eval.weight_errors, outcome_eval.stats.token_kl)
-        if storing is not None:
-            storing.finish(reporter)  # its hashes are noted: the outputs below are not read again
-        manifest.outputs = hash_tree(writer.tmp, reuse_noted=True)
-        manifest.artifact_digest = artifact_digest(manifest.outputs)
-        if cache is not None and not opts.repro_check:  # the inputs' hashes are all known now
-            key = runs.run_key(recipe, manifest.inputs, device, opts.require_engine, opts.max_gpu_memory_gib)
-            runs.store(cache, key, writer.tmp, manifest, reporter)
+        with StageMeter("finish") as m:  # report, the export's cache entry, the outputs' hashes, the whole-run entry
+            laps = Laps()
+            if outcome_eval is not None:
+                write_report(writer.tmp, manifest, outcome_eval.weight_errors, outcome_eval.stats.token_kl)
+            laps.lap("report")
+            if storing is not None:
+                storing.finish(reporter)  # its hashes are noted: the outputs below are not read again
+            laps.lap("export_cache_wait")
+            manifest.outputs = hash_tree(writer.tmp, reuse_noted=True)
+            manifest.artifact_digest = artifact_digest(manifest.outputs)
+            laps.lap("outputs_hashed")
+            if cache is not None and not opts.repro_check:  # the inputs' hashes are all known now
+                key = runs.run_key(recipe, manifest.inputs, device, opts.require_engine, opts.max_gpu_memory_gib)
+                runs.store(cache, key, writer.tmp, manifest, reporter)
+            laps.lap("run_cached")
+        manifest.stages.append(m.record(seconds=laps.seconds))  # after the report and the run's cache entry: neither lists it
         return _finish(manifest, writer, opts, reporter)
 
 

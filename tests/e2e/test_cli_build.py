@@ -77,7 +77,7 @@ def test_calibrate_every_precision_llama(cli, tiny_llama, tmp_path, precision, k
     roles = {i["role"] for i in m["inputs"]}
     assert roles == {"model", "tokenizer", "calibration_data", "evaluation_data"}
     assert m["calibration"]["document_ids"] and m["calibration"]["data_sha256"]
-    assert [s["name"] for s in m["stages"]] == ["load", "calibrate", "export", "engine", "evaluate"]
+    assert [s["name"] for s in m["stages"]] == ["load", "calibrate", "export", "engine", "evaluate", "finish"]
     assert (out / "recipe.yaml").is_file()
 
 

@@ -42,7 +42,7 @@ def print_result(outcome, reporter, json_mode: bool) -> None:
         reporter.line(f"engine ({eng.get('target')}): {eng.get('status')} {eng.get('reason') or ''}".rstrip())
         if eng.get("command"):
             reporter.line("engine command: " + shlex.join(eng["command"]))
-    for line in time_lines(m.stages):
+    for line in time_lines(m.stages, reporter.elapsed()):
         reporter.line(line)
     reporter.line(f"{m.status}: {outcome.path}")
     reporter.line(f"artifact_digest: {m.artifact_digest}")
@@ -52,9 +52,10 @@ def _gib(mib: float | None) -> str:
     return "-" if mib is None else f"{mib / 1024:.1f} GiB"
 
 
-def time_lines(stages) -> list[str]:
-    """Where the time went: one line per stage (time, peak host RSS, peak GPU), then the total.
-    A stage reused from the cache shows the time it took when it ran."""
+def time_lines(stages, elapsed: float | None = None) -> list[str]:
+    """Where the time went: one line per stage (time, peak host RSS, peak GPU), then the total, and
+    the time since the run started (the rest is start-up: Python, torch, and the checks before the
+    load stage's clock). A stage reused from the cache shows the time it took when it ran."""
     lines = ["where the time went:"]
     for s in stages:
         note = ""
@@ -65,7 +66,7 @@ def time_lines(stages) -> list[str]:
         spent = 0.0 if s.status == "reused" else s.wall_s
         lines.append(f"  {s.name:<10} {spent:>8.1f} s   peak RSS {_gib(s.peak_rss_mib):>10}   peak GPU {_gib(s.peak_gpu_mib):>10}{note}")
     total = sum(s.wall_s for s in stages if s.status != "reused")
-    lines.append(f"  {'total':<10} {total:>8.1f} s")
+    lines.append(f"  {'total':<10} {total:>8.1f} s" + (f"   ({elapsed:.1f} s since the run started)" if elapsed is not None else ""))
     return lines
 
 

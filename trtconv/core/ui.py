@@ -65,6 +65,10 @@ class Reporter:
         self._live: Progress | None = None  # the terminal's one live display during a phase
         _ACTIVE = self
 
+    def elapsed(self) -> float:
+        """Seconds since this reporter (the run) started: the clock of the log's [  12.3s] stamps."""
+        return time.monotonic() - self._t0
+
     def _stamp(self, message: str) -> str:
         return f"[{time.monotonic() - self._t0:7.1f}s] {message}"
 

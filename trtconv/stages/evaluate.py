@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,53 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 
     The candidate is the built engine through TensorRT-LLM's own API where that runs here (and the
     engine was built with context logits); otherwise the checkpoint on disk through trtconv's
-    reference executor, with the reason recorded.
+    reference executor, with the reason recorded. On a GPU its float32 matrix products use TF32
+    (gpu_matmuls).
     """
+    with gpu_matmuls(device):
+        return _evaluate_checkpoint(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors,
+                                    artifact_root, engine_record, streamed, park)
+
+
+# What the reference executor computes its float32 matrix products in, per device kind (gpu_matmuls).
+CANDIDATE_MATMULS = {"cpu": "float32", "gpu": "tf32"}
+
+
+@contextmanager
+def gpu_matmuls(device: str):
+    """On a GPU, float32 matrix products run in TF32 while evaluating; on a CPU nothing changes.
+
+    The reference executor dequantizes the checkpoint to float32. On an H200 its full-float32
+    products were most of the 8B evaluation's layer time (16k tokens, 7 TFLOP a layer, on the
+    CUDA cores); TF32 runs them on the tensor cores. It rounds the products' inputs to 10 mantissa
+    bits (float32 accumulation), finer than the bf16 (7 bits) the original computes in on a GPU
+    (baseline_dtype) and far finer than any quantization judged, so the gate compares the same
+    things. The setting is restored afterwards; the manifest's candidate line says which applied.
+    """
+    if device == "cpu":
+        yield
+        return
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 has fp32_precision; earlier releases only the allow_tf32 flag (mixing the two is an error).
+    name, value = ("fp32_precision", CANDIDATE_MATMULS["gpu"]) if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    before = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
+
+
+def executor_numerics(device: str) -> str:
+    """The reference executor's numerics as the manifest's candidate line states them."""
+    return "float32" if device == "cpu" else f"float32, {CANDIDATE_MATMULS['gpu'].upper()} matrix products"
+
+
+def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
+                         weight_errors: bool, artifact_root: Path | None, engine_record: dict | None,
+                         streamed: bool, park: bool) -> EvalOutcome:
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.checkpoints.trtllm_reader import weight_quantization_errors
     from trtconv.gate import stats as evaluate
@@ -130,7 +176,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     errors = pair.errors
     record = {
         **tokens.manifest_record(),
-        "candidate": "TensorRT-LLM checkpoint via trtconv's reference executor (float32)",
+        "candidate": f"TensorRT-LLM checkpoint via trtconv's reference executor ({executor_numerics(device)})",
         "baseline": f"original HF checkpoint (transformers, {dtype})",
         "path": "streamed",
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
@@ -186,12 +232,12 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
         from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
 
         model = load_hf_checkpoint_model(checkpoint_dir, device=device)
-        description = "unified HF checkpoint via trtconv's reference executor (float32)"
+        description = f"unified HF checkpoint via trtconv's reference executor ({executor_numerics(device)})"
     else:
         from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
         model = load_checkpoint_model(checkpoint_dir, device=device)
-        description = "TensorRT-LLM checkpoint via trtconv's reference executor (float32)"
+        description = f"TensorRT-LLM checkpoint via trtconv's reference executor ({executor_numerics(device)})"
 
     def logits(ids):
         # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
