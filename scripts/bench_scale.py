@@ -25,7 +25,9 @@ Made for the GPU host (see docs/performance.md for results and the exact command
 5. prints one table per stage (load + quantize, export, whole) and writes WORK/bench.md and
    WORK/bench.json.
 
-`--precisions` takes fp8, int8_sq, int4_awq, w4a8_awq and fp8_kv (fp8 weights + fp8 KV cache).
+`--precisions` takes fp8, int8_sq, int4_awq, w4a8_awq and fp8_kv (fp8 weights + fp8 KV cache), and
+fp8_streamed: trtconv alone, fp8 through the layer-streamed path (`calibration.streaming: always`), to set
+beside fp8's bare run.
 The child modes (`_bare`, `_compile`) are internal.
 """
 
@@ -49,6 +51,10 @@ PRECISIONS = {  # name -> (trtconv --precision, --kv-cache)
     "int4_awq": ("int4_awq", "none"),
     "w4a8_awq": ("w4a8_awq", "none"),
     "fp8_kv": ("fp8", "fp8"),
+}
+# trtconv-only variants: name -> (the PRECISIONS row whose bare run they are compared with, extra trtconv arguments)
+VARIANTS = {
+    "fp8_streamed": ("fp8", ["--set", "calibration.streaming=always"]),  # the layer-streamed path on the same model
 }
 CALIB = {"num_samples": 64, "seq_len": 256, "batch_size": 4, "seed": 1234}  # trtconv calibrate's defaults
 
@@ -183,7 +189,8 @@ def bench_bare(args, env, name: str) -> dict:
 
 
 def bench_trtconv(args, env, name: str, tag: str) -> dict:
-    precision, kv = PRECISIONS[name]
+    base, extra = VARIANTS.get(name, (name, []))
+    precision, kv = PRECISIONS[base]
     out = args.work / f"trtconv-{name}"
     log = args.work / f"trtconv-{name}-{tag}.log"
     sampler = [str(ROOT / "scripts" / "stack_sampler.py"), str(args.work / f"trtconv-{name}-{tag}.stacks")] if args.sample_stacks else []
@@ -191,7 +198,7 @@ def bench_trtconv(args, env, name: str, tag: str) -> dict:
            "--kv-cache", kv, "--device", DEVICE, "-o", str(out), "--force",
            # the same rows and batches as the bare side, whatever calibrate's defaults are
            "--num-samples", str(CALIB["num_samples"]), "--seq-len", str(CALIB["seq_len"]),
-           "--batch-size", str(CALIB["batch_size"]), "--seed", str(CALIB["seed"]), "--set", "evaluate.sensitivity=false"]
+           "--batch-size", str(CALIB["batch_size"]), "--seed", str(CALIB["seed"]), "--set", "evaluate.sensitivity=false", *extra]
     rc, wall, rss = run_child(cmd, env, log)
     stages = {}
     try:
@@ -339,7 +346,10 @@ def main_parent(args) -> None:
     report["extension_compile"] = compile_times
     results, warm = {}, {}
     for name in args.precisions:
-        bare = {"skipped": True} if name in args.no_bare else bench_bare(args, env, name)
+        if name in VARIANTS:  # compared with its base precision's bare run, when this run made one
+            bare = results.get(VARIANTS[name][0], {}).get("bare", {"skipped": True})
+        else:
+            bare = {"skipped": True} if name in args.no_bare else bench_bare(args, env, name)
         print(f"{name} bare: {json.dumps(bare)}", flush=True)
         if name in args.bare_only:
             results[name] = {"bare": bare, "trtconv": {"rc": None, "process_s": None, "peak_rss_mib": None, "stages": {},
@@ -393,9 +403,9 @@ def main() -> None:
     args.warm = [p for p in args.warm.split(",") if p]
     args.no_bare = [p for p in args.no_bare.split(",") if p]
     args.bare_only = [p for p in args.bare_only.split(",") if p]
-    bad = [p for p in args.precisions + args.warm if p not in PRECISIONS]
+    bad = [p for p in args.precisions + args.warm if p not in PRECISIONS and p not in VARIANTS]
     if bad:
-        ap.error(f"unknown precision {bad[0]!r}; allowed: {', '.join(PRECISIONS)}")
+        ap.error(f"unknown precision {bad[0]!r}; allowed: {', '.join([*PRECISIONS, *VARIANTS])}")
     main_parent(args)
 
 

@@ -23,7 +23,7 @@ fi
 KEEP=(); [ -n "$(ls -A "$EXT" 2>/dev/null)" ] && KEEP=(--keep-extensions)
 SAMPLING=(); [ -n "${SAMPLE:-}" ] && SAMPLING=(--sample-stacks)
 timeout "${BENCH_TIMEOUT:-540}" python3 scripts/bench_scale.py --work "$WORK" --precisions "$PRECISIONS" --warm "$WARM" \
-  --skip-warm-compile "${KEEP[@]}" "${SAMPLING[@]}" ${BARE_ONLY:+--bare-only "$BARE_ONLY"}
+  --skip-warm-compile "${KEEP[@]}" "${SAMPLING[@]}" ${BARE_ONLY:+--bare-only "$BARE_ONLY"} ${NO_BARE:+--no-bare "$NO_BARE"}
 echo "bench exit $?"
 cp "$WORK"/bench.md "$WORK"/bench.json "$OUT"/ 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$WORK" $(cd "$WORK" && ls *.log 2>/dev/null)

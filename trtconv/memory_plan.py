@@ -246,7 +246,8 @@ def evaluation_streams_alone(recipe) -> bool:
 
 def _choose_paths(plan: MemoryPlan, recipe, on_gpu: bool) -> None:
     """calibration.streaming auto: stream calibration when an in-memory stage does not fit (on a GPU,
-    where evaluation can stream on its own, calibration's own check decides). Evaluation streams with
+    where evaluation can stream on its own, calibration's own check decides), or when the host cannot
+    hold the in-memory export's rank (checked where the host is known: a build's own machine). Evaluation streams with
     calibration, and on a GPU always (where it can): in memory it holds the original and the
     checkpoint together, more than calibration ever holds. Measured on an 8B model on an H200
     (docs/performance.md): streamed 16.7 s at 6.3 GiB, in memory 14.3 s at 27.9 GiB (an earlier run)."""
@@ -254,7 +255,13 @@ def _choose_paths(plan: MemoryPlan, recipe, on_gpu: bool) -> None:
     in_memory = {c.stage: c for c in plan.checks if c.where == "gpu" and "(in memory)" in c.stage}
     if plan.streaming == "auto":
         plan.streamed = not all(c.fits for stage, c in in_memory.items() if not (alone and stage.startswith("evaluate")))
+        plan.streamed = plan.streamed or not host_fits(plan, "calibrate (in memory)")
     plan.evaluate_streamed = plan.streamed or (alone and "evaluate (in memory)" in in_memory)
+
+
+def host_fits(plan: MemoryPlan, stage: str) -> bool:
+    """Whether `stage`'s host-memory check fits (True where the host was not checked: another machine's plan)."""
+    return all(c.fits for c in plan.checks if c.stage == stage and c.where == "host")
 
 
 def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: int, host_bytes: int | None) -> None:
@@ -273,8 +280,11 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
     export_extra = MODEL_EXPORT_OUTER_COPIES * outer_bytes + 2 * layer_bytes
     add(Check("calibrate (in memory)", "gpu", context_bytes + plan.load_bytes + max(fwd, export_extra), gpu,
               "whole model + one batch or the export's copies"))
-    add(Check("calibrate (in memory)", "host", PROCESS_RSS + max(plan.load_bytes, plan.export_bytes // (ex.tp_size * ex.pp_size)),
-              host_bytes, "model loaded via the host, then a rank's export"))
+    # Host: ModelOpt's export holds a whole rank in host memory (pack_linear_weights moves every packed
+    # weight there; measured 9.6 GiB anonymous for the 8B fp8 rank on the H200). The load reads the
+    # memory-mapped checkpoint straight to the GPU: page cache, which the kernel can reclaim.
+    add(Check("calibrate (in memory)", "host", PROCESS_RSS + plan.export_bytes // (ex.tp_size * ex.pp_size),
+              host_bytes, "a rank's export, held in host memory by ModelOpt"))
     # Streamed: embeddings/lm_head (and the shell export's copies of them), one layer with ModelOpt's
     # temporaries, the activation cache and one batch's forward.
     margin = STREAM_MARGIN + (AWQ_EXTRA_LAYERS if "awq" in q.precision else 0.0)
@@ -436,6 +446,19 @@ def describe(plan: MemoryPlan) -> list[str]:
     return lines
 
 
+def calibration_reason(plan: MemoryPlan) -> str:
+    """Why calibration streams: the recipe, the GPU, or the host (ModelOpt's in-memory export of a rank)."""
+    if plan.streaming == "always":
+        return "calibration.streaming: always"
+    host = next((c for c in plan.checks if c.stage == "calibrate (in memory)" and c.where == "host"), None)
+    gpu = next((c for c in plan.checks if c.stage == "calibrate (in memory)" and c.where == "gpu"), None)
+    if gpu is not None and gpu.fits and host is not None and not host.fits:
+        return (f"host memory: the in-memory export holds a rank of {host.need_bytes / GIB:.1f} GiB in host memory, "
+                f"{host.have_bytes / GIB:.1f} GiB available; calibration.streaming: never keeps it in memory")
+    return (f"calibration.streaming: auto; whole model {plan.load_bytes / GIB:.1f} GiB, one layer {plan.layer_bytes / GIB:.2f} GiB, "
+            f"{plan.gpu_memory_bytes / GIB:.1f} GiB available")
+
+
 def evaluation_reason(plan: MemoryPlan) -> str:
     by = {c.stage: c for c in plan.checks if c.where == "gpu"}
     ev = by.get("evaluate (in memory)")
@@ -473,7 +496,9 @@ def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | Non
         mem = int(max_gpu_memory_gib * GIB) if max_gpu_memory_gib is not None else (avail or 2**62)
         name = "cpu" if max_gpu_memory_gib is None else "cpu (--max-gpu-memory cap)"
     on_gpu = device.kind == "cuda"
+    # On a GPU the host is checked too (on a CPU the "GPU" figure above already is the host's memory).
     plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if on_gpu else 1),
+                       host_bytes=host_available_bytes() if on_gpu else None,
                        context_bytes=CUDA_CONTEXT if on_gpu else 0, on_gpu=on_gpu)
     cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else f"{name} ({mem / GIB:.1f} GiB)"
     by = {c.stage: c for c in plan.checks if c.where == "gpu"}

@@ -341,12 +341,11 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, cap_gib: float | None, mod
     layer_bytes = WeightIndex(model_dir).layer_bytes(0) if recipe.calibration.streaming != "never" else None
     plan = plan_for_build(recipe, hf_cfg, device, cap_gib, layer_bytes)
     if plan.streamed:
+        from trtconv.memory_plan import calibration_reason
         from trtconv.stages.streamed import check_supported
 
+        reporter.stage("load", f"memory plan: layer-streamed calibration ({calibration_reason(plan)})")
         check_supported(recipe)  # what the streamed path cannot do, before any work
-        reporter.stage("load", f"memory plan: layer-streamed calibration (calibration.streaming: {recipe.calibration.streaming}; "
-                       f"whole model {plan.load_bytes / 2**30:.1f} GiB, one layer {plan.layer_bytes / 2**30:.2f} GiB, "
-                       f"{plan.gpu_memory_bytes / 2**30:.1f} GiB available)")
     elif plan.evaluate_streamed:
         from trtconv.memory_plan import evaluation_reason
 

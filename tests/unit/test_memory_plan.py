@@ -64,16 +64,42 @@ def test_streaming_never_on_a_model_larger_than_the_gpu_advises_streaming(cli, t
 LLAMA3_8B = {**LLAMA3_70B, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32}
 
 
-def _build_plan(tmp_path: Path, device, config: dict = LLAMA3_8B, cap_gib: float | None = None, **model):
+def _build_plan(tmp_path: Path, device, config: dict = LLAMA3_8B, cap_gib: float | None = None, streaming: str = "auto", **model):
     from trtconv.memory_plan import plan_for_build
     from trtconv.recipe.schema import recipe_from_dict
 
     recipe = recipe_from_dict({"name": "plan", "model": {"path": str(tmp_path), "dtype": "bfloat16", **model},
-                               "quantization": {"precision": "fp8"}}).resolved()
+                               "quantization": {"precision": "fp8"}, "calibration": {"streaming": streaming}}).resolved()
     return plan_for_build(recipe, config, device, cap_gib)
 
 
 H200 = {"kind": "cuda", "name": "NVIDIA H200", "sm": "9.0", "count": 1, "memory_gib": 139.8}
+
+
+@pytest.fixture(autouse=True)
+def h200_host(monkeypatch):
+    """A GPU build's plan also checks this machine's available host memory: pinned at the H200 host's
+    128 GiB, so what the tests assert does not depend on the machine running them."""
+    monkeypatch.setattr("trtconv.memory_plan.host_available_bytes", lambda: 128 * 2**30)
+
+
+def test_a_host_that_cannot_hold_the_export_streams_calibration(tmp_path, monkeypatch):
+    """ModelOpt's in-memory export holds a whole rank in host memory (9.6 GiB measured for 8B fp8): a
+    GPU host with less available streams calibration (one layer at a time), and says why;
+    calibration.streaming: never keeps the in-memory path."""
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.memory_plan import calibration_reason
+
+    monkeypatch.setattr("trtconv.memory_plan.host_available_bytes", lambda: 6 * 2**30)
+    plan = _build_plan(tmp_path, DeviceInfo(**H200))
+    host = next(c for c in plan.checks if c.stage == "calibrate (in memory)" and c.where == "host")
+    assert 8 * 2**30 < host.need_bytes < 10 * 2**30 and not host.fits
+    assert plan.streamed and plan.evaluate_streamed
+    assert "host memory" in calibration_reason(plan) and "6.0 GiB available" in calibration_reason(plan)
+    streamed_host = next(c for c in plan.checks if c.stage == "calibrate (streamed)" and c.where == "host")
+    assert streamed_host.fits
+    never = _build_plan(tmp_path, DeviceInfo(**H200), streaming="never")
+    assert not never.streamed
 
 
 def test_8b_on_a_gpu_calibrates_in_memory_and_evaluates_layer_by_layer(tmp_path):

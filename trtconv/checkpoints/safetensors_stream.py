@@ -1,12 +1,13 @@
-"""safetensors files byte-identical to `safetensors.torch.save_file`, with one tensor in host memory at a time.
+"""safetensors files byte-identical to `safetensors.torch.save_file`, assembled from part files.
 
-Two writers. `merge_parts`: layer-streamed export writes each decoder layer's tensors to a part file
-as soon as the layer is done; the rank file is then assembled from the parts, so host memory stays at
-one copy buffer instead of the whole checkpoint. `save_file_streamed`: save_file of tensors that sit
-on a GPU first copies every one of them to host memory (safetensors 0.8 `_flatten_as_ptr`), which
-is what set the 8B fp8 export's 9.6 GiB of anonymous host memory, in bare ModelOpt as in trtconv
-(docs/performance.md); this writes the same bytes copying one tensor at a time. ModelOpt's TensorRT-LLM
-export calls it through `streamed_save_file` (stages/export.py).
+`merge_parts`: layer-streamed export writes each decoder layer's tensors to a part file as soon as
+the layer is done; the rank file is then assembled from the parts, so host memory stays at one copy
+buffer instead of the whole checkpoint.
+
+(A `save_file_streamed` for ModelOpt's in-memory export was tried and removed: ModelOpt's
+`pack_linear_weights` and `postprocess_tensors(force_cpu=True)` already hold the whole rank in host
+memory before save_file is called, so the 8B export's 9.6 GiB of anonymous memory did not change;
+H200 run 5 in docs/performance.md.)
 
 Byte identity with save_file (so the paths give the same artifact digest) follows save_file's layout
 (safetensors 0.8, `prepare` in tensor.rs): u64 header length | compact JSON header padded with spaces
@@ -50,45 +51,6 @@ def _write_header(f, order: list[str], infos: dict[str, tuple[str, list[int], in
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * ((8 - len(raw) % 8) % 8)
     f.write(struct.pack("<Q", len(raw)) + raw)
-
-
-def can_stream(tensors: dict) -> bool:
-    """Whether save_file_streamed writes what save_file would: dense, contiguous tensors that share no
-    memory, of dtypes the library knows (anything else goes to save_file, which raises its own errors)."""
-    import torch
-    from safetensors.torch import _TYPES
-
-    known = set(_TYPES.values())
-    seen: set[tuple[str, int]] = set()
-    for t in tensors.values():
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or not t.is_contiguous() or t.dtype not in known:
-            return False
-        if t.numel():
-            where = (str(t.device), t.untyped_storage().data_ptr())
-            if where in seen:
-                return False
-            seen.add(where)
-    return True
-
-
-def save_file_streamed(tensors: dict, filename, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file(tensors, filename)`'s bytes, each tensor copied to the host and
-    written in turn (save_file itself when metadata is given or can_stream says no)."""
-    import torch
-    from safetensors.torch import _TYPES, save_file
-
-    if metadata is not None or not can_stream(tensors):
-        save_file(tensors, filename, metadata=metadata)
-        return
-    names = {dtype: name for name, dtype in _TYPES.items()}
-    infos = {k: (names[t.dtype], list(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()}
-    order = library_order({k: v[0] for k, v in infos.items()})
-    with open(filename, "wb") as f:
-        _write_header(f, order, infos)
-        for name in order:
-            t = tensors[name]
-            if t.numel():
-                f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).cpu().numpy()))
 
 
 def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK) -> None:

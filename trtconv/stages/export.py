@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +166,7 @@ def export_trtllm(model, hf_config, architecture: str, section: ExportSection, q
     from modelopt.torch.export.model_utils import get_model_type
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[section.dtype]
-    with quiet_dependency(warns), torch.no_grad(), streamed_save_file():
+    with quiet_dependency(warns), torch.no_grad():
         # inference_tensor_parallel must be given: ModelOpt's default of 0 divides by zero.
         export_tensorrt_llm_checkpoint(
             model,
@@ -183,28 +182,6 @@ def export_trtllm(model, hf_config, architecture: str, section: ExportSection, q
     if clock is not None:
         clock.lap("config_repair")
     return repairs
-
-
-@contextmanager
-def streamed_save_file():
-    """ModelOpt's TensorRT-LLM export writes each rank with safetensors' save_file, which first copies
-    every tensor of the rank from the GPU to host memory (9.6 GiB for an 8B fp8 rank, in bare ModelOpt
-    too). For the export's duration its module uses save_file_streamed instead: the same bytes, one
-    tensor in host memory at a time. Only when the module's save_file is safetensors' own (another
-    ModelOpt version that writes differently is left alone)."""
-    import safetensors.torch
-    from modelopt.torch.export import model_config_export as module
-
-    from trtconv.checkpoints.safetensors_stream import save_file_streamed
-
-    if getattr(module, "save_file", None) is not safetensors.torch.save_file:
-        yield
-        return
-    module.save_file = save_file_streamed
-    try:
-        yield
-    finally:
-        module.save_file = safetensors.torch.save_file
 
 
 def finish_trtllm_config(out: Path, hf_config, architecture: str, quant: QuantizationSection) -> list[Repair]:
