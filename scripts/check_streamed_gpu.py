@@ -69,8 +69,8 @@ def main() -> None:
     runs = {}
     for name, copies, park in (("shipped", shipped, False), ("default stream", DefaultStream, False), ("parked", shipped, True)):
         es.CopyStream = copies
-        runs[name] = timed(name, lambda: evaluate_checkpoint(recipe, model, ckpt, tokens, a.device, Reporter(quiet=True),
-                                                             streamed=True, park=park))
+        runs[name] = timed(name, lambda park=park: evaluate_checkpoint(recipe, model, ckpt, tokens, a.device, Reporter(quiet=True),
+                                                                       streamed=True, park=park))
     es.CopyStream = shipped
     ref = runs["shipped"]
     ok = True

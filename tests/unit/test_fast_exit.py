@@ -20,7 +20,7 @@ def _run(body: str, tmp_path: Path) -> subprocess.CompletedProcess:
         out = Path({str(tmp_path)!r})
         """
     ) + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_threads_atexit_handlers_and_buffered_output_all_finish(tmp_path):
@@ -55,6 +55,6 @@ def test_exit_codes_follow_system_exit(tmp_path):
 def test_the_command_exits_with_its_code(tmp_path):
     """The real entry point: a user mistake still exits 2 with its message, through fast_exit."""
     res = subprocess.run([sys.executable, "-m", "trtconv", "build", str(tmp_path / "missing.yaml")], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2
     assert "missing.yaml" in res.stdout + res.stderr and "Traceback" not in res.stderr

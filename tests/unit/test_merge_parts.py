@@ -30,8 +30,8 @@ def _parts(tmp_path):
     return paths, whole.read_bytes()
 
 
-def _failing_after(limit: int, real=os.copy_file_range if hasattr(os, "copy_file_range") else None):
-    copied = {"n": 0}
+def _failing_after(limit: int):
+    real, copied = os.copy_file_range, {"n": 0}
 
     def fake(src, dst, count, offset_src=None, offset_dst=None):
         if copied["n"] >= limit:

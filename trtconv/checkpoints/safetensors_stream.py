@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import ExitStack
 from pathlib import Path
 
 COPY_CHUNK = 64 << 20
@@ -66,20 +67,13 @@ def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK) -> None:
             src[name] = (p, start, info)
     order = library_order({k: v[2]["dtype"] for k, v in src.items()})
     infos = {k: (v[2]["dtype"], v[2]["shape"], v[2]["data_offsets"][1] - v[2]["data_offsets"][0]) for k, v in src.items()}
-    handles: dict[Path, object] = {}
-    try:
-        with open(out, "wb") as f:
-            _write_header(f, order, infos)
-            f.flush()
-            for name in order:
-                path, start, info = src[name]
-                if path not in handles:
-                    handles[path] = open(path, "rb")
-                a, b = info["data_offsets"]
-                copy_range(handles[path], start + a, b - a, f, chunk)
-    finally:
-        for h in handles.values():
-            h.close()
+    with ExitStack() as stack, open(out, "wb") as f:
+        handles = {p: stack.enter_context(open(p, "rb")) for p in parts}  # each part opened once
+        _write_header(f, order, infos)
+        for name in order:
+            path, start, info = src[name]
+            a, b = info["data_offsets"]
+            copy_range(handles[path], start + a, b - a, f, chunk)
 
 
 def copy_range(src, offset: int, count: int, dst, chunk: int = COPY_CHUNK) -> None:
