@@ -12,7 +12,6 @@ otherwise the parts are in page cache. Every output is compared with save_file's
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import subprocess
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trtconv.artifact.writer import sha256_file  # after the repository is on the path
 
 
 def make_parts(work: Path, n: int, mib: int) -> tuple[list[Path], str]:
@@ -44,15 +45,7 @@ def make_parts(work: Path, n: int, mib: int) -> tuple[list[Path], str]:
         for p in parts:
             whole.update(load_file(p))
         save_file(whole, ref)
-    return parts, _sha(ref)
-
-
-def _sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
+    return parts, sha256_file(ref)
 
 
 def drop_cache() -> bool:
@@ -91,7 +84,7 @@ def main() -> None:
             synced = time.monotonic() - t
             if real is not None:
                 os.copy_file_range = real
-            rows.append((way, cold, merged, synced, _sha(out) == want))
+            rows.append((way, cold, merged, synced, sha256_file(out) == want))
     print(f"merge_parts: {a.parts} parts, {size / 2**30:.2f} GiB; {platform.node()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}, copy_file_range {'yes' if real else 'no'}")
     print("| copy | page cache dropped first | merge s | merge + sync s | same bytes as save_file |")

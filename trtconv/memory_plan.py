@@ -254,8 +254,8 @@ def _choose_paths(plan: MemoryPlan, recipe, on_gpu: bool) -> None:
     alone = on_gpu and evaluation_streams_alone(recipe)
     in_memory = {c.stage: c for c in plan.checks if c.where == "gpu" and "(in memory)" in c.stage}
     if plan.streaming == "auto":
-        plan.streamed = not all(c.fits for stage, c in in_memory.items() if not (alone and stage.startswith("evaluate")))
-        plan.streamed = plan.streamed or not host_fits(plan, "calibrate (in memory)")
+        gpu_fits = all(c.fits for stage, c in in_memory.items() if not (alone and stage.startswith("evaluate")))
+        plan.streamed = not (gpu_fits and host_fits(plan, "calibrate (in memory)"))
     plan.evaluate_streamed = plan.streamed or (alone and "evaluate (in memory)" in in_memory)
 
 

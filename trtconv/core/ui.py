@@ -70,7 +70,7 @@ class Reporter:
         return time.monotonic() - self._t0
 
     def _stamp(self, message: str) -> str:
-        return f"[{time.monotonic() - self._t0:7.1f}s] {message}"
+        return f"[{self.elapsed():7.1f}s] {message}"
 
     def info(self, message: str) -> None:
         self._activity = message

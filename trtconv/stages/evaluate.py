@@ -59,8 +59,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
                                     artifact_root, engine_record, streamed, park)
 
 
-# What the reference executor computes its float32 matrix products in, per device kind (gpu_matmuls).
-CANDIDATE_MATMULS = {"cpu": "float32", "gpu": "tf32"}
+# What the reference executor's float32 matrix products run in on a GPU (gpu_matmuls); full float32 on a CPU.
+GPU_FP32_MATMULS = "tf32"
 
 
 @contextmanager
@@ -82,7 +82,7 @@ def gpu_matmuls(device: str):
 
     matmul = torch.backends.cuda.matmul
     # torch >= 2.9 has fp32_precision; earlier releases only the allow_tf32 flag (mixing the two is an error).
-    name, value = ("fp32_precision", CANDIDATE_MATMULS["gpu"]) if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    name, value = ("fp32_precision", GPU_FP32_MATMULS) if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
     before = getattr(matmul, name)
     setattr(matmul, name, value)
     try:
@@ -91,9 +91,10 @@ def gpu_matmuls(device: str):
         setattr(matmul, name, before)
 
 
-def executor_numerics(device: str) -> str:
-    """The reference executor's numerics as the manifest's candidate line states them."""
-    return "float32" if device == "cpu" else f"float32, {CANDIDATE_MATMULS['gpu'].upper()} matrix products"
+def executor_candidate(checkpoint: str, device: str) -> str:
+    """The manifest's candidate line for a checkpoint judged by the reference executor, with its numerics."""
+    numerics = "float32" if device == "cpu" else f"float32, {GPU_FP32_MATMULS.upper()} matrix products"
+    return f"{checkpoint} via trtconv's reference executor ({numerics})"
 
 
 def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
@@ -177,7 +178,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     errors = pair.errors
     record = {
         **tokens.manifest_record(),
-        "candidate": f"TensorRT-LLM checkpoint via trtconv's reference executor ({executor_numerics(device)})",
+        "candidate": executor_candidate("TensorRT-LLM checkpoint", device),
         "baseline": f"original HF checkpoint (transformers, {dtype})",
         "path": "streamed",
         "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
@@ -233,12 +234,12 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
         from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
 
         model = load_hf_checkpoint_model(checkpoint_dir, device=device)
-        description = f"unified HF checkpoint via trtconv's reference executor ({executor_numerics(device)})"
+        description = executor_candidate("unified HF checkpoint", device)
     else:
         from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
         model = load_checkpoint_model(checkpoint_dir, device=device)
-        description = f"TensorRT-LLM checkpoint via trtconv's reference executor ({executor_numerics(device)})"
+        description = executor_candidate("TensorRT-LLM checkpoint", device)
 
     def logits(ids):
         # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
