@@ -210,8 +210,23 @@ def export_hf(model, tokenizer, section: ExportSection, quant: QuantizationSecti
         with quiet_dependency(warns):
             # The exporter folds scales into the model it is given: hand it a copy.
             export_hf_checkpoint(copy.deepcopy(model), dtype=dtype, export_dir=out)
-    tokenizer.save_pretrained(out)  # ModelOpt writes no tokenizer; runtimes need one beside the weights
+    save_tokenizer(tokenizer, out)  # ModelOpt writes no tokenizer; runtimes need one beside the weights
     make_readable(out)
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """tokenizer.save_pretrained(out), minus one setting of the process that loaded it: transformers
+    writes `local_files_only` into tokenizer_config.json from HF_HUB_OFFLINE at load time, so the same
+    tokenizer gave different bytes (and artifact digests) online and offline (`make test` runs offline,
+    `make demo` online). It is written as false, what an online load records, in place (the file's
+    formatting is transformers' own)."""
+    tokenizer.save_pretrained(out)
+    config = Path(out) / "tokenizer_config.json"
+    if config.is_file():
+        text = config.read_text(encoding="utf-8")
+        fixed = text.replace('"local_files_only": true', '"local_files_only": false')
+        if fixed != text:
+            config.write_text(fixed, encoding="utf-8")
 
 
 def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, quant: QuantizationSection, root: Path) -> ExportResult:
@@ -220,7 +235,7 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
     warns: list[str] = []
     tok_dir = root / TOKENIZER_DIR
     clock = Laps()
-    tokenizer.save_pretrained(tok_dir)
+    save_tokenizer(tokenizer, tok_dir)
     result = ExportResult(checkpoint_dir=None, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, dependency_warnings=warns,
                           seconds=clock.lap("tokenizer"))
     if section.hf_checkpoint:

@@ -275,7 +275,7 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     seconds["merge"] = round(time.monotonic() - t_merge, 3)
     t_finish = time.monotonic()
     tok_dir = root / export.TOKENIZER_DIR
-    tokenizer.save_pretrained(tok_dir)
+    export.save_tokenizer(tokenizer, tok_dir)
     repairs = export.finish_trtllm_config(checkpoint, hf_config, architecture, q)
     report = validate_checkpoint(checkpoint)
     raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
