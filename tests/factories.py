@@ -75,11 +75,52 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     if arch == "mistral":
         # No sliding window unless asked for (sliding_window=16): Mistral-7B v0.1 has 4096.
         return MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **{"sliding_window": None, **common})
+    if arch in NEW_FAMILY_CONFIGS:
+        return NEW_FAMILY_CONFIGS[arch](common)
     raise ValueError(f"unknown arch {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 
+def _qwen3(common: dict):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
+
+
+def _gemma3(common: dict):
+    # Gemma 3's text model: local (window 16) and global layers interleaved with their own rope bases,
+    # q/k norms, (1+w) norms, scaled embeddings. 3 layers: sliding, sliding, full.
+    from transformers import Gemma3TextConfig
+
+    fields = {**common, "num_hidden_layers": 3, "tie_word_embeddings": common.get("tie_word_embeddings", True)}
+    return Gemma3TextConfig(head_dim=32, sliding_window=16, query_pre_attn_scalar=32,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **fields)
+
+
+def _gemma2(common: dict):
+    # Gemma 2: attention and final-logit soft-capping, alternating windowed and full layers.
+    from transformers import Gemma2Config
+
+    fields = {**common, "tie_word_embeddings": common.get("tie_word_embeddings", True)}
+    return Gemma2Config(head_dim=32, sliding_window=16, query_pre_attn_scalar=32, attn_logit_softcapping=50.0,
+                        final_logit_softcapping=30.0, **fields)
+
+
+def _phi3(common: dict):
+    # Phi-3 / Phi-4: qkv_proj and gate_up_proj fused in the checkpoint itself; LongRoPE scaling.
+    from transformers import Phi3Config
+
+    fields = {k: v for k, v in common.items() if k != "max_position_embeddings"}
+    half = 128 // 4 // 2  # head_dim / 2 factors
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * half,
+            "long_factor": [1.5] * half, "original_max_position_embeddings": 256}
+    return Phi3Config(max_position_embeddings=512, original_max_position_embeddings=256, rope_parameters=rope,
+                      pad_token_id=0, **fields)
+
+
+NEW_FAMILY_CONFIGS = {"qwen3": _qwen3, "gemma3": _gemma3, "gemma2": _gemma2, "phi3": _phi3}
+
 # Every architecture family of trtconv.architectures has a tiny factory (tests/test_registries.py checks).
-TINY_ARCHS = ("llama", "qwen2", "mistral")
+TINY_ARCHS = ("llama", "qwen2", "mistral", *NEW_FAMILY_CONFIGS)
 
 
 def make_tiny_model(out_dir: Path, arch: str = "llama", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides) -> Path:

@@ -41,6 +41,19 @@ class Architecture:
     # accepts a config.json `sliding_window`, the export writes it where TensorRT-LLM reads it
     # (WINDOW_CONFIG_PATH), the reference forward masks to it, the engine options pass it.
     sliding_window: bool = False
+    # Local and global layers interleaved (config.json layer_types, per-layer rope bases): only the
+    # unified HF checkpoint carries them; transformers' own masks apply them in the gate's executor.
+    per_layer_windows: bool = False
+    # Linears one fused GEMM runs at the runtime (they share an activation quantizer; FP8 weights are
+    # requantized to the group's scale): leaf names within one parent module. Phi-3 ships them fused.
+    fused_groups: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    attention_module: str = "self_attn"  # where the FP8 KV-cache scales hang (k_proj.k_scale / v_proj.v_scale)
+    # Why ModelOpt's legacy TensorRT-LLM checkpoint (export.tensorrt_llm_checkpoint, engine target
+    # tensorrt) is refused for this family; None = it is converted, checked and judged.
+    no_trtllm_checkpoint: str | None = None
+
+
+_UNIFIED_ONLY = "convert it to the unified HF checkpoint (export.tensorrt_llm_checkpoint: false, export.hf_checkpoint: true; engine target pytorch)"
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -62,13 +75,31 @@ ARCHITECTURES: dict[str, Architecture] = {
                 ConfigKey("mlp_bias", False, "Qwen2's MLP has no biases"),
             ),
         ),
+        Architecture(
+            "Qwen3ForCausalLM", "Qwen3ForCausalLM", "qwen3", qkv_bias=False, per_layer_windows=True,
+            no_trtllm_checkpoint="ModelOpt 0.47's legacy export writes no qwen_type for Qwen3 (q/k-norm would be off in "
+            "TensorRT-LLM) and trtconv's TensorRT-LLM checkpoint reader has no q/k-norm; " + _UNIFIED_ONLY,
+        ),
+        Architecture(
+            "Gemma3ForCausalLM", "Gemma3ForCausalLM", "gemma3", qkv_bias=False, per_layer_windows=True,
+            no_trtllm_checkpoint="ModelOpt 0.47 has no legacy TensorRT-LLM export for Gemma 3 (NotImplementedError); " + _UNIFIED_ONLY,
+        ),
+        Architecture(
+            "Gemma2ForCausalLM", "Gemma2ForCausalLM", "gemma2", qkv_bias=False, per_layer_windows=True,
+            no_trtllm_checkpoint="ModelOpt 0.47 writes Gemma 2's legacy TensorRT-LLM config only with tensorrt_llm installed; " + _UNIFIED_ONLY,
+        ),
+        Architecture(
+            "Phi3ForCausalLM", "Phi3ForCausalLM", "phi3", qkv_bias=False, sliding_window=True, fused_groups=(),
+            no_trtllm_checkpoint="ModelOpt 0.47 writes no legacy TensorRT-LLM config for Phi-3 without tensorrt_llm installed; " + _UNIFIED_ONLY,
+        ),
     )
 }
 
 # The names each checkpoint kind carries, in table order (error messages list them).
 HF_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
-TRTLLM_NAMES: tuple[str, ...] = tuple(a.trtllm_name for a in ARCHITECTURES.values())
-_BY_TRTLLM_NAME: dict[str, Architecture] = {a.trtllm_name: a for a in ARCHITECTURES.values()}
+# Only the families whose legacy TensorRT-LLM checkpoint trtconv converts and reads.
+TRTLLM_NAMES: tuple[str, ...] = tuple(a.trtllm_name for a in ARCHITECTURES.values() if a.no_trtllm_checkpoint is None)
+_BY_TRTLLM_NAME: dict[str, Architecture] = {a.trtllm_name: a for a in ARCHITECTURES.values() if a.no_trtllm_checkpoint is None}
 
 
 def by_hf_name(name: str | None) -> Architecture | None:
@@ -104,13 +135,16 @@ def hf_attention_window(cfg: dict) -> int | None:
 
 
 def check_attention_window(cfg: dict, hf_name: str, where, error: type[Exception]) -> int | None:
-    """The HF config's window, refused (``error``, naming ``sliding_window``) where it cannot be converted."""
+    """The HF config's one window for every layer (None: none, or per-layer windows that config.json's
+    layer_types carry for the runtime), refused (``error``, naming ``sliding_window``) where it cannot be converted."""
     window = hf_attention_window(cfg)
     if window is None:
         return None
-    supported = [a.hf_name for a in ARCHITECTURES.values() if a.sliding_window]
+    supported = [a.hf_name for a in ARCHITECTURES.values() if a.sliding_window or a.per_layer_windows]
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise error(f"{where}: sliding_window is {window!r}; allowed: a positive integer (tokens) or null")
+    if ARCHITECTURES[hf_name].per_layer_windows:
+        return None
     if not ARCHITECTURES[hf_name].sliding_window:
         raise error(
             f"{where}: sliding_window {window} with {hf_name}: trtconv converts sliding-window attention only for "

@@ -31,7 +31,7 @@ from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import Laps, StageMeter
-from trtconv.stages.load import all_inputs, check_lengths, check_parallelism, data_packs
+from trtconv.stages.load import all_inputs, check_family, check_lengths, check_parallelism, data_packs
 from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
 
 
@@ -155,6 +155,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         reporter.stage("load", "resolving the model")
         # Hashing starts inside: the checks below (and the tensor check) run meanwhile.
         model_dir, hf_cfg, arch, weights, hashing = load.run(recipe.model, progress=reporter.info, remembered=cache is not None)
+        check_family(recipe, arch, model_dir)
         check_lengths(recipe, hf_cfg, model_dir)
         check_parallelism(recipe, hf_cfg)
         check_engine(recipe, hf_cfg, device, reporter)

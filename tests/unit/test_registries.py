@@ -101,7 +101,9 @@ def test_modelopt_presets_exist():
 def test_architecture_names_are_unique():
     from trtconv.architectures import ARCHITECTURES, HF_NAMES, TRTLLM_NAMES
 
-    assert len(set(TRTLLM_NAMES)) == len(TRTLLM_NAMES) == len(HF_NAMES)
+    assert len(set(TRTLLM_NAMES)) == len(TRTLLM_NAMES) and len(set(HF_NAMES)) == len(HF_NAMES)
+    legacy = [a.trtllm_name for a in ARCHITECTURES.values() if a.no_trtllm_checkpoint is None]
+    assert list(TRTLLM_NAMES) == legacy  # a family refused on the legacy path has no TensorRT-LLM name to read
     assert len({a.family for a in ARCHITECTURES.values()}) == len(ARCHITECTURES)
 
 
@@ -250,10 +252,12 @@ def test_sliding_window_rows_convert_it_and_the_others_refuse_it():
     from trtconv.architectures import ARCHITECTURES, check_attention_window
     from trtconv.core.errors import ModelError
 
-    assert [a.hf_name for a in ARCHITECTURES.values() if a.sliding_window] == ["MistralForCausalLM"]
+    assert [a.hf_name for a in ARCHITECTURES.values() if a.sliding_window] == ["MistralForCausalLM", "Phi3ForCausalLM"]
     for arch in ARCHITECTURES.values():
         cfg = {"sliding_window": 16, "use_sliding_window": True, "num_hidden_layers": 2}
-        if arch.sliding_window:
+        if arch.per_layer_windows:  # config.json's layer_types carry them; no one window to pass on
+            assert check_attention_window(cfg, arch.hf_name, "config.json", ModelError) is None
+        elif arch.sliding_window:
             windowed = tiny_config(arch.family, sliding_window=16).to_dict()
             assert check_attention_window(windowed, arch.hf_name, "config.json", ModelError) == 16
         else:

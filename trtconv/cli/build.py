@@ -87,6 +87,23 @@ def build(
     _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check, max_gpu_memory)
 
 
+def _family_exports(model: Path) -> dict:
+    """A family whose legacy TensorRT-LLM checkpoint trtconv does not convert (trtconv.architectures)
+    gets the unified HF checkpoint only; an unreadable folder is left to the load stage to name."""
+    import json
+
+    from trtconv.architectures import by_hf_name
+
+    try:
+        archs = json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    row = by_hf_name(archs[0] if archs else None)
+    if row is None or row.no_trtllm_checkpoint is None:
+        return {}
+    return {"tensorrt_llm_checkpoint": False, "hf_checkpoint": True}
+
+
 def calibrate(
     model: Annotated[Path, typer.Option("--model", help="Local Hugging Face checkpoint folder.")],
     precision: Annotated[str, typer.Option("--precision", help=", ".join(PRECISIONS) + ".")],
@@ -127,7 +144,7 @@ def calibrate(
         "quantization": {"precision": precision, "kv_cache": kv_cache},
         "calibration": {"data": str(data) if data else None, "num_samples": num_samples, "seq_len": seq_len,
                         "batch_size": batch_size, "seed": seed},
-        "export": {"tp_size": tp_size, "hf_checkpoint": hf_checkpoint},
+        "export": {"tp_size": tp_size, "hf_checkpoint": hf_checkpoint, **_family_exports(model)},
     }
     try:
         r = recipe_from_dict(data_dict, set_ or [], source="trtconv calibrate flags")

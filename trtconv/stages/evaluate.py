@@ -101,7 +101,6 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
                          weight_errors: bool, artifact_root: Path | None, engine_record: dict | None,
                          streamed: bool, park: bool) -> EvalOutcome:
     from trtconv.checkpoints.hf_model import load_hf_model
-    from trtconv.checkpoints.trtllm_reader import weight_quantization_errors
     from trtconv.gate import stats as evaluate
 
     if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
@@ -135,8 +134,7 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
             engine.close()
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
-    # Per-layer weight errors are read from the TensorRT-LLM checkpoint layout only.
-    errors = weight_quantization_errors(checkpoint_dir, baseline) if weight_errors and not is_hf_checkpoint(checkpoint_dir) else []
+    errors = weight_errors_of(checkpoint_dir, baseline, candidate) if weight_errors else []
     worst_layers = sorted(errors, key=lambda x: -x[1])[:5]
     record = {
         **tokens.manifest_record(),
@@ -231,9 +229,10 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
     pytorch target serves); one with rank{N}.safetensors is the TensorRT-LLM checkpoint.
     """
     if is_hf_checkpoint(checkpoint_dir):
-        from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
+        # Every family's own transformers class, with the shipped numerics swapped in (checkpoints/hf_executor.py).
+        from trtconv.checkpoints.hf_executor import load_shipped_model
 
-        model = load_hf_checkpoint_model(checkpoint_dir, device=device)
+        model = load_shipped_model(checkpoint_dir, device=device)
         description = executor_candidate("unified HF checkpoint", device)
     else:
         from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
@@ -246,7 +245,20 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
         # multiple of 64; the padded ids are never real tokens, so compare over the real vocabulary.
         return model.logits(ids)[..., :vocab]
 
+    logits.model = model  # for the per-linear weight errors (weight_errors_of)
     return logits, description
+
+
+def weight_errors_of(checkpoint_dir: Path, baseline, candidate) -> list[tuple[str, float]]:
+    """Per-linear relative weight errors of the checkpoint the gate judged, against the original model."""
+    from trtconv.checkpoints.trtllm_reader import weight_quantization_errors
+
+    if not is_hf_checkpoint(checkpoint_dir):
+        return weight_quantization_errors(checkpoint_dir, baseline)
+    from trtconv.checkpoints.hf_executor import ShippedModel, shipped_weight_errors
+
+    model = getattr(candidate, "model", None)
+    return shipped_weight_errors(model, baseline) if isinstance(model, ShippedModel) else []
 
 
 def is_hf_checkpoint(folder: Path) -> bool:

@@ -373,6 +373,23 @@ def check_lengths(recipe: Recipe, hf_cfg: dict, model_dir: Path) -> None:
             )
 
 
+def check_family(recipe: Recipe, arch: str, model_dir: Path) -> None:
+    """The recipe's exports against what the family's row converts (trtconv.architectures), before any work."""
+    from trtconv.architectures import ARCHITECTURES
+    from trtconv.artifact.layout import CHECKPOINT_DIR
+    from trtconv.engine.targets import ENGINE_TARGETS
+
+    why = ARCHITECTURES[arch].no_trtllm_checkpoint
+    target = ENGINE_TARGETS.get(recipe.engine.target)
+    if why is None:
+        return
+    if recipe.export.tensorrt_llm_checkpoint or (target is not None and target.source_dir == CHECKPOINT_DIR):
+        raise UserError(
+            f"{model_dir / 'config.json'}: {arch}: export.tensorrt_llm_checkpoint (and engine target tensorrt) is not "
+            f"available: {why}"
+        )
+
+
 def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
     tp = recipe.export.tp_size
     kv_heads = hf_cfg.get("num_key_value_heads") or hf_cfg.get("num_attention_heads")

@@ -1,0 +1,242 @@
+"""Run ModelOpt's unified HF checkpoint through transformers' own modeling code, with the shipped bytes.
+
+A family's structure (q/k norms, (1+w) norms, scaled embeddings, soft-capping, interleaved local and
+global layers with their own rope bases, LongRoPE, fused qkv_proj) is what transformers' modeling
+classes already compute for every architecture; what the gate must judge is the numbers that ship.
+So, as vLLM's and transformers' quantization integrations do, this executor takes the structure from
+the family's own class and swaps the numerics in:
+
+- the model is built from the checkpoint's own config.json (on the meta device: no weights);
+- every ``nn.Linear`` becomes a ``ShippedLinear``: the dequantized weight read from the checkpoint,
+  the activation quantizer and smoothing the runtime applies, with the runtime's fused-group rules
+  (q/k/v and gate/up share one GEMM: trtconv.checkpoints.hf_reader.fused_linears; the groups are
+  the family's row in trtconv.architectures);
+- every other tensor (norms, embeddings, biases) is loaded from the checkpoint as stored;
+- an FP8 KV cache is the one attention hook: a registered transformers attention function rounds K
+  (after rope and any k-norm) and V through FP8 with the checkpoint's k_scale / v_scale, then runs
+  the family's own eager attention (which keeps soft-capping and sliding windows exact).
+
+A new dense family therefore costs a row of trtconv.architectures, not a forward pass. The
+hand-written forward (trtconv.checkpoints.trtllm_reader) stays for the legacy TensorRT-LLM
+checkpoint, whose tensor layout transformers does not know; docs/accuracy.md says how far the two
+agree on the families both run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from trtconv.architectures import ARCHITECTURES, by_hf_name
+from trtconv.checkpoints.hf_reader import (
+    HFTensors,
+    KVCacheScales,
+    _read_json,
+    check_hf_architecture,
+    fused_linears,
+    model_dtype,
+    read_linear,
+    read_quantization,
+)
+from trtconv.checkpoints.quant import fp8_round_trip
+from trtconv.checkpoints.trtllm_reader import EmulatedLinear, dense
+from trtconv.core.errors import CheckpointError
+
+ATTENTION = "trtconv_shipped_kv"  # the attention implementation this executor registers with transformers
+_KV_SCALES = "_trtconv_kv_scales"  # attribute an attention module carries when its KV cache is FP8
+
+
+class ShippedLinear(torch.nn.Module):
+    """An ``nn.Linear`` of the family's model, computing what the runtime computes from the shipped tensors."""
+
+    def __init__(self, name: str, emulated: EmulatedLinear, dtype: torch.dtype):
+        super().__init__()
+        self.name, self.emulated, self.dtype = name, emulated, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emulated(x.to(self.dtype)).to(x.dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.emulated.effective_weight()
+
+
+def _kv_attention(module, query, key, value, attention_mask, **kwargs):
+    """K and V through the FP8 cache (where the checkpoint says so), then the family's eager attention."""
+    scales = getattr(module, _KV_SCALES, None)
+    if scales is not None:
+        key, value = fp8_round_trip(key, scales[0]), fp8_round_trip(value, scales[1])
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as eager
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION, _kv_attention)
+    AttentionMaskInterface.register(ATTENTION, eager_mask)
+
+
+def transformers_config(config: dict, vocab_rows: int):
+    """The family's config class from config.json, without the quantization (the executor supplies it)."""
+    from transformers import CONFIG_MAPPING
+
+    fields = {k: v for k, v in config.items() if k != "quantization_config"}
+    fields["vocab_size"] = vocab_rows  # ModelOpt's AWQ export pads the vocabulary rows
+    return CONFIG_MAPPING[config["model_type"]].from_dict(fields)
+
+
+def build_shell(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The family's model with every parameter on the meta device (buffers such as rope tables are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION)
+    return model.eval()
+
+
+class _Loader:
+    def __init__(self, hf_dir: Path, device: torch.device, dtype: torch.dtype, kv_cache_scales: KVCacheScales):
+        self.hf_dir, self.device, self.dtype = hf_dir, device, dtype
+        self.config = _read_json(hf_dir / "config.json")
+        self.arch = check_hf_architecture(self.config, hf_dir / "config.json")
+        self.row = ARCHITECTURES[self.arch]
+        self.quant = read_quantization(hf_dir, self.config)
+        self.files = HFTensors(hf_dir)
+        self.where = self.files.source
+        self.runtime_dtype = model_dtype(self.config)
+        self.kv_cache_scales = kv_cache_scales
+
+    def vocab_rows(self) -> int:
+        return int(self.files.get("model.embed_tokens.weight").shape[0])
+
+    def linear_groups(self, model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Linear]]]:
+        """Every nn.Linear the checkpoint holds, in fused GEMMs (the row's fused_groups) or alone."""
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and self.files.has(f"{n}.weight")]
+        by_name = dict(linears)
+        groups, seen = [], set()
+        for name, module in linears:
+            if name in seen:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            members = next((g for g in self.row.fused_groups if leaf in g), (leaf,))
+            group = [(f"{parent}.{m}" if parent else m) for m in members]
+            group = [n for n in group if n in by_name] or [name]
+            seen.update(group)
+            groups.append([(n, by_name[n]) for n in group])
+        return groups
+
+    def swap_linears(self, model: torch.nn.Module) -> None:
+        for group in self.linear_groups(model):
+            stored = [read_linear(self.files, self.quant, n, m.bias is not None) for n, m in group]
+            for (name, _), lin in zip(group, fused_linears(stored, self.quant, self.runtime_dtype, self.where)):
+                model.set_submodule(name, ShippedLinear(name, self._on_device(lin), self.dtype))
+
+    def _cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=self.device, dtype=self.dtype)
+
+    def _on_device(self, lin: EmulatedLinear) -> EmulatedLinear:
+        act = lin.activation_quant.to(self.device) if lin.activation_quant is not None else None
+        return EmulatedLinear(self._cast(dense(lin.weight)), self._cast(lin.bias), self._cast(lin.prequant_scale), act)
+
+    def load_rest(self, model: torch.nn.Module) -> None:
+        """Every parameter still on the meta device, from the checkpoint as stored (tied heads tied)."""
+        tied = self.config.get("tie_word_embeddings") and not self.files.has("lm_head.weight")
+        missing = []
+        for name, param in list(model.named_parameters()):
+            if not param.is_meta:
+                continue
+            if not self.files.has(name):
+                missing.append(name)
+                continue
+            stored = self.files.get(name)
+            if not stored.is_floating_point() or stored.dtype == torch.float8_e4m3fn:
+                raise CheckpointError(f"{self.where}: tensor {name} is {stored.dtype}; the executor needs it unquantized")
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(self._cast(stored), requires_grad=False))
+        if tied:
+            model.tie_weights()
+            missing = [n for n in missing if n != "lm_head.weight"]
+        if missing:
+            raise CheckpointError(f"{self.where}: tensors missing for {self.arch}: {', '.join(missing[:5])}")
+
+    def attach_kv_scales(self, model: torch.nn.Module) -> None:
+        """k_scale / v_scale onto the attention modules (ModelOpt writes them under k_proj / v_proj, or qkv_proj)."""
+        if self.quant.kv_cache_quant_algo != "FP8":
+            return
+        for name, module in model.named_modules():
+            if not name.endswith(self.row.attention_module):
+                continue
+            setattr(module, _KV_SCALES, (self._scale(name, "k_scale"), self._scale(name, "v_scale")))
+
+    def _scale(self, attention: str, which: str) -> torch.Tensor:
+        if self.kv_cache_scales == "unit":
+            return torch.ones((), device=self.device)
+        candidates = [f"{attention}.{p}.{which}" for p in ("k_proj" if which == "k_scale" else "v_proj", "qkv_proj")]
+        found = next((c for c in candidates if self.files.has(c)), None)
+        if found is None:
+            raise CheckpointError(f"{self.where}: kv_cache_quant_algo FP8 but no {candidates[0]} (nor {candidates[1]})")
+        return self.files.get(found).float().to(self.device)
+
+    def model(self) -> "ShippedModel":
+        model = build_shell(transformers_config(self.config, self.vocab_rows()), self.dtype)
+        self.swap_linears(model)
+        self.load_rest(model)
+        model.to(self.device)
+        self.attach_kv_scales(model)
+        return ShippedModel(model, self.arch, self.device)
+
+
+class ShippedModel:
+    """The checkpoint as the family's transformers model; ``logits(input_ids)`` is float32 [B, T, rows]."""
+
+    def __init__(self, model: torch.nn.Module, arch: str, device: torch.device):
+        self.model, self.arch, self.device = model, arch, device
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
+
+    def linears(self) -> list[ShippedLinear]:
+        return [m for m in self.model.modules() if isinstance(m, ShippedLinear)]
+
+
+def load_shipped_model(hf_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
+                       kv_cache_scales: KVCacheScales = "checkpoint") -> ShippedModel:
+    """A unified HF checkpoint run by its family's transformers class with the shipped numerics.
+
+    ``kv_cache_scales="unit"`` runs an FP8 KV cache at scale 1.0 (a runtime that ignores the scales).
+    """
+    if kv_cache_scales not in ("checkpoint", "unit"):
+        raise ValueError(f"kv_cache_scales must be 'checkpoint' or 'unit', not {kv_cache_scales!r}")
+    return _Loader(Path(hf_dir), torch.device(device), compute_dtype, kv_cache_scales).model()
+
+
+@torch.no_grad()
+def shipped_weight_errors(shipped: ShippedModel, original: torch.nn.Module) -> list[tuple[str, float]]:
+    """(module name, relative Frobenius error) of every shipped linear against the original model's same-named one.
+
+    The names are the HF module names both share, so this holds for every family; smoothing is
+    folded back (effective_weight). ``original`` must be the unquantized model.
+    """
+    from trtconv.checkpoints.trtllm_reader import _rel_error, read_errors
+
+    errors = []
+    for lin in shipped.linears():
+        try:
+            reference = original.get_submodule(lin.name).weight
+        except AttributeError:
+            continue
+        ref = reference.detach().float()
+        errors.append((lin.name, _rel_error(lin.effective_weight().float().to(ref.device), ref)))
+    return read_errors(errors)
+
+
+def is_family_supported(arch: str | None) -> bool:
+    return by_hf_name(arch) is not None
