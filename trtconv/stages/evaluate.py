@@ -233,7 +233,7 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
         from trtconv.checkpoints.hf_executor import load_shipped_model
 
         model = load_shipped_model(checkpoint_dir, device=device)
-        description = executor_candidate("unified HF checkpoint", device)
+        description = executor_candidate(f"unified HF checkpoint ({model.arch} from transformers, shipped tensors)", device)
     else:
         from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 

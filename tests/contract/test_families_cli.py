@@ -1,0 +1,56 @@
+"""The real CLI on every new family's tiny model (CPU): converts, gates and checks on the unified HF checkpoint.
+
+Plumbing only (random tiny models; gates relaxed as in tests/e2e/test_cli_build.py). What is asserted:
+`calibrate` picks the unified HF checkpoint for a family whose legacy TensorRT-LLM checkpoint trtconv
+refuses, the gate judged the shipped files through the family's own transformers class, per-linear weight
+errors are named, `check` re-judges the artifact, and `build` asking for the legacy checkpoint is refused
+before any work, exit 2, naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.factories import make_tiny_model
+
+pytestmark = pytest.mark.integration
+
+FAST = [
+    "--num-samples", "4", "--seq-len", "64", "--batch-size", "4",
+    "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64",
+    "--set", "evaluate.allow_inconclusive=true",
+    "--set", "evaluate.gates.max_ppl_increase_pct=1000", "--set", "evaluate.gates.max_kl=100",
+    "--set", "evaluate.gates.min_top1_agreement=0",
+]
+HF_CLASS = {"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
+@pytest.mark.parametrize("family,precision,kv", [("qwen3", "fp8", "fp8"), ("gemma3", "int4_awq", "none"),
+                                                 ("gemma2", "fp8", "none"), ("phi3", "fp8", "fp8")])
+def test_new_family_converts_gates_and_checks(cli, tmp_path, family, precision, kv):
+    model = make_tiny_model(tmp_path / family, family)
+    out = tmp_path / "out"
+    res = cli("calibrate", "--model", model, "--precision", precision, "--kv-cache", kv, "-o", out, *FAST)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "passed"
+    assert manifest["export"]["checkpoint"] is None and manifest["export"]["hf_checkpoint"] == "hf_checkpoint"
+    assert HF_CLASS[family] in manifest["evaluation"]["candidate"]
+    assert manifest["evaluation"]["worst_layers"][0]["layer"].startswith("model.layers.")
+    quant = json.loads((out / "hf_checkpoint" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == {"fp8": "FP8", "int4_awq": "W4A16_AWQ"}[precision]
+    assert quant.get("kv_cache_quant_algo") == ("FP8" if kv == "fp8" else None)
+    checked = cli("check", out)
+    assert checked.exit_code == 0, checked.output
+
+
+def test_legacy_checkpoint_of_a_unified_only_family_is_refused_before_work(cli, tmp_path):
+    model = make_tiny_model(tmp_path / "gemma3", "gemma3")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n")
+    res = cli("build", recipe, "-o", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    assert "export.tensorrt_llm_checkpoint" in res.output and "export.hf_checkpoint: true" in res.output
+    assert not (tmp_path / "out").exists()
