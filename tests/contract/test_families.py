@@ -74,6 +74,16 @@ def _decoder_linears(model) -> list:
     return [m for n, m in model.named_modules() if ".layers." in n and n.rsplit(".", 1)[-1].endswith("proj")]
 
 
+@pytest.mark.parametrize("arch,precision,kv", [("qwen3", "fp8", True), ("gemma3", "int4_awq", False)])
+def test_weights_kept_as_stored_give_the_same_logits(family_models, tmp_path, arch, precision, kv):
+    """The GPU's way (stored weights, a fused group dequantized when used) equals dense weights exactly."""
+    model = family_models[arch]
+    hf_dir = export_hf(quantize(model, precision, kv_fp8=kv), tmp_path / "hf")
+    ids = _ids(model)
+    dense = load_shipped_model(hf_dir, keep_stored=False).logits(ids)
+    assert torch.equal(load_shipped_model(hf_dir, keep_stored=True).logits(ids), dense)
+
+
 def test_kv_cache_scales_reach_the_attention(family_models, tmp_path):
     """An FP8 KV cache at the checkpoint's scales differs from one at scale 1.0 (the hook is live)."""
     model = family_models["gemma3"]

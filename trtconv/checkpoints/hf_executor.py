@@ -33,14 +33,17 @@ from trtconv.architectures import ARCHITECTURES, by_hf_name
 from trtconv.checkpoints.hf_reader import (
     HFTensors,
     KVCacheScales,
+    StoredLinear,
     _read_json,
     check_hf_architecture,
+    dequantized_weights,
     fused_linears,
+    group_activation_quant,
     model_dtype,
     read_linear,
     read_quantization,
 )
-from trtconv.checkpoints.quant import fp8_round_trip
+from trtconv.checkpoints.quant import fp8_round_trip, same_across_group
 from trtconv.checkpoints.trtllm_reader import EmulatedLinear, dense
 from trtconv.core.errors import CheckpointError
 
@@ -102,8 +105,10 @@ def build_shell(config, dtype: torch.dtype) -> torch.nn.Module:
 
 
 class _Loader:
-    def __init__(self, hf_dir: Path, device: torch.device, dtype: torch.dtype, kv_cache_scales: KVCacheScales):
+    def __init__(self, hf_dir: Path, device: torch.device, dtype: torch.dtype, kv_cache_scales: KVCacheScales,
+                 keep_stored: bool | None = None):
         self.hf_dir, self.device, self.dtype = hf_dir, device, dtype
+        self.keep_stored = device.type == "cuda" if keep_stored is None else keep_stored
         self.config = _read_json(hf_dir / "config.json")
         self.arch = check_hf_architecture(self.config, hf_dir / "config.json")
         self.row = ARCHITECTURES[self.arch]
@@ -135,8 +140,26 @@ class _Loader:
     def swap_linears(self, model: torch.nn.Module) -> None:
         for group in self.linear_groups(model):
             stored = [read_linear(self.files, self.quant, n, m.bias is not None) for n, m in group]
-            for (name, _), lin in zip(group, fused_linears(stored, self.quant, self.runtime_dtype, self.where)):
-                model.set_submodule(name, ShippedLinear(name, self._on_device(lin), self.dtype))
+            linears = self._kept_stored(stored) if self.keep_stored else \
+                [self._on_device(lin) for lin in fused_linears(stored, self.quant, self.runtime_dtype, self.where)]
+            for (name, _), lin in zip(group, linears):
+                model.set_submodule(name, ShippedLinear(name, lin, self.dtype))
+
+    def _kept_stored(self, stored: list[StoredLinear]) -> list[EmulatedLinear]:
+        """On a GPU the weights stay as stored and a fused group is dequantized when used: the whole
+        model in float32 would be 4 bytes a parameter (32 GB for 8B) beside the original (as the
+        TensorRT-LLM checkpoint reader does: trtconv.checkpoints.trtllm_reader.dense)."""
+        moved = [StoredLinear(s.prefix, s.algo, *(None if t is None else t.to(self.device) for t in (
+            s.weight, s.weight_scale, s.weight_scale_2, s.input_scale, s.pre_quant_scale, s.bias))) for s in stored]
+        if len({s.algo for s in moved}) > 1:
+            raise CheckpointError(f"{self.where}: exclude_modules quantizes only part of a fused group ({', '.join(s.prefix for s in moved)})")
+        act = group_activation_quant(moved, self.where)
+        prequant = self._cast(same_across_group(moved, "pre_quant_scale", self.where))
+
+        def member(i: int):
+            return lambda: dequantized_weights(moved, self.quant, self.runtime_dtype, self.where)[i].to(self.dtype)
+
+        return [EmulatedLinear(member(i), self._cast(s.bias), prequant, act) for i, s in enumerate(moved)]
 
     def _cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=self.device, dtype=self.dtype)
@@ -208,14 +231,16 @@ class ShippedModel:
 
 
 def load_shipped_model(hf_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
-                       kv_cache_scales: KVCacheScales = "checkpoint") -> ShippedModel:
+                       kv_cache_scales: KVCacheScales = "checkpoint", keep_stored: bool | None = None) -> ShippedModel:
     """A unified HF checkpoint run by its family's transformers class with the shipped numerics.
 
     ``kv_cache_scales="unit"`` runs an FP8 KV cache at scale 1.0 (a runtime that ignores the scales).
+    ``keep_stored``: keep weights as stored and dequantize each fused group when used (default: on a GPU);
+    the logits are the same either way.
     """
     if kv_cache_scales not in ("checkpoint", "unit"):
         raise ValueError(f"kv_cache_scales must be 'checkpoint' or 'unit', not {kv_cache_scales!r}")
-    return _Loader(Path(hf_dir), torch.device(device), compute_dtype, kv_cache_scales).model()
+    return _Loader(Path(hf_dir), torch.device(device), compute_dtype, kv_cache_scales, keep_stored).model()
 
 
 @torch.no_grad()
