@@ -91,7 +91,10 @@ class AnonPeak:
         return self.peak
 
 
-DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" only to check the script itself on a machine without a GPU
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
+# Which export both sides write: "trtllm" (the legacy TensorRT-LLM checkpoint) or "hf" (the unified HF checkpoint;
+# trtconv calibrate picks it by itself for the families without a legacy one, and --hf-checkpoint adds it otherwise).
+EXPORT = os.environ.get("BENCH_EXPORT", "trtllm")  # "cpu" only to check the script itself on a machine without a GPU
 
 
 def _sync() -> None:
@@ -135,8 +138,13 @@ def bare_child(model: Path, precision: str, kv_cache: str, out: Path) -> dict:
     _sync()
     t2 = time.monotonic()
     with torch.no_grad():
-        export_tensorrt_llm_checkpoint(m, get_model_type(m), dtype=torch.bfloat16, export_dir=out,
-                                       inference_tensor_parallel=1, inference_pipeline_parallel=1)
+        if EXPORT == "hf":  # ModelOpt's unified HF checkpoint (what trtconv writes for the families without a legacy one)
+            from modelopt.torch.export import export_hf_checkpoint
+
+            export_hf_checkpoint(m, dtype=torch.bfloat16, export_dir=out)
+        else:
+            export_tensorrt_llm_checkpoint(m, get_model_type(m), dtype=torch.bfloat16, export_dir=out,
+                                           inference_tensor_parallel=1, inference_pipeline_parallel=1)
     t3 = time.monotonic()
     return {"load_s": t1 - t0, "quantize_s": t2 - t1, "export_s": t3 - t2,
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,

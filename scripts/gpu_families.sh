@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 19's side-by-side runs on the GPU host in one device call: bare ModelOpt's unified HF export against
+# `trtconv calibrate` on a Qwen3-8B-shaped and a Gemma-3-4B-shaped (text) checkpoint, random bf16 weights.
+# From the repo root with .whl carried (bash ../shared/gpu-host/wheels.sh):
+#   bash scripts/gpu_families.sh "qwen3-8b:fp8 gemma3-4b:fp8"
+# Each shape's model is made in /tmp/fam-SHAPE, measured, and removed (the host's 64 GB disk).
+set -uo pipefail
+RUNS=${1:-"qwen3-8b:fp8 gemma3-4b:fp8"}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRTCONV_CACHE=/tmp/fam-cache BENCH_EXPORT=hf
+if ! python3 -c "import modelopt" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.tar.gz
+fi
+KEEP=()
+for run in $RUNS; do
+  shape=${run%%:*}; precisions=${run#*:}
+  work=/tmp/fam-$shape
+  timeout "${BENCH_TIMEOUT:-500}" python3 scripts/bench_scale.py --work "$work" --shape "$shape" --precisions "$precisions" \
+    --warm '' --skip-warm-compile "${KEEP[@]}"
+  echo "bench $shape exit $?"
+  KEEP=(--keep-extensions)  # compiled once, in the shared TRTCONV_CACHE
+  cp "$work/bench.json" "$OUT/$shape.json"; cp "$work/bench.md" "$OUT/$shape.md"
+  tar czf "$OUT/$shape-logs.tgz" -C "$work" $(cd "$work" && ls *.log 2>/dev/null)
+  rm -rf "$work/model" "$TRTCONV_CACHE/stages"
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+df -h /tmp | tail -1 >> "$OUT/gpu.txt"
