@@ -208,8 +208,10 @@ def export_hf(model, tokenizer, section: ExportSection, quant: QuantizationSecti
 
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[section.dtype]
         with quiet_dependency(warns):
-            # The exporter folds scales into the model it is given: hand it a copy.
-            export_hf_checkpoint(copy.deepcopy(model), dtype=dtype, export_dir=out)
+            # The exporter folds scales into the model it is given: hand it a copy when the TensorRT-LLM
+            # export still needs the calibrated model; otherwise nothing reads it afterwards, and a copy
+            # doubled the export's GPU peak (Qwen3-8B on an H100: 30.6 GiB against bare ModelOpt's 15.6).
+            export_hf_checkpoint(copy.deepcopy(model) if section.tensorrt_llm_checkpoint else model, dtype=dtype, export_dir=out)
     save_tokenizer(tokenizer, out)  # ModelOpt writes no tokenizer; runtimes need one beside the weights
     make_readable(out)
 
