@@ -264,7 +264,9 @@ def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool 
 
 def input_paths(model_dir: Path, weights: list[Path]) -> dict[str, list[Path]]:
     """The files that identify the model and the tokenizer, by role (only those that exist)."""
-    model_files = ["config.json", "generation_config.json"] + [p.name for p in weights]
+    # A shard's path relative to the folder (an index may name one in a subfolder; read_index refuses
+    # any outside it), so every file the load reads is hashed and recorded under the name it is read by.
+    model_files = ["config.json", "generation_config.json"] + [p.relative_to(model_dir).as_posix() for p in weights]
     model_files += [p.name for p in model_dir.glob("*.safetensors.index.json")]
     roles = {"model": model_files, "tokenizer": list(TOKENIZER_FILES)}
     return {role: [model_dir / n for n in sorted(set(names)) if (model_dir / n).is_file()] for role, names in roles.items()}
@@ -287,8 +289,10 @@ def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[
 
 
 def _input_records(model_dir: Path, paths: dict[str, list[Path]], hashes: dict[Path, str]) -> list[InputRecord]:
-    return [InputRecord(role=role, root=str(model_dir), files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size)
-                                                               for p in files]) for role, files in paths.items()]
+    return [InputRecord(role=role, root=str(model_dir),
+                        files=[FileRecord(path=p.relative_to(model_dir).as_posix(), sha256=hashes[p], size=p.stat().st_size)
+                               for p in files])
+            for role, files in paths.items()]
 
 
 def remembered_inputs(section: ModelSection, progress=None) -> list[InputRecord] | None:

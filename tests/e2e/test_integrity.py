@@ -1,0 +1,106 @@
+"""Issue 23, integrity: every file the load reads is an input, a manifest is checked against itself,
+damage shared through the cache's hard links is reported, the default artifact is the same on every machine.
+
+Every test here failed on the code before the fix it covers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trtconv.core.errors import ModelError
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A shard named outside the model folder is refused; a symlink inside it is followed and hashed
+
+
+def _outside_shard_pair(tiny: Path, root: Path) -> tuple[Path, Path]:
+    """good/ = a whole tiny model; evil/ = its config and tokenizer, with an index naming ../good's weights."""
+    from safetensors import safe_open
+
+    good = shutil.copytree(tiny, root / "good")
+    evil = root / "evil"
+    evil.mkdir()
+    for f in good.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, evil / f.name)
+    with safe_open(good / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {n: "../good/model.safetensors" for n in names}}
+    (evil / "model.safetensors.index.json").write_text(json.dumps(index))
+    return good, evil
+
+
+def _inspect(model_dir: Path):
+    from trtconv.recipe.schema import ModelSection
+    from trtconv.stages import load
+
+    return load.inspect_checkpoint(ModelSection(path=str(model_dir)))
+
+
+@pytest.mark.parametrize("shard", ["../good/model.safetensors", "{abs}", "sub/../../good/model.safetensors"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(tiny_llama, tmp_path, shard):
+    good, evil = _outside_shard_pair(tiny_llama, tmp_path)
+    shard = shard.format(abs=good / "model.safetensors")
+    index = json.loads((evil / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: shard for k in index["weight_map"]}
+    (evil / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError) as err:
+        _inspect(evil)
+    msg = str(err.value)
+    assert str(evil / "model.safetensors.index.json") in msg
+    assert f"names shard {shard!r}" in msg and "weight_map['" in msg
+    assert "not inside the model folder" in msg and "without '..'" in msg
+
+
+@pytest.mark.integration
+def test_cli_refuses_the_outside_shard_before_any_work(cli, tiny_llama, tmp_path):
+    _good, evil = _outside_shard_pair(tiny_llama, tmp_path)
+    r = cli("calibrate", "--model", evil, "--precision", "fp8", "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert "'../good/model.safetensors'" in r.output and "not inside the model folder" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_a_symlinked_shard_inside_the_folder_is_hashed_by_its_bytes(tiny_llama, tmp_path):
+    """Followed like any symlink: the bytes it leads to are the input, so editing them changes the key."""
+    from trtconv.stages import load
+
+    good, evil = _outside_shard_pair(tiny_llama, tmp_path)
+    (evil / "model.safetensors.index.json").unlink()
+    (evil / "weights").mkdir()
+    (evil / "weights" / "model.safetensors").symlink_to(good / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {n: "weights/model.safetensors" for n in _tensor_names(good)}}
+    (evil / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def model_files():
+        model_dir, _cfg, _arch, weights = _inspect(evil)
+        record = load.describe_inputs(model_dir, weights, load.start_hashing(model_dir, weights, remembered=False))[0]
+        return {f.path: f.sha256 for f in record.files}
+
+    before = model_files()
+    assert "weights/model.safetensors" in before  # recorded under the name it is read by
+    _rewrite_one_tensor(good / "model.safetensors")
+    after = model_files()
+    assert after["weights/model.safetensors"] != before["weights/model.safetensors"]
+
+
+def _tensor_names(model: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(model / "model.safetensors", "pt") as f:
+        return list(f.keys())
+
+
+def _rewrite_one_tensor(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    name = "model.norm.weight"
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, path, metadata={"format": "pt"})
