@@ -104,3 +104,78 @@ def _rewrite_one_tensor(path: Path) -> None:
     name = "model.norm.weight"
     tensors[name] = tensors[name] + 1
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Damage shared through the cache's hard links: reported by check and verify, never reused
+
+FAST = ["--precision", "none", "--num-samples", "4", "--seq-len", "64", "--batch-size", "4",
+        "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64", "--set", "evaluate.allow_inconclusive=true",
+        "--set", "evaluate.gates.max_ppl_increase_pct=1000", "--set", "evaluate.gates.max_kl=100",
+        "--set", "evaluate.gates.min_top1_agreement=0"]
+RANK0 = "checkpoint/rank0.safetensors"
+
+
+def _flip_in_place(path: Path, keep_mtime: bool = False) -> None:
+    """One byte flipped in place, as root's tools would (the read-only bit does not stop root)."""
+    import os
+
+    st = os.stat(path)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - 1)
+        last = f.read(1)
+        f.seek(st.st_size - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    os.chmod(path, st.st_mode & 0o777)
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _digest(out: Path) -> str:
+    return json.loads((out / "manifest.json").read_text())["artifact_digest"]
+
+
+@pytest.fixture
+def stage_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.delenv("TRTCONV_NO_CACHE", raising=False)
+    monkeypatch.setenv("TRTCONV_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.integration
+def test_a_byte_flipped_in_one_artifact_is_reported_and_never_reused(cli, tiny_llama, tmp_path, stage_cache):
+    a, b, c = (tmp_path / name for name in ("a", "b", "c"))
+    assert cli("calibrate", "--model", tiny_llama, "-o", a, *FAST).exit_code == 0
+    hit = cli("calibrate", "--model", tiny_llama, "-o", b, *FAST)
+    assert hit.exit_code == 0 and "the whole artifact reused from the cache" in hit.output
+    shared = (a / RANK0).stat().st_ino == (b / RANK0).stat().st_ino  # hard links (ext4); reflinks would not share
+    _flip_in_place(a / RANK0)
+
+    checked = cli("check", a)
+    assert checked.exit_code == 1, checked.output
+    assert f"changed: {RANK0}" in checked.output and "no longer match manifest.json" in checked.output
+    assert f"{a}: passed" not in checked.output
+    if shared:  # the other artifact holds the same bytes: verify says so
+        other = cli("verify", b)
+        assert other.exit_code == 1 and f"changed: {RANK0}" in other.output
+
+    again = cli("calibrate", "--model", tiny_llama, "-o", c, *FAST)
+    assert again.exit_code == 0, again.output
+    assert "cache entry not used (corrupted" in again.output
+    if shared:
+        assert "share this file: artifacts restored from this entry hold the same damaged bytes" in again.output
+    assert cli("verify", c).exit_code == 0 and _digest(c) == _digest(a)
+
+
+@pytest.mark.integration
+def test_rehash_finds_a_flip_that_kept_its_mtime(cli, tiny_llama, tmp_path, stage_cache, monkeypatch):
+    """A deliberate edit that restores the mtime passes the stat check; TRTCONV_CACHE_REHASH=1 reads every file."""
+    a, c = tmp_path / "a", tmp_path / "c"
+    assert cli("calibrate", "--model", tiny_llama, "-o", a, *FAST).exit_code == 0
+    _flip_in_place(a / RANK0, keep_mtime=True)
+    monkeypatch.setenv("TRTCONV_CACHE_REHASH", "1")
+    again = cli("calibrate", "--model", tiny_llama, "-o", c, *FAST)
+    assert again.exit_code == 0, again.output
+    assert "cache entry not used (corrupted" in again.output
+    assert cli("verify", c).exit_code == 0 and _digest(c) == _digest(a)
