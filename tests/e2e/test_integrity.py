@@ -59,12 +59,23 @@ def test_index_naming_a_shard_outside_the_folder_is_refused(tiny_llama, tmp_path
 
 
 @pytest.mark.integration
-def test_cli_refuses_the_outside_shard_before_any_work(cli, tiny_llama, tmp_path):
+def test_cli_refuses_the_outside_shard_before_any_work(cli, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRTCONV_NO_CACHE", raising=False)  # the whole-run cache's look-up reads the index too
+    monkeypatch.setenv("TRTCONV_CACHE", str(tmp_path / "cache"))
     _good, evil = _outside_shard_pair(tiny_llama, tmp_path)
     r = cli("calibrate", "--model", evil, "--precision", "fp8", "-o", tmp_path / "out")
     assert r.exit_code == 2, r.output
     assert "'../good/model.safetensors'" in r.output and "not inside the model folder" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_an_artifacts_hf_checkpoint_index_naming_an_outside_shard_is_refused(tiny_llama, tmp_path):
+    """The gate must judge the artifact's own (hashed) files, not a file its index points to elsewhere."""
+    from trtconv.checkpoints.hf_reader import HFTensors
+
+    _good, evil = _outside_shard_pair(tiny_llama, tmp_path)
+    with pytest.raises(ModelError, match=r"names shard '\.\./good/model\.safetensors', which is not inside"):
+        HFTensors(evil)
 
 
 def test_a_symlinked_shard_inside_the_folder_is_hashed_by_its_bytes(tiny_llama, tmp_path):
