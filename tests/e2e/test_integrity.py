@@ -160,6 +160,7 @@ def test_a_byte_flipped_in_one_artifact_is_reported_and_never_reused(cli, tiny_l
     assert cli("calibrate", "--model", tiny_llama, "-o", a, *FAST).exit_code == 0
     hit = cli("calibrate", "--model", tiny_llama, "-o", b, *FAST)
     assert hit.exit_code == 0 and "the whole artifact reused from the cache" in hit.output
+    assert cli("verify", b).exit_code == 0  # a whole-run hit's new manifest is consistent with itself
     shared = (a / RANK0).stat().st_ino == (b / RANK0).stat().st_ino  # hard links (ext4); reflinks would not share
     _flip_in_place(a / RANK0)
 

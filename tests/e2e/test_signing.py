@@ -349,3 +349,19 @@ def test_report_rewritten_under_a_pinned_digest_is_caught_by_the_signature(built
     assert _cli("verify", art, "--expect-digest", _digest(built)).exit_code == 0
     r = _verify(art, keys)
     assert r.exit_code == 1 and "changed: report.md" in r.output
+
+
+def test_a_nan_metric_is_consistent_with_itself(failed, tmp_path):
+    """A diverged candidate records NaN; NaN != NaN must not read as an edit."""
+    from trtconv.artifact.consistency import manifest_problems
+    from trtconv.artifact.manifest import Manifest, read_manifest
+
+    m = read_manifest(failed).model_dump(mode="json")
+    part = next(iter(m["metrics"]["packs"].values()))
+    part["mean_kl"] = {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    name = next(iter(m["metrics"]["packs"]))
+    for g in m["gates"]:
+        if g["metric"] == f"max_kl[{name}]":
+            g.update(value=float("nan"), ci_low=float("nan"), ci_high=float("nan"), verdict="inconclusive")
+    m["status"] = "failed"
+    assert manifest_problems(failed, Manifest.model_validate(json.loads(json.dumps(m)))) == []

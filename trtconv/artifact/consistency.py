@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -98,12 +99,17 @@ def _one_gate(gate: GateResult, summary: dict, thresholds: dict) -> list[str]:
         problems.append(f"gate {gate.metric} threshold {gate.threshold:g} is not the recipe's evaluate.gates.{key} = {thresholds[key]:g}")
     recorded = (gate.value, gate.ci_low, gate.ci_high)
     measured = (summary.get("value"), summary.get("ci_low"), summary.get("ci_high"))
-    if recorded != measured:
+    if not all(_same(a, b) for a, b in zip(recorded, measured)):
         problems.append(f"gate {gate.metric} value/interval {_triple(recorded)} is not the metrics' {_triple(measured)}")
     verdict, _reason = decide(summary, thresholds[key], GATES[key].comparator)
     if gate.verdict != verdict:
         problems.append(f"gate {gate.metric} says {gate.verdict}, but its metrics and threshold give {verdict}")
     return problems
+
+
+def _same(a, b) -> bool:
+    """Equal, NaN included (a diverged candidate records NaN, and NaN != NaN)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def _triple(values: tuple) -> str:
