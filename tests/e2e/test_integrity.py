@@ -101,6 +101,25 @@ def test_a_symlinked_shard_inside_the_folder_is_hashed_by_its_bytes(tiny_llama, 
     assert after["weights/model.safetensors"] != before["weights/model.safetensors"]
 
 
+@pytest.mark.parametrize("name", ["modeling_custom.py", "vocab.txt", "extra.tiktoken", "chat_template.json"])
+def test_remote_code_and_every_tokenizer_file_are_inputs(tiny_llama, tmp_path, name):
+    """Files transformers reads beside the weights (remote code, any vocabulary) are hashed too."""
+    from trtconv.stages import load
+
+    m = shutil.copytree(tiny_llama, tmp_path / "m")
+    (m / name).write_text("one\n")
+
+    def recorded():
+        weights = load.check_weight_files(m)
+        records = load.describe_inputs(m, weights, load.start_hashing(m, weights, remembered=False))
+        return {f.path: f.sha256 for rec in records for f in rec.files}
+
+    before = recorded()
+    assert name in before
+    (m / name).write_text("two\n")
+    assert recorded()[name] != before[name]
+
+
 def _tensor_names(model: Path) -> list[str]:
     from safetensors import safe_open
 
