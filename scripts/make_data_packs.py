@@ -631,9 +631,10 @@ Uses:
 - `calib.jsonl`: the default calibration data (`trtconv.data.packs.builtin_pack("calib")`);
 - `eval.jsonl`: the default held-out evaluation data (perplexity, KL, top-1 agreement);
 - `reference-train.jsonl`: the training text (and tokenizer training text) of the reference
-  models `llama-ref` and `qwen2-ref` (`trtconv/data/reference_models.py`). Their weights are not
-  committed: they are trained on first use (about 90 s each on one CPU thread) into the cache,
-  keyed by this file's sha256 among other things.
+  models `llama-ref` and `qwen2-ref` (`trtconv/data/reference_models.py`). `llama-ref` ships
+  trained (`trtconv/data/reference/llama-ref`, sha256 pinned, so every machine has the same bytes);
+  `qwen2-ref` is trained on first use (about 90 s on one CPU thread) into the cache, keyed by this
+  file's sha256 among other things.
 
 License: Python's standard library is distributed under the Python Software Foundation
 License (PSF-2.0, https://docs.python.org/3/license.html); these files are excerpts of it.

@@ -37,7 +37,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_ref() -> Path:
-    """The trained reference Llama (trained into the cache on first use)."""
+    """The trained reference Llama (shipped with trtconv, pinned: trtconv/data/reference/llama-ref)."""
     from trtconv.data.reference_models import ensure_reference_model
 
     return ensure_reference_model("llama-ref")

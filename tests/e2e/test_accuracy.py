@@ -202,6 +202,7 @@ def test_multiple_choice_task_is_scored_and_gated(llama_ref, cli, tmp_path):
     assert t["num_items"] == 159 and 0.25 < t["accuracy_baseline"]["value"] < 1
     assert "task_data" in {i["role"] for i in m["inputs"]}
     assert "multiple-choice accuracy (159 items)" in (out / "report.md").read_text()
+    assert cli("verify", out).exit_code == 0  # the task gate is consistent with metrics["task"] (issue 23.6)
     # The same gate comes back from `trtconv check`.
     checked = cli("check", out, "--json")
     assert checked.exit_code == 0 and any(g["metric"] == "max_task_accuracy_drop_pp" for g in json.loads(checked.stdout)[0]["gates"])

@@ -170,8 +170,9 @@ def test_failed_artifact_edited_to_say_passed(failed, tmp_path, keys):
     m = json.loads((art / "manifest.json").read_text())
     m["status"], m["status_reason"] = "passed", ""
     (art / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
-    # Integrity alone cannot see this edit: the manifest is not among its own files.
-    assert _cli("verify", art).exit_code == 0
+    # The manifest is not among its own files, but it contradicts its own gate verdicts (issue 23.6).
+    plain = _cli("verify", art)
+    assert plain.exit_code == 1 and "status is passed, but its gates say" in plain.output
     r = _cli("verify", art, "--public-key", keys["signer.pub"])
     assert r.exit_code == 1
     assert "changed: manifest.json" in r.output
@@ -256,3 +257,111 @@ def test_engine_without_a_build_leaves_the_manifest_alone(built, tmp_path, keys)
     assert "unchanged (nothing was built)" in r.output
     assert (art / "manifest.json").read_bytes() == before
     assert _verify(art, keys).exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23.6: the manifest checked against itself (trtconv.artifact.consistency)
+
+
+def _edit_manifest(art: Path, edit) -> None:
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m)
+    (art / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+
+
+def _failing_gate(m: dict) -> dict:
+    return next(g for g in m["gates"] if g["verdict"] == "fail")
+
+
+def test_untouched_artifacts_are_consistent(built, failed):
+    from trtconv.artifact.consistency import manifest_problems
+    from trtconv.artifact.manifest import read_manifest
+
+    for art in (built, failed):  # built: allow_inconclusive with lenient gates; failed: max_kl = 0
+        assert manifest_problems(art, read_manifest(art)) == []
+
+
+def test_status_edited_to_passed_fails_verify_under_the_failed_builds_digest_and_sign_refuses(failed, tmp_path, keys):
+    art = _copy(failed, tmp_path)
+    digest = _digest(failed)
+    _edit_manifest(art, lambda m: m.update(status="passed", status_reason=""))
+    r = _cli("verify", art, "--expect-digest", digest, "--allow-failed")
+    assert r.exit_code == 1, r.output
+    assert "manifest: status is passed, but its gates say max_kl" in r.output and "fail" in r.output
+    s = _cli("sign", art, "--key", keys["signer.key"])
+    assert s.exit_code == 2 and "refusing to sign it" in s.output and "status is passed, but" in s.output
+    assert not (art / "model.sig").exists()
+
+
+def test_gate_verdicts_edited_with_the_status_contradict_their_metrics(failed, tmp_path):
+    art = _copy(failed, tmp_path)
+
+    def edit(m):
+        m.update(status="passed", status_reason="")
+        for g in m["gates"]:
+            g["verdict"] = "pass"
+
+    gate = _failing_gate(json.loads((failed / "manifest.json").read_text()))["metric"]
+    _edit_manifest(art, edit)
+    r = _cli("verify", art, "--expect-digest", _digest(failed))
+    assert r.exit_code == 1
+    assert f"gate {gate} says pass, but its metrics and threshold give fail" in r.output
+
+
+def test_an_edited_metric_fails_verify(built, tmp_path):
+    art = _copy(built, tmp_path)
+
+    def edit(m):
+        part = next(iter(m["metrics"]["packs"].values()))
+        part["mean_kl"]["value"] *= 0.5
+
+    _edit_manifest(art, edit)
+    r = _cli("verify", art)
+    assert r.exit_code == 1
+    assert "manifest: gate max_kl[" in r.output and "is not the metrics'" in r.output
+
+
+def test_an_edited_threshold_or_a_dropped_gate_fails_verify(failed, tmp_path):
+    art = _copy(failed, tmp_path)
+    gate = _failing_gate(json.loads((failed / "manifest.json").read_text()))
+    _edit_manifest(art, lambda m: m["recipe"]["evaluate"]["gates"].update(max_kl=1.0))
+    r = _cli("verify", art, "--allow-failed")
+    assert r.exit_code == 1
+    assert "recipe_sha256 is not the sha256 of its recipe" in r.output and "not the one in recipe.yaml" in r.output
+    assert f"gate {gate['metric']} threshold 0 is not the recipe's evaluate.gates.max_kl = 1" in r.output
+
+    art2 = _copy(failed, tmp_path / "dropped")
+    _edit_manifest(art2, lambda m: m.update(status="passed", gates=[g for g in m["gates"] if g["verdict"] == "pass"]))
+    r = _cli("verify", art2)
+    assert r.exit_code == 1 and f"gate {gate['metric']} is missing" in r.output
+
+
+def test_report_rewritten_under_a_pinned_digest_is_caught_by_the_signature(built, tmp_path, keys):
+    """report.md is a run record, outside the digest (README: what the digest covers): a rewrite whose
+    manifest entry is updated to match passes a pinned digest, and fails the signature."""
+    from trtconv.artifact.manifest import hash_tree, read_manifest, write_manifest
+
+    art = _signed(built, tmp_path, keys)
+    (art / "report.md").write_text("# all gates passed, ship it\n")
+    m = read_manifest(art)
+    m.outputs = hash_tree(art)
+    write_manifest(m, art)
+    assert _cli("verify", art, "--expect-digest", _digest(built)).exit_code == 0
+    r = _verify(art, keys)
+    assert r.exit_code == 1 and "changed: report.md" in r.output
+
+
+def test_a_nan_metric_is_consistent_with_itself(failed, tmp_path):
+    """A diverged candidate records NaN; NaN != NaN must not read as an edit."""
+    from trtconv.artifact.consistency import manifest_problems
+    from trtconv.artifact.manifest import Manifest, read_manifest
+
+    m = read_manifest(failed).model_dump(mode="json")
+    part = next(iter(m["metrics"]["packs"].values()))
+    part["mean_kl"] = {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    name = next(iter(m["metrics"]["packs"]))
+    for g in m["gates"]:
+        if g["metric"] == f"max_kl[{name}]":
+            g.update(value=float("nan"), ci_low=float("nan"), ci_high=float("nan"), verdict="inconclusive")
+    m["status"] = "failed"
+    assert manifest_problems(failed, Manifest.model_validate(json.loads(json.dumps(m)))) == []

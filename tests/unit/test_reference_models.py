@@ -64,7 +64,7 @@ def test_unwritable_cache_is_a_model_error_naming_the_variable(tmp_path: Path) -
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(ModelError, match=r"Cannot create the reference-model cache .*file/reference-models .*set TRTCONV_CACHE"):
-        rm.ensure_reference_model("llama-ref", blocker)
+        rm.ensure_reference_model("qwen2-ref", blocker)  # llama-ref is shipped: it needs no cache
 
 
 def test_registry_specs_match_the_brief() -> None:
@@ -233,3 +233,60 @@ def test_real_reference_model_learns_far_below_uniform(name: str) -> None:
     with rm.torch_threads(1):
         loss = rm.mean_loss(model, blocks)  # the whole held-out pack
     assert loss < record["uniform_loss"] - 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23.8: llama-ref ships, pinned, so the default artifact is the same bytes on every machine
+
+
+def test_llama_ref_is_the_shipped_folder_and_is_never_trained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("llama-ref ships with trtconv: it must not be trained")
+
+    monkeypatch.setattr(rm, "train_reference_model", no_training)
+    folder = rm.ensure_reference_model("llama-ref", tmp_path / "cache")
+    assert folder == rm.SHIPPED_DIR / "llama-ref"
+    assert {p.name: file_sha256(p) for p in folder.iterdir()} == rm.SHIPPED_MODELS["llama-ref"]
+    assert not (tmp_path / "cache" / rm.CACHE_SUBDIR).exists() or model_folders(tmp_path / "cache") == []
+
+
+def test_shipped_model_was_trained_from_this_spec_and_corpus() -> None:
+    """Edit the spec or the corpus and this fails: regenerate with scripts/train_reference_models.py --ship."""
+    record = json.loads((rm.SHIPPED_DIR / "llama-ref" / rm.TRAINING_RECORD).read_text())
+    assert record["spec"] == rm.REFERENCE_MODELS["llama-ref"].to_json()
+    assert record["corpus_sha256"] == file_sha256(builtin_pack("reference-train"))
+    assert record["eval_pack_sha256"] == file_sha256(builtin_pack("eval"))
+    assert record["final_loss"] < 0.8 * record["uniform_loss"]  # trained, not random
+
+
+@pytest.mark.parametrize("damage", ["flip", "remove", "extra"])
+def test_a_damaged_shipped_model_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    shipped = tmp_path / "reference"
+    shutil.copytree(rm.SHIPPED_DIR / "llama-ref", shipped / "llama-ref")
+    monkeypatch.setattr(rm, "SHIPPED_DIR", shipped)
+    target = shipped / "llama-ref" / "config.json"
+    if damage == "flip":
+        target.write_bytes(target.read_bytes().replace(b"silu", b"gelu"))
+        match = r"config\.json has sha256 [0-9a-f]{64}, not the pinned 45debb88"
+    elif damage == "remove":
+        target.unlink()
+        match = r"config\.json is missing: the reference model shipped with trtconv is damaged; reinstall trtconv"
+    else:
+        (shipped / "llama-ref" / "special_tokens_map.json").write_text("{}")
+        match = r"holds special_tokens_map\.json, not part of the shipped reference model llama-ref \(allowed: config\.json"
+    with pytest.raises(ModelError, match=match):
+        rm.ensure_reference_model("llama-ref", tmp_path / "cache")
+
+
+def test_the_package_data_ships_every_pinned_file() -> None:
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["trtconv.data"]
+    for name, pins in rm.SHIPPED_MODELS.items():
+        for file in pins:
+            assert any(fnmatch.fnmatch(f"reference/{name}/{file}", p) for p in patterns), file

@@ -136,11 +136,14 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 def check_integrity(folder: Path, manifest: Manifest) -> list[str]:
-    """verify_files, plus the manifest's digest against its own file list."""
+    """verify_files, the manifest's digest against its own file list, and the manifest against
+    itself: status, gate verdicts, metrics and thresholds (trtconv.artifact.consistency)."""
+    from trtconv.artifact.consistency import manifest_problems
+
     problems = verify_files(folder, manifest)
     if artifact_digest(manifest.outputs) != manifest.artifact_digest:
         problems.append("manifest: artifact_digest does not match its own file list (the manifest was edited)")
-    return problems
+    return problems + manifest_problems(folder, manifest)
 
 
 def _check_schema_version(path: Path, data) -> None:

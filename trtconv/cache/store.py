@@ -61,6 +61,11 @@ DEL_MARK = ".del-"  # <key>.del-<pid>: an entry being removed (renamed first, so
 Verify = Literal["full", "size"]
 DEFAULT_VERIFY: Verify = "full"
 
+# Set to 1 and every restore re-reads and hashes every file it links or copies, instead of trusting a
+# file whose inode, size and mtime are the ones put recorded (a write that restores mtime, as only a
+# deliberate edit does, is otherwise found only by `trtconv verify` / `check`). docs/cache.md.
+REHASH_ENV = "TRTCONV_CACHE_REHASH"
+
 # How long materialize waits for an entry another process holds (a writer replacing a damaged
 # entry, or another build copying it out). Copies of multi-GB checkpoints take tens of seconds.
 MATERIALIZE_LOCK_WAIT_S = 600.0
@@ -394,7 +399,7 @@ class StageCache:
         return json.loads((Path(entry) / ENTRY_RECORD).read_text(encoding="utf-8"))
 
     # -- copy out ------------------------------------------------------------------------------
-    def materialize(self, entry: Path, dest: Path, *, lock_wait_s: float = MATERIALIZE_LOCK_WAIT_S) -> Path:
+    def materialize(self, entry: Path, dest: Path, *, lock_wait_s: float = MATERIALIZE_LOCK_WAIT_S, rehash: bool = False) -> Path:
         """Copy an entry's payload into ``dest`` (created if missing; existing files are never
         overwritten) and return ``dest``.
 
@@ -405,8 +410,8 @@ class StageCache:
         file unchanged since put (same inode, size, mtime) is not re-read; any other is hashed and
         must match entry.json, else the links/copies are removed, the entry is removed and
         CacheCorrupted is raised (`get(verify="full")` re-hashes everything, whatever the stat
-        says). The entry's lock is held meanwhile, so prune cannot
-        delete it half way; CacheBusy after ``lock_wait_s``.
+        says; ``rehash`` hashes every file whatever its stat says). The entry's lock is held
+        meanwhile, so prune cannot delete it half way; CacheBusy after ``lock_wait_s``.
         """
         entry = Path(entry)
         lock = FileLock(str(entry.parent / f".{entry.name}.lock"))  # the entry's own lock, whatever root it is in
@@ -424,7 +429,7 @@ class StageCache:
                 record = self.read_record(entry)
             except (OSError, ValueError) as err:
                 raise CacheCorrupted(f"cache entry {entry} has no readable {ENTRY_RECORD} ({err}); it is rebuilt on the next run") from None
-            problem = _copy_payload(entry / PAYLOAD_DIR, Path(dest), record.get("files", []))
+            problem = _copy_payload(entry / PAYLOAD_DIR, Path(dest), record.get("files", []), rehash=rehash)
             if problem is not None:
                 _remove_entry(entry)
                 raise CacheCorrupted(f"cache entry {entry}: {problem}; removed")
@@ -443,7 +448,7 @@ class StageCache:
         if entry is None:
             return None
         try:
-            return self.materialize(entry, dest)
+            return self.materialize(entry, dest, rehash=os.environ.get(REHASH_ENV, "").strip().lower() in ("1", "true", "yes"))
         except CacheCorrupted as err:
             self.last_miss = CacheMiss("corrupted", str(err))
         except CacheBusy as err:
@@ -648,11 +653,11 @@ def _unchanged_since_put(src: Path, rec: dict) -> bool:
     return (st.st_size, st.st_mtime_ns, st.st_ino) == (rec["size"], rec["mtime_ns"], rec["ino"])
 
 
-def _copy_payload(payload: Path, dest: Path, records: list[dict]) -> str | None:
+def _copy_payload(payload: Path, dest: Path, records: list[dict], rehash: bool = False) -> str | None:
     """Link (or copy) every recorded file into dest; on a mismatch undo and say why.
 
-    A file unchanged since put (stat identity) is linked without being read; any other is hashed
-    (while copied, or after linking) and must match entry.json.
+    A file unchanged since put (stat identity) is linked without being read, unless ``rehash``;
+    any other is hashed (while copied, or after linking) and must match entry.json.
     """
     created: list[Path] = []
     made_dirs: list[Path] = []
@@ -673,15 +678,16 @@ def _copy_payload(payload: Path, dest: Path, records: list[dict]) -> str | None:
             if dst.exists():
                 raise CacheError(f"{dst} already exists; the cache never overwrites a file in {dest}")
             mkdirs(dst.parent)
-            trusted = rec["sha256"] if _unchanged_since_put(src, rec) else None
+            trusted = rec["sha256"] if not rehash and _unchanged_since_put(src, rec) else None
             try:
-                sha256, size, _how = _link_or_copy(src, dst, fsync=False, sha256=trusted)
+                sha256, size, how = _link_or_copy(src, dst, fsync=False, sha256=trusted)
             except FileNotFoundError:
                 problem = f"missing: {PAYLOAD_DIR}/{rec['path']}"
                 break
             created.append(dst)
             if (sha256, size) != (rec["sha256"], rec["size"]):
-                problem = f"changed: {PAYLOAD_DIR}/{rec['path']} (sha256 {sha256[:12]}..., {ENTRY_RECORD} says {rec['sha256'][:12]}...)"
+                problem = (f"changed: {PAYLOAD_DIR}/{rec['path']} (sha256 {sha256[:12]}..., {ENTRY_RECORD} says {rec['sha256'][:12]}...)"
+                           + _shared_damage(src, own_links=2 if how == "link" else 1))
                 break
             note_sha256(dst, sha256)
     except BaseException:
@@ -690,6 +696,19 @@ def _copy_payload(payload: Path, dest: Path, records: list[dict]) -> str | None:
     if problem is not None:
         _undo(created, made_dirs)
     return problem
+
+
+def _shared_damage(src: Path, own_links: int) -> str:
+    """Where a damaged entry file is hard-linked elsewhere (artifacts restored from it, the build
+    that stored it), those files are the same damaged bytes: say so, so they get verified."""
+    try:
+        others = os.stat(src).st_nlink - own_links
+    except OSError:
+        return ""
+    if others <= 0:
+        return ""
+    return (f"; {others} other hard link{'s' if others > 1 else ''} share{'' if others > 1 else 's'} this file: artifacts "
+            "restored from this entry hold the same damaged bytes, run `trtconv verify` on them")
 
 
 def _undo(created: list[Path], made_dirs: list[Path]) -> None:

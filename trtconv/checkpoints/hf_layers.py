@@ -10,11 +10,29 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 
 from trtconv.core.errors import ModelError
 
 LAYER_PREFIX = "model.layers."
+
+
+def check_shard_name(index: Path, tensor: str, shard: str) -> None:
+    """A shard must be a file inside the model folder: the load hashes the folder's files as the
+    model's inputs (what the cache keys and the manifest are made of), so a shard named outside it
+    (``../other/model.safetensors``, an absolute path) would be read but never hashed, and a change
+    to it would bring back a stale artifact from the cache. transformers 5.14 follows such a path;
+    trtconv refuses it whatever transformers does. A symlink inside the folder is fine: it is
+    followed, and the bytes it leads to are hashed under its name."""
+    parts = PurePosixPath(shard.replace("\\", "/")).parts
+    if shard and not os.path.isabs(shard) and ".." not in parts:
+        return
+    raise ModelError(
+        f"{index}: weight_map[{tensor!r}] names shard {shard!r}, which is not inside the model folder "
+        f"{index.parent}; a shard must be a file name in that folder (or a path below it, without '..' and not "
+        "absolute). Copy the shard into the folder, or link it there (a symlink inside the folder is followed and hashed)"
+    )
 
 
 def read_index(index: Path) -> dict[str, Path]:
@@ -25,6 +43,8 @@ def read_index(index: Path) -> dict[str, Path]:
         names = {str(s) for s in weight_map.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"{index}: not a safetensors index (needs a 'weight_map' object): {exc}") from None
+    for tensor, shard in weight_map.items():
+        check_shard_name(index, tensor, str(shard))
     missing = sorted(s for s in names if not (model_dir / s).is_file())
     if missing:
         raise ModelError(

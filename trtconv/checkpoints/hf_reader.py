@@ -60,6 +60,7 @@ from trtconv.checkpoints.quant import (  # noqa: F401  (requantize_fp8 / w4a8_we
     same_across_group,
     w4a8_weight,
 )
+from trtconv.checkpoints.hf_layers import check_shard_name
 from trtconv.checkpoints.trtllm_format import (
     DEFAULT_AWQ_GROUP_SIZE,
     MODEL_DTYPES,
@@ -263,6 +264,8 @@ class HFTensors:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
+            for name, file in weight_map.items():  # the files judged must be the artifact's own (hashed) files
+                check_shard_name(index, name, str(file))
             return {name: hf_dir / file for name, file in weight_map.items()}
         single = hf_dir / SINGLE_FILE
         if not single.is_file():

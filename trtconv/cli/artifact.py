@@ -94,7 +94,7 @@ def check(
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the accuracy gate again on an existing artifact (exit 1 if a gate fails).
+    """Run the accuracy gate again on an existing artifact (exit 1 if a gate fails, or a file no longer matches manifest.json).
 
     Example (is a second artifact closer to the original on the same tokens?):
 
@@ -106,6 +106,7 @@ def check(
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
     try:
+        mismatched = _files_not_matching([artifact] + ([against] if against else []), reporter)
         with reporter.phase("check"):  # loads both models and re-runs the gate: minutes on a big model
             results = check_artifact(artifact, device, reporter, against)
     except UserError as exc:
@@ -119,7 +120,8 @@ def check(
         write_junit(junit, main_result.outcome.gates, recipe["name"], recipe["evaluate"]["allow_inconclusive"])
     if json_mode:
         print(json.dumps([
-            {"artifact": str(r.artifact), "passed": r.passed, "metrics": r.outcome.summary,
+            {"artifact": str(r.artifact), "passed": r.passed, "files_match_manifest": not mismatched[r.artifact],
+             "mismatched_files": mismatched[r.artifact], "metrics": r.outcome.summary,
              "gates": [g.model_dump(mode="json") for g in r.outcome.gates],
              "worst_layers": r.outcome.record["worst_layers"], "worst_documents": r.outcome.record["worst_documents"]}
             for r in results
@@ -137,12 +139,33 @@ def check(
         reporter.table("check: original vs artifact" + (" vs other" if against else ""),
                        ["metric", *[str(r.artifact) for r in results]], rows)
         for r in results:
-            reporter.line(f"{r.artifact}: {'passed' if r.passed else 'FAILED'}")
+            changed = mismatched[r.artifact]
+            reporter.line(f"{r.artifact}: " + ("passed" if r.passed and not changed else "FAILED") + (
+                f" ({len(changed)} file{'s' if len(changed) > 1 else ''} no longer match manifest.json; the gate "
+                f"{'passed' if r.passed else 'failed'} on the files as they are now)" if changed else ""))
             if not r.passed:
                 worst = ", ".join(f"{w['layer']} ({w['relative_weight_error']:.3g})" for w in r.outcome.record["worst_layers"][:3])
                 reporter.line(f"  worst layers by weight error: {worst}")
-    if not main_result.passed:
+    if not main_result.passed or mismatched[main_result.artifact]:
         raise typer.Exit(GateFailed.exit_code)
+
+
+def _files_not_matching(artifacts: list[Path], reporter) -> dict[Path, list[str]]:
+    """`check` judges the files as they are now. Any that no longer match manifest.json (an edit, bit
+    rot, damage shared through the cache's hard links) are named before the gate runs, and the
+    check fails, so a passing gate is never read as "the artifact that was built passes"."""
+    from trtconv.artifact.manifest import read_manifest, verify_files
+
+    found = {}
+    for folder in artifacts:
+        problems = verify_files(folder, read_manifest(folder))
+        for problem in problems:
+            reporter.error(f"{folder}: {problem}")
+        if problems:
+            reporter.warn(f"{folder}: {len(problems)} file(s) no longer match manifest.json; the gate below judges the "
+                          "files as they are now, not the artifact that was built")
+        found[Path(folder)] = problems
+    return found
 
 
 def _engine_loads_here(engine_dir: Path) -> str:

@@ -18,8 +18,15 @@ Training runs under a file lock into a temporary sibling that is renamed into pl
 complete, so an interrupted run never leaves a folder that looks complete, and two processes
 asking at once train only once.
 
-Weights are not committed: training takes about 90 s per model on one CPU thread and needs only
-PyPI packages, and 7 MB of binary per model per version would bloat the repository history.
+``llama-ref``, the default recipe's model, ships with trtconv (``trtconv/data/reference/llama-ref``,
+7 MB) with every file's sha256 pinned in ``SHIPPED_MODELS``: seeded single-thread training is
+reproducible on one machine, but the bytes depend on the CPU's float kernels (the default recipe
+gave digest 3d11f241... on one host and 133ab2df... on another), so a model trained per machine made
+the default artifact per machine too. ``ensure_reference_model`` returns the shipped folder after
+checking the pins, and trains only models that are not shipped (``qwen2-ref``, kept out to stay
+under 10 MB of binary) or when given another corpus. ``scripts/train_reference_models.py --ship``
+regenerates the shipped folder and prints the pins after a change to the training code or corpus
+(tests/unit/test_reference_models.py checks the shipped record against the spec and corpus).
 """
 
 from __future__ import annotations
@@ -359,6 +366,46 @@ def _reporter(progress: Progress | None) -> Progress:
 
 
 # --------------------------------------------------------------------------------------------
+# Shipped weights: the same bytes on every machine
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "reference"
+# Every file of each shipped folder with its sha256 (scripts/train_reference_models.py --ship prints
+# these). Trained on a 2-core AMD EPYC (x86-64) host with torch 2.13.0+cpu, transformers 5.14.1, tokenizers 0.22.2.
+SHIPPED_MODELS: dict[str, dict[str, str]] = {
+    "llama-ref": {
+        "config.json": "45debb88800a6adbc4fbad1a8854162e866370ad8679c7edc3bd7172796d737d",
+        "generation_config.json": "c33c192c3447ef9e3280a009bff83594244f9f621b2378aa730b6b8daabec828",
+        "model.safetensors": "66d6cfa26eb463054c210249307ba903005fa9f4e8290252554a5a7b2f415ef9",
+        "tokenizer.json": "13db2f081e30981db78a596f8e42ef9e7789910773651bd3ce0b25df2e41714c",
+        "tokenizer_config.json": "de578ae5e85861e5081eeb2b7eb94fa3f81b5db1d1d0d463bc330acca51de4dc",
+        "training.json": "5b6bb1b2132595577258a6860fa2c0c7c3fb152aee71471ae09a63c20f991d54",
+    },
+}
+
+
+def shipped_reference_model(name: str) -> Path:
+    """The folder of a shipped reference model, after checking every file against its pinned sha256
+    (7 MB: milliseconds). A missing, changed or extra file is an error: the install is damaged."""
+    folder = SHIPPED_DIR / name
+    pins = SHIPPED_MODELS[name]
+    try:
+        present = {p.name for p in folder.iterdir()}
+    except OSError:
+        present = set()
+    for file, pinned in sorted(pins.items()):
+        found = file_sha256(folder / file) if file in present else None
+        if found != pinned:
+            state = "is missing" if found is None else f"has sha256 {found}, not the pinned {pinned}"
+            raise ModelError(f"{folder / file} {state}: the reference model shipped with trtconv is damaged; "
+                             "reinstall trtconv (pip install --force-reinstall trtconv)")
+    extra = sorted(present - set(pins))
+    if extra:
+        raise ModelError(f"{folder} holds {', '.join(extra)}, not part of the shipped reference model {name} "
+                         f"(allowed: {', '.join(sorted(pins))}); remove it or reinstall trtconv")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
 # Cached, atomic, locked entry point
 
 
@@ -369,14 +416,17 @@ def ensure_reference_model(
     corpus: Path | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """The folder of reference model ``name``, trained into the cache on first use.
+    """The folder of reference model ``name``: the shipped one (verified) where trtconv ships it,
+    else trained into the cache on first use.
 
     ``cache_dir`` is the cache root (default ``$TRTCONV_CACHE`` or the platform cache dir);
-    ``corpus`` replaces the committed training text (tests use a small one).
+    ``corpus`` replaces the committed training text (tests use a small one): it always trains.
     """
     from filelock import FileLock, Timeout
 
     spec = get_spec(name)
+    if corpus is None and name in SHIPPED_MODELS:
+        return shipped_reference_model(name)
     corpus = Path(corpus) if corpus else builtin_pack("reference-train")
     eval_pack = builtin_pack("eval")
     parent = Path(cache_dir) if cache_dir else default_cache_dir()

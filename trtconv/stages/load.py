@@ -23,7 +23,7 @@ from trtconv.core.errors import ModelError
 from trtconv.architectures import HF_NAMES, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
-from trtconv.checkpoints.hf_model import TOKENIZER_FILES, read_hf_config
+from trtconv.checkpoints.hf_model import TOKENIZER_FILES, VOCABULARY_FILES, read_hf_config
 from trtconv.recipe.schema import ModelSection, Recipe
 
 NAME = "load"
@@ -264,9 +264,16 @@ def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool 
 
 def input_paths(model_dir: Path, weights: list[Path]) -> dict[str, list[Path]]:
     """The files that identify the model and the tokenizer, by role (only those that exist)."""
-    model_files = ["config.json", "generation_config.json"] + [p.name for p in weights]
+    # A shard's path relative to the folder (an index may name one in a subfolder; read_index refuses
+    # any outside it), so every file the load reads is hashed and recorded under the name it is read by.
+    model_files = ["config.json", "generation_config.json"] + [p.relative_to(model_dir).as_posix() for p in weights]
     model_files += [p.name for p in model_dir.glob("*.safetensors.index.json")]
-    roles = {"model": model_files, "tokenizer": list(TOKENIZER_FILES)}
+    model_files += [p.name for p in model_dir.glob("*.py")]  # remote code (trust_remote_code): it is the model too
+    # Every file a tokenizer may read, not only those the artifact copies: a changed vocab.txt or
+    # *.tiktoken must change the cache key (keying on too much only costs a rebuild).
+    tokenizer_files = list(TOKENIZER_FILES) + list(VOCABULARY_FILES) + ["chat_template.json"]
+    tokenizer_files += [p.name for p in model_dir.glob("*.tiktoken")]
+    roles = {"model": model_files, "tokenizer": tokenizer_files}
     return {role: [model_dir / n for n in sorted(set(names)) if (model_dir / n).is_file()] for role, names in roles.items()}
 
 
@@ -287,8 +294,10 @@ def describe_inputs(model_dir: Path, weights: list[Path], hashing=None) -> list[
 
 
 def _input_records(model_dir: Path, paths: dict[str, list[Path]], hashes: dict[Path, str]) -> list[InputRecord]:
-    return [InputRecord(role=role, root=str(model_dir), files=[FileRecord(path=p.name, sha256=hashes[p], size=p.stat().st_size)
-                                                               for p in files]) for role, files in paths.items()]
+    return [InputRecord(role=role, root=str(model_dir),
+                        files=[FileRecord(path=p.relative_to(model_dir).as_posix(), sha256=hashes[p], size=p.stat().st_size)
+                               for p in files])
+            for role, files in paths.items()]
 
 
 def remembered_inputs(section: ModelSection, progress=None) -> list[InputRecord] | None:
