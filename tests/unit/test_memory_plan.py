@@ -15,7 +15,7 @@ LLAMA3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
 
 def _recipe(tmp_path: Path, config: dict, precision: str, **export) -> Path:
     model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
+    model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(config))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"name": "plan", "model": {"path": str(model)}, "quantization": {"precision": precision},
@@ -81,6 +81,15 @@ def h200_host(monkeypatch):
     """A GPU build's plan also checks this machine's available host memory: pinned at the H200 host's
     128 GiB, so what the tests assert does not depend on the machine running them."""
     monkeypatch.setattr("trtconv.memory_plan.host_available_bytes", lambda: 128 * 2**30)
+    _free_disk(monkeypatch, 2**50)
+
+
+def _free_disk(monkeypatch, free: int, same_filesystem: bool = True) -> None:
+    """The disk rows read shutil.disk_usage where -o and the cache are: pinned, like the host's memory."""
+    from trtconv.memory_plan import Disk
+
+    monkeypatch.setattr("trtconv.memory_plan.disk_here",
+                        lambda out, cache: Disk(str(out), free, str(cache), free, same_filesystem))
 
 
 def test_a_host_that_cannot_hold_the_export_streams_calibration(tmp_path, monkeypatch):
@@ -234,3 +243,65 @@ def test_streaming_always_with_pipeline_parallel_is_refused_before_work(cli, tmp
               "--set", "calibration.streaming=always", "--set", "export.pp_size=2")
     assert res.exit_code == 2 and "export.pp_size 2" in res.stderr and "calibration.streaming: never" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- every precision and every shipped recipe plans (issue 23: `plan llama-ref-nvfp4` was a KeyError) ---------
+
+
+def test_plan_works_for_every_precision(cli, tmp_path):
+    from trtconv.precisions import PRECISIONS
+
+    sizes = {}
+    for name in PRECISIONS:
+        code, plan = _plan(cli, _recipe(tmp_path / name, LLAMA3_8B, name), "--gpu", "b200-180gb")
+        assert code == 0 and plan["fits"], (name, plan["advice"], plan["refusals"])
+        sizes[name] = plan["export_bytes"]
+    assert sizes["nvfp4"] < sizes["fp8"] < sizes["none"]  # 4.5 bits < 8 bits < 16 bits per linear weight
+
+
+def test_the_builds_gpu_preflight_plans_every_precision(tmp_path):
+    """build's memory plan on a (faked) CUDA device reads the same per-precision bytes: nvfp4 crashed it too."""
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.ui import Reporter
+    from trtconv.engine.plan import preflight
+    from trtconv.memory_plan import plan_for_build
+    from trtconv.pipeline import BuildOptions, memory_plan
+    from trtconv.precisions import PRECISIONS
+    from trtconv.recipe.schema import recipe_from_dict
+
+    model = _sparse_model(tmp_path / "m8b")
+    config = json.loads((model / "config.json").read_text())
+    recipes = {name: recipe_from_dict({"name": "p", "model": {"path": str(model)}, "quantization": {"precision": name}}).resolved()
+               for name in PRECISIONS}
+    for name, recipe in recipes.items():
+        preflight(recipe, config, DeviceInfo(**H200), Reporter())
+        assert plan_for_build(recipe, config, DeviceInfo(**H200), None).fits, name
+    for name, recipe in recipes.items():  # as the load stage calls it: with the -o and cache disks
+        plan = memory_plan(recipe, config, DeviceInfo(**H200), BuildOptions(out=tmp_path / "out"), model, None, Reporter())
+        assert plan.export_bytes > 0, name
+
+
+def _reference_folder(tmp_path: Path, name: str) -> Path:
+    """A reference model's config.json from its spec, without training it (seconds, not minutes)."""
+    from trtconv.data.reference_models import get_spec
+
+    spec = get_spec(name)
+    folder = tmp_path / "refs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "vocab_size")
+    config = {"architectures": [spec.architecture], "model_type": spec.model_type, "tie_word_embeddings": False,
+              **{k: getattr(spec, k) for k in keys}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_plan_works_for_every_shipped_recipe(cli, tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.setattr("trtconv.data.reference_models.ensure_reference_model",
+                        lambda name, progress=None, **_: _reference_folder(tmp_path, name))
+    recipes = sorted((repo / "recipes").glob("*.yaml"))
+    assert any("nvfp4" in r.name for r in recipes)
+    for recipe in recipes:
+        code, plan = _plan(cli, recipe, "--gpu", "b200-180gb")
+        assert code == 0 and plan["fits"], (recipe.name, plan.get("error"), plan.get("advice"), plan.get("refusals"))
