@@ -60,7 +60,15 @@ def plan_recipe(recipe_ref: str, sets: list[str], gpu: str | None, gpus: int, ca
     from trtconv.cache.store import cache_root
     from trtconv.core.environment import detect_device
     from trtconv.engine.plan import preflight_warnings
-    from trtconv.memory_plan import catalogue_device, disk_here, host_available_bytes, model_config, nearest_gpu, plan_for_device, resolve_gpu
+    from trtconv.memory_plan import (
+        catalogue_device,
+        disk_here,
+        host_available_bytes,
+        model_config,
+        nearest_gpu,
+        plan_for_device,
+        resolve_gpu,
+    )
     from trtconv.recipe.schema import load_recipe
     from trtconv.stages.load import check_config, check_recipe_against_model
 
