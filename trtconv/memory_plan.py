@@ -6,6 +6,13 @@ counts per stage (in-memory and layer-streamed), compares them with a GPU from a
 catalogue (or the detected GPU, or a `--max-gpu-memory` cap) and says what to change when
 something does not fit. `trtconv plan` prints it; `build` refuses a run whose chosen path cannot fit.
 
+`plan` and `build` must never disagree (issue 23: plan said "fits" for fp8 on an A100, a tp_size the
+build refuses, a negative hidden_size, a full disk, and differed 20x from build under a CPU cap), so
+both size a run with the same functions: conversion_memory (on a CPU the cap or the host's memory, no
+CUDA context), plan_for_device, disk_checks over shutil.disk_usage; the per-precision bytes come from
+the precisions table. The checks that are not arithmetic (config.json, the recipe against the model,
+the device pre-flight) are the load stage's and engine.plan's own functions, which `plan` calls too.
+
 Calibration and evaluation choose their paths separately. Evaluation streams when calibration does,
 and on a GPU also when evaluating in memory (the original plus the checkpoint) would need more than
 calibrating in memory: the streamed evaluator computes the same numbers, so evaluation need never

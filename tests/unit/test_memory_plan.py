@@ -475,3 +475,15 @@ def test_build_refuses_a_negative_dimension_before_any_work(cli, tmp_path, tiny_
     assert res.exit_code == 2 and "Traceback" not in res.stderr, res.stdout + res.stderr
     assert f"hidden_size {-config['hidden_size']}; allowed: a positive integer" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_doctor_refuses_what_build_refuses_for_a_reference_model(tmp_path):
+    """doctor RECIPE runs the load stage's recipe-against-model check, also for a reference model it does not train."""
+    from trtconv.cli.doctor import run_doctor
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "d", "model": {"reference": "llama-ref"}, "quantization": {"precision": "fp8"},
+                                  "export": {"tp_size": 3}}))
+    ok, report = run_doctor(str(recipe))
+    assert not ok and any(c["status"] == "fail" and "export.tp_size = 3 does not divide the model's 2 KV heads" in c["detail"]
+                          for c in report["checks"]), report["checks"]

@@ -89,10 +89,16 @@ def _recipe_checks(recipe_ref, device, UserError) -> list[dict]:
         warnings = preflight_warnings(recipe, hf_cfg, device)
         if model_dir is not None:
             _check_memory(recipe, hf_cfg, device)
-        out.append(_check("recipe plan", "warn" if warnings else "ok", "; ".join(warnings) or "precision and engine plan fit this machine"))
+        out.append(_check("recipe plan", "warn" if warnings else "ok", "; ".join(warnings) or _fits_text(model_dir)))
     except UserError as exc:
         out.append(_check("recipe plan", "fail", str(exc)))
     return out
+
+
+def _fits_text(model_dir: Path | None) -> str:
+    if model_dir is None:  # a Hub model: its config.json is read when build fetches it
+        return "precision and engine plan fit this machine (the model's config.json is checked when build fetches it)"
+    return "config.json, precision, engine plan, memory and disk fit this machine (the checks build runs first)"
 
 
 def _check_memory(recipe, hf_cfg: dict, device) -> None:
@@ -103,9 +109,20 @@ def _check_memory(recipe, hf_cfg: dict, device) -> None:
     plan_for_build(recipe, hf_cfg, device, None, disk=disk_here(Path("out"), cache_root()))
 
 
+def _reference_config(name: str) -> dict:
+    """A reference model's config.json as its spec states it (the trained one adds only non-shape keys)."""
+    from trtconv.data.reference_models import get_spec
+
+    spec = get_spec(name)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "vocab_size")
+    return {"architectures": [spec.architecture], "model_type": spec.model_type, "tie_word_embeddings": False,
+            **{k: getattr(spec, k) for k in keys}}
+
+
 def _known_config(recipe) -> tuple[dict, Path | None]:
-    """config.json of a local model folder and the folder; else what is known without training or
-    downloading anything (a reference model's spec, a Hub model's nothing) and None."""
+    """config.json of a local model folder and the folder (a reference model's from its spec, without
+    training it); for a Hub model, which is not downloaded here, only the tp size and None."""
     from trtconv.core.errors import ModelError
     from trtconv.core.jsonio import read_json_object
 
@@ -113,10 +130,7 @@ def _known_config(recipe) -> tuple[dict, Path | None]:
         folder = Path(recipe.model.path)
         return read_json_object(folder / "config.json", "a Hugging Face model config", ModelError), folder
     if recipe.model.reference:
-        from trtconv.data.reference_models import get_spec
-
-        spec = get_spec(recipe.model.reference)
-        return {"num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_key_value_heads}, None
+        return _reference_config(recipe.model.reference), Path(f"reference model {recipe.model.reference}")
     return {"num_key_value_heads": recipe.export.tp_size}, None  # a Hub model: checked when build loads its config
 
 
