@@ -6,6 +6,13 @@ counts per stage (in-memory and layer-streamed), compares them with a GPU from a
 catalogue (or the detected GPU, or a `--max-gpu-memory` cap) and says what to change when
 something does not fit. `trtconv plan` prints it; `build` refuses a run whose chosen path cannot fit.
 
+`plan` and `build` must never disagree (issue 23: plan said "fits" for fp8 on an A100, a tp_size the
+build refuses, a negative hidden_size, a full disk, and differed 20x from build under a CPU cap), so
+both size a run with the same functions: conversion_memory (on a CPU the cap or the host's memory, no
+CUDA context), plan_for_device, disk_checks over shutil.disk_usage; the per-precision bytes come from
+the precisions table. The checks that are not arithmetic (config.json, the recipe against the model,
+the device pre-flight) are the load stage's and engine.plan's own functions, which `plan` calls too.
+
 Calibration and evaluation choose their paths separately. Evaluation streams when calibration does,
 and on a GPU also when evaluating in memory (the original plus the checkpoint) would need more than
 calibrating in memory: the streamed evaluator computes the same numbers, so evaluation need never
@@ -19,8 +26,10 @@ KV-cache bytes per token = layers x KV heads x head size x KV dtype bytes x 2 (K
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from trtconv.core.errors import UserError
+from trtconv.precisions import PRECISIONS, linear_bytes, min_sm
 
 GIB = 2**30
 
@@ -65,9 +74,7 @@ AWQ_EXTRA_LAYERS = 1.0
 SHELL_EXPORT_OUTER_COPIES = 2
 MODEL_EXPORT_OUTER_COPIES = 1
 
-# Bytes per quantized Linear weight element in the export, per precision (scales included):
-# int4 packs two per byte plus one fp16 scale per group of 128 (2/128 bytes).
-LINEAR_BYTES = {"none": None, "fp8": 1.0, "int8_sq": 1.0 + 4 / 4096, "int4_awq": 0.5 + 2 / 128, "w4a8_awq": 0.5 + 2 / 128}
+# Bytes per quantized Linear weight element: the precision's row (trtconv.precisions.linear_bytes).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Exit code of `trtconv plan` when something does not fit (0 = everything fits, 2 = bad input).
@@ -78,6 +85,25 @@ class MemoryPlanError(UserError):
     """A run that cannot fit the memory it is given; the message says what to change."""
 
     exit_code = EXIT_DOES_NOT_FIT
+
+
+# config.json keys the arithmetic (and the build) needs as positive integers; the optional ones only where given.
+DIMENSION_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+OPTIONAL_DIMENSION_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_dimensions(cfg: dict, source) -> None:
+    """Refuse (ModelError, naming each key and value) a config.json whose dimensions are not positive
+    integers: a negative hidden_size made "-46.39 B parameters ... fits" (issue 23). The load stage runs it."""
+    from trtconv.core.errors import ModelError
+
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    bad = [f"{k} {cfg[k]!r}" if k in cfg else f"{k} missing" for k in DIMENSION_KEYS if not positive(cfg.get(k))]
+    bad += [f"{k} {cfg[k]!r}" for k in OPTIONAL_DIMENSION_KEYS if cfg.get(k) is not None and not positive(cfg[k])]
+    if bad:
+        raise ModelError(f"{source}: {', '.join(bad)}; allowed: a positive integer (the model's dimensions)")
 
 
 @dataclass(frozen=True)
@@ -97,10 +123,7 @@ class Shape:
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> Shape:
-        missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-                   if not isinstance(cfg.get(k), int)]
-        if missing:
-            raise UserError(f"{source}: cannot plan memory without integer {', '.join(missing)}")
+        check_dimensions(cfg, source)
         heads = cfg["num_attention_heads"]
         return cls(
             layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=heads,
@@ -139,14 +162,40 @@ class Check:
     need_bytes: int
     have_bytes: int | None  # None: not checked (host/disk of another machine)
     note: str = ""
+    unit: str = "bytes"  # what need/have count: "bytes", "gpus" (serve (GPUs)) or "sm" (serve (GPU SM), e.g. 89)
 
     @property
     def fits(self) -> bool:
         return self.have_bytes is None or self.need_bytes <= self.have_bytes
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "need_gib": round(self.need_bytes / GIB, 2),
-                "have_gib": None if self.have_bytes is None else round(self.have_bytes / GIB, 2), "fits": self.fits}
+        gib = self.unit == "bytes"
+        return {**asdict(self), "need_gib": round(self.need_bytes / GIB, 2) if gib else None,
+                "have_gib": None if self.have_bytes is None or not gib else round(self.have_bytes / GIB, 2), "fits": self.fits}
+
+    def amounts(self) -> tuple[str, str]:
+        """need and have in words: GiB with enough digits to tell a near miss from a fit, a GPU count, an SM."""
+        if self.unit == "sm":
+            return sm_text(self.need_bytes), "-" if self.have_bytes is None else sm_text(self.have_bytes)
+        if self.unit == "gpus":
+            return str(self.need_bytes), "-" if self.have_bytes is None else str(self.have_bytes)
+        if self.have_bytes is None:
+            return f"{self.need_bytes / GIB:.1f} GiB", "-"
+        return size_pair(self.need_bytes, self.have_bytes)
+
+
+def sm_text(sm: int) -> str:
+    return f"SM {sm // 10}.{sm % 10}"
+
+
+def size_pair(need: int, have: int) -> tuple[str, str]:
+    """Two byte counts in GiB, with as many decimals as it takes (up to 6) for unequal counts to read
+    unequal: "0.03 GiB is less than 0.03 GiB" was a refusal's message (issue 23)."""
+    for digits in range(1 if min(need, have) >= GIB else 2, 7):
+        a, b = f"{need / GIB:.{digits}f} GiB", f"{have / GIB:.{digits}f} GiB"
+        if a != b or need == have:
+            return a, b
+    return f"{need} bytes", f"{have} bytes"
 
 
 @dataclass
@@ -167,10 +216,15 @@ class MemoryPlan:
     concurrent_full_sequences: int | None = None  # full-length sequences whose KV cache fits next to the weights
     checks: list[Check] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    on_gpu: bool = True  # the stages compute on a CUDA device (False: a CPU run, sized like build sizes it)
+    serve_gpu: str = ""  # the GPU the serving rows are for (a catalogue entry; on a CPU plan not the conversion's device)
+    # What build's pre-flight refuses on this device (engine.plan.preflight_warnings), and its warnings.
+    refusals: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
-        return all(c.fits for c in self.checks if c.stage in self.relevant_stages())
+        return not self.refusals and all(c.fits for c in self.checks if c.stage in self.relevant_stages())
 
     def relevant_stages(self) -> set[str]:
         """The checks of the paths that will run (the other path's checks are shown, not applied)."""
@@ -199,7 +253,7 @@ def resolve_gpu(name: str) -> Gpu:
 
 
 def _export_bytes(shape: Shape, precision: str, export_dtype_bytes: int) -> int:
-    per = LINEAR_BYTES[precision] or export_dtype_bytes
+    per = linear_bytes(precision, export_dtype_bytes)
     linear = shape.layers * shape.layer_linear_params() * per
     other = (shape.layers * shape.layer_other_params() + shape.outer_params()) * export_dtype_bytes
     return int(linear + other)
@@ -210,12 +264,68 @@ def _activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
     return tokens * (4 * shape.hidden + 3 * shape.intermediate) * dtype_bytes
 
 
+@dataclass(frozen=True)
+class Disk:
+    """Free bytes where the artifact (-o) and the stage cache are written, and whether they share a
+    filesystem: there the cache's entry is hard-linked (or reflinked) into the artifact, one copy of the
+    bytes; across filesystems it is a second copy (trtconv.cache.store)."""
+
+    out: str
+    out_free: int
+    cache: str
+    cache_free: int
+    same_filesystem: bool
+
+
+def disk_here(out, cache) -> Disk:
+    """shutil.disk_usage of the nearest existing folder of each location (they are created later)."""
+    import shutil
+
+    def nearest(path) -> Path:
+        p = Path(path).expanduser().absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return p
+
+    o, c = nearest(Path(out).expanduser().absolute().parent), nearest(cache)
+    return Disk(str(o), shutil.disk_usage(o).free, str(c), shutil.disk_usage(c).free, o.stat().st_dev == c.stat().st_dev)
+
+
+def disk_checks(export_bytes: int, parts: bool, disk: Disk | None) -> list[Check]:
+    """The export's disk rows: artifact (+ the streamed path's layer part files) and the stage cache's copy."""
+    artifact = export_bytes * (2 if parts else 1)
+    if disk is None:  # another machine: shown, not checked
+        return [Check("export", "disk", artifact + export_bytes, None, "artifact + stage cache (+ layer parts)")]
+    if disk.same_filesystem:
+        return [Check("export", "disk", artifact, disk.out_free,
+                      f"artifact (+ layer parts), the stage cache links the same files; free at {disk.out}")]
+    return [Check("export (artifact)", "disk", artifact, disk.out_free, f"artifact (+ layer parts); free at {disk.out}"),
+            Check("export (stage cache)", "disk", export_bytes, disk.cache_free, f"a copy (another filesystem); free at {disk.cache}")]
+
+
+def _sm_check(plan: MemoryPlan, recipe, serve: Gpu) -> None:
+    """Serving needs the precision's tensor cores (trtconv.precisions.min_sm): fp8 on an A100 (SM 8.0) cannot run."""
+    q = recipe.quantization
+    need = min_sm(q.precision, q.kv_cache)
+    if need is None:
+        return
+    plan.checks.append(Check("serve (GPU SM)", "gpu", need, serve.sm, f"{q.precision} (KV cache {q.kv_cache}) tensor cores", "sm"))
+    if serve.sm < need:
+        runs = [p.name for p in PRECISIONS.values() if (p.min_sm or 0) <= serve.sm]
+        gpus = [g.name for g in GPUS.values() if g.sm >= need]
+        plan.advice.append(f"serving: quantization.precision {q.precision} with kv_cache {q.kv_cache} needs {sm_text(need)} or "
+                           f"newer; {serve.name} is {sm_text(serve.sm)}: serve on {', '.join(gpus)}, or pick a precision "
+                           f"it runs: {', '.join(runs)} (kv_cache none)")
+
+
 def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus: int = 1,
-                host_bytes: int | None = None, disk_bytes: int | None = None, context_bytes: int = CUDA_CONTEXT,
-                on_gpu: bool = True) -> MemoryPlan:
+                host_bytes: int | None = None, disk: Disk | None = None, context_bytes: int = CUDA_CONTEXT,
+                on_gpu: bool = True, serve: Gpu | None = None) -> MemoryPlan:
     """Every stage's peak GPU/host memory and disk, both paths of calibration and of evaluation, and
     the serving memory. `context_bytes`: the CUDA context allowance (0 when the "GPU" is a cap on a
-    CPU run); `on_gpu`: whether the stages compute on a CUDA device (False: a CPU run)."""
+    CPU run); `on_gpu`: whether the stages compute on a CUDA device (False: a CPU run); `serve`: the
+    GPU serving is planned for (its memory and SM; None: the conversion's memory, SM not checked);
+    `disk`: free space where the artifact and the stage cache go (None: not checked)."""
     shape = Shape.from_config(hf_cfg)
     q, ex = recipe.quantization, recipe.export
     load_b = DTYPE_BYTES[recipe.model.dtype]
@@ -224,13 +334,15 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
                       layer_bytes=shape.layer_params() * load_b, load_bytes=shape.params() * load_b,
                       export_bytes=_export_bytes(shape, q.precision, DTYPE_BYTES[ex.dtype]),
                       kv_bytes_per_token=shape.kv_bytes_per_token(1 if q.kv_cache == "fp8" else DTYPE_BYTES[ex.dtype]),
-                      streaming=streaming, streamed=streaming == "always")
+                      streaming=streaming, streamed=streaming == "always", serve_gpu=serve.name if serve else gpu_name,
+                      on_gpu=on_gpu)
     _calibration_checks(plan, shape, recipe, context_bytes, host_bytes)
     if recipe.evaluate.enabled:
         _evaluation_checks(plan, shape, recipe, context_bytes, on_gpu)
-    copies = 2 if streaming == "never" else 3  # artifact + stage cache (+ the streamed path's part files)
-    plan.checks.append(Check("export", "disk", plan.export_bytes * copies, disk_bytes, "artifact + stage cache (+ layer parts)"))
-    _serving_checks(plan, shape, recipe, gpu_memory_bytes, gpus)
+    plan.checks += disk_checks(plan.export_bytes, streaming != "never", disk)
+    _serving_checks(plan, shape, recipe, int(serve.memory_gib * GIB) if serve else gpu_memory_bytes, gpus)
+    if serve is not None:
+        _sm_check(plan, recipe, serve)
     _choose_paths(plan, recipe, on_gpu)
     _advise(plan, shape, recipe)
     return plan
@@ -307,7 +419,7 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
     """
     ev, ex = recipe.evaluate, recipe.export
     base_b = DTYPE_BYTES[recipe.model.dtype] if on_gpu else 4
-    linear_b = (LINEAR_BYTES[recipe.quantization.precision] or DTYPE_BYTES[ex.dtype]) if on_gpu else 4
+    linear_b = linear_bytes(recipe.quantization.precision, DTYPE_BYTES[ex.dtype]) if on_gpu else 4
     cand_layer = int(shape.layer_linear_params() * linear_b) + shape.layer_other_params() * 4
     dequantized = 2 * shape.hidden * shape.intermediate * 4 if on_gpu else 0  # the widest linear, dequantized and cast
     tokens = ev.batch_size * ev.seq_len
@@ -349,7 +461,7 @@ def _serving_checks(plan: MemoryPlan, shape: Shape, recipe, gpu: int, gpus: int)
         note = "weights + runtime + KV of max_batch_size sequences (continuous)"
     plan.checks.append(Check("serve (per GPU)", "gpu", need, gpu, note))
     if ranks > gpus:
-        plan.checks.append(Check("serve (GPUs)", "gpu", ranks, gpus, f"tp_size x pp_size = {ranks} GPUs, {gpus} given"))
+        plan.checks.append(Check("serve (GPUs)", "gpu", ranks, gpus, f"tp_size x pp_size = {ranks} GPUs, {gpus} given", "gpus"))
     free = gpu - (need - kv_seq)
     plan.concurrent_full_sequences = max(0, free // kv_seq) if kv_seq else None
     plan.max_seq_len = max_seq
@@ -412,37 +524,75 @@ def _advise(plan: MemoryPlan, shape: Shape, recipe) -> None:
         plan.advice.append(f"serving: the export asks for {gpus_check.need_bytes} GPUs, --gpus is {gpus_check.have_bytes}")
 
 
-def plan_for_gpu(recipe, hf_cfg: dict, gpu: str = "h100-80gb", gpus: int = 1, max_gpu_memory_gib: float | None = None) -> MemoryPlan:
+def catalogue_device(gpu: Gpu, count: int = 1):
+    """A catalogue GPU as the device a build would detect on it (trtconv.core.environment.DeviceInfo)."""
+    from trtconv.core.environment import DeviceInfo
+
+    return DeviceInfo(kind="cuda", name=gpu.name, sm=f"{gpu.sm // 10}.{gpu.sm % 10}", count=count, memory_gib=gpu.memory_gib)
+
+
+def nearest_gpu(device) -> Gpu:
+    """The catalogue entry nearest a detected GPU (by memory), else h100-80gb: where serving is planned."""
+    if device.kind != "cuda" or device.memory_gib is None:
+        return GPUS["h100-80gb"]
+    return min(GPUS.values(), key=lambda g: (abs(g.memory_gib - device.memory_gib), g.name))
+
+
+def conversion_memory(device, max_gpu_memory_gib: float | None) -> tuple[int, str]:
+    """The memory the stages may use on `device` and its name: the GPU's (or the cap), or on a CPU the
+    cap or the host's available memory. `plan` and `build` both size the run with this."""
+    if device.kind == "cuda":
+        total = int(device.memory_gib * GIB)
+        return (total if max_gpu_memory_gib is None else min(total, int(max_gpu_memory_gib * GIB))), device.name
+    if max_gpu_memory_gib is not None:
+        return int(max_gpu_memory_gib * GIB), "cpu (--max-gpu-memory cap)"
+    return host_available_bytes() or 2**62, "cpu"
+
+
+def plan_for_device(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, *, host_bytes: int | None = None,
+                    disk: Disk | None = None, serve: Gpu | None = None, gpus: int | None = None) -> MemoryPlan:
+    """The plan of a conversion on `device` exactly as `build` sizes it there (conversion_memory; on a
+    CPU no CUDA context and float32 compute), with serving planned for `serve`."""
+    on_gpu = device.kind == "cuda"
+    mem, name = conversion_memory(device, max_gpu_memory_gib)
+    return plan_memory(recipe, hf_cfg, mem, name, gpus=gpus or max(1, device.count if on_gpu else 1), host_bytes=host_bytes,
+                       disk=disk, context_bytes=CUDA_CONTEXT if on_gpu else 0, on_gpu=on_gpu, serve=serve)
+
+
+def plan_for_gpu(recipe, hf_cfg: dict, gpu: str = "h100-80gb", gpus: int = 1, max_gpu_memory_gib: float | None = None,
+                 disk: Disk | None = None) -> MemoryPlan:
+    """A conversion on a catalogue GPU (another machine: its host memory is not checked), served on it."""
     g = resolve_gpu(gpu)
-    mem = g.memory_gib if max_gpu_memory_gib is None else min(g.memory_gib, max_gpu_memory_gib)
-    return plan_memory(recipe, hf_cfg, int(mem * GIB), g.name, gpus)
+    return plan_for_device(recipe, hf_cfg, catalogue_device(g, gpus), max_gpu_memory_gib, disk=disk, serve=g, gpus=gpus)
 
 
-def model_config(section) -> dict:
-    """config.json of the recipe's model without loading (or downloading) any weights."""
-    from pathlib import Path
-
+def model_config(section) -> tuple[dict, Path]:
+    """config.json of the recipe's model and its folder, without loading (or downloading) any weights."""
     from trtconv.stages.load import read_hf_config, resolve_model_dir
 
     if section.hub_id is not None:
         from huggingface_hub import hf_hub_download
 
         try:
-            return read_hf_config(Path(hf_hub_download(section.hub_id, "config.json", revision=section.revision)).parent)
+            folder = Path(hf_hub_download(section.hub_id, "config.json", revision=section.revision)).parent
         except Exception as exc:  # noqa: BLE001 - any Hub failure is the user's to fix, named
             raise UserError(f"model.hub_id {section.hub_id}@{section.revision}: cannot fetch config.json: {exc}") from None
-    return read_hf_config(resolve_model_dir(section))
+    else:
+        folder = resolve_model_dir(section)
+    return read_hf_config(folder), folder
 
 
 def describe(plan: MemoryPlan) -> list[str]:
     """Plain lines for a terminal or a refusal message."""
     path = "streamed" if plan.streamed else "in memory"
-    lines = [f"{plan.params / 1e9:.2f} B parameters; one layer {plan.layer_bytes / GIB:.2f} GiB, whole model "
-             f"{plan.load_bytes / GIB:.1f} GiB at the load dtype; exported checkpoint {plan.export_bytes / GIB:.1f} GiB; "
-             f"KV cache {plan.kv_bytes_per_token / 1024:.0f} KiB per token",
-             f"GPU {plan.gpu}: {plan.gpu_memory_bytes / GIB:.1f} GiB x {plan.gpus}; calibration path: {path} "
-             f"(calibration.streaming: {plan.streaming})",
+    lines = [(f"{plan.params / 1e9:.2f} B parameters; one layer {size_text(plan.layer_bytes)}, whole model "
+              f"{size_text(plan.load_bytes)} at the load dtype; exported checkpoint {size_text(plan.export_bytes)}; "
+              f"KV cache {plan.kv_bytes_per_token / 1024:.0f} KiB per token"),
+             (f"{'GPU ' if plan.on_gpu else ''}{plan.gpu}: {size_text(plan.gpu_memory_bytes)} x {plan.gpus}; "
+              f"calibration path: {path} (calibration.streaming: {plan.streaming})"),
              f"evaluation path: {plan.evaluation_path}{evaluation_reason(plan)}"]
+    if plan.serve_gpu != plan.gpu:
+        lines.append(f"serving planned on {plan.serve_gpu} (--gpu picks another)")
     return lines
 
 
@@ -483,49 +633,68 @@ def host_available_bytes() -> int | None:
     return None
 
 
-def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, layer_bytes: int | None = None) -> MemoryPlan:
+def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, layer_bytes: int | None = None,
+                   disk: Disk | None = None) -> MemoryPlan:
     """The plan `build` runs first: against the GPU in use (or the cap), or on CPU against the cap or
     the host's available memory. Refuses (UserError, exit 2) a run whose chosen paths (calibration's,
-    evaluation's) cannot fit."""
-    if device.kind == "cuda":
-        total = int(device.memory_gib * GIB)
-        mem = total if max_gpu_memory_gib is None else min(total, int(max_gpu_memory_gib * GIB))
-        name = device.name
-    else:
-        avail = host_available_bytes()
-        mem = int(max_gpu_memory_gib * GIB) if max_gpu_memory_gib is not None else (avail or 2**62)
-        name = "cpu" if max_gpu_memory_gib is None else "cpu (--max-gpu-memory cap)"
+    evaluation's) cannot fit, or whose export does not fit the free disk."""
     on_gpu = device.kind == "cuda"
-    # On a GPU the host is checked too (on a CPU the "GPU" figure above already is the host's memory).
-    plan = plan_memory(recipe, hf_cfg, mem, name, gpus=max(1, device.count if on_gpu else 1),
-                       host_bytes=host_available_bytes() if on_gpu else None,
-                       context_bytes=CUDA_CONTEXT if on_gpu else 0, on_gpu=on_gpu)
-    cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else f"{name} ({mem / GIB:.1f} GiB)"
-    by = {c.stage: c for c in plan.checks if c.where == "gpu"}
-    if plan.streamed:
-        need = by["calibrate (streamed)"]
-        one_layer = layer_bytes if layer_bytes is not None else plan.layer_bytes
-        if not need.fits:
-            raise UserError(
-                f"{cap} is less than layer-streamed calibration needs: one decoder layer is {one_layer / GIB:.2f} GiB "
-                f"({recipe.model.dtype}), {need.need_bytes / GIB:.2f} GiB with the activation cache and workspace; "
-                "raise the cap, or lower calibration.num_samples / seq_len / batch_size")
-    else:
-        _refuse_in_memory(by["calibrate (in memory)"], cap)
-    if plan.evaluate_streamed:
-        ev = by.get("evaluate (streamed)")
-        if ev is not None and not ev.fits:
-            raise UserError(
-                f"{cap} is less than layer-streamed evaluation needs ({ev.need_bytes / GIB:.2f} GiB: two layers of the "
-                "original and of the checkpoint, both models' embeddings and lm_head, the hidden states of every document); "
-                "raise the cap, lower evaluate.num_samples / seq_len, or set evaluate.enabled: false and run `trtconv check` elsewhere")
-    elif "evaluate (in memory)" in by:
-        _refuse_in_memory(by["evaluate (in memory)"], cap)
+    # On a GPU the host is checked too (on a CPU the "GPU" figure already is the host's memory).
+    plan = plan_for_device(recipe, hf_cfg, device, max_gpu_memory_gib, host_bytes=host_available_bytes() if on_gpu else None,
+                           disk=disk)
+    cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else plan.gpu
+    _refuse_calibration(plan, recipe, cap, layer_bytes)
+    _refuse_evaluation(plan, cap)
+    _refuse_disk(plan)
     return plan
+
+
+def size_text(n: int) -> str:
+    """A size in GiB, or in MiB where GiB would print 0.00 (a tiny model's layer)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2**20:.1f} MiB"
+
+
+def _refuse_calibration(plan: MemoryPlan, recipe, cap: str, layer_bytes: int | None) -> None:
+    by = {c.stage: c for c in plan.checks if c.where == "gpu"}
+    if not plan.streamed:
+        _refuse_in_memory(by["calibrate (in memory)"], cap)
+        return
+    need = by["calibrate (streamed)"]
+    if not need.fits:
+        one_layer = layer_bytes if layer_bytes is not None else plan.layer_bytes
+        need_text, have_text = size_pair(need.need_bytes, need.have_bytes)
+        raise UserError(
+            f"{cap} ({have_text}) is less than layer-streamed calibration needs, {need_text}: one decoder layer is "
+            f"{size_text(one_layer)} ({recipe.model.dtype}), with the activation cache and workspace; "
+            "raise the cap, or lower calibration.num_samples / seq_len / batch_size")
+
+
+def _refuse_evaluation(plan: MemoryPlan, cap: str) -> None:
+    by = {c.stage: c for c in plan.checks if c.where == "gpu"}
+    if not plan.evaluate_streamed:
+        if "evaluate (in memory)" in by:
+            _refuse_in_memory(by["evaluate (in memory)"], cap)
+        return
+    ev = by.get("evaluate (streamed)")
+    if ev is not None and not ev.fits:
+        need_text, have_text = size_pair(ev.need_bytes, ev.have_bytes)
+        raise UserError(
+            f"{cap} ({have_text}) is less than layer-streamed evaluation needs ({need_text}: two layers of the "
+            "original and of the checkpoint, both models' embeddings and lm_head, the hidden states of every document); "
+            "raise the cap, lower evaluate.num_samples / seq_len, or set evaluate.enabled: false and run `trtconv check` elsewhere")
+
+
+def _refuse_disk(plan: MemoryPlan) -> None:
+    for c in plan.checks:
+        if c.where == "disk" and not c.fits:
+            need_text, have_text = size_pair(c.need_bytes, c.have_bytes)
+            raise UserError(f"{c.stage}: the export needs {need_text} of disk ({c.note}), {have_text} free; free space, "
+                            "or choose another -o / TRTCONV_CACHE")
 
 
 def _refuse_in_memory(need: Check, cap: str) -> None:
     if not need.fits:
+        need_text, have_text = size_pair(need.need_bytes, need.have_bytes)
         raise UserError(
-            f"{need.stage.split()[0]} in memory needs {need.need_bytes / GIB:.1f} GiB and {cap} has less; "
+            f"{need.stage.split()[0]} in memory needs {need_text} and {cap} has {have_text}; "
             "set calibration.streaming: auto (or always) to work one layer at a time (see `trtconv plan`)")

@@ -31,7 +31,7 @@ from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import Laps, StageMeter
-from trtconv.stages.load import all_inputs, check_family, check_lengths, check_parallelism, data_packs
+from trtconv.stages.load import all_inputs, check_recipe_against_model, data_packs
 from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
 
 
@@ -155,11 +155,9 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         reporter.stage("load", "resolving the model")
         # Hashing starts inside: the checks below (and the tensor check) run meanwhile.
         model_dir, hf_cfg, arch, weights, hashing = load.run(recipe.model, progress=reporter.info, remembered=cache is not None)
-        check_family(recipe, arch, model_dir)
-        check_lengths(recipe, hf_cfg, model_dir)
-        check_parallelism(recipe, hf_cfg)
+        check_recipe_against_model(recipe, hf_cfg, model_dir)
         check_engine(recipe, hf_cfg, device, reporter)
-        memory = memory_plan(recipe, hf_cfg, device, opts.max_gpu_memory_gib, model_dir, reporter)
+        memory = memory_plan(recipe, hf_cfg, device, opts, model_dir, cache, reporter)
         calib_packs = data_packs(recipe.calibration.data, "calibration")
         eval_packs = data_packs(recipe.evaluate.data, "evaluation")
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
@@ -334,13 +332,15 @@ def cap_gpu_memory(device, cap_gib: float | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), idx)
 
 
-def memory_plan(recipe: Recipe, hf_cfg: dict, device, cap_gib: float | None, model_dir: Path, reporter: Reporter):
-    """The memory plan `trtconv plan` prints, against this device: which calibration and evaluation paths run, or a refusal."""
+def memory_plan(recipe: Recipe, hf_cfg: dict, device, opts: BuildOptions, model_dir: Path, cache, reporter: Reporter):
+    """The memory plan `trtconv plan` prints, against this device and the free disk at -o and the
+    stage cache: which calibration and evaluation paths run, or a refusal."""
     from trtconv.checkpoints.hf_layers import WeightIndex
-    from trtconv.memory_plan import plan_for_build
+    from trtconv.memory_plan import disk_here, plan_for_build
 
     layer_bytes = WeightIndex(model_dir).layer_bytes(0) if recipe.calibration.streaming != "never" else None
-    plan = plan_for_build(recipe, hf_cfg, device, cap_gib, layer_bytes)
+    disk = disk_here(opts.out, cache.root if cache is not None else opts.out)
+    plan = plan_for_build(recipe, hf_cfg, device, opts.max_gpu_memory_gib, layer_bytes, disk)
     if plan.streamed:
         from trtconv.memory_plan import calibration_reason
         from trtconv.stages.streamed import check_supported

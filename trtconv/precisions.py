@@ -23,6 +23,14 @@ SM_FP4 = 100  # Blackwell (10.0): FP4 tensor cores
 # (interval-based). It is the same for every precision: the task's items, not the format, set the noise.
 TASK_ACCURACY_DROP_PP = 3.0
 
+# Export bytes per quantized Linear weight element, scales included (Precision.linear_weight_bytes):
+# int8 SmoothQuant: one byte plus a float32 per-channel scale (counted for 4096-wide rows);
+# int4 AWQ: two weights per byte plus an fp16 scale per group of 128; NVFP4: two e2m1 weights per
+# byte plus one FP8 scale per block of 16 (the per-tensor global scale is negligible).
+INT8_SQ_BYTES = 1.0 + 4 / 4096
+INT4_GROUP_BYTES = 0.5 + 2 / 128
+NVFP4_BYTES = 0.5 + 1 / 16
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -32,6 +40,12 @@ class Precision:
     description: str
     # Shipped gate thresholds: gate key (trtconv.gate.gates.GATES) -> threshold; every gate has one.
     default_gates: dict[str, float]
+    # Bytes per quantized Linear weight element in the export, scales included (the memory plan's
+    # checkpoint and serving sizes); None = not quantized, the export dtype's bytes.
+    linear_weight_bytes: float | None
+    # Rung on the accuracy ladder (more bits, more accuracy; docs/accuracy.md): a failed gate's advice
+    # names the precisions on higher rungs (trtconv.gate.sensitivity.higher_precisions). Unique per row.
+    ladder_rung: int
     min_sm: int | None = None  # lowest GPU SM that runs it (89 = Ada, 90 = Hopper); None = any
     uses_group_size: bool = False  # AWQ: weights quantized in groups along the input dim
     # ModelOpt's fake-quant forward of this format runs only on CUDA (dynamic block quantization:
@@ -54,6 +68,8 @@ PRECISIONS: dict[str, Precision] = {
                 "min_top1_agreement": 0.98,
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
+            linear_weight_bytes=None,
+            ladder_rung=5,
         ),
         Precision(
             "fp8",
@@ -67,6 +83,8 @@ PRECISIONS: dict[str, Precision] = {
                 "min_top1_agreement": 0.93,
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
+            linear_weight_bytes=1.0,
+            ladder_rung=4,
         ),
         Precision(
             "int8_sq",
@@ -79,6 +97,8 @@ PRECISIONS: dict[str, Precision] = {
                 "min_top1_agreement": 0.93,
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
+            linear_weight_bytes=INT8_SQ_BYTES,
+            ladder_rung=3,
         ),
         Precision(
             "int4_awq",
@@ -92,6 +112,8 @@ PRECISIONS: dict[str, Precision] = {
                 "min_top1_agreement": 0.9,
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
+            linear_weight_bytes=INT4_GROUP_BYTES,
+            ladder_rung=1,
         ),
         Precision(
             "w4a8_awq",
@@ -106,6 +128,8 @@ PRECISIONS: dict[str, Precision] = {
                 "min_top1_agreement": 0.9,
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
+            linear_weight_bytes=INT4_GROUP_BYTES,
+            ladder_rung=2,
         ),
         Precision(
             "nvfp4",
@@ -121,6 +145,8 @@ PRECISIONS: dict[str, Precision] = {
                 "min_top1_agreement": 0.85,
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
+            linear_weight_bytes=NVFP4_BYTES,
+            ladder_rung=0,
         ),
     )
 }
@@ -164,6 +190,17 @@ def _min_sm_by_algo() -> dict[str, int]:
 # checkpoint quant_algo or kv_cache_quant_algo -> the lowest SM that runs it (absent: any CUDA GPU).
 # Derived from the rows above, so a precision's GPU need is written once (its row).
 QUANT_ALGO_MIN_SM: dict[str, int] = _min_sm_by_algo()
+
+
+def linear_bytes(precision: str, export_dtype_bytes: int) -> float:
+    """Bytes per Linear weight element in the export: the row's, or the export dtype's where it does not quantize."""
+    return PRECISIONS[precision].linear_weight_bytes or export_dtype_bytes
+
+
+def min_sm(precision: str, kv_cache: str) -> int | None:
+    """The lowest GPU SM that serves this precision and KV-cache format (None: any CUDA GPU)."""
+    needs = [sm for sm in (PRECISIONS[precision].min_sm, KV_CACHE_FORMATS[kv_cache].min_sm) if sm is not None]
+    return max(needs, default=None)
 
 
 def get_precision(name: str) -> Precision:

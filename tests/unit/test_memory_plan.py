@@ -15,7 +15,7 @@ LLAMA3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
 
 def _recipe(tmp_path: Path, config: dict, precision: str, **export) -> Path:
     model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
+    model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(config))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"name": "plan", "model": {"path": str(model)}, "quantization": {"precision": precision},
@@ -81,6 +81,15 @@ def h200_host(monkeypatch):
     """A GPU build's plan also checks this machine's available host memory: pinned at the H200 host's
     128 GiB, so what the tests assert does not depend on the machine running them."""
     monkeypatch.setattr("trtconv.memory_plan.host_available_bytes", lambda: 128 * 2**30)
+    _free_disk(monkeypatch, 2**50)
+
+
+def _free_disk(monkeypatch, free: int, same_filesystem: bool = True) -> None:
+    """The disk rows read shutil.disk_usage where -o and the cache are: pinned, like the host's memory."""
+    from trtconv.memory_plan import Disk
+
+    monkeypatch.setattr("trtconv.memory_plan.disk_here",
+                        lambda out, cache: Disk(str(out), free, str(cache), free, same_filesystem))
 
 
 def test_a_host_that_cannot_hold_the_export_streams_calibration(tmp_path, monkeypatch):
@@ -234,3 +243,247 @@ def test_streaming_always_with_pipeline_parallel_is_refused_before_work(cli, tmp
               "--set", "calibration.streaming=always", "--set", "export.pp_size=2")
     assert res.exit_code == 2 and "export.pp_size 2" in res.stderr and "calibration.streaming: never" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- every precision and every shipped recipe plans (issue 23: `plan llama-ref-nvfp4` was a KeyError) ---------
+
+
+def test_plan_works_for_every_precision(cli, tmp_path):
+    from trtconv.precisions import PRECISIONS
+
+    sizes = {}
+    for name in PRECISIONS:
+        code, plan = _plan(cli, _recipe(tmp_path / name, LLAMA3_8B, name), "--gpu", "b200-180gb")
+        assert code == 0 and plan["fits"], (name, plan["advice"], plan["refusals"])
+        sizes[name] = plan["export_bytes"]
+    assert sizes["nvfp4"] < sizes["fp8"] < sizes["none"]  # 4.5 bits < 8 bits < 16 bits per linear weight
+
+
+def test_the_builds_gpu_preflight_plans_every_precision(tmp_path):
+    """build's memory plan on a (faked) CUDA device reads the same per-precision bytes: nvfp4 crashed it too."""
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.ui import Reporter
+    from trtconv.engine.plan import preflight
+    from trtconv.memory_plan import plan_for_build
+    from trtconv.pipeline import BuildOptions, memory_plan
+    from trtconv.precisions import PRECISIONS
+    from trtconv.recipe.schema import recipe_from_dict
+
+    model = _sparse_model(tmp_path / "m8b")
+    config = json.loads((model / "config.json").read_text())
+    recipes = {name: recipe_from_dict({"name": "p", "model": {"path": str(model)}, "quantization": {"precision": name}}).resolved()
+               for name in PRECISIONS}
+    for name, recipe in recipes.items():
+        preflight(recipe, config, DeviceInfo(**H200), Reporter())
+        assert plan_for_build(recipe, config, DeviceInfo(**H200), None).fits, name
+    for name, recipe in recipes.items():  # as the load stage calls it: with the -o and cache disks
+        plan = memory_plan(recipe, config, DeviceInfo(**H200), BuildOptions(out=tmp_path / "out"), model, None, Reporter())
+        assert plan.export_bytes > 0, name
+
+
+def _reference_folder(tmp_path: Path, name: str) -> Path:
+    """A reference model's config.json from its spec, without training it (seconds, not minutes)."""
+    from trtconv.data.reference_models import get_spec
+
+    spec = get_spec(name)
+    folder = tmp_path / "refs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "vocab_size")
+    config = {"architectures": [spec.architecture], "model_type": spec.model_type, "tie_word_embeddings": False,
+              **{k: getattr(spec, k) for k in keys}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_plan_works_for_every_shipped_recipe(cli, tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.setattr("trtconv.data.reference_models.ensure_reference_model",
+                        lambda name, progress=None, **_: _reference_folder(tmp_path, name))
+    recipes = sorted((repo / "recipes").glob("*.yaml"))
+    assert any("nvfp4" in r.name for r in recipes)
+    for recipe in recipes:
+        code, plan = _plan(cli, recipe, "--gpu", "b200-180gb")
+        assert code == 0 and plan["fits"], (recipe.name, plan.get("error"), plan.get("advice"), plan.get("refusals"))
+
+
+# -- plan never says "fits" for what build refuses (issue 23 item 4) -----------------------------------------
+
+
+def test_fp8_on_an_a100_does_not_fit(cli, tmp_path):
+    """An A100 (SM 8.0) has no FP8 tensor cores: serving cannot run there, and build refuses an engine for it."""
+    recipe = _recipe(tmp_path, LLAMA3_8B, "fp8")
+    code, plan = _plan(cli, recipe, "--gpu", "a100-80gb")
+    assert code == 4 and not plan["fits"]
+    sm = next(c for c in plan["checks"] if c["stage"] == "serve (GPU SM)")
+    assert (sm["need_bytes"], sm["have_bytes"], sm["fits"]) == (89, 80, False)
+    assert any("needs SM 8.9" in a and "int8_sq" in a and "h100-80gb" in a for a in plan["advice"]), plan["advice"]
+    code, plan = _plan(cli, recipe, "--gpu", "a100-80gb", "--set", "engine.target=tensorrt",
+                       "--set", "export.tensorrt_llm_checkpoint=true")
+    assert code == 4 and any("SM >= 8.9" in r for r in plan["refusals"]), plan["refusals"]
+    assert _plan(cli, recipe, "--gpu", "a100-80gb", "--set", "quantization.precision=int8_sq")[0] == 0
+
+
+def test_tp_size_that_does_not_divide_the_kv_heads_is_bad_input(cli, tmp_path):
+    res = cli("plan", _recipe(tmp_path, LLAMA3_8B, "fp8", tp_size=3), "--gpu", "h100-80gb", "--gpus", "4")
+    assert res.exit_code == 2, res.stdout
+    assert "export.tp_size = 3 does not divide the model's 8 KV heads; allowed tp sizes: 1, 2, 4, 8" in res.stderr
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", -4096), ("num_attention_heads", 0), ("vocab_size", 1.5),
+                                        ("num_key_value_heads", -8), ("intermediate_size", True)])
+def test_dimensions_that_are_not_positive_integers_are_bad_input(cli, tmp_path, key, value):
+    res = cli("plan", _recipe(tmp_path, {**LLAMA3_8B, key: value}, "fp8"), "--gpu", "h100-80gb")
+    assert res.exit_code == 2 and "Traceback" not in res.stderr, res.stdout
+    assert f"config.json: {key} {value!r}; allowed: a positive integer" in res.stderr
+
+
+def _refused_architecture() -> str:
+    """An architecture the table has no row for (the table grows: pick one it lacks)."""
+    from trtconv.architectures import ARCHITECTURES
+
+    return next(a for a in ("Gemma3ForCausalLM", "Phi3ForCausalLM", "FalconForCausalLM", "NoSuchForCausalLM")
+                if a not in ARCHITECTURES)
+
+
+def test_an_architecture_build_refuses_is_refused_by_plan_and_doctor(cli, tmp_path):
+    arch = _refused_architecture()
+    recipe = _recipe(tmp_path, {**LLAMA3_8B, "architectures": [arch], "model_type": arch.lower()}, "fp8")
+    res = cli("plan", recipe, "--gpu", "h100-80gb")
+    assert res.exit_code == 2 and f"architecture ['{arch}'] is not supported" in res.stderr, res.stdout
+    from trtconv.cli.doctor import run_doctor
+
+    ok, report = run_doctor(str(recipe))
+    assert not ok and any(c["status"] == "fail" and "is not supported" in c["detail"] for c in report["checks"])
+
+
+def test_plan_refuses_with_the_load_stages_message(cli, tmp_path):
+    """One function (stages.load.check_config): plan's message is the one build gives, word for word."""
+    from trtconv.core.errors import ModelError
+    from trtconv.stages.load import check_config
+
+    arch = _refused_architecture()
+    config = {**LLAMA3_8B, "architectures": [arch]}
+    recipe = _recipe(tmp_path, config, "fp8")
+    with pytest.raises(ModelError) as refused:
+        check_config(config, tmp_path / "model")
+    assert str(refused.value) in cli("plan", recipe, "--gpu", "h100-80gb").stderr.replace("\n", " ")
+
+
+def test_the_disk_rows_read_the_free_space(cli, tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, LLAMA3_8B, "fp8")
+    _free_disk(monkeypatch, 2**30)
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb")
+    disk = [c for c in plan["checks"] if c["where"] == "disk"]
+    assert code == 4 and [c["fits"] for c in disk] == [False] and disk[0]["have_bytes"] == 2**30
+    _free_disk(monkeypatch, 2**30, same_filesystem=False)  # the cache's copy is a second row, on its own disk
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb")
+    assert code == 4 and {c["stage"] for c in plan["checks"] if c["where"] == "disk"} == {"export (artifact)", "export (stage cache)"}
+    _free_disk(monkeypatch, 100 * 2**30)
+    assert _plan(cli, recipe, "--gpu", "h200-141gb")[0] == 0
+
+
+def test_build_refuses_a_short_disk_before_any_work(tmp_path):
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.errors import UserError
+    from trtconv.memory_plan import Disk
+
+    disk = Disk(str(tmp_path), 2**30, str(tmp_path), 2**30, True)
+    with pytest.raises(UserError, match=r"export: the export needs [\d.]+ GiB of disk .* 1\.0 GiB free; free space"):
+        _build_plan_on_disk(tmp_path, DeviceInfo(**H200), disk)
+
+
+def _build_plan_on_disk(tmp_path: Path, device, disk):
+    from trtconv.memory_plan import plan_for_build
+    from trtconv.recipe.schema import recipe_from_dict
+
+    recipe = recipe_from_dict({"name": "plan", "model": {"path": str(tmp_path)}, "quantization": {"precision": "fp8"}}).resolved()
+    return plan_for_build(recipe, LLAMA3_8B, device, None, disk=disk)
+
+
+def test_disk_here_measures_the_nearest_existing_folders(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.undo()  # the autouse pin of disk_here
+    from trtconv.memory_plan import disk_here
+
+    disk = disk_here(tmp_path / "not" / "yet" / "out", tmp_path / "cache-not-yet")
+    assert disk.out == str(tmp_path) and disk.cache == str(tmp_path) and disk.same_filesystem
+    assert abs(disk.out_free - shutil.disk_usage(tmp_path).free) < 2**30
+
+
+def test_plan_and_build_agree_on_a_cpu_cap(cli, tmp_path, monkeypatch):
+    """Without --gpu, plan sizes the run as build does on this machine: on a CPU the cap is the budget,
+    no CUDA context (they differed about 20x on the reference model: 0.62 against 0.03 GiB)."""
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.errors import UserError
+    from trtconv.memory_plan import plan_for_build
+    from trtconv.recipe.schema import load_recipe
+
+    cpu = DeviceInfo(kind="cpu", name="cpu", count=2)
+    monkeypatch.setattr("trtconv.core.environment.detect_device", lambda prefer="auto", memo=None: cpu)
+    config = {**LLAMA3_8B, "num_hidden_layers": 2}
+    recipe = _recipe(tmp_path, config, "fp8")
+    resolved = load_recipe(str(recipe))[0].resolved()
+    for cap, fits in (("40", True), ("3", False)):
+        code, plan = _plan(cli, recipe, "--max-gpu-memory", cap)
+        assert (code, plan["fits"]) == ((0, True) if fits else (4, False)), plan["advice"]
+        assert plan["serve_gpu"] == "h100-80gb" and plan["gpu"] == "cpu (--max-gpu-memory cap)"
+        if not fits:
+            with pytest.raises(UserError, match=f"--max-gpu-memory {cap} GiB"):
+                plan_for_build(resolved, config, cpu, float(cap))
+            continue
+        built = plan_for_build(resolved, config, cpu, float(cap))
+        stages = {(c.stage, c.where): c.need_bytes for c in built.checks if c.stage.startswith(("calibrate", "evaluate"))}
+        assert {(c["stage"], c["where"]): c["need_bytes"] for c in plan["checks"] if (c["stage"], c["where"]) in stages} == stages
+        assert (plan["streamed"], plan["evaluate_streamed"]) == (built.streamed, built.evaluate_streamed)
+
+
+def test_a_refusal_tells_the_cap_from_the_need(tmp_path):
+    """'--max-gpu-memory 0.03 GiB is less than ... 0.03 GiB; one layer 0.00 GiB' (issue 23 item 10)."""
+    import re
+
+    from trtconv.core.environment import DeviceInfo
+    from trtconv.core.errors import UserError
+    from trtconv.memory_plan import GIB, plan_for_build
+    from trtconv.recipe.schema import recipe_from_dict
+
+    tiny = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 4, "vocab_size": 2048}
+    cpu = DeviceInfo(kind="cpu", name="cpu", count=2)
+    recipe = recipe_from_dict({"name": "t", "model": {"path": str(tmp_path)}, "quantization": {"precision": "fp8"},
+                               "calibration": {"streaming": "always"}}).resolved()
+    need = next(c.need_bytes for c in plan_for_build(recipe, tiny, cpu, 1.0).checks if c.stage == "calibrate (streamed)")
+    cap = round((need - 2**20) / GIB, 6)  # a MiB short: the same at two decimals
+    with pytest.raises(UserError) as refused:
+        plan_for_build(recipe, tiny, cpu, cap)
+    message = str(refused.value)
+    have, needs = re.search(r"GiB \(([\d.]+ GiB)\) is less than .* needs, ([\d.]+ GiB)", message).groups()
+    assert have != needs and float(have.split()[0]) < float(needs.split()[0]), message
+    assert "0.00 GiB" not in message and re.search(r"one decoder layer is [\d.]+ MiB", message), message
+
+
+@pytest.mark.integration
+def test_build_refuses_a_negative_dimension_before_any_work(cli, tmp_path, tiny_llama):
+    import shutil
+
+    model = tmp_path / "negative"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": -config["hidden_size"]}))
+    res = cli("calibrate", "--model", model, "--precision", "fp8", "-o", tmp_path / "out", "--device", "cpu")
+    assert res.exit_code == 2 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert f"hidden_size {-config['hidden_size']}; allowed: a positive integer" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_doctor_refuses_what_build_refuses_for_a_reference_model(tmp_path):
+    """doctor RECIPE runs the load stage's recipe-against-model check, also for a reference model it does not train."""
+    from trtconv.cli.doctor import run_doctor
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "d", "model": {"reference": "llama-ref"}, "quantization": {"precision": "fp8"},
+                                  "export": {"tp_size": 3}}))
+    ok, report = run_doctor(str(recipe))
+    assert not ok and any(c["status"] == "fail" and "export.tp_size = 3 does not divide the model's 2 KV heads" in c["detail"]
+                          for c in report["checks"]), report["checks"]

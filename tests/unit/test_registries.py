@@ -85,6 +85,49 @@ def test_group_size_precisions_are_awq():
         assert precision.uses_group_size == ("AWQ" in (precision.quant_algo or "")), precision.name
 
 
+def test_every_precision_has_every_fact():
+    """Bytes per weight and the advice's ladder are row facts: a row without them cannot be made, and
+    each is sane (issue 23: the memory plan's own bytes table lacked nvfp4, so `plan` crashed)."""
+    import dataclasses
+
+    from trtconv.gate.sensitivity import higher_precisions
+    from trtconv.precisions import Precision, linear_bytes
+
+    required = [f.name for f in dataclasses.fields(Precision)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    assert {"linear_weight_bytes", "ladder_rung"} <= set(required)
+    rungs = [p.ladder_rung for p in PRECISIONS.values()]
+    assert len(set(rungs)) == len(rungs), "one precision per rung"
+    for precision in PRECISIONS.values():
+        quantizes = precision.quant_algo is not None
+        assert (precision.linear_weight_bytes is not None) == quantizes, precision.name
+        assert 0 < linear_bytes(precision.name, 2) <= 2, precision.name
+        assert precision.name not in higher_precisions(precision.name)
+        assert ("none" in higher_precisions(precision.name)) == (precision.name != "none"), precision.name
+    assert PRECISIONS["none"].ladder_rung == max(rungs)
+    assert higher_precisions("nvfp4")[0] == "int4_awq"
+
+
+def test_no_module_restates_the_precision_table():
+    """A table keyed by precision names anywhere but trtconv/precisions.py is a second copy that a new
+    precision can miss (memory_plan.LINEAR_BYTES and gate/sensitivity.PRECISION_LADDER were)."""
+    import ast
+    from pathlib import Path
+
+    names = set(PRECISIONS) - {"none"}
+    root = Path(__file__).resolve().parents[2] / "trtconv"
+    copies = []
+    for path in root.rglob("*.py"):
+        if path.name == "precisions.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            elts = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+            found = {e.value for e in elts or [] if isinstance(e, ast.Constant) and e.value in names}
+            if len(found) >= 3:
+                copies.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not copies, copies
+
+
 @pytest.mark.slow  # imports ModelOpt (seconds)
 def test_modelopt_presets_exist():
     from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES, QUANT_CFG_CHOICES

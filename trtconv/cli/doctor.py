@@ -21,7 +21,6 @@ def _check(name: str, status: str, detail: str) -> dict:
 
 
 def run_doctor(recipe_ref: str | None = None) -> tuple[bool, dict]:
-    from trtconv.engine.plan import check_engine_plan, check_precision_on_device
     from trtconv.engine.record import probe_tensorrt_llm
     from trtconv.core.environment import detect_device, package_versions
     from trtconv.core.errors import UserError
@@ -48,7 +47,7 @@ def run_doctor(recipe_ref: str | None = None) -> tuple[bool, dict]:
     checks.append(_check("offline", "ok", f"{', '.join(offline)} set" if offline else "Hub access allowed (set HF_HUB_OFFLINE=1 to forbid it)"))
     checks.append(_check("cache", *_cache_status()))
     if recipe_ref:
-        checks.extend(_recipe_checks(recipe_ref, device, install.version, check_engine_plan, check_precision_on_device, UserError))
+        checks.extend(_recipe_checks(recipe_ref, device, UserError))
     ok = all(c["status"] != "fail" for c in checks)
     return ok, {"device": device.to_dict(), "versions": versions, "checks": checks}
 
@@ -67,46 +66,72 @@ def _cache_status() -> tuple[str, str]:
     return "fail", f"{root} is not writable: set TRTCONV_CACHE to a writable folder"
 
 
-def _recipe_checks(recipe_ref, device, trtllm_version, check_engine_plan, check_precision_on_device, UserError) -> list[dict]:
-    from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
+def _recipe_checks(recipe_ref, device, UserError) -> list[dict]:
+    """The checks `build` runs before any work, in its order, on this machine: config.json (architecture,
+    dimensions), the recipe against the model, the pre-flight (precision and engine plan on this device),
+    memory and disk. The same functions build calls (stages.load, engine.plan, memory_plan)."""
+    from trtconv.engine.plan import preflight_warnings
     from trtconv.recipe.schema import load_recipe
 
     try:
         recipe, path = load_recipe(recipe_ref)
+        recipe = recipe.resolved()
     except UserError as exc:
         return [_check("recipe", "fail", str(exc))]
     out = [_check("recipe", "ok", f"{path} is valid")]
-    quant_algo = PRECISIONS[recipe.quantization.precision].quant_algo
-    kv_algo = KV_CACHE_FORMATS[recipe.quantization.kv_cache].kv_cache_quant_algo
     try:
-        from trtconv.engine.plan import check_cuda_forward
+        hf_cfg, model_dir = _known_config(recipe)
+        if model_dir is not None:
+            from trtconv.stages.load import check_config, check_recipe_against_model
 
-        check_cuda_forward(PRECISIONS[recipe.quantization.precision], device.kind)  # nvfp4 on a CPU
-        warnings = check_precision_on_device(quant_algo, kv_algo, device) if device.kind == "cuda" else []
-        warnings += check_engine_plan(
-            recipe.engine, quant_algo=quant_algo, kv_cache_quant_algo=kv_algo, tp_size=recipe.export.tp_size,
-            pp_size=recipe.export.pp_size, num_kv_heads=_kv_heads(recipe), device=device if device.kind == "cuda" else None,
-            trtllm_version=trtllm_version,
-        )
-        out.append(_check("recipe plan", "warn" if warnings else "ok", "; ".join(warnings) or "precision and engine plan fit this machine"))
+            check_config(hf_cfg, model_dir)
+            check_recipe_against_model(recipe, hf_cfg, model_dir)
+        warnings = preflight_warnings(recipe, hf_cfg, device)
+        if model_dir is not None:
+            _check_memory(recipe, hf_cfg, device)
+        out.append(_check("recipe plan", "warn" if warnings else "ok", "; ".join(warnings) or _fits_text(model_dir)))
     except UserError as exc:
         out.append(_check("recipe plan", "fail", str(exc)))
     return out
 
 
-def _kv_heads(recipe) -> int:
-    """The model's KV heads without loading (or training) it; tp_size itself where it can't be known yet."""
+def _fits_text(model_dir: Path | None) -> str:
+    if model_dir is None:  # a Hub model: its config.json is read when build fetches it
+        return "precision and engine plan fit this machine (the model's config.json is checked when build fetches it)"
+    return "config.json, precision, engine plan, memory and disk fit this machine (the checks build runs first)"
+
+
+def _check_memory(recipe, hf_cfg: dict, device) -> None:
+    """build's memory and disk refusal (memory_plan.plan_for_build), at the default -o (./out) and the cache."""
+    from trtconv.cache.store import cache_root
+    from trtconv.memory_plan import disk_here, plan_for_build
+
+    plan_for_build(recipe, hf_cfg, device, None, disk=disk_here(Path("out"), cache_root()))
+
+
+def _reference_config(name: str) -> dict:
+    """A reference model's config.json as its spec states it (the trained one adds only non-shape keys)."""
+    from trtconv.data.reference_models import get_spec
+
+    spec = get_spec(name)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "vocab_size")
+    return {"architectures": [spec.architecture], "model_type": spec.model_type, "tie_word_embeddings": False,
+            **{k: getattr(spec, k) for k in keys}}
+
+
+def _known_config(recipe) -> tuple[dict, Path | None]:
+    """config.json of a local model folder and the folder (a reference model's from its spec, without
+    training it); for a Hub model, which is not downloaded here, only the tp size and None."""
     from trtconv.core.errors import ModelError
     from trtconv.core.jsonio import read_json_object
 
-    if recipe.model.reference:
-        from trtconv.data.reference_models import get_spec
-
-        return get_spec(recipe.model.reference).num_key_value_heads
     if recipe.model.path and (Path(recipe.model.path) / "config.json").is_file():
-        cfg = read_json_object(Path(recipe.model.path) / "config.json", "a Hugging Face model config", ModelError)
-        return cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or recipe.export.tp_size
-    return recipe.export.tp_size  # a Hub model: checked when build loads its config
+        folder = Path(recipe.model.path)
+        return read_json_object(folder / "config.json", "a Hugging Face model config", ModelError), folder
+    if recipe.model.reference:
+        return _reference_config(recipe.model.reference), Path(f"reference model {recipe.model.reference}")
+    return {"num_key_value_heads": recipe.export.tp_size}, None  # a Hub model: checked when build loads its config
 
 
 def doctor(

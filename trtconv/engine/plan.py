@@ -334,7 +334,14 @@ def check_cuda_forward(precision, device_kind: str) -> None:
 
 
 def preflight(recipe: Recipe, hf_cfg: dict, device, reporter: Reporter) -> None:
-    from trtconv.engine.plan import check_engine_plan, check_precision_on_device
+    """build's pre-flight: refuse (UserError) what `device` cannot run, say the rest as warnings."""
+    for w in preflight_warnings(recipe, hf_cfg, device):
+        reporter.warn(w)
+
+
+def preflight_warnings(recipe: Recipe, hf_cfg: dict, device) -> list[str]:
+    """The precision and engine plan against `device`: raises what build refuses, returns its warnings.
+    `trtconv plan` and `doctor` call this same function for the device they plan for."""
     from trtconv.core.environment import package_version
 
     precision = PRECISIONS[recipe.quantization.precision]
@@ -360,5 +367,4 @@ def preflight(recipe: Recipe, hf_cfg: dict, device, reporter: Reporter) -> None:
         device=device if device.kind == "cuda" else None,
         trtllm_version=package_version("tensorrt_llm"),
     )
-    for w in warnings:
-        reporter.warn(w)
+    return warnings

@@ -27,8 +27,6 @@ SENSITIVITY_CALIB_ROWS = 16
 SENSITIVITY_EVAL_ROWS = 6
 # Aim below the gate, not at it: the estimate is from few rows and per-layer KLs only roughly add.
 TARGET_FRACTION = 0.7
-# More bits first is more accuracy: what to try when excluding layers is not enough (or too costly).
-PRECISION_LADDER = ("int4_awq", "w4a8_awq", "int8_sq", "fp8", "none")
 
 
 @dataclass
@@ -161,9 +159,12 @@ def suggest(layers: list[tuple[str, float]], full_kl: float, max_kl: float, meas
 
 
 def higher_precisions(precision: str) -> list[str]:
-    if precision not in PRECISION_LADDER:
-        return []
-    return list(PRECISION_LADDER[PRECISION_LADDER.index(precision) + 1 :])
+    """What to try when excluding layers is not enough (or too costly): the precisions on higher rungs of
+    the accuracy ladder (trtconv.precisions, Precision.ladder_rung), lowest rung first."""
+    from trtconv.precisions import PRECISIONS
+
+    rung = PRECISIONS[precision].ladder_rung
+    return [p.name for p in sorted(PRECISIONS.values(), key=lambda p: p.ladder_rung) if p.ladder_rung > rung]
 
 
 def run(model_dir, recipe, calib_tokens, eval_tokens, measured_kl: float, device: str, reporter) -> Sensitivity:

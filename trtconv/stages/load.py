@@ -344,8 +344,7 @@ def inspect_checkpoint(section: ModelSection, progress=None, weights_known=None)
     ``weights_known(folder, weight files)`` is called before the (slowest) tensor check."""
     model_dir = resolve_model_dir(section, progress=progress)
     cfg = read_hf_config(model_dir)
-    arch = check_architecture(cfg, model_dir)
-    check_attention_window(cfg, arch, model_dir / "config.json", ModelError)
+    arch = check_config(cfg, model_dir)
     weights = check_weight_files(model_dir)
     if weights_known is not None:
         weights_known(model_dir, weights)
@@ -368,6 +367,30 @@ def data_packs(section_data: str | None, role: str) -> list:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; give a .jsonl, .txt or a folder of them")
     return [Pack(path.stem, path)]
+
+
+def check_config(cfg: dict, model_dir: Path) -> str:
+    """Every check of config.json alone, before any weight is read: the architecture (the table's rows),
+    its attention window, its dimensions. `trtconv plan` and `doctor` call this same function, so they
+    never say "fits" for a model the build refuses. Returns the architecture."""
+    from trtconv.memory_plan import check_dimensions
+
+    arch = check_architecture(cfg, model_dir)
+    check_attention_window(cfg, arch, model_dir / "config.json", ModelError)
+    check_dimensions(cfg, model_dir / "config.json")
+    return arch
+
+
+def check_recipe_against_model(recipe: Recipe, hf_cfg: dict, model_dir: Path) -> None:
+    """The recipe against the model's config.json: the family's exports, sequence lengths, the parallel
+    split (build, plan, doctor)."""
+    from trtconv.architectures import HF_NAMES
+
+    arch = next((a for a in hf_cfg.get("architectures") or [] if a in HF_NAMES), None)
+    if arch is not None:
+        check_family(recipe, arch, model_dir)
+    check_lengths(recipe, hf_cfg, model_dir)
+    check_parallelism(recipe, hf_cfg)
 
 
 def check_lengths(recipe: Recipe, hf_cfg: dict, model_dir: Path) -> None:
