@@ -54,3 +54,16 @@ def test_legacy_checkpoint_of_a_unified_only_family_is_refused_before_work(cli, 
     assert res.exit_code == 2, res.output
     assert "export.tensorrt_llm_checkpoint" in res.output and "export.hf_checkpoint: true" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_reads_the_same_family_rule(cli, tmp_path):
+    """`plan` refuses what `build` refuses for the family (exit 2) and plans the unified HF conversion."""
+    model = make_tiny_model(tmp_path / "gemma3", "gemma3")
+    legacy, unified = tmp_path / "legacy.yaml", tmp_path / "unified.yaml"
+    legacy.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n")
+    unified.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n"
+                       "export: {tensorrt_llm_checkpoint: false, hf_checkpoint: true}\n")
+    refused = cli("plan", legacy, "--gpu", "h100-80gb", "-o", tmp_path / "out")
+    assert refused.exit_code == 2 and "export.tensorrt_llm_checkpoint" in refused.output, refused.output
+    planned = cli("plan", unified, "--gpu", "h100-80gb", "-o", tmp_path / "out")
+    assert planned.exit_code == 0, planned.output
