@@ -67,3 +67,19 @@ def test_plan_reads_the_same_family_rule(cli, tmp_path):
     assert refused.exit_code == 2 and "export.tensorrt_llm_checkpoint" in refused.output, refused.output
     planned = cli("plan", unified, "--gpu", "h100-80gb", "-o", tmp_path / "out")
     assert planned.exit_code == 0, planned.output
+
+
+def test_sequential_evaluation_gives_the_same_statistics(cli, tmp_path, monkeypatch):
+    """One model at a time (what a GPU run of the unified checkpoint does) gives the numbers both-at-once gives."""
+    from trtconv.stages import evaluate
+
+    model = make_tiny_model(tmp_path / "qwen3", "qwen3")
+    together, sequential = tmp_path / "together", tmp_path / "sequential"
+    assert cli("calibrate", "--model", model, "--precision", "fp8", "--kv-cache", "fp8", "-o", together, *FAST).exit_code == 0
+    monkeypatch.setattr(evaluate, "sequential_here", lambda *a: True)
+    res = cli("calibrate", "--model", model, "--precision", "fp8", "--kv-cache", "fp8", "-o", sequential, *FAST)
+    assert res.exit_code == 0, res.output
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (together, sequential))
+    assert b["evaluation"]["path"] == "sequential" and a["evaluation"]["path"] == "in_memory"
+    assert a["metrics"] == b["metrics"]
+    assert a["evaluation"]["worst_layers"] == b["evaluation"]["worst_layers"]

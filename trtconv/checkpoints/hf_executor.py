@@ -244,23 +244,40 @@ def load_shipped_model(hf_dir: str | Path, device: str | torch.device = "cpu", c
 
 
 @torch.no_grad()
-def shipped_weight_errors(shipped: ShippedModel, original: torch.nn.Module) -> list[tuple[str, float]]:
-    """(module name, relative Frobenius error) of every shipped linear against the original model's same-named one.
+def shipped_weight_errors(shipped: ShippedModel, original) -> list[tuple[str, float]]:
+    """(module name, relative Frobenius error) of every shipped linear against the original's same-named weight.
 
     The names are the HF module names both share, so this holds for every family; smoothing is
-    folded back (effective_weight). ``original`` must be the unquantized model.
+    folded back (effective_weight). ``original`` is the unquantized model, or a function from a
+    module name to its original weight (None where there is none, e.g. a tied lm_head): original_weights.
     """
     from trtconv.checkpoints.trtllm_reader import _rel_error, read_errors
 
+    weight_of = original if callable(original) and not isinstance(original, torch.nn.Module) else _module_weights(original)
     errors = []
     for lin in shipped.linears():
-        try:
-            reference = original.get_submodule(lin.name).weight
-        except AttributeError:
+        reference = weight_of(lin.name)
+        if reference is None:
             continue
-        ref = reference.detach().float()
+        ref = reference.detach().float().to(shipped.device)
         errors.append((lin.name, _rel_error(lin.effective_weight().float().to(ref.device), ref)))
     return read_errors(errors)
+
+
+def _module_weights(model: torch.nn.Module):
+    def weight(name: str) -> torch.Tensor | None:
+        try:
+            return model.get_submodule(name).weight
+        except AttributeError:
+            return None
+
+    return weight
+
+
+def original_weights(model_dir: Path):
+    """Module name -> the original checkpoint's weight, read from its safetensors (no model on any device)."""
+    files = HFTensors(Path(model_dir))
+    return lambda name: files.get_optional(f"{name}.weight")
 
 
 def is_family_supported(arch: str | None) -> bool:

@@ -106,6 +106,9 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
     if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
         return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors, park)
     dtype = baseline_dtype(device, recipe.model.dtype)
+    engine_built = bool(engine_record and engine_record.get("status") == "built")
+    if not engine_built and sequential_here(recipe, checkpoint_dir, tokens, device):
+        return evaluate_sequential(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors, dtype)
     baseline = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
     vocab = baseline.config.vocab_size
     engine = None
@@ -148,6 +151,86 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
         record["engine_fallback_reason"] = engine.reason
     if task_correct is not None:
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
+    report_gates(gates, reporter)
+    return EvalOutcome(summary, gates, record, stats, errors)
+
+
+def baseline_logits_bytes(tokens, vocab: int) -> int:
+    """Host memory the original's float32 logits over every evaluation row take (evaluate_sequential)."""
+    return len(tokens.rows) * max(len(r) for r in tokens.rows) * vocab * 4 if tokens.rows else 0
+
+
+def sequential_here(recipe: Recipe, checkpoint_dir: Path, tokens, device: str) -> bool:
+    """On a GPU, the unified HF checkpoint is judged after the original has run and left the GPU
+    (evaluate_sequential), where the host can hold the original's logits (at most half of what is
+    available): together they held both models (Qwen3-8B fp8 on an H100: 32.2 GiB against the 15.6 GiB
+    bare ModelOpt's conversion needs). A multiple-choice task scores both models on other inputs: together."""
+    from trtconv.checkpoints.hf_model import read_hf_config
+    from trtconv.memory_plan import host_available_bytes
+
+    if device == "cpu" or not is_hf_checkpoint(checkpoint_dir) or recipe.evaluate.multiple_choice:
+        return False
+    available = host_available_bytes()
+    need = baseline_logits_bytes(tokens, read_hf_config(checkpoint_dir)["vocab_size"])  # the export's vocabulary (>= the original's)
+    return available is None or need <= available // 2
+
+
+@dataclass
+class RecordedLogits:
+    """The original's logits of each evaluation batch, in the order per_document_stats asks for them, on the host."""
+
+    batches: list
+    device: str
+    _next: int = 0
+
+    def __call__(self, ids):
+        out = self.batches[self._next]
+        self._next += 1
+        return out.to(self.device, non_blocking=True)
+
+
+def record_baseline(recipe: Recipe, model_dir: Path, tokens, device: str, dtype: str, reporter: Reporter) -> RecordedLogits:
+    """Run the original over every evaluation batch once, keep its logits on the host, and free it."""
+    import torch
+
+    from trtconv.checkpoints.hf_model import load_hf_model, release_memory
+
+    baseline = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
+    rows, size = torch.tensor(tokens.rows, dtype=torch.long), recipe.evaluate.batch_size
+    batches = []
+    with torch.no_grad(), reporter.progress("original model batches", total=-(-len(rows) // size)) as advance:
+        for start in range(0, len(rows), size):
+            batches.append(baseline(input_ids=rows[start:start + size].to(device), use_cache=False).logits.float().cpu())
+            advance(1)
+    del baseline
+    release_memory()
+    return RecordedLogits(batches, device)
+
+
+def evaluate_sequential(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
+                        weight_errors: bool, dtype: str) -> EvalOutcome:
+    """evaluate_checkpoint with one model on the GPU at a time: the original first (its logits kept on the
+    host), then the candidate. The statistics are the same numbers; the GPU's peak is the larger model."""
+    from trtconv.checkpoints.hf_executor import original_weights, shipped_weight_errors
+    from trtconv.gate import stats as evaluate
+
+    reporter.stage("evaluate", "one model at a time: the original's logits first (kept on the host), then the checkpoint")
+    baseline = record_baseline(recipe, model_dir, tokens, device, dtype, reporter)
+    vocab = baseline.batches[0].shape[-1] if baseline.batches else 0
+    candidate, kind = candidate_logits(checkpoint_dir, device, vocab=vocab)
+    with reporter.progress("evaluation batches", total=len(baseline.batches)) as advance:
+        stats = evaluate.per_document_stats(tokens, baseline, candidate, recipe.evaluate.batch_size, device, advance)
+    summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
+    gates = evaluate.apply_gates(summary, recipe.evaluate)
+    errors = shipped_weight_errors(candidate.model, original_weights(model_dir)) if weight_errors else []
+    record = {
+        **tokens.manifest_record(),
+        "candidate": kind,
+        "baseline": f"original HF checkpoint (transformers, {dtype}), its logits recorded first",
+        "path": "sequential",
+        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
+        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in sorted(errors, key=lambda x: -x[1])[:5]],
+    }
     report_gates(gates, reporter)
     return EvalOutcome(summary, gates, record, stats, errors)
 
