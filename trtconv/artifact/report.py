@@ -351,8 +351,9 @@ def _folder_sizes(root: Path) -> dict[str, int]:
 def check_junit_path(path: Path) -> None:
     """--junit is written at the end of a run: a path that cannot be written is refused before any
     work (it used to fail only after the whole run). write_junit creates missing folders, so the
-    nearest existing one must be a writable folder."""
-    import os
+    nearest existing one must take a file: tried for real (permission bits do not stop root, a
+    read-only or special filesystem does)."""
+    import tempfile
 
     from trtconv.core.errors import ArtifactError
 
@@ -362,8 +363,13 @@ def check_junit_path(path: Path) -> None:
     existing = path if path.exists() else next(p for p in path.parents if p.exists())
     if existing != path and not existing.is_dir():
         raise ArtifactError(f"--junit {path}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | (0 if existing == path else os.X_OK)):
-        raise ArtifactError(f"--junit {path}: {existing} is not writable; choose another path")
+    try:
+        if existing == path:
+            open(path, "ab").close()  # appends nothing: the file is unchanged
+        else:
+            tempfile.NamedTemporaryFile(dir=existing, prefix=".trtconv-junit-check-").close()
+    except OSError as exc:
+        raise ArtifactError(f"--junit {path}: cannot write in {existing} ({exc.strerror}); choose another path") from None
 
 
 def write_junit(path: Path, gates: list[GateResult], suite: str, allow_inconclusive: bool) -> None:
