@@ -131,7 +131,7 @@ def weight_error_figure(errors: list[tuple[str, float]], gates: list[GateResult]
                 markersize=3 if len(points) > 40 else 5, linewidth=0.8, label=kind)
     for name, value in outside:
         ax.axhline(value, linestyle=":", color="grey", linewidth=1, label=f"{name} (outside the layers)")
-    ax.set_xlabel("decoder layer index")
+    ax.set_xlabel("layer index")
     ax.xaxis.set_major_locator(_integer_ticks())  # layers are whole numbers: no tick at 0.5
     ax.set_ylabel("relative weight error")
     ax.set_title("weight quantization error per layer and module kind (checkpoint vs original)", fontsize=9)
