@@ -20,8 +20,8 @@ def test_awq_passes_evaluate_start_gates_once_and_no_progress_bars(cli, tiny_lla
             "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64", "--set", "evaluate.sensitivity=false")
     assert r.exit_code in (0, 1), r.output  # the gate's verdict on a random tiny model does not matter here
     lines = r.output.splitlines()
-    assert any(re.search(r"AWQ activation statistics \(1/2\).*: \d+/\d+", line) for line in lines)
-    assert any(re.search(r"AWQ scale search \(2/2\).*: \d+/\d+", line) for line in lines)
+    assert any(re.search(r"calibrate: AWQ activation statistics \(pass 1 of 2\).*: \d+/\d+", line) for line in lines)
+    assert any(re.search(r"calibrate: AWQ scale search \(pass 2 of 2\).*: \d+/\d+ \(.*ETA", line) for line in lines)
     start = next(i for i, line in enumerate(lines) if "evaluate: the original model against the artifact" in line)
     assert start < next(i for i, line in enumerate(lines) if "evaluation batches" in line)
     gate_lines = [line for line in lines if line.startswith("gate ")]

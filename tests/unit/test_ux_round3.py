@@ -116,7 +116,7 @@ def test_each_calibration_pass_is_named_and_counted_per_layer():
     model = TwoLayers()
     loop(model)
     loop(model)
-    assert [s[0].split(" (")[0] for s in seen] == list(passes)
+    assert [s[0].removeprefix("calibrate: ").split(" (")[0] for s in seen] == list(passes)
     assert all(total == done == 2 * 2 for _, total, done in seen)  # 2 batches x 2 layers
     assert calibration_passes({"algorithm": "max"}) == ("calibration",)
 

@@ -173,7 +173,7 @@ def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, progress: 
         name = passes[calls[0] - 1] if calls[0] <= len(passes) else f"calibration pass {calls[0]}"
         layers = _decoder_layers(model)
         per_batch = max(1, len(layers))
-        label = f"{name} ({calls[0]}/{max(len(passes), calls[0])}): batches x decoder layers"
+        label = f"calibrate: {name} (pass {calls[0]} of {max(len(passes), calls[0])}), decoder layer x batch"
         with progress(label, total=n_batches * per_batch) as advance, torch.no_grad():
             hooks = [layer.register_forward_hook(lambda *_: advance(1)) for layer in layers]
             try:
@@ -247,7 +247,8 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
     log: list[str] = []
     cfg = recipe_quant_config(section, log)
     passes = calibration_passes(cfg)
-    reporter.stage("calibrate", f"ModelOpt {' then '.join(passes)}, each over {len(tokens.rows)} sequences")
+    reporter.stage("calibrate", f"ModelOpt: {len(passes)} pass{'es' if len(passes) > 1 else ''} over the {len(tokens.rows)} "
+                   f"sequences: {', then '.join(passes)}")
     with quiet_dependency(log):
         mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, reporter.progress, passes))
     census = quantizer_census(model)
