@@ -1,12 +1,13 @@
 """A CI log of a real run says what runs and for how long, and no more (issue 23 items 9-11).
 
 One small int4_awq conversion through the real CLI (a plain log: no TTY under the runner), then
-`check` on it: AWQ's passes are named with progress, evaluate says it starts, each gate is printed
+`check` and `verify --json` on it: AWQ's passes are named with progress, evaluate says it starts, each gate is printed
 once with its own verdict, and no library progress bar reaches the log.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -31,3 +32,8 @@ def test_awq_passes_evaluate_start_gates_once_and_no_progress_bars(cli, tiny_lla
     assert "it/s]" not in r.output and "Loading weights" not in r.output
     checked = cli("check", out)
     assert "it/s]" not in checked.output and "Loading weights" not in checked.output, checked.output
+    verified = cli("verify", out, "--json", "--allow-failed")
+    assert verified.exit_code == 0, verified.output
+    result = json.loads(verified.stdout)
+    assert result["verified"] is True and result["exit_code"] == 0 and result["files"] > 0
+    assert len(result["artifact_digest"]) == 64 and result["checks"] == ["files match manifest.json"]
