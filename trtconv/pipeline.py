@@ -138,7 +138,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     device = detect_device(opts.device, memo=cache.root / DEVICE_MEMO if cache is not None else None)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
     stages: list[StageRecord] = []
-    writer = ArtifactWriter(opts.out, force=opts.force)
+    writer = ArtifactWriter(opts.out, force=opts.force, note=reporter.info)
     writer.preflight()  # output folder problems first: they cost nothing to find
     if opts.junit:
         check_junit_path(opts.junit)  # written at the very end: a bad path must not cost the whole run

@@ -225,10 +225,12 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
     for folder in [*leftovers, alive]:
         (folder / "checkpoint").mkdir(parents=True)
     (tmp_path / ".not-ours.tmp-abc").mkdir()
-    with ArtifactWriter(tmp_path / "out") as writer:
+    notes: list[str] = []
+    with ArtifactWriter(tmp_path / "out", note=notes.append) as writer:
         assert writer.tmp.is_dir()
         assert not any(p.exists() for p in leftovers)
         assert alive.exists() and (tmp_path / ".not-ours.tmp-abc").exists()
+    assert len(notes) == 3 and all("killed" in n for n in notes)
 
 
 # ---------------------------------------------------------------------------------------------

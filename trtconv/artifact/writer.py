@@ -94,9 +94,10 @@ class ArtifactWriter:
     before leaving it. Leaving it any other way (exception, Ctrl-C) removes the temporary folder.
     """
 
-    def __init__(self, out: Path, force: bool = False):
+    def __init__(self, out: Path, force: bool = False, note=None):
         self.out = Path(out).resolve()
         self.force = force
+        self._note = note  # says which leftovers of killed runs were removed (the run's reporter.info)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         self._lock = FileLock(str(self.out.parent / f".{self.out.name}.lock"))
         self.final_path: Path | None = None
@@ -138,7 +139,9 @@ class ArtifactWriter:
             raise ArtifactError(
                 f"another trtconv run is writing {self.out} (lock {self._lock.lock_file}); wait for it or choose another -o"
             ) from None
-        remove_stale_leftovers(self.out.parent, own=self.out.name)
+        for path in remove_stale_leftovers(self.out.parent, own=self.out.name):
+            if self._note is not None:
+                self._note(f"removed {path}: left by a run that was killed (its process is gone)")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
