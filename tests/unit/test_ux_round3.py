@@ -209,6 +209,11 @@ def test_junit_and_require_engine_are_checked_before_the_model_is_touched(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_check_refuses_an_unwritable_junit_path_before_loading_anything(cli, tmp_path):
+    result = cli("check", tmp_path / "no-artifact", "--junit", tmp_path)
+    assert result.exit_code == 2 and "--junit" in result.output and "is a folder" in result.output
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

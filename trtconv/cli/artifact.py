@@ -101,11 +101,13 @@ def check(
         trtconv check out/fp8 --against out/int4 --junit gates.xml
     """
     from trtconv.stages.evaluate import check_artifact
-    from trtconv.artifact.report import write_junit
+    from trtconv.artifact.report import check_junit_path, write_junit
     from trtconv.core.ui import Reporter
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
     try:
+        if junit:
+            check_junit_path(junit)  # before minutes of model loading, not after
         with reporter.phase("check"):  # loads both models and re-runs the gate: minutes on a big model
             results = check_artifact(artifact, device, reporter, against)
     except UserError as exc:
