@@ -93,7 +93,7 @@ def du_command(as_json: JsonFlag = False) -> None:
     root = cache_root()
     groups: dict[str, dict[str, int]] = {}
     entries = list_entries(root)
-    for e, size in zip(entries, unique_sizes(entries)):  # hard-linked files (run and export entries) once
+    for e, size in zip(entries, unique_sizes(entries), strict=True):  # hard-linked files (run and export entries) once
         name = {"stage": e.stage, "reference-model": REFERENCE_MODELS_SUBDIR, "temporary": "temporary"}[e.kind]
         group = groups.setdefault(name, {"entries": 0, "size": 0})
         group["entries"] += 1
