@@ -112,10 +112,12 @@ def test_each_calibration_pass_is_named_and_counted_per_layer():
     passes = calibration_passes({"algorithm": {"method": "awq_lite", "alpha_step": 0.1}})
     assert passes == ("AWQ activation statistics", "AWQ scale search")
     tokens = TokenSet(rows=[[1, 2, 3]] * 3, lengths=[3] * 3, doc_ids=["a"], data_path="x", data_sha256="0", seed=0)
-    loop = make_forward_loop(tokens, batch_size=2, device="cpu", progress=progress, passes=passes)
+    announced: list[str] = []
+    loop = make_forward_loop(tokens, batch_size=2, device="cpu", progress=progress, passes=passes, announce=announced.append)
     model = TwoLayers()
     loop(model)
     loop(model)
+    assert announced == [f"calibrate: {p} (pass {i} of 2), decoder layer x batch: starting, 4 steps" for i, p in enumerate(passes, 1)]
     assert [s[0].removeprefix("calibrate: ").split(" (")[0] for s in seen] == list(passes)
     assert all(total == done == 2 * 2 for _, total, done in seen)  # 2 batches x 2 layers
     assert calibration_passes({"algorithm": "max"}) == ("calibration",)

@@ -160,10 +160,12 @@ def _decoder_layers(model) -> list:
     return list(layers) if layers is not None else []
 
 
-def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, progress: Callable, passes: tuple[str, ...] = ("calibration",)):
+def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, progress: Callable, passes: tuple[str, ...] = ("calibration",),
+                      announce: Callable[[str], None] = lambda line: None):
     """ModelOpt's forward_loop. Every call (an algorithm runs it once per pass) is one progress bar
     named after its pass, advanced per decoder layer and batch: with one batch a pass still shows
-    where it is (`progress(description, total)` is the Reporter's context manager)."""
+    where it is (`progress(description, total)` is the Reporter's context manager). `announce`
+    says when a pass starts (a log's first progress line of a slow pass comes only at 25 %)."""
     rows = torch.tensor(tokens.rows, dtype=torch.long)
     n_batches = math.ceil(len(rows) / batch_size)
     calls = [0]
@@ -174,6 +176,7 @@ def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, progress: 
         layers = _decoder_layers(model)
         per_batch = max(1, len(layers))
         label = f"calibrate: {name} (pass {calls[0]} of {max(len(passes), calls[0])}), decoder layer x batch"
+        announce(f"{label}: starting, {n_batches * per_batch} steps")
         with progress(label, total=n_batches * per_batch) as advance, torch.no_grad():
             hooks = [layer.register_forward_hook(lambda *_: advance(1)) for layer in layers]
             try:
@@ -250,7 +253,7 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
     reporter.stage("calibrate", f"ModelOpt: {len(passes)} pass{'es' if len(passes) > 1 else ''} over the {len(tokens.rows)} "
                    f"sequences: {', then '.join(passes)}")
     with quiet_dependency(log):
-        mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, reporter.progress, passes))
+        mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, reporter.progress, passes, reporter.info))
     census = quantizer_census(model)
     check_census(census, section)
     return CalibrationResult(quant_config=_jsonable(cfg), census=census, dependency_output=log)
