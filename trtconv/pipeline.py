@@ -26,7 +26,7 @@ from trtconv.core.environment import detect_device, host_summary, numeric_enviro
 from trtconv.core.errors import ArtifactError, GateFailed, Interrupted, UserError
 from trtconv.artifact.manifest import Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
 from trtconv.recipe.schema import Recipe
-from trtconv.artifact.report import preload_plotting, write_junit, write_report
+from trtconv.artifact.report import check_junit_path, preload_plotting, write_junit, write_report
 from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
@@ -138,8 +138,11 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     device = detect_device(opts.device, memo=cache.root / DEVICE_MEMO if cache is not None else None)
     torch_device = "cuda" if device.kind == "cuda" else "cpu"
     stages: list[StageRecord] = []
-    writer = ArtifactWriter(opts.out, force=opts.force)
+    writer = ArtifactWriter(opts.out, force=opts.force, note=reporter.info)
     writer.preflight()  # output folder problems first: they cost nothing to find
+    if opts.junit:
+        check_junit_path(opts.junit)  # written at the very end: a bad path must not cost the whole run
+    engine_stage.check_required(recipe, opts.require_engine)
     check_cuda_forward(PRECISIONS[recipe.quantization.precision], device.kind)  # before a reference model trains
     started = time.monotonic()
     run_key = whole_run_key(recipe, opts, device, reporter) if cache is not None and not opts.repro_check else None

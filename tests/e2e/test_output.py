@@ -170,7 +170,7 @@ def test_weight_error_chart_stays_readable_at_hundreds_of_layers(tmp_path):
     assert ax.get_xlabel() == "layer index"
     assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted([*kinds, "lm_head (outside the layers)"])
     assert all(len(line.get_xdata()) == 80 for line in ax.lines if line.get_label() in kinds)
-    assert any("max_kl <= 0.05 (pass)" in t.get_text() for t in fig.texts)
+    assert any(t.get_text() == "gate max_kl <= 0.05: pass" for t in fig.texts)
 
 
 def test_kl_chart_draws_the_gate_threshold():

@@ -24,6 +24,7 @@ REPORT_NAME = "report.md"
 SIGNATURE_NAME = "model.sig"
 WEIGHT_PLOT = "report_weight_error.png"
 KL_PLOT = "report_token_kl.png"
+SENSITIVITY_PLOT = "report_sensitivity.png"  # only after a failed gate's sensitivity pass
 
 CHECKPOINT_DIR = "checkpoint"
 HF_CHECKPOINT_DIR = "hf_checkpoint"

@@ -15,7 +15,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from trtconv.artifact.layout import KL_PLOT, PAYLOAD_DIRS, REPORT_NAME, WEIGHT_PLOT
+from trtconv.artifact.layout import KL_PLOT, PAYLOAD_DIRS, REPORT_NAME, SENSITIVITY_PLOT, WEIGHT_PLOT
 from trtconv.artifact.manifest import GateResult, Manifest
 from trtconv.gate.gates import gates_from
 
@@ -38,12 +38,26 @@ def split_layer_name(name: str) -> tuple[int | None, str]:
     return (int(m.group(1)), m.group(2)) if m else (None, name)
 
 
-def _gate(gates: list[GateResult], metric: str) -> GateResult | None:
-    return next((g for g in gates if g.metric == metric), None)
+def _gates_of(gates: list[GateResult], key: str) -> list[GateResult]:
+    """The gates of one recipe key: `max_kl`, or one per evaluation pack (`max_kl[eval-code]`)."""
+    return [g for g in gates if g.metric == key or g.metric.startswith(key + "[")]
 
 
-def _gates_caption(gates: list[GateResult]) -> str:
-    return "gates: " + "; ".join(f"{g.metric} {g.comparator} {g.threshold:g} ({g.verdict})" for g in gates) if gates else "no gates"
+def _gate_key(metric: str) -> str:
+    return metric.split("[", 1)[0]
+
+
+def _gates_caption(gates: list[GateResult]) -> list[str]:
+    """One caption line per gate key with each pack's verdict: nine gates fit the figure's width."""
+    if not gates:
+        return ["no gates"]
+    lines = []
+    for key in dict.fromkeys(_gate_key(g.metric) for g in gates):
+        same = _gates_of(gates, key)
+        limits = sorted({f"{g.comparator} {g.threshold:g}" for g in same})
+        verdicts = ", ".join(g.verdict + (f" ({g.metric[len(key) + 1:-1]})" if "[" in g.metric else "") for g in same)
+        lines.append(f"gate {key} {' / '.join(limits)}: {verdicts}")
+    return lines
 
 
 _preloading = None  # the thread preload_plotting started
@@ -118,14 +132,30 @@ def weight_error_figure(errors: list[tuple[str, float]], gates: list[GateResult]
     for name, value in outside:
         ax.axhline(value, linestyle=":", color="grey", linewidth=1, label=f"{name} (outside the layers)")
     ax.set_xlabel("layer index")
+    ax.xaxis.set_major_locator(_integer_ticks())  # layers are whole numbers: no tick at 0.5
     ax.set_ylabel("relative weight error")
     ax.set_title("weight quantization error per layer and module kind (checkpoint vs original)", fontsize=9)
-    # No gate judges weight error itself: the gates that do judge the artifact are stated with it.
-    fig.text(0.01, 0.01, _gates_caption(gates), fontsize=7, color="#444444")
     if series or outside:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    # No gate judges weight error itself: the gates that do judge the artifact are stated with it.
+    _caption(fig, _gates_caption(gates))
     return fig
+
+
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _caption(fig, lines: list[str], line_in: float = 0.13) -> None:
+    """Caption lines under the axes, with room made for every one (the figure grows, nothing is cut)."""
+    width, height = fig.get_size_inches()
+    room = line_in * len(lines) + 0.1
+    fig.set_size_inches(width, height + room)
+    fig.tight_layout(rect=(0, room / (height + room), 1, 1))
+    for i, line in enumerate(reversed(lines)):
+        fig.text(0.01, (0.05 + i * line_in) / (height + room), line, fontsize=7, color="#444444")
 
 
 def token_kl_figure(token_kl: np.ndarray, gates: list[GateResult]):
@@ -135,15 +165,54 @@ def token_kl_figure(token_kl: np.ndarray, gates: list[GateResult]):
     ax.hist(np.log10(values), bins=60, color="#55a868")
     mean = float(np.mean(token_kl)) if token_kl.size else 0.0
     ax.axvline(np.log10(max(mean, 1e-9)), color="#333333", linewidth=1.2, label=f"mean KL {mean:.3g}")
-    gate = _gate(gates, "max_kl")
-    if gate is not None:
-        ax.axvline(np.log10(max(gate.threshold, 1e-9)), color="#c44e52", linestyle="--", linewidth=1.5,
-                   label=f"gate: mean KL {gate.comparator} {gate.threshold:g} ({gate.verdict})")
+    _threshold_lines(ax, _gates_of(gates, "max_kl"), "mean KL", vertical=True, log=True)
     ax.set_xlabel("log10 KL(original || artifact) per token")
     ax.set_ylabel("tokens")
     ax.set_title("distribution of per-token KL", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def _threshold_lines(ax, gates: list[GateResult], what: str, *, vertical: bool, log: bool = False) -> None:
+    """One dashed line per distinct threshold of a gate key (one per pack when they differ), with the verdicts."""
+    by_threshold: dict[float, list[GateResult]] = {}
+    for g in gates:
+        by_threshold.setdefault(g.threshold, []).append(g)
+    for threshold, same in by_threshold.items():
+        verdicts = ", ".join(sorted({g.verdict for g in same}))
+        at = np.log10(max(threshold, 1e-9)) if log else threshold
+        line = ax.axvline if vertical else ax.axhline
+        line(at, color="#c44e52", linestyle="--", linewidth=1.5, label=f"gate: {what} {same[0].comparator} {threshold:g} ({verdicts})")
+
+
+def plot_sensitivity(advice: dict, path: Path, gates: list[GateResult]) -> None:
+    _save(sensitivity_figure(advice, gates), path)
+
+
+def sensitivity_figure(advice: dict, gates: list[GateResult]):
+    """KL with only one decoder layer quantized, per layer in model order; the full model's KL and
+    the gate's threshold as lines, so the layers worth excluding stand out."""
+    plt = _pyplot()
+    layers = sorted(advice["layers"], key=lambda d: split_layer_name(d["layer"] + ".x")[0] or 0)
+    index = [split_layer_name(d["layer"] + ".x")[0] or 0 for d in layers]
+    fig, ax = plt.subplots(figsize=(10, 3.8), dpi=100)
+    ax.bar(index, [d["kl"] for d in layers], color="#4c72b0", width=0.8, label="KL, only this layer quantized")
+    if advice.get("full_kl") is not None:
+        ax.axhline(advice["full_kl"], color="#333333", linewidth=1.0, label=f"KL, every layer quantized {advice['full_kl']:.3g}")
+    # The KL gate's line where it is on the bars' scale; when another gate failed it can be 20x above them.
+    top = max([d["kl"] for d in layers] + [advice.get("full_kl") or 0.0])
+    kl_gates = _gates_of(gates, "max_kl")
+    shown = [g for g in kl_gates if g.threshold <= 3 * top]
+    _threshold_lines(ax, shown, "mean KL", vertical=False)
+    off_scale = sorted({f"{g.threshold:g}" for g in kl_gates if g not in shown})
+    note = [f"gate max_kl <= {', '.join(off_scale)}: above this scale ({top:.3g} at most here), not drawn"] if off_scale else []
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.set_xlabel("decoder layer index")
+    ax.set_ylabel("KL(original || quantized)")
+    ax.set_title("per-layer sensitivity: which decoder layers cost the most accuracy (sensitivity rows)", fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _caption(fig, [advice.get("method", ""), *note])
     return fig
 
 
@@ -230,7 +299,8 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
         lines += [f"- {line}" for line in advice_lines(advice, q["exclude"], manifest.recipe["evaluate"]["gates"]["max_kl"])]
         lines += ["", "| decoder layer | KL with only this layer quantized |", "|---|---|"]
         lines += [f"| `{d['layer']}` | {d['kl']:.4g} |" for d in advice["layers"][:10]]
-        lines.append("")
+        plot_sensitivity(advice, root / SENSITIVITY_PLOT, manifest.gates)
+        lines += ["", f"![per-layer sensitivity]({SENSITIVITY_PLOT})", ""]
     elif manifest.status != "passed" and weight_errors:
         lines += [
             "## What to try",
@@ -276,6 +346,30 @@ def _folder_sizes(root: Path) -> dict[str, int]:
         if d.is_dir():
             out[name] = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
     return out
+
+
+def check_junit_path(path: Path) -> None:
+    """--junit is written at the end of a run: a path that cannot be written is refused before any
+    work (it used to fail only after the whole run). write_junit creates missing folders, so the
+    nearest existing one must take a file: tried for real (permission bits do not stop root, a
+    read-only or special filesystem does)."""
+    import tempfile
+
+    from trtconv.core.errors import ArtifactError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"--junit {path} is a folder; give a file path, e.g. {path / 'gates.xml'}")
+    existing = path if path.exists() else next(p for p in path.parents if p.exists())
+    if existing != path and not existing.is_dir():
+        raise ArtifactError(f"--junit {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        if existing == path:
+            open(path, "ab").close()  # appends nothing: the file is unchanged
+        else:
+            tempfile.NamedTemporaryFile(dir=existing, prefix=".trtconv-junit-check-").close()
+    except OSError as exc:
+        raise ArtifactError(f"--junit {path}: cannot write in {existing} ({exc.strerror}); choose another path") from None
 
 
 def write_junit(path: Path, gates: list[GateResult], suite: str, allow_inconclusive: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from trtconv.artifact.layout import MANIFEST_NAME
 from trtconv.core.errors import ArtifactError
 
 _HASH_CHUNK = 1 << 20
+# What a run leaves beside OUT when it is killed (kill -9, power loss): the temporary artifact, the
+# evaluation's and --repro-check's scratch folders, a replaced artifact not yet removed.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:\.eval|\.repro)?$")
 
 
 def sha256_file(path: Path) -> str:
@@ -43,6 +47,46 @@ def artifact_status(path: Path) -> str | None:
         return None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _unused(parent: Path, name: str) -> bool:
+    """No run holds OUT's lock now (a run holds it for as long as its temporary folder exists)."""
+    lock = FileLock(str(parent / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    try:
+        Path(lock.lock_file).unlink(missing_ok=True)
+    finally:
+        lock.release()
+    return True
+
+
+def remove_stale_leftovers(parent: Path, own: str) -> list[Path]:
+    """Remove the hidden folders killed runs left in parent (`.OUT.tmp-PID`, a full copy of an
+    artifact); returns them. A folder goes when its process is gone and no run holds its OUT's lock;
+    for `own` (the OUT whose lock the caller holds) any process's but this one's."""
+    removed = []
+    for path in parent.iterdir():
+        m = _LEFTOVER.match(path.name)
+        if not m or not path.is_dir() or int(m["pid"]) == os.getpid():
+            continue
+        if m["name"] != own and (_pid_alive(int(m["pid"])) or not _unused(parent, m["name"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class ArtifactWriter:
     """Owns OUT for one run: lock, temporary sibling, and the final rename.
 
@@ -50,9 +94,10 @@ class ArtifactWriter:
     before leaving it. Leaving it any other way (exception, Ctrl-C) removes the temporary folder.
     """
 
-    def __init__(self, out: Path, force: bool = False):
+    def __init__(self, out: Path, force: bool = False, note=None):
         self.out = Path(out).resolve()
         self.force = force
+        self._note = note  # says which leftovers of killed runs were removed (the run's reporter.info)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         self._lock = FileLock(str(self.out.parent / f".{self.out.name}.lock"))
         self.final_path: Path | None = None
@@ -94,6 +139,9 @@ class ArtifactWriter:
             raise ArtifactError(
                 f"another trtconv run is writing {self.out} (lock {self._lock.lock_file}); wait for it or choose another -o"
             ) from None
+        for path in remove_stale_leftovers(self.out.parent, own=self.out.name):
+            if self._note is not None:
+                self._note(f"removed {path}: left by a run that was killed (its process is gone)")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)

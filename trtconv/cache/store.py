@@ -756,6 +756,27 @@ def _tree_size(path: Path) -> int:
     return total
 
 
+def unique_sizes(entries: list[ListedEntry]) -> list[int]:
+    """Each entry's bytes with every file counted once by inode: the run entry shares the export
+    entry's files through hard links, and `du` must not count those twice. A file linked from
+    several entries counts for the first one listed."""
+    seen: set[tuple[int, int]] = set()
+    sizes = []
+    for entry in entries:
+        total = 0
+        for dirpath, _dirs, files in os.walk(entry.path):
+            for name in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
+        sizes.append(total)
+    return sizes
+
+
 def list_entries(root: Path | None = None) -> list[ListedEntry]:
     """Stage entries, reference models and leftover temp folders under root, least recently used first."""
     root = Path(root) if root is not None else cache_root()

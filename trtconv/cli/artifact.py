@@ -101,11 +101,13 @@ def check(
         trtconv check out/fp8 --against out/int4 --junit gates.xml
     """
     from trtconv.stages.evaluate import check_artifact
-    from trtconv.artifact.report import write_junit
+    from trtconv.artifact.report import check_junit_path, write_junit
     from trtconv.core.ui import Reporter
 
     reporter = Reporter(quiet=quiet, json_mode=json_mode)
     try:
+        if junit:
+            check_junit_path(junit)  # before minutes of model loading, not after
         mismatched = _files_not_matching([artifact] + ([against] if against else []), reporter)
         with reporter.phase("check"):  # loads both models and re-runs the gate: minutes on a big model
             results = check_artifact(artifact, device, reporter, against)
@@ -196,8 +198,12 @@ def verify(
     certificate_chain: Annotated[Optional[list[Path]], typer.Option("--certificate-chain", help="CA certificate(s) (PEM) the signing certificate must chain to; checks the signature. Repeatable.")] = None,
     deep: Annotated[bool, typer.Option("--deep", help="Also re-check the checkpoint format and re-run the accuracy gate.")] = False,
     device: DeviceOpt = "auto",
+    json_mode: JsonOpt = False,
 ) -> None:
     """Re-hash every file against the manifest; fail on any missing, extra or changed file.
+
+    With --json, stdout is one object: artifact, verified, exit_code, status, artifact_digest, files,
+    checks, problems (and deep); a usage mistake gives {"error", "exit_code"} as every command does.
 
     Exit codes: 0 verified; 1 the files, the manifest, the pinned digest or the signature do not match (tampered or damaged); 2 a usage mistake (no artifact, unreadable key); 4 the artifact is intact but its status is not passed (its gate failed), unless --allow-failed.
 
@@ -209,9 +215,12 @@ def verify(
     from trtconv.artifact.signing import SignatureError, verify_signature
     from trtconv.core.ui import Reporter
 
-    reporter = Reporter()
+    reporter = Reporter(json_mode=json_mode)
+    result: dict = {"artifact": str(artifact), "verified": False, "exit_code": 0, "status": None, "artifact_digest": None,
+                    "files": None, "checks": [], "problems": []}
     try:
         m = read_manifest(artifact)
+        result.update(status=m.status, artifact_digest=m.artifact_digest, files=len(m.outputs))
         wanted = _digest_argument(expect_digest)
         problems = check_integrity(artifact, m)
         if wanted is not None and wanted != m.artifact_digest:
@@ -222,20 +231,21 @@ def verify(
             except SignatureError as exc:
                 problems.append(str(exc))
     except UserError as exc:
-        fail(exc)
+        fail(exc, json_mode)
     if problems:
         for p in problems:
             reporter.error(f"{artifact}: {p}")
-        raise typer.Exit(SignatureError.exit_code)
+        _verify_exit(result, SignatureError.exit_code, json_mode, problems=problems)
     checks = ["files match manifest.json"] + (["digest as expected"] if wanted else []) + (
         ["signature valid"] if public_key is not None or certificate_chain else [])
+    result.update(verified=True, checks=checks)
     reporter.line(f"verified: {len(m.outputs)} files; " + ", ".join(checks))
     reporter.line(f"artifact_digest: {m.artifact_digest}")
     if m.status != "passed":
         reason = f"{artifact}: status is {m.status}" + (f" ({m.status_reason})" if m.status_reason else "")
         if not allow_failed:
             reporter.error(reason + "; not promoting it (pass --allow-failed to accept it)")
-            raise typer.Exit(NOT_PASSED_EXIT)
+            _verify_exit(result, NOT_PASSED_EXIT, json_mode, problems=[reason])
         reporter.warn(reason)
     if deep:
         from trtconv.stages.evaluate import check_artifact
@@ -244,12 +254,23 @@ def verify(
             with reporter.phase("deep check"):
                 results = check_artifact(artifact, device, reporter)
         except UserError as exc:
-            fail(exc)
+            fail(exc, json_mode)
+        result["deep"] = {"passed": results[0].passed, "gates": [g.model_dump(mode="json") for g in results[0].outcome.gates]}
         if not results[0].passed:
-            reporter.error(f"{artifact}: the accuracy gate fails now: " + ", ".join(
-                f"{g.metric} {g.verdict}" for g in results[0].outcome.gates if g.verdict != "pass"))
-            raise typer.Exit(1)
+            failing = ", ".join(f"{g.metric} {g.verdict}" for g in results[0].outcome.gates if g.verdict != "pass")
+            reporter.error(f"{artifact}: the accuracy gate fails now: {failing}")
+            _verify_exit(result, 1, json_mode, problems=[f"the accuracy gate fails now: {failing}"])
         reporter.line("deep: checkpoint format valid, accuracy gate passes again")
+    _verify_exit(result, 0, json_mode)
+
+
+def _verify_exit(result: dict, code: int, json_mode: bool, problems: list[str] = ()) -> None:
+    """verify's one way out: with --json its object on stdout; a non-zero code exits."""
+    result.update(exit_code=code, problems=[*result["problems"], *problems])
+    if json_mode:
+        print(json.dumps(result, indent=2))
+    if code:
+        raise typer.Exit(code)
 
 
 # `verify`: the artifact is intact, but its gate failed (or the run was incomplete).

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from trtconv.cache.store import (MAX_SIZE_ENV, REFERENCE_MODELS_SUBDIR, CacheError, ListedEntry, cache_root, human_size, list_entries,
-                                 max_size_setting, parse_size, plan_prune, prune)
+from trtconv.cache.store import (MAX_SIZE_ENV, REFERENCE_MODELS_SUBDIR, STAGES_SUBDIR, CacheError, ListedEntry, cache_root, human_size,
+                                 list_entries, max_size_setting, parse_size, plan_prune, prune, unique_sizes)
 
 # ---------------------------------------------------------------------------------------------
 # CLI: registered by trtconv.cli.app as `trtconv cache`
@@ -40,18 +40,30 @@ def _short_time(ts: float) -> str:
 
 
 def _table(entries: list[ListedEntry]) -> list[str]:
-    lines = [f"{'KIND':<16} {'STAGE':<20} {'KEY':<12} {'SIZE':>10}  {'CREATED (UTC)':<16}  LAST USED (UTC)"]
+    lines = [f"{'KIND':<16} {'STAGE':<20} {'KEY':<12} {'SIZE':>10}  {'CREATED (UTC)':<16}  {'LAST USED (UTC)':<16}  PATH"]
     for e in entries:
         lines.append(
             f"{e.kind:<16} {e.stage:<20} {e.key[:12]:<12} {human_size(e.size):>10}  "
-            f"{_short_time(e.created):<16}  {_short_time(e.last_used)}"
+            f"{_short_time(e.created):<16}  {_short_time(e.last_used):<16}  {e.path}"
         )
     return lines
 
 
+def cache_stages(root) -> list[str]:
+    """What --stage takes: the stages trtconv caches (each module names its own folder), any stage
+    folder already in this cache, and the reference models."""
+    from trtconv.cache.runs import RUN_STAGE
+    from trtconv.stages.evaluate import EVALUATE_STAGE
+    from trtconv.stages.export import EXPORT_STAGE
+
+    stages_dir = root / STAGES_SUBDIR
+    present = {p.name for p in stages_dir.iterdir() if p.is_dir()} if stages_dir.is_dir() else set()
+    return sorted({EXPORT_STAGE, EVALUATE_STAGE, RUN_STAGE} | present) + [REFERENCE_MODELS_SUBDIR]
+
+
 @cache_app.command("ls")
 def ls_command(as_json: JsonFlag = False) -> None:
-    """Every cache entry, least recently used first: kind, stage, key prefix, size, created, last used.
+    """Every cache entry, least recently used first: kind, stage, key prefix, size, created, last used, path.
 
     Example:
 
@@ -72,7 +84,7 @@ def ls_command(as_json: JsonFlag = False) -> None:
 
 @cache_app.command("du")
 def du_command(as_json: JsonFlag = False) -> None:
-    """Disk use: the total, and per stage / reference models / temporary leftovers.
+    """Disk use: the total, and per stage / reference models / temporary leftovers (a hard-linked file counts once).
 
     Example:
 
@@ -80,11 +92,12 @@ def du_command(as_json: JsonFlag = False) -> None:
     """
     root = cache_root()
     groups: dict[str, dict[str, int]] = {}
-    for e in list_entries(root):
+    entries = list_entries(root)
+    for e, size in zip(entries, unique_sizes(entries), strict=True):  # hard-linked files (run and export entries) once
         name = {"stage": e.stage, "reference-model": REFERENCE_MODELS_SUBDIR, "temporary": "temporary"}[e.kind]
         group = groups.setdefault(name, {"entries": 0, "size": 0})
         group["entries"] += 1
-        group["size"] += e.size
+        group["size"] += size
     total = sum(g["size"] for g in groups.values())
     try:
         limit = max_size_setting()
@@ -122,9 +135,11 @@ def prune_command(
         if older_than is None and max_size is None and not everything:
             raise CacheError("say what to prune: --older-than DAYS, --max-size SIZE or --all (add --dry-run to preview)")
         limit = parse_size(max_size) if max_size is not None else None
+        root = cache_root()
+        if stage is not None and stage not in cache_stages(root):
+            raise CacheError(f"--stage {stage!r} is not a stage of this cache ({root}); allowed: {', '.join(cache_stages(root))}")
     except CacheError as err:
         _error(err, as_json)
-    root = cache_root()
     candidates = plan_prune(list_entries(root), older_than_days=older_than, max_size=limit, stage=stage, everything=everything)
     plan = prune(candidates, dry_run=dry_run)
     if as_json:

@@ -24,16 +24,17 @@ def summary(outcome) -> dict:
 
 
 def print_result(outcome, reporter, json_mode: bool) -> None:
+    """The gates (each once, with its own verdict), perplexity, engine, time; then the one result
+    line. With --quiet only the result line (and errors, printed by the caller)."""
     m = outcome.manifest
     if json_mode:
         print(json.dumps(summary(outcome), indent=2))
         return
+    if reporter.quiet:
+        reporter.line(f"{m.status}: {outcome.path}  artifact_digest: {m.artifact_digest}")
+        return
     if m.gates:
-        rows = []
-        for g in m.gates:
-            ci = f"[{g.ci_low:.4g}, {g.ci_high:.4g}]" if g.ci_low is not None else "n/a"
-            rows.append([g.metric, f"{g.value:.4g}", ci, f"{g.comparator} {g.threshold:g}", g.verdict])
-        reporter.table(f"accuracy gate: {m.status.upper()}", ["gate", "value", "95% interval", "threshold", "verdict"], rows)
+        print_gates(m.gates, reporter)
     if m.metrics:
         ppl_b, ppl_c = m.metrics["ppl_baseline"]["value"], m.metrics["ppl_candidate"]["value"]
         reporter.line(f"perplexity: original {ppl_b:.4f} -> artifact {ppl_c:.4f}")
@@ -46,6 +47,23 @@ def print_result(outcome, reporter, json_mode: bool) -> None:
         reporter.line(line)
     reporter.line(f"{m.status}: {outcome.path}")
     reporter.line(f"artifact_digest: {m.artifact_digest}")
+
+
+def gate_line(g) -> str:
+    """One gate as one log line that starts with its own verdict."""
+    ci = f"[{g.ci_low:.4g}, {g.ci_high:.4g}]" if g.ci_low is not None else "n/a"
+    return f"gate {g.verdict.upper()}: {g.metric} = {g.value:.4g}, 95% interval {ci}, threshold {g.comparator} {g.threshold:g}"
+
+
+def print_gates(gates, reporter) -> None:
+    """A table on a terminal; in a log one line per gate, each with its own verdict."""
+    if not reporter.plain:
+        rows = [[g.metric, f"{g.value:.4g}", f"[{g.ci_low:.4g}, {g.ci_high:.4g}]" if g.ci_low is not None else "n/a",
+                 f"{g.comparator} {g.threshold:g}", g.verdict] for g in gates]
+        reporter.table("accuracy gates", ["gate", "value", "95% interval", "threshold", "verdict"], rows)
+        return
+    for g in gates:
+        reporter.line(gate_line(g))
 
 
 def _gib(mib: float | None) -> str:

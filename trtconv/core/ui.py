@@ -63,6 +63,8 @@ class Reporter:
         self._t0 = time.monotonic()
         self._activity = ""  # the last thing said in the current phase (heartbeat lines repeat it)
         self._live: Progress | None = None  # the terminal's one live display during a phase
+        if self.plain:
+            silence_progress_bars_in_logs()
         _ACTIVE = self
 
     def elapsed(self) -> float:
@@ -239,6 +241,19 @@ def quiet_dependency(collected: list[str]) -> Iterator[None]:
 def _add(collected: list[str], text: str, limit: int = 200) -> None:
     if text not in collected and len(collected) < limit:
         collected.append(text)
+
+
+# In a log, transformers' tqdm bars ("Loading weights", "Writing model shards") are noise: set
+# before transformers is imported (its progress switch is read then), and switched off if it already was.
+_PLAIN_LOG_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def silence_progress_bars_in_logs() -> None:
+    """For a plain log (no TTY): no library progress bars, whichever command runs (build, check, verify --deep)."""
+    for name, value in _PLAIN_LOG_ENV.items():
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:
+        silence_library_progress_bars()
 
 
 def silence_library_progress_bars() -> None:

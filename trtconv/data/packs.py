@@ -188,6 +188,18 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+class MissingField(DataError):
+    """A JSONL line without the text field. The advice depends on the command: `data pack` has
+    --field, `build` reads the recipe's calibration.data / evaluate.data (see with_advice)."""
+
+    def __init__(self, where: str, field_name: str, fields: str, advice: str = "Choose the text field with --field."):
+        self.where, self.field_name, self.fields = where, field_name, fields
+        super().__init__(f"{where}: no field {field_name!r}; the fields there are: {fields}. {advice}")
+
+    def with_advice(self, advice: str) -> MissingField:
+        return MissingField(self.where, self.field_name, self.fields, advice)
+
+
 def _jsonl_documents(path: Path, label: str, field_name: str, keep_ids: bool) -> Iterator[Document]:
     """Documents of a JSONL file, one per non-blank line, text from ``field_name``.
 
@@ -201,11 +213,7 @@ def _jsonl_documents(path: Path, label: str, field_name: str, keep_ids: bool) ->
         record = _parse_json_line(path, number, line)
         value = record.get(field_name)
         if field_name not in record:
-            fields = ", ".join(sorted(record)) or "(none)"
-            raise DataError(
-                f"{path}, line {number}: no field {field_name!r}; the fields there are: {fields}. "
-                "Choose the text field with --field."
-            )
+            raise MissingField(f"{path}, line {number}", field_name, ", ".join(sorted(record)) or "(none)")
         if not isinstance(value, str):
             raise DataError(
                 f"{path}, line {number}: field {field_name!r} is a {type(value).__name__}, it must be a string."

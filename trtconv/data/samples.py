@@ -14,11 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from trtconv.data.packs import pack_sha256, read_text_documents
+from trtconv.data.packs import MissingField, pack_sha256, read_text_documents
 from trtconv.core.errors import DataError
 
 # Evaluation documents shorter than this give too few next-token predictions to be worth a row.
 MIN_EVAL_TOKENS = 16
+# A generous upper bound on the characters one token covers. A document is cut to (tokens still
+# needed + 1) x this many characters before it is tokenized: one 51 MB line of calibration text
+# took 100 s and 8 GB to tokenize for the 1024 tokens it gave. Tokens before the cut are the
+# same as the whole text's (the cut keeps a token more than needed), so the rows do not change.
+MAX_CHARS_PER_TOKEN = 64
+TOKENIZE_RULE = f"each document cut to (tokens still needed + 1) x {MAX_CHARS_PER_TOKEN} characters before tokenizing"
 
 
 @dataclass
@@ -45,8 +51,19 @@ class TokenSet:
         }
 
 
+# The recipe key that names each role's data (what a message about that data points at).
+DATA_KEYS = {"calibration": "calibration.data", "evaluation": "evaluate.data"}
+
+
 def _load_documents(path: Path, role: str):
-    docs = read_text_documents(path)
+    try:
+        docs = read_text_documents(path)
+    except MissingField as exc:  # build has no --field: say what the recipe key reads and how to repack
+        key = DATA_KEYS[role]
+        raise exc.with_advice(
+            f"{key} (the recipe key) reads the field 'text' of each line: rename the field, or repack the file with "
+            f"`trtconv data pack {path} --field NAME -o pack.jsonl` and set {key} to the pack"
+        ) from None
     if not docs:
         raise DataError(f"{role} data {path} holds no text documents")
     return docs
@@ -98,6 +115,11 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
 
+def _token_ids(tokenizer, text: str, tokens_needed: int) -> list[int]:
+    """The token ids of text, reading only as much of it as `tokens_needed` tokens can cover."""
+    return tokenizer(text[: (max(tokens_needed, 0) + 1) * MAX_CHARS_PER_TOKEN], add_special_tokens=False)["input_ids"]
+
+
 def _pack_stream(pack: Pack, tokenizer, need: int, seed: int) -> tuple[list[int], list[str], list]:
     """EOS-separated token stream of a pack's documents in seeded order, stopping once `need` tokens are there."""
     docs = _load_documents(pack.path, "calibration")
@@ -105,7 +127,7 @@ def _pack_stream(pack: Pack, tokenizer, need: int, seed: int) -> tuple[list[int]
     used: list[str] = []
     for i in _seeded_order(len(docs), seed):
         doc = docs[int(i)]
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        ids = _token_ids(tokenizer, doc.text, need - len(stream))
         if not ids:
             continue
         stream.extend(ids)
@@ -140,7 +162,7 @@ def calibration_rows(data: Path | list[Pack], tokenizer, num_samples: int, seq_l
         records.append({"name": pack.name, "data": str(pack.path), "data_sha256": pack_sha256(pack.path),
                         "rows": quota, "documents_used": len(pack_used)})
     rows = [chunk[k] for k in range(max(map(len, per_pack), default=0)) for chunk in per_pack if k < len(chunk)]
-    extra = {"document_sha256": shas, "num_documents_available": available}
+    extra = {"document_sha256": shas, "num_documents_available": available, "tokenize_rule": TOKENIZE_RULE}
     if len(packs) > 1:
         extra["packs"] = records
     return TokenSet(
@@ -159,7 +181,7 @@ def _pack_eval_rows(pack: Pack, tokenizer, quota: int, seq_len: int, seed: int, 
     rows, lengths, ids, shas = [], [], [], []
     for i in _seeded_order(len(docs), seed):
         doc = docs[int(i)]
-        toks = tokenizer(doc.text, add_special_tokens=False)["input_ids"][:seq_len]
+        toks = _token_ids(tokenizer, doc.text, seq_len)[:seq_len]
         if len(toks) < MIN_EVAL_TOKENS:
             continue
         lengths.append(len(toks))
@@ -192,7 +214,7 @@ def evaluation_rows(data: Path | list[Pack], tokenizer, num_samples: int, seq_le
         ids += i
         shas += sh
         available += n_docs
-    extra = {"document_sha256": shas, "num_documents_available": available}
+    extra = {"document_sha256": shas, "num_documents_available": available, "tokenize_rule": TOKENIZE_RULE}
     if len(packs) > 1:
         extra["packs"] = records
     return TokenSet(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic_core import PydanticUndefined
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, model_serializer, model_validator
 
 from trtconv.recipe.base import Section
@@ -138,9 +139,11 @@ GatesSection = _gates_section()
 class EvaluateSection(Strict):
     enabled: bool = Field(True, description="Run the accuracy gate.")
     data: str | None = Field(None, description="Held-out text; null = the built-in evaluation pack.")
-    num_samples: PositiveInt = Field(64, description="Number of evaluation documents (one per row).")
+    # The shipped recipes' values (tests/unit/test_ux_issue23.py checks they agree): `calibrate`, which
+    # takes these defaults, then evaluates a checkpoint exactly as `build default` does.
+    num_samples: PositiveInt = Field(96, description="Number of evaluation documents (one per row).")
     seq_len: PositiveInt = Field(256, description="Tokens per evaluation sequence.")
-    batch_size: PositiveInt = Field(4, description="Sequences per forward pass.")
+    batch_size: PositiveInt = Field(8, description="Sequences per forward pass.")
     seed: int = Field(0, description="Seed that picks the evaluation documents and the bootstrap resamples.")
     multiple_choice: str | None = Field(
         None,
@@ -282,8 +285,41 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except DuplicateKey as exc:
         raise RecipeError(f"--set {text!r}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+        problem = (getattr(exc, "problem", None) or str(exc).splitlines()[0]).replace("'<stream end>'", "the end of the value")
+        raise RecipeError(f"--set {text!r}: the value {raw!r} is not valid YAML ({problem}); {key_help(parts)}") from None
     return parts, value
+
+
+def _type_words(annotation: Any, metadata: list | tuple = ()) -> str:
+    """A field's type in words: 'a positive integer', 'one of: fp8, none', 'a list of strings', ..."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        words = [_type_words(a) for a in args if a is not type(None)]
+        return " or ".join(words) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"a list{' of strings' if args == (str,) else ''} (a YAML flow list, e.g. ['a', 'b'])"
+    if annotation is int and any(getattr(m, "gt", None) == 0 for m in metadata):
+        return "a positive integer"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(annotation, str(annotation))
+
+
+def key_help(parts: list[str]) -> str:
+    """What a recipe key takes, e.g. 'calibration.num_samples takes a positive integer (default 64)'."""
+    model: Any = Recipe
+    for part in parts[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or parts[-1] not in model.model_fields:
+        return "write KEY.PATH=VALUE with a YAML value, e.g. calibration.num_samples=256 (quote a string with YAML punctuation)"
+    field = model.model_fields[parts[-1]]
+    default = field.get_default(call_default_factory=True)
+    shown = "" if default is PydanticUndefined else f" (default {json.dumps(default)})"
+    return f"{'.'.join(parts)} takes {_type_words(field.annotation, field.metadata)}{shown}"
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

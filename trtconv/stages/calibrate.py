@@ -136,15 +136,57 @@ def _excluded(module_name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(module_name, p.rstrip("*") + "*") or fnmatch.fnmatch(module_name, p) for p in patterns)
 
 
-def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, advance: Callable[[int], None]):
+# What each of ModelOpt's calibration algorithms does with the forward loop, pass by pass: the
+# progress names each pass (AWQ's scale search is one of them and takes minutes on a large model).
+CALIBRATION_PASSES: dict[str, tuple[str, ...]] = {
+    "max": ("calibration",),
+    "smoothquant": ("SmoothQuant statistics",),
+    "awq_lite": ("AWQ activation statistics", "AWQ scale search"),
+    "awq_clip": ("AWQ clip search",),
+    "awq_full": ("AWQ activation statistics", "AWQ scale search", "AWQ clip search"),
+}
+
+
+def calibration_passes(cfg: dict) -> tuple[str, ...]:
+    """The pass names of a ModelOpt config's algorithm (its "algorithm" is a name or {"method": name, ...})."""
+    algorithm = cfg.get("algorithm") or "max"
+    method = algorithm.get("method", "max") if isinstance(algorithm, dict) else str(algorithm)
+    return CALIBRATION_PASSES.get(method, ("calibration",))
+
+
+def _decoder_layers(model) -> list:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, progress: Callable, passes: tuple[str, ...] = ("calibration",),
+                      announce: Callable[[str], None] = lambda line: None):
+    """ModelOpt's forward_loop. Every call (an algorithm runs it once per pass) is one progress bar
+    named after its pass, advanced per decoder layer and batch: with one batch a pass still shows
+    where it is (`progress(description, total)` is the Reporter's context manager). `announce`
+    says when a pass starts (a log's first progress line of a slow pass comes only at 25 %)."""
     rows = torch.tensor(tokens.rows, dtype=torch.long)
+    n_batches = math.ceil(len(rows) / batch_size)
+    calls = [0]
 
     def forward_loop(model) -> None:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size].to(device)
-                model(input_ids=batch, use_cache=False)
-                advance(1)
+        calls[0] += 1
+        name = passes[calls[0] - 1] if calls[0] <= len(passes) else f"calibration pass {calls[0]}"
+        layers = _decoder_layers(model)
+        per_batch = max(1, len(layers))
+        label = f"calibrate: {name} (pass {calls[0]} of {max(len(passes), calls[0])}), decoder layer x batch"
+        announce(f"{label}: starting, {n_batches * per_batch} steps")
+        with progress(label, total=n_batches * per_batch) as advance, torch.no_grad():
+            hooks = [layer.register_forward_hook(lambda *_: advance(1)) for layer in layers]
+            try:
+                for start in range(0, len(rows), batch_size):
+                    model(input_ids=rows[start : start + batch_size].to(device), use_cache=False)
+                    if not layers:
+                        advance(1)
+            finally:
+                for hook in hooks:
+                    hook.remove()
 
     return forward_loop
 
@@ -207,11 +249,11 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
     mtq = import_modelopt()
     log: list[str] = []
     cfg = recipe_quant_config(section, log)
-    n_batches = math.ceil(len(tokens.rows) / batch_size)
-    # AWQ runs the calibration data several times (search, then calibrate); the bar counts passes.
-    after = "ModelOpt computes the scales" + (" (the AWQ search takes a while)" if "awq" in section.precision else "")
-    with reporter.progress("calibration batches", total=n_batches, then=after) as advance, quiet_dependency(log):
-        mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, advance))
+    passes = calibration_passes(cfg)
+    reporter.stage("calibrate", f"ModelOpt: {len(passes)} pass{'es' if len(passes) > 1 else ''} over the {len(tokens.rows)} "
+                   f"sequences: {', then '.join(passes)}")
+    with quiet_dependency(log):
+        mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, reporter.progress, passes, reporter.info))
     census = quantizer_census(model)
     check_census(census, section)
     return CalibrationResult(quant_config=_jsonable(cfg), census=census, dependency_output=log)

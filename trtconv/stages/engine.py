@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trtconv.artifact.manifest import StageRecord
-from trtconv.core.errors import UserError
+from trtconv.core.errors import EngineUnavailable, UserError
 from trtconv.core.ui import Reporter
 from trtconv.recipe.schema import Recipe
 from trtconv.artifact.layout import ENGINE_DIR
@@ -20,6 +20,29 @@ NAME = "engine"
 # Not cached: a built engine is bound to the GPU and TensorRT it was built with; its files enter
 # the evaluation key instead.
 CACHE_KEY_COVERS: tuple[str, ...] = ()
+
+
+def check_required(recipe: Recipe, require: bool) -> None:
+    """--require-engine: refuse before any work (exit 3) when no engine can be built here, instead
+    of after calibration, export and evaluation. The same reasons the build itself gives."""
+    if not require:
+        return
+    if recipe.engine.target == "none":
+        raise EngineUnavailable("--require-engine, but the recipe's engine.target is none, so no engine would be built: "
+                                "set engine.target to tensorrt or pytorch (`--set engine.target=tensorrt`), or drop --require-engine")
+    from trtconv.engine.record import probe_tensorrt_llm
+
+    install = probe_tensorrt_llm()
+    if recipe.engine.target == "tensorrt":
+        from trtconv.engine.tensorrt import _why_not_buildable, detect_device
+
+        reason = _why_not_buildable(install, detect_device())
+    else:
+        from trtconv.engine.pytorch import _why_no_smoke, detect_device
+
+        reason = _why_no_smoke(install, detect_device(), recipe.export.tp_size * recipe.export.pp_size)
+    if reason:
+        raise EngineUnavailable(f"{reason} (engine.target {recipe.engine.target}, required by --require-engine); nothing was run")
 
 
 def run(recipe: Recipe, root: Path, require: bool, reporter: Reporter) -> tuple[dict, StageRecord]:

@@ -362,10 +362,12 @@ def candidate_dir(recipe: Recipe, root: Path) -> Path:
 
 
 def report_gates(gates, reporter: Reporter) -> None:
+    """One line of counts: each gate's own line is printed once, with the result (cli/render.py)."""
+    counts: dict[str, list[str]] = {}
     for g in gates:
-        lo = g.ci_low if g.ci_low is not None else float("nan")
-        hi = g.ci_high if g.ci_high is not None else float("nan")
-        reporter.stage("evaluate", f"{g.metric}: {g.value:.5g} [{lo:.5g}, {hi:.5g}] {g.comparator} {g.threshold:g} -> {g.verdict}")
+        counts.setdefault(g.verdict, []).append(g.metric)
+    said = [f"{len(names)} {verdict}" + ("" if verdict == "pass" else f" ({', '.join(names)})") for verdict, names in counts.items()]
+    reporter.stage("evaluate", f"{len(gates)} gates: " + ", ".join(said))
 
 
 def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device: str, reporter: Reporter,
@@ -387,6 +389,8 @@ def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device
             record = StageRecord(name="evaluate", status="reused", wall_s=0.0, details={"cache_key": key, "candidate": meta["record"]["candidate"]})
             return EvalOutcome(summary, gates, meta["record"], stats, errors), record
         with StageMeter("evaluate") as m:
+            reporter.stage("evaluate", f"the original model against the artifact on {len(tokens.rows)} held-out documents "
+                           f"(up to {recipe.evaluate.seq_len} tokens each)")
             outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter,
                                           artifact_root=writer.tmp, engine_record=engine_record, streamed=streamed, park=park)
         if cache:

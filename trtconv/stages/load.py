@@ -103,6 +103,17 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
 
 def check_architecture(cfg: dict, model_dir: Path) -> str:
     archs = cfg.get("architectures") or []
+    if not archs:  # the model class is named there; model_type alone does not say which head it has
+        from trtconv.architectures import ARCHITECTURES
+
+        model_type = cfg.get("model_type")
+        likely = [a.hf_name for a in ARCHITECTURES.values() if a.family == model_type]
+        raise ModelError(
+            f"{model_dir / 'config.json'}: the key 'architectures' is missing or empty"
+            + (f" (model_type is {model_type!r})" if model_type else "")
+            + "; it names the model class, one of: " + ", ".join(HF_NAMES)
+            + (f" (e.g. \"architectures\": [\"{likely[0]}\"])" if likely else "")
+        )
     supported = [a for a in archs if a in HF_NAMES]
     if not supported:
         raise ModelError(
@@ -306,6 +317,7 @@ def remembered_inputs(section: ModelSection, progress=None) -> list[InputRecord]
     from trtconv.cache.hashes import HashTable
 
     model_dir = resolve_model_dir(section, progress=progress)
+    check_architecture(read_hf_config(model_dir), model_dir)  # config.json first, as inspect_checkpoint does
     paths = input_paths(model_dir, check_weight_files(model_dir))
     table = HashTable()
     hashes = {p: table.lookup(p) for files in paths.values() for p in files}
