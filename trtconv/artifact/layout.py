@@ -8,7 +8,8 @@ the artifact digest.
     OUT/
       manifest.json        what was built, from what, with which versions; the digest
       recipe.yaml          the resolved recipe (every default explicit)
-      report.md            human report (+ its PNG plots); a run record, outside the digest
+      report.md            human report; a run record (wall times), outside the digest
+      report_*.png         its plots: no times in them, so inside the digest (a reviewer reads them)
       checkpoint/          TensorRT-LLM checkpoint (config.json + rank{N}.safetensors)
       hf_checkpoint/       ModelOpt's unified HF checkpoint (export.hf_checkpoint)
       tokenizer/           the model's tokenizer, saved next to the weights
