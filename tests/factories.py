@@ -91,7 +91,7 @@ def _gemma3(common: dict):
     # q/k norms, (1+w) norms, scaled embeddings. 3 layers: sliding, sliding, full.
     from transformers import Gemma3TextConfig
 
-    fields = {**common, "num_hidden_layers": 3, "tie_word_embeddings": common.get("tie_word_embeddings", True)}
+    fields = {**common, "num_hidden_layers": 3, "tie_word_embeddings": True}  # every real Gemma ties its head
     return Gemma3TextConfig(head_dim=32, sliding_window=16, query_pre_attn_scalar=32,
                             layer_types=["sliding_attention", "sliding_attention", "full_attention"], **fields)
 
@@ -100,7 +100,7 @@ def _gemma2(common: dict):
     # Gemma 2: attention and final-logit soft-capping, alternating windowed and full layers.
     from transformers import Gemma2Config
 
-    fields = {**common, "tie_word_embeddings": common.get("tie_word_embeddings", True)}
+    fields = {**common, "tie_word_embeddings": True}
     return Gemma2Config(head_dim=32, sliding_window=16, query_pre_attn_scalar=32, attn_logit_softcapping=50.0,
                         final_logit_softcapping=30.0, **fields)
 

@@ -48,6 +48,9 @@ class Architecture:
     # requantized to the group's scale): leaf names within one parent module. Phi-3 ships them fused.
     fused_groups: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     attention_module: str = "self_attn"  # where the FP8 KV-cache scales hang (k_proj.k_scale / v_proj.v_scale)
+    # transformers' attention the ORIGINAL model must run in (calibration, the gate's baseline); None = its default.
+    # Gemma 2 soft-caps attention scores, which transformers applies in eager attention only (sdpa drops it).
+    attn_implementation: str | None = None
     # Why ModelOpt's legacy TensorRT-LLM checkpoint (export.tensorrt_llm_checkpoint, engine target
     # tensorrt) is refused for this family; None = it is converted, checked and judged.
     no_trtllm_checkpoint: str | None = None
@@ -85,7 +88,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             no_trtllm_checkpoint="ModelOpt 0.47 has no legacy TensorRT-LLM export for Gemma 3 (NotImplementedError); " + _UNIFIED_ONLY,
         ),
         Architecture(
-            "Gemma2ForCausalLM", "Gemma2ForCausalLM", "gemma2", qkv_bias=False, per_layer_windows=True,
+            "Gemma2ForCausalLM", "Gemma2ForCausalLM", "gemma2", qkv_bias=False, per_layer_windows=True, attn_implementation="eager",
             no_trtllm_checkpoint="ModelOpt 0.47 writes Gemma 2's legacy TensorRT-LLM config only with tensorrt_llm installed; " + _UNIFIED_ONLY,
         ),
         Architecture(

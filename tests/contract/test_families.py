@@ -84,14 +84,67 @@ def test_weights_kept_as_stored_give_the_same_logits(family_models, tmp_path, ar
     assert torch.equal(load_shipped_model(hf_dir, keep_stored=True).logits(ids), dense)
 
 
-def test_kv_cache_scales_reach_the_attention(family_models, tmp_path):
-    """An FP8 KV cache at the checkpoint's scales differs from one at scale 1.0 (the hook is live)."""
-    model = family_models["gemma3"]
+@pytest.mark.parametrize("arch", NEW_FAMILIES)
+def test_kv_cache_is_emulated_in_every_layer(family_models, tmp_path, arch, monkeypatch):
+    """Every decoder layer's attention rounds K and V through FP8 with that layer's own k_scale / v_scale
+    (local and global layers alike), and the scales change the logits (the hook is live)."""
+    from trtconv.checkpoints import hf_executor
+
+    model = family_models[arch]
     hf_dir = export_hf(quantize(model, "fp8", kv_fp8=True), tmp_path / "hf")
+    shipped = load_shipped_model(hf_dir)
+    seen = []
+    real_round_trip = hf_executor.fp8_round_trip
+    monkeypatch.setattr(hf_executor, "fp8_round_trip", lambda x, s: seen.append(float(s)) or real_round_trip(x, s))
     ids = _ids(model)
-    scaled = load_shipped_model(hf_dir).logits(ids)
+    scaled = shipped.logits(ids)
+    from safetensors import safe_open
+
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        stored = [float(f.get_tensor(f"model.layers.{i}.self_attn.{p}").float()) for i in range(model.config.num_hidden_layers)
+                  for p in ("k_proj.k_scale", "v_proj.v_scale")]
+    assert seen == stored  # K then V, layer after layer, each with its own scale
     unit = load_shipped_model(hf_dir, kv_cache_scales="unit").logits(ids)
     assert rel_error(scaled, unit) > 1e-4
+
+
+def test_soft_capped_gemma2_original_runs_its_cap(tmp_path):
+    """Gemma 2's original model (calibration and the gate's baseline) runs eager attention, the only one of
+    transformers' that applies attn_logit_softcapping; sdpa silently drops it (the row's attn_implementation)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories import make_tiny_model
+    from trtconv.checkpoints.hf_model import load_hf_model
+
+    folder = make_tiny_model(tmp_path / "g2", "gemma2", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():  # scores up to the cap, as trained models reach it
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    model.save_pretrained(folder)
+    ids = _ids(model)
+    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    sdpa = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    ours = load_hf_model(folder, "float32", False)
+    assert rel_error(hf_logits(sdpa, ids), hf_logits(eager, ids)) > 0.05  # the cap matters here
+    assert rel_error(hf_logits(ours, ids), hf_logits(eager, ids)) < 1e-6
+
+
+def test_executor_refuses_a_model_type_of_another_family(family_models, tmp_path):
+    """config.json's architectures pick the class; a model_type naming another family is an error, not a silent run."""
+    import json
+
+    from trtconv.core.errors import CheckpointError
+
+    hf_dir = export_hf(quantize(family_models["qwen3"], "none"), tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"model_type 'llama' does not match architectures \['Qwen3ForCausalLM'\]"):
+        load_shipped_model(hf_dir)
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_shipped_model(hf_dir)
 
 
 @pytest.mark.parametrize("arch", ("llama", "mistral", "qwen2"))

@@ -83,3 +83,22 @@ def test_sequential_evaluation_gives_the_same_statistics(cli, tmp_path, monkeypa
     assert b["evaluation"]["path"] == "sequential" and a["evaluation"]["path"] == "in_memory"
     assert a["metrics"] == b["metrics"]
     assert a["evaluation"]["worst_layers"] == b["evaluation"]["worst_layers"]
+
+
+def test_nothing_exported_is_refused(cli, tmp_path):
+    model = make_tiny_model(tmp_path / "gemma3", "gemma3")
+    res = cli("calibrate", "--model", model, "--precision", "fp8", "-o", tmp_path / "out", "--set",
+              "export.hf_checkpoint=false", *FAST)
+    assert res.exit_code == 2 and "nothing would be exported" in res.output, res.output
+
+
+def test_plan_refuses_a_cap_the_unified_only_build_cannot_stream(cli, tmp_path):
+    """A cap below the whole model means layer streaming, which does not write the unified checkpoint: plan says
+    so as build does (never "fits" for what build refuses)."""
+    model = make_tiny_model(tmp_path / "gemma3", "gemma3")
+    recipe = tmp_path / "unified.yaml"
+    recipe.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n"
+                      "export: {tensorrt_llm_checkpoint: false, hf_checkpoint: true}\n")
+    res = cli("plan", recipe, "--gpu", "h100-80gb", "--max-gpu-memory", "0.02", "-o", tmp_path / "out")
+    assert res.exit_code == 4, res.output
+    assert "a GPU memory cap below the whole model is not supported" in res.output

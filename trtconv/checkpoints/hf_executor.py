@@ -71,8 +71,8 @@ def _kv_attention(module, query, key, value, attention_mask, **kwargs):
     if scales is not None:
         key, value = fp8_round_trip(key, scales[0]), fp8_round_trip(value, scales[1])
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if eager is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as eager
+    if eager is None:  # sdpa would drop soft-capping silently: a family without eager attention needs its own rule
+        raise CheckpointError(f"{type(module).__name__}: its module has no eager_attention_forward for the executor to run")
     return eager(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -84,24 +84,41 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
-def transformers_config(config: dict, vocab_rows: int):
-    """The family's config class from config.json, without the quantization (the executor supplies it)."""
-    from transformers import CONFIG_MAPPING
+def model_class(arch: str, config: dict, where: Path):
+    """The class config.json's architectures names (as vLLM and TensorRT-LLM pick it), whose config class must be
+    the one model_type names: a model_type of another family would silently run that family's structure."""
+    import transformers
 
+    cls = getattr(transformers, arch)
+    expected = cls.config_class.model_type
+    if config.get("model_type") != expected:
+        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} does not match architectures [{arch!r}]; "
+                              f"allowed for {arch}: {expected!r}")
+    return cls
+
+
+def transformers_config(cls, config: dict, vocab_rows: int, where: Path):
+    """The family's config from config.json, without the quantization (the executor supplies it)."""
     fields = {k: v for k, v in config.items() if k != "quantization_config"}
     fields["vocab_size"] = vocab_rows  # ModelOpt's AWQ export pads the vocabulary rows
-    return CONFIG_MAPPING[config["model_type"]].from_dict(fields)
+    try:
+        return cls.config_class.from_dict(fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: transformers cannot read this {cls.__name__} config: {exc!r}") from None
 
 
-def build_shell(config, dtype: torch.dtype) -> torch.nn.Module:
+def build_shell(cls, config, dtype: torch.dtype, where: Path) -> torch.nn.Module:
     """The family's model with every parameter on the meta device (buffers such as rope tables are real)."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     register_attention()
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION)
-    return model.eval()
+    config._attn_implementation = ATTENTION
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: transformers cannot build {cls.__name__} from it: {exc!r}") from None
+    return model.to(dtype).eval()
 
 
 class _Loader:
@@ -123,7 +140,9 @@ class _Loader:
 
     def linear_groups(self, model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Linear]]]:
         """Every nn.Linear the checkpoint holds, in fused GEMMs (the row's fused_groups) or alone."""
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and self.files.has(f"{n}.weight")]
+        tied = bool(self.config.get("tie_word_embeddings"))  # runtimes take the embedding then, whatever the file holds
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                   and self.files.has(f"{n}.weight") and not (tied and n == "lm_head")]
         by_name = dict(linears)
         groups, seen = [], set()
         for name, module in linears:
@@ -142,8 +161,15 @@ class _Loader:
             stored = [read_linear(self.files, self.quant, n, m.bias is not None) for n, m in group]
             linears = self._kept_stored(stored) if self.keep_stored else \
                 [self._on_device(lin) for lin in fused_linears(stored, self.quant, self.runtime_dtype, self.where)]
-            for (name, _), lin in zip(group, linears):
+            for (name, meta), lin in zip(group, linears):
+                self._check_shape(name, dense(lin.weight), meta)
                 model.set_submodule(name, ShippedLinear(name, lin, self.dtype))
+
+    def _check_shape(self, name: str, weight: torch.Tensor, meta: torch.nn.Linear) -> None:
+        """The dequantized weight against the linear config.json's model has (once, at load)."""
+        if tuple(weight.shape) != (meta.out_features, meta.in_features):
+            raise CheckpointError(f"{self.where}: {name}.weight dequantizes to shape {list(weight.shape)}; config.json's "
+                                  f"{self.arch} needs {[meta.out_features, meta.in_features]}")
 
     def _kept_stored(self, stored: list[StoredLinear]) -> list[EmulatedLinear]:
         """On a GPU the weights stay as stored and a fused group is dequantized when used: the whole
@@ -170,7 +196,7 @@ class _Loader:
 
     def load_rest(self, model: torch.nn.Module) -> None:
         """Every parameter still on the meta device, from the checkpoint as stored (tied heads tied)."""
-        tied = self.config.get("tie_word_embeddings") and not self.files.has("lm_head.weight")
+        tied = bool(self.config.get("tie_word_embeddings"))
         missing = []
         for name, param in list(model.named_parameters()):
             if not param.is_meta:
@@ -181,10 +207,13 @@ class _Loader:
             stored = self.files.get(name)
             if not stored.is_floating_point() or stored.dtype == torch.float8_e4m3fn:
                 raise CheckpointError(f"{self.where}: tensor {name} is {stored.dtype}; the executor needs it unquantized")
+            if tuple(stored.shape) != tuple(param.shape):
+                raise CheckpointError(f"{self.where}: tensor {name} has shape {list(stored.shape)}; config.json's "
+                                      f"{self.arch} needs {list(param.shape)}")
             owner, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(self._cast(stored), requires_grad=False))
         if tied:
-            model.tie_weights()
+            model.get_submodule("lm_head").weight = model.get_input_embeddings().weight
             missing = [n for n in missing if n != "lm_head.weight"]
         if missing:
             raise CheckpointError(f"{self.where}: tensors missing for {self.arch}: {', '.join(missing[:5])}")
@@ -208,7 +237,9 @@ class _Loader:
         return self.files.get(found).float().to(self.device)
 
     def model(self) -> "ShippedModel":
-        model = build_shell(transformers_config(self.config, self.vocab_rows()), self.dtype)
+        where = self.hf_dir / "config.json"
+        cls = model_class(self.arch, self.config, where)
+        model = build_shell(cls, transformers_config(cls, self.config, self.vocab_rows(), where), self.dtype, where)
         self.swap_linears(model)
         self.load_rest(model)
         model.to(self.device)

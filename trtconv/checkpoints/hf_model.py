@@ -60,6 +60,7 @@ def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: 
     # Straight onto the device: on a GPU the weights go from the file to GPU memory without a
     # whole-model copy in host RAM (an 8B model is 16 GB of bf16; a float32 host copy 32 GB).
     placement = {} if str(device) == "cpu" else {"device_map": str(device)}
+    placement.update(family_attention(model_dir))
     try:
         model = retry_after_import_deadlock(lambda: AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **placement
@@ -68,6 +69,15 @@ def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: 
         raise ModelError(f"{model_dir}: transformers cannot load this checkpoint: {exc}") from None
     model.eval()
     return model if placement else model.to(device)
+
+
+def family_attention(model_dir: Path) -> dict:
+    """{"attn_implementation": ...} where the family's row needs one (trtconv.architectures), else {}."""
+    from trtconv.architectures import by_hf_name
+
+    archs = read_hf_config(Path(model_dir)).get("architectures") or []
+    row = by_hf_name(archs[0] if archs else None)
+    return {"attn_implementation": row.attn_implementation} if row is not None and row.attn_implementation else {}
 
 
 def release_memory() -> None:

@@ -118,6 +118,13 @@ class ExportSection(Strict):
     tensorrt_llm_checkpoint: bool = Field(True, description="Write the TensorRT-LLM checkpoint (checkpoint/).")
     hf_checkpoint: bool = Field(False, description="Also write ModelOpt's unified HF checkpoint (hf_checkpoint/).")
 
+    @model_validator(mode="after")
+    def _something_ships(self) -> ExportSection:
+        if not (self.tensorrt_llm_checkpoint or self.hf_checkpoint):
+            raise ValueError("export.tensorrt_llm_checkpoint and export.hf_checkpoint are both false: nothing would be "
+                             "exported; set at least one to true")
+        return self
+
 
 def _gates_section() -> type[Strict]:
     """One optional threshold per row of trtconv.gate.gates.GATES, in table order."""

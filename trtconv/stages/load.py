@@ -432,6 +432,9 @@ def check_family(recipe: Recipe, arch: str, model_dir: Path) -> None:
             f"{model_dir / 'config.json'}: {arch}: export.tensorrt_llm_checkpoint (and engine target tensorrt) is not "
             f"available: {why}"
         )
+    if not recipe.export.hf_checkpoint:
+        raise UserError(f"{model_dir / 'config.json'}: {arch} ships as the unified HF checkpoint only; set "
+                        "export.hf_checkpoint: true (and export.tensorrt_llm_checkpoint: false)")
 
 
 def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:

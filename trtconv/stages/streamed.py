@@ -46,6 +46,11 @@ def check_supported(recipe) -> None:
     if recipe.export.pp_size != 1:
         raise UserError(f"calibration.streaming: export.pp_size {recipe.export.pp_size} is not supported by the layer-streamed "
                         "path (pp_size 1 only; tp_size may be any); set calibration.streaming: never or export.pp_size: 1")
+    if recipe.export.hf_checkpoint and not recipe.export.tensorrt_llm_checkpoint:
+        raise UserError("calibration.streaming: the layer-streamed path writes only the TensorRT-LLM checkpoint, and this "
+                        "recipe exports the unified HF checkpoint alone (the families without a legacy checkpoint, "
+                        "docs/support.md): a GPU memory cap below the whole model is not supported for it yet; raise "
+                        "--max-gpu-memory or set calibration.streaming: never")
     if recipe.export.hf_checkpoint:
         raise UserError("calibration.streaming: export.hf_checkpoint is not written by the layer-streamed path; "
                         "set export.hf_checkpoint: false or calibration.streaming: never")
