@@ -102,3 +102,18 @@ def test_plan_refuses_a_cap_the_unified_only_build_cannot_stream(cli, tmp_path):
     res = cli("plan", recipe, "--gpu", "h100-80gb", "--max-gpu-memory", "0.02", "-o", tmp_path / "out")
     assert res.exit_code == 4, res.output
     assert "a GPU memory cap below the whole model is not supported" in res.output
+
+
+def test_cpu_build_ships_unquantized_weights_in_export_dtype(cli, tmp_path):
+    """On a CPU the model computes in float32; the unified checkpoint still ships export.dtype (scales float32)."""
+    from trtconv.checkpoints.safetensors_stream import read_header
+
+    model = make_tiny_model(tmp_path / "phi3", "phi3")
+    out = tmp_path / "out"
+    assert cli("calibrate", "--model", model, "--precision", "fp8", "-o", out, *FAST).exit_code == 0
+    _, header = read_header(out / "hf_checkpoint" / "model.safetensors")
+    dtypes = {k.rsplit(".", 1)[-1]: v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] != "F8_E4M3"}
+    assert dtypes["weight"] == "BF16" and dtypes["input_scale"] == "F32" and dtypes["weight_scale"] == "F32"
+    assert json.loads((out / "hf_checkpoint" / "config.json").read_text())["dtype"] == "bfloat16"
+    repairs = json.loads((out / "manifest.json").read_text())["export"]["config_repairs"]
+    assert any(r["key"] == "hf_checkpoint dtype" and r["before"] == "float32" for r in repairs)

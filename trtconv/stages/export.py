@@ -212,8 +212,66 @@ def export_hf(model, tokenizer, section: ExportSection, quant: QuantizationSecti
             # export still needs the calibrated model; otherwise nothing reads it afterwards, and a copy
             # doubled the export's GPU peak (Qwen3-8B on an H100: 30.6 GiB against bare ModelOpt's 15.6).
             export_hf_checkpoint(copy.deepcopy(model) if section.tensorrt_llm_checkpoint else model, dtype=dtype, export_dir=out)
+    repairs = cast_float32_weights(out, section.dtype)
     save_tokenizer(tokenizer, out)  # ModelOpt writes no tokenizer; runtimes need one beside the weights
     make_readable(out)
+    return repairs
+
+
+# Tensors the unified checkpoint keeps in float32 whatever the model dtype: the quantization scales.
+_SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
+
+
+def cast_float32_weights(out: Path, dtype: str) -> list[Repair]:
+    """Unquantized weights in export.dtype, as the TensorRT-LLM export writes them.
+
+    On a CPU the model computes in float32 (checkpoints.hf_model.compute_dtype), and export_hf_checkpoint
+    uses its dtype argument for the scales only: norms, embeddings and excluded linears came out float32
+    with config.json "dtype": "float32", twice the size, and the gate judged a float32 runtime. On a GPU
+    (bf16 compute) there is nothing to cast and no file is rewritten. Scales stay float32."""
+    from safetensors.torch import load_file, save_file
+
+    from trtconv.checkpoints.safetensors_stream import read_header
+
+    import torch
+
+    target = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    cast = 0
+    for path in sorted(out.glob("*.safetensors")):
+        _, header = read_header(path)
+        if not any(v.get("dtype") == "F32" and not k.endswith(_SCALE_SUFFIXES) for k, v in header.items() if k != "__metadata__"):
+            continue
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            if t.dtype == torch.float32 and not name.endswith(_SCALE_SUFFIXES):
+                tensors[name], cast = t.to(target), cast + 1
+        save_file(tensors, path, metadata=header.get("__metadata__"))
+    if not cast:
+        return []
+    _fix_index_size(out)
+    config_path = out / "config.json"
+    config = read_json_object(config_path, "the unified HF checkpoint's config", CheckpointError)
+    before = config.get("dtype", config.get("torch_dtype"))
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return [Repair("hf_checkpoint dtype", before, dtype, f"{cast} unquantized float32 tensors (computed on a CPU) cast to "
+                   f"export.dtype {dtype}; scales stay float32")]
+
+
+def _fix_index_size(out: Path) -> None:
+    index = out / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    data = read_json_object(index, "the unified HF checkpoint's index", CheckpointError)
+    from trtconv.checkpoints.safetensors_stream import read_header
+
+    total = 0
+    for path in sorted(set(data.get("weight_map", {}).values())):
+        _, header = read_header(out / path)
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    data.setdefault("metadata", {})["total_size"] = total
+    index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def save_tokenizer(tokenizer, out: Path) -> None:
@@ -242,11 +300,11 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
                           seconds=clock.lap("tokenizer"))
     if section.hf_checkpoint:
         result.hf_checkpoint_dir = root / HF_CHECKPOINT_DIR
-        export_hf(model, tokenizer, section, quant, result.hf_checkpoint_dir, warns)
+        result.repairs += export_hf(model, tokenizer, section, quant, result.hf_checkpoint_dir, warns)
         clock.lap("hf_checkpoint")
     if section.tensorrt_llm_checkpoint:
         result.checkpoint_dir = root / CHECKPOINT_DIR
-        result.repairs = export_trtllm(model, hf_config, architecture, section, quant, result.checkpoint_dir, warns, clock)
+        result.repairs += export_trtllm(model, hf_config, architecture, section, quant, result.checkpoint_dir, warns, clock)
         report = validate_checkpoint(result.checkpoint_dir)
         raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
         result.validation = json.loads(json.dumps(raw, default=str))  # paths -> strings: it goes into JSON records
