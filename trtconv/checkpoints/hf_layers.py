@@ -12,6 +12,7 @@ import copy
 import json
 from pathlib import Path
 
+from trtconv.checkpoints.hf_checks import check_finite
 from trtconv.core.errors import ModelError
 
 LAYER_PREFIX = "model.layers."
@@ -72,7 +73,9 @@ class WeightIndex:
             with safe_open(f, "pt") as s:
                 for n in group:
                     t = s.get_tensor(n)
-                    out[n[len(strip):] if strip and n.startswith(strip) else n] = t.to(device=device, dtype=dtype or t.dtype)
+                    t = t.to(device=device, dtype=dtype or t.dtype)
+                    check_finite(n, t, f)  # as each tensor is read: no pass of its own (hf_checks)
+                    out[n[len(strip):] if strip and n.startswith(strip) else n] = t
         return out
 
     def layer(self, i: int, dtype=None, device: str = "cpu") -> dict:

@@ -2,8 +2,10 @@
 
 Everything that can be wrong with a checkpoint folder is found here, before any calibration time is
 spent: missing folder, no config.json, an architecture the pipeline cannot export, a truncated
-safetensors file, pickle-only weights, a sharded index naming a shard that is not there, and any
-tensor that is missing, unexpected or of the wrong shape. transformers initialises a missing tensor
+safetensors file, pickle-only weights, a sharded index naming a shard that is not there, any
+tensor that is missing, unexpected or of the wrong shape, sizes in config.json no model can have,
+and weights that are not floating point (checkpoints.hf_checks; a NaN or inf is found as the
+weights are read, in hf_model and hf_layers). transformers initialises a missing tensor
 at random without a word, so a damaged checkpoint would calibrate, export and even pass a loose gate;
 the tensor check compares the safetensors headers (no tensor data is read) with the parameters of
 the architecture built from config.json on the meta device (no memory), so it costs seconds even
@@ -23,6 +25,7 @@ from trtconv.core.errors import ModelError
 from trtconv.architectures import HF_NAMES, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
+from trtconv.checkpoints.hf_checks import check_config, check_dtypes
 from trtconv.checkpoints.hf_model import TOKENIZER_FILES, read_hf_config
 from trtconv.recipe.schema import ModelSection, Recipe
 
@@ -173,13 +176,13 @@ def check_weight_files(model_dir: Path) -> list[Path]:
 # Tensor names and shapes: the checkpoint's headers against the architecture built from config.json
 
 
-def checkpoint_tensors(weights: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, file name) from the safetensors headers alone."""
-    found: dict[str, tuple[tuple[int, ...], str]] = {}
+def checkpoint_tensors(weights: list[Path]) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """name -> (shape, file name, safetensors dtype) from the safetensors headers alone."""
+    found: dict[str, tuple[tuple[int, ...], str, str]] = {}
     for path in weights:
         for name, info in check_safetensors_file(path).items():
             if name != "__metadata__":
-                found[name] = (tuple(info["shape"]), path.name)
+                found[name] = (tuple(info["shape"]), path.name, str(info.get("dtype")))
     return found
 
 
@@ -202,7 +205,7 @@ def expected_tensors(model_dir: Path, trust_remote_code: bool) -> ExpectedTensor
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, _config_validation_error()) as exc:
         raise ModelError(f"{model_dir / 'config.json'}: cannot build the architecture it describes: {exc}") from None
     state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -216,6 +219,16 @@ def expected_tensors(model_dir: Path, trust_remote_code: bool) -> ExpectedTensor
         ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
         prefix=getattr(model, "base_model_prefix", "") or "",
     )
+
+
+def _config_validation_error() -> type[Exception]:
+    """What transformers 5's strict configs raise on values they refuse (huggingface_hub's dataclasses)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        return StrictDataclassError
+    except ImportError:
+        return ValueError
 
 
 def _matching(names: set[str], patterns: list[str]) -> set[str]:
@@ -232,7 +245,8 @@ def _listed(items: list[str], limit: int = 12) -> str:
 
 
 def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool = False) -> None:
-    """Stop on any missing, unexpected or mis-shaped tensor, naming each with expected vs found shapes."""
+    """Stop on any missing, unexpected or mis-shaped tensor, naming each with expected vs found shapes,
+    then on any weight that is not floating point (hf_checks.check_dtypes)."""
     found = checkpoint_tensors(weights)
     want = expected_tensors(model_dir, trust_remote_code)
     expected, prefix = want.shapes, want.prefix
@@ -245,6 +259,7 @@ def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool 
     unexpected = sorted(extra - want.may_be_present - _matching(extra, want.ignore_unexpected))
     wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n][0])
     if not (missing or unexpected or wrong):
+        check_dtypes(found, set(expected) & set(found), model_dir)
         return
     problems = []
     if missing:
@@ -336,6 +351,7 @@ def inspect_checkpoint(section: ModelSection, progress=None, weights_known=None)
     model_dir = resolve_model_dir(section, progress=progress)
     cfg = read_hf_config(model_dir)
     arch = check_architecture(cfg, model_dir)
+    check_config(cfg, model_dir / "config.json")  # before anything divides by its sizes
     check_attention_window(cfg, arch, model_dir / "config.json", ModelError)
     weights = check_weight_files(model_dir)
     if weights_known is not None:
