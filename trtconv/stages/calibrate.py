@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from trtconv.core import interrupts
 from trtconv.core.imports import import_modelopt
 from trtconv.core.errors import DataError, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
@@ -142,6 +143,7 @@ def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, advance: C
     def forward_loop(model) -> None:
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
+                interrupts.point("calibration-batch")  # tests: a Ctrl-C inside ModelOpt's calibration
                 batch = rows[start : start + batch_size].to(device)
                 model(input_ids=batch, use_cache=False)
                 advance(1)
