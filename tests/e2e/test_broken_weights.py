@@ -63,7 +63,7 @@ CASES = {
             ["tensor model.layers.0.self_attn.q_proj.weight holds 0 NaN and 1 inf value(s)"]),
     "all_int32": (as_int32(), None,
                   ["21 weight tensor(s) are not floating point", "lm_head.weight is I32 in model.safetensors",
-                   "allowed: BF16, F16, F32"]),
+                   "allowed: BF16, F16, F32, F64"]),
     "one_int32": (as_int32("model.layers.0.mlp.up_proj.weight"), None,
                   ["1 weight tensor(s) are not floating point: model.layers.0.mlp.up_proj.weight is I32 in model.safetensors"]),
     "zero_heads": (None, {"num_attention_heads": 0},
