@@ -106,3 +106,23 @@ def test_exclude_modules_without_lm_head_is_an_error(excluded, tmp_path):
     edit_config(broken, lambda c: c["quantization"].update(exclude_modules=["transformer.layers.0*"]))
     with pytest.raises(CheckpointError, match="does not match 'lm_head': TensorRT-LLM would build lm_head as FP8"):
         validate_checkpoint(broken)
+
+
+def test_layer_1_is_not_layer_10(tmp_path):
+    """ModelOpt narrows 'transformer.layers.1*' to 'transformer.layers.1.*' when layer 10 is quantized; the
+    validator matches the same way (fnmatchcase), so layer 10 is still expected quantized."""
+    from safetensors import safe_open
+
+    model = make_model(tmp_path, "llama", num_hidden_layers=11)
+    ckpt = export_trtllm(quantize(model, "fp8", exclude=("*lm_head*", "*layers.1.*")), tmp_path / "ckpt")
+    assert "transformer.layers.1.*" in read_config_json(ckpt)["quantization"]["exclude_modules"]
+    validate_checkpoint(ckpt)
+    with safe_open(str(ckpt / "rank0.safetensors"), "pt") as f:
+        assert f.get_slice("transformer.layers.1.mlp.fc.weight").get_dtype() == "BF16"
+        assert f.get_slice("transformer.layers.10.mlp.fc.weight").get_dtype() == "F8_E4M3"
+
+
+def read_config_json(ckpt) -> dict:
+    import json
+
+    return json.loads((ckpt / "config.json").read_text())
