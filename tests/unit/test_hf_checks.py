@@ -37,3 +37,4 @@ def test_a_non_finite_value_is_named(value, counts):
     w[1, 2] = value
     with pytest.raises(ModelError, match=f"m: tensor layer.w holds {counts} value\\(s\\) of 9; allowed: finite numbers only"):
         check_finite("layer.w", w, "m")
+

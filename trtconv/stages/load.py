@@ -400,6 +400,38 @@ def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
     layers = hf_cfg.get("num_hidden_layers")
     if layers and recipe.export.pp_size > layers:
         raise UserError(f"export.pp_size = {recipe.export.pp_size} exceeds the model's {layers} layers")
+    check_stage_exclusions(recipe, layers)
+
+
+# The quantized linears of a decoder layer, as ModelOpt names their weight quantizers (what exclude matches).
+_LAYER_QUANTIZERS = tuple(f"{m}.weight_quantizer" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
+def check_stage_exclusions(recipe: Recipe, layers: int | None) -> None:
+    """With pp_size > 1 a TensorRT-LLM checkpoint holds one exclude_modules list, in stage-local layer
+    numbers, for every stage (checkpoints.trtllm_format): every stage must exclude the same local layers.
+    Refused here, before calibration, instead of at export (e.g. the failed gate's '*layers.0.*')."""
+    import fnmatch
+
+    pp = recipe.export.pp_size
+    if pp == 1 or not layers or layers % pp or not recipe.quantization.exclude:
+        return
+    patterns = [p if p.endswith("*") else p + "*" for p in recipe.quantization.exclude]  # as calibrate applies them
+    per = layers // pp
+
+    def excluded(stage: int) -> set[tuple[int, str]]:
+        return {(i, q) for i in range(per) for q in _LAYER_QUANTIZERS
+                if any(fnmatch.fnmatch(f"model.layers.{stage * per + i}.{q}", p) for p in patterns)}
+
+    first = excluded(0)
+    other = next((s for s in range(1, pp) if excluded(s) != first), None)
+    if other is not None:
+        raise UserError(
+            f"quantization.exclude {recipe.quantization.exclude} with export.pp_size {pp} excludes different layers on "
+            f"pipeline stage 0 and stage {other}: a TensorRT-LLM checkpoint holds one exclude list, in stage-local "
+            "layer numbers, for every stage; use export.pp_size 1, or exclude modules of every layer (e.g. '*o_proj*')"
+        )
 
 
 def data_input(role: str, path: Path, table=None) -> InputRecord:
