@@ -143,9 +143,10 @@ def fast_exit(code) -> None:
         # An interrupted command does not wait for its threads (the ModelOpt import, a 16 GB hash):
         # without the teardown, leaving them mid-way is safe.
         for t in threading.enumerate() if code != 130 else []:
-            if t is not threading.main_thread() and not t.daemon:
-                t.join()
+            while t is not threading.main_thread() and not t.daemon and t.is_alive():
+                t.join(0.1)  # in steps: a Ctrl-C delivered to another thread does not wake a blocked join
     except KeyboardInterrupt:  # Ctrl-C while waiting for them: leave now, as interrupted
+        print("error: interrupted (Ctrl-C) while background work was finishing; leaving it", file=sys.stderr)
         code = 130
     try:
         atexit._run_exitfuncs()

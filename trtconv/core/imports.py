@@ -65,8 +65,12 @@ def start_modelopt_import() -> None:
 
 
 def wait_for_background_import() -> None:
+    """Joined in short steps: a Ctrl-C that the kernel delivered to another thread does not wake a
+    blocked join, each step lets the main thread run the handler, and check() raises one swallowed."""
     if _background is not None:
-        _background.join()
+        while _background.is_alive():
+            _background.join(0.1)
+            interrupts.check()
 
 
 def retry_after_import_deadlock(fn: Callable[[], T]) -> T:
