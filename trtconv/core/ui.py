@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
-
-from trtconv.core import interrupts
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+
+from trtconv.core import interrupts
 
 
 # CI logs get a line at least this often during a long phase (TRTCONV_HEARTBEAT_S overrides it).
