@@ -47,17 +47,20 @@ def token_batches(vocab_size: int, count: int = 4, batch: int = 2, length: int =
     return [torch.randint(0, vocab_size, (batch, length), generator=generator) for _ in range(count)]
 
 
-def quant_config(precision: str, kv_fp8: bool = False) -> dict:
+def quant_config(precision: str, kv_fp8: bool = False, exclude: tuple[str, ...] = ()) -> dict:
+    """The ModelOpt preset, plus quantizer name patterns switched off (as trtconv's quantization.exclude)."""
     import modelopt.torch.quantization as mtq
     from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES, QUANT_CFG_CHOICES
 
     cfg = copy.deepcopy(QUANT_CFG_CHOICES[precision])
+    cfg["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in exclude]
     if kv_fp8:
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
     return cfg
 
 
-def quantize(model: torch.nn.Module, precision: str, kv_fp8: bool = False, seed: int = 0) -> torch.nn.Module:
+def quantize(model: torch.nn.Module, precision: str, kv_fp8: bool = False, seed: int = 0,
+             exclude: tuple[str, ...] = ()) -> torch.nn.Module:
     """A calibrated fake-quant copy of ``model`` (the original is left untouched)."""
     import modelopt.torch.quantization as mtq
 
@@ -71,7 +74,7 @@ def quantize(model: torch.nn.Module, precision: str, kv_fp8: bool = False, seed:
             m(ids)
 
     with torch.no_grad():
-        mtq.quantize(quantized, quant_config(precision, kv_fp8), forward_loop)
+        mtq.quantize(quantized, quant_config(precision, kv_fp8, exclude), forward_loop)
     return quantized.eval()
 
 

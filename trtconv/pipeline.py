@@ -23,6 +23,7 @@ from trtconv.artifact.writer import ArtifactWriter
 from trtconv.cache import runs
 from trtconv.cache.store import StageCache, use_torch_extensions_cache
 from trtconv.core.environment import detect_device, host_summary, numeric_environment, package_versions
+from trtconv.core import interrupts
 from trtconv.core.errors import ArtifactError, GateFailed, Interrupted, UserError
 from trtconv.artifact.manifest import Manifest, StageRecord, artifact_digest, hash_tree, write_manifest
 from trtconv.recipe.schema import Recipe
@@ -63,13 +64,9 @@ class BuildOutcome:
 
 @contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (CI cancelling a job) cleans up exactly like Ctrl-C."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
+    """SIGTERM (CI cancelling a job) cleans up exactly like Ctrl-C (recorded first: core.interrupts)."""
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, interrupts.on_signal)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
@@ -109,6 +106,7 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
         try:
             return _build(recipe, opts, reporter)
         except KeyboardInterrupt:
+            interrupts.acknowledge()  # the run ends here: its own messages must not be interrupted again
             raise Interrupted(f"interrupted; nothing was written to {opts.out} (the previous artifact, if any, is intact)") from None
         except (UserError, GateFailed):
             raise
@@ -296,7 +294,13 @@ def _finish(manifest: Manifest, writer: ArtifactWriter, opts: BuildOptions, repo
         write_junit(opts.junit, manifest.gates, manifest.recipe["name"], manifest.recipe["evaluate"]["allow_inconclusive"])
     write_manifest(manifest, writer.tmp)
     passed = manifest.status == "passed"
-    path = writer.commit() if passed else writer.commit_failed()
+    interrupts.check("commit")  # the last moment an interrupt leaves nothing behind
+    with interrupts.deferred():  # a rename is never stopped half-way
+        interrupts.point("renaming")
+        path = writer.commit() if passed else writer.commit_failed()
+    if interrupts.requested():
+        interrupts.acknowledge()
+        raise Interrupted(f"interrupted while {path} was put in place: the artifact there is complete")
     outcome = BuildOutcome(manifest=manifest, path=path)
     if not passed:
         raise GateFailed(outcome)

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
+from trtconv.checkpoints.hf_checks import check_finite_all
 from trtconv.core.errors import ModelError
 
 LAYER_PREFIX = "model.layers."
@@ -87,12 +88,15 @@ class WeightIndex:
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
-        out = {}
+        out, read = {}, []
         for f, group in by_file.items():
             with safe_open(f, "pt") as s:
                 for n in group:
                     t = s.get_tensor(n)
-                    out[n[len(strip):] if strip and n.startswith(strip) else n] = t.to(device=device, dtype=dtype or t.dtype)
+                    t = t.to(device=device, dtype=dtype or t.dtype)
+                    read.append((n, t, f))
+                    out[n[len(strip):] if strip and n.startswith(strip) else n] = t
+        check_finite_all(read)  # what was just read, while it is in memory: no pass of its own (hf_checks)
         return out
 
     def layer(self, i: int, dtype=None, device: str = "cpu") -> dict:

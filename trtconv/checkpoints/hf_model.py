@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trtconv.checkpoints.hf_checks import check_finite_model
 from trtconv.core.errors import ModelError
 from trtconv.core.imports import retry_after_import_deadlock
 from trtconv.core.jsonio import read_json_object
@@ -68,7 +69,9 @@ def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: 
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(f"{model_dir}: transformers cannot load this checkpoint: {exc}") from None
     model.eval()
-    return model if placement else model.to(device)
+    model = model if placement else model.to(device)
+    check_finite_model(model, model_dir)  # NaN/inf stop here, named, not deep inside ModelOpt (hf_checks)
+    return model
 
 
 def family_attention(model_dir: Path) -> dict:

@@ -17,6 +17,13 @@ The tensor tables were measured on what ModelOpt 0.47 ``export_tensorrt_llm_chec
 - INT4 weights are two signed nibbles per int8 byte along the OUT dimension: shape (out/2, in);
 - NVFP4 weights are two e2m1 codes per uint8 byte along the IN dimension: shape (out, in/2), with
   one FP8 e4m3 scale per 16 inputs (out, in/16) and 0-d float32 global and activation scales;
+- a linear matched by ``quantization.exclude_modules`` (fnmatch on its module name, e.g.
+  ``transformer.layers.0*`` for a recipe's ``*layers.0.*``; TensorRT-LLM matches the same way) is
+  stored unquantized: the model dtype's weight, no scales. Its attention keeps the KV-cache scales
+  (trtconv merges the KV-cache entries after the exclusions). With pp_size > 1 ModelOpt writes the
+  last stage's exclusions under stage-local names into the one config.json, which TensorRT-LLM
+  applies to every stage: a layer excluded on one stage only cannot be expressed (the validator
+  says so);
 - vocab_embedding is split on dim 0 (ModelOpt writes ``use_parallel_embedding: true``) and lm_head
   is zero-padded to a multiple of tp then split on dim 0. AWQ exports also pad the vocab to a
   multiple of 64 and write the padded ``vocab_size`` into config.json.
@@ -24,6 +31,7 @@ The tensor tables were measured on what ModelOpt 0.47 ``export_tensorrt_llm_chec
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +126,7 @@ class ModelShape:
     use_parallel_embedding: bool
     embedding_sharding_dim: int
     shares_embedding: bool
+    exclude_modules: tuple[str, ...] = ()  # quantization.exclude_modules: stored unquantized
 
     @property
     def world_size(self) -> int:
@@ -218,9 +227,23 @@ def config_problems(config: dict) -> list[str]:
     quant = config.get("quantization") or {}
     if quant.get("quant_algo") == "NVFP4" and quant.get("group_size", NVFP4_BLOCK) != NVFP4_BLOCK:
         problems.append(f"quantization.group_size is {quant.get('group_size')!r}; NVFP4 blocks are {NVFP4_BLOCK} inputs")
+    problems += lm_head_exclusion_problems(config)
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"key 'hidden_act' is {config.get('hidden_act')!r}; the supported architectures use 'silu'")
     return problems
+
+
+def lm_head_exclusion_problems(config: dict) -> list[str]:
+    """lm_head is stored in the model dtype (expected_tensors): TensorRT-LLM leaves it unquantized only when
+    exclude_modules is absent (its default list names it) or matches it."""
+    quant = config.get("quantization") or {}
+    excluded = quant.get("exclude_modules")
+    if not quant.get("quant_algo") or not isinstance(excluded, list):
+        return []
+    if any(isinstance(m, str) and fnmatch.fnmatchcase("lm_head", m) for m in excluded):
+        return []
+    why = f"TensorRT-LLM would build lm_head as {quant['quant_algo']}, but it is stored unquantized"
+    return [f"quantization.exclude_modules {excluded} does not match 'lm_head': {why}"]
 
 
 def model_shape(config: dict) -> ModelShape:
@@ -254,7 +277,24 @@ def model_shape(config: dict) -> ModelShape:
         use_parallel_embedding=bool(config.get("use_parallel_embedding", False)),
         embedding_sharding_dim=config.get("embedding_sharding_dim", 0),
         shares_embedding=bool(config.get("share_embedding_table") or config.get("tie_word_embeddings")),
+        exclude_modules=tuple(exclude_modules(config)),
     )
+
+
+def exclude_modules(config: dict) -> list[str]:
+    """quantization.exclude_modules: module name patterns (fnmatch) stored unquantized."""
+    excluded = (config.get("quantization") or {}).get("exclude_modules") or []
+    if not isinstance(excluded, list) or not all(isinstance(m, str) for m in excluded):
+        raise CheckpointError(f"config.json: quantization.exclude_modules is {excluded!r}; allowed: a list of module name patterns")
+    return excluded
+
+
+def linear_quant_algo(shape: ModelShape, module: str) -> str | None:
+    """The quant_algo one linear (e.g. 'transformer.layers.0.attention.qkv') is stored in: None when
+    exclude_modules matches it, as TensorRT-LLM's loader decides (fnmatchcase on the module name)."""
+    if any(fnmatch.fnmatchcase(module, pattern) for pattern in shape.exclude_modules):
+        return None
+    return shape.quant_algo
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +352,7 @@ def _resolve_dtype(dtype: str, shape: ModelShape) -> str:
 
 def linear_specs(shape: ModelShape, prefix: str, linear: str) -> list[TensorSpec]:
     out, inp = linear_local_dims(shape, linear)
-    table = QUANT_FORMATS[shape.quant_algo].trtllm_tensors
+    table = QUANT_FORMATS[linear_quant_algo(shape, prefix)].trtllm_tensors
     specs = [
         TensorSpec(f"{prefix}.{suffix}", _resolve_dtype(dtype, shape), rule(out, inp, shape.group_size))
         for suffix, (dtype, rule) in table.items()
@@ -512,5 +552,15 @@ def validate_checkpoint(ckpt_dir: str | Path) -> CheckpointReport:
             math.prod(s) * _DTYPE_BYTES.get(d, 0) for d, s in found.values()
         )
     report.num_tensors = sum(report.tensors_per_rank.values())
-    _raise_if_any(ckpt_dir, problems)
+    _raise_if_any(ckpt_dir, problems + _pipeline_exclusion_note(shape, problems))
     return report
+
+
+def _pipeline_exclusion_note(shape: ModelShape, problems: list[str]) -> list[str]:
+    """Why a pp > 1 checkpoint's layer dtypes can disagree with its exclude_modules (module docstring)."""
+    if shape.pp_size == 1 or not any(".layers." in p and "has dtype" in p for p in problems):
+        return []
+    note = (f"note: with mapping.pp_size {shape.pp_size}, config.json holds one exclude_modules list (stage-local layer "
+            "names, ModelOpt writes the last stage's) that TensorRT-LLM applies to every stage: a quantization.exclude "
+            "naming single decoder layers cannot be built; use export.pp_size 1 or exclude the same layers on every stage")
+    return [note]

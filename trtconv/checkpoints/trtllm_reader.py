@@ -47,6 +47,7 @@ from trtconv.checkpoints.trtllm_format import (
     ModelShape,
     attention_window,
     kv_heads_per_rank,
+    linear_quant_algo,
     model_shape,
     read_config,
     stage_layers,
@@ -365,7 +366,7 @@ class _Loader:
 
     def local_linear(self, rank: int, prefix: str) -> EmulatedLinear:
         """One rank's shard of a linear, dequantized (in float32 until the final cast)."""
-        algo = self.shape.quant_algo
+        algo = linear_quant_algo(self.shape, prefix)  # None where exclude_modules keeps it unquantized
 
         def get(suffix: str) -> torch.Tensor | None:  # moved first, so a GPU dequantizes, not the host
             t = self.files.get_optional(rank, f"{prefix}.{suffix}")

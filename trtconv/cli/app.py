@@ -2,7 +2,8 @@
 
 Exit codes: 0 every stage ran and every gate passed; 1 an accuracy gate failed (artifact written,
 marked failed); 2 a user mistake (recipe, paths, data, model, an unreachable Hub); 3 an engine was
-required but could not be built here; 130 interrupted. `verify`: 1 the files, manifest, pinned
+required but could not be built here; 70 an internal error (a bug: one line, the traceback in a log
+file); 130 interrupted. `verify`: 1 the files, manifest, pinned
 digest or signature do not match; 4 intact but not passed (without --allow-failed). `plan`: 4 something
 does not fit the GPU. User mistakes
 print one message, never a traceback (with --json also a JSON object on stdout).
@@ -81,12 +82,43 @@ def version() -> None:
 
 
 def main() -> None:
-    """The console entry point (`trtconv`, `python -m trtconv`): the command, then fast_exit."""
+    """The console entry point (`trtconv`, `python -m trtconv`): the command, then fast_exit.
+
+    A Ctrl-C is recorded before it is raised (core.interrupts), so an interrupted command exits 130
+    however it ended (click's "Aborted!" is exit 1). An exception that is not a user error is a
+    crash: one line and a log file with the traceback, exit 70 (core.crash)."""
+    from trtconv.core import crash, interrupts
+    from trtconv.core.errors import UserError
+
+    interrupts.install()
     try:
         _main()
+        code = 0
     except SystemExit as exc:
-        fast_exit(exc.code)
-    fast_exit(0)
+        code = exc.code
+    except KeyboardInterrupt:
+        code = interrupts.EXIT_CODE
+    except UserError as exc:  # a command that let one through: still one line and its own code
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: said in one line, traceback in a file
+        code = crash.report(exc)
+    fast_exit(_interrupted_code(code))
+
+
+def _interrupted_code(code):
+    """130 for a command that was interrupted, whatever code its unwinding produced (typer's is a silent
+    130, click's "Aborted!" 1), with one line unless the command already said it was interrupted."""
+    from trtconv.core import interrupts
+
+    if not interrupts.requested() and code != interrupts.EXIT_CODE:
+        return code
+    if not interrupts.acknowledged():
+        message = "interrupted (Ctrl-C); nothing after the last line above was done"
+        print(f"error: {message}", file=sys.stderr)
+        if "--json" in sys.argv[1:]:
+            print(json.dumps({"error": message, "exit_code": interrupts.EXIT_CODE}))
+    return interrupts.EXIT_CODE
 
 
 def fast_exit(code) -> None:
@@ -96,7 +128,8 @@ def fast_exit(code) -> None:
     module of torch, transformers and ModelOpt (and on a GPU the models' memory), took 1.7–2.5 s on
     this project's CPU host and about 2.5 s after an 8B run on an H200, after the artifact was
     committed. mypy leaves the same way (util.hard_exit). `code` is what SystemExit carries: None is
-    0, a string is printed to stderr and gives 1, as the interpreter would."""
+    0, a string is printed to stderr and gives 1, as the interpreter would. Exit 130 (interrupted)
+    and a Ctrl-C during the wait do not wait for the other threads."""
     import atexit
     import os
     import threading
@@ -106,10 +139,19 @@ def fast_exit(code) -> None:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()
+    try:
+        # An interrupted command does not wait for its threads (the ModelOpt import, a 16 GB hash):
+        # without the teardown, leaving them mid-way is safe.
+        for t in threading.enumerate() if code != 130 else []:
+            while t is not threading.main_thread() and not t.daemon and t.is_alive():
+                t.join(0.1)  # in steps: a Ctrl-C delivered to another thread does not wake a blocked join
+    except KeyboardInterrupt:  # Ctrl-C while waiting for them: leave now, as interrupted
+        print("error: interrupted (Ctrl-C) while background work was finishing; leaving it", file=sys.stderr)
+        code = 130
+    try:
+        atexit._run_exitfuncs()
+    except KeyboardInterrupt:
+        code = 130
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

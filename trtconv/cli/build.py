@@ -11,6 +11,7 @@ import typer
 from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitOpt, MaxGpuMemOpt, NoCacheOpt, OutOpt,
                                  QuietOpt, ReproOpt, RequireEngineOpt, SetOpt, fail)
 from trtconv.cli.render import print_result
+from trtconv.core import interrupts
 from trtconv.core.errors import GateFailed, Interrupted, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import CalibrationSection
@@ -27,6 +28,7 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
     for warning in recipe_warnings(recipe):
         reporter.warn(warning)
     reporter.info("starting: importing torch, transformers and ModelOpt")  # takes seconds: say so first
+    interrupts.point("starting")  # tests: a Ctrl-C before the pipeline (click's "Aborted!" path, still 130)
     from trtconv.pipeline import BuildOptions, build
 
     opts = BuildOptions(
@@ -69,7 +71,7 @@ def build(
 ) -> None:
     """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed.
 
-    Exit codes: 0 passed; 1 an accuracy gate failed (artifact written, marked failed); 2 a mistake in the input; 3 --require-engine and no engine could be built here; 130 interrupted.
+    Exit codes: 0 passed; 1 an accuracy gate failed (artifact written, marked failed); 2 a mistake in the input; 3 --require-engine and no engine could be built here; 70 an internal error (a bug; the traceback is in a log file); 130 interrupted.
 
     Example:
 

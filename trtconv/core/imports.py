@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from trtconv.core import interrupts
 from trtconv.core.errors import UserError
 
 MODULE = "modelopt.torch.quantization"
@@ -37,7 +38,9 @@ T = TypeVar("T")
 
 
 def _import_all(names: tuple[str, ...], failed: list[BaseException]) -> None:
-    """Import names in order (a thread's target); the first failure goes into `failed` and stops it."""
+    """Import names in order (a thread's target); the first failure goes into `failed` and stops it.
+    (A Ctrl-C is never raised here: Python raises it on the main thread, see core.interrupts.)"""
+    interrupts.point("import-thread")  # tests: a SIGINT from this thread, mid-import
     for name in names:
         try:
             importlib.import_module(name)
@@ -62,8 +65,12 @@ def start_modelopt_import() -> None:
 
 
 def wait_for_background_import() -> None:
+    """Joined in short steps: a Ctrl-C that the kernel delivered to another thread does not wake a
+    blocked join, each step lets the main thread run the handler, and check() raises one swallowed."""
     if _background is not None:
-        _background.join()
+        while _background.is_alive():
+            _background.join(0.1)
+            interrupts.check()
 
 
 def retry_after_import_deadlock(fn: Callable[[], T]) -> T:
@@ -73,7 +80,9 @@ def retry_after_import_deadlock(fn: Callable[[], T]) -> T:
     except RuntimeError as exc:
         if _background is None or not _is_import_deadlock(exc):
             raise
+    interrupts.point("import-retry")
     wait_for_background_import()
+    interrupts.check()  # a Ctrl-C during the wait that a dependency swallowed
     return fn()
 
 
@@ -88,7 +97,9 @@ def _is_import_deadlock(exc: BaseException | None) -> bool:
 
 def import_modelopt():
     """modelopt.torch.quantization (waiting for the background import, else imported on a fresh thread); UserError if absent."""
+    interrupts.point("import-wait")
     wait_for_background_import()
+    interrupts.check()
     if MODULE not in sys.modules:
         failed: list[BaseException] = []  # re-raised below, on the caller's thread
         thread = _importer((MODULE,), failed)

@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from trtconv.core import interrupts
+
 
 # CI logs get a line at least this often during a long phase (TRTCONV_HEARTBEAT_S overrides it).
 HEARTBEAT_S = 30.0
@@ -88,6 +90,7 @@ class Reporter:
         self.console.print(message, markup=False, soft_wrap=True, crop=False)
 
     def stage(self, name: str, message: str) -> None:
+        interrupts.check()  # each step a stage reports is a boundary (core.interrupts)
         self.info(f"{name}: {message}")
 
     def warn(self, message: str) -> None:
@@ -146,6 +149,7 @@ class Reporter:
         while not stop.wait(interval):
             last = f" (last: {self._activity})" if self._activity else ""
             self.console.print(self._stamp(f"{name}: still running, {_duration(time.monotonic() - t0)}{last}"), markup=False)
+            interrupts.point("heartbeat")  # tests: a SIGINT from this thread (core.interrupts)
 
     @staticmethod
     def _new_progress(console=None) -> Progress:
@@ -166,7 +170,7 @@ class Reporter:
         """Yields an `advance()` callable. Plain mode prints about 4 lines (with rate and ETA), not one
         per step. `then` says what happens after the last step (what a heartbeat repeats meanwhile)."""
         if self.quiet:
-            yield lambda n=1: None
+            yield lambda n=1: interrupts.check()
             return
         t0 = time.monotonic()
         done = [0]
@@ -174,6 +178,7 @@ class Reporter:
             marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75, 1.0)}
 
             def advance(n: int = 1) -> None:
+                interrupts.check()  # each step is a boundary
                 done[0] += n
                 if done[0] in marks:
                     elapsed = time.monotonic() - t0
@@ -192,6 +197,7 @@ class Reporter:
         task = bar.add_task(description, total=total)
 
         def advance(n: int = 1) -> None:
+            interrupts.check()
             done[0] += n
             bar.advance(task, n)
             if done[0] == total and then:

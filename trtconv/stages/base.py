@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trtconv.artifact.manifest import InputRecord, StageRecord
 from trtconv.cache.store import StageCache
+from trtconv.core import interrupts
 from trtconv.core.environment import DeviceInfo
 from trtconv.core.ui import stage_phase
 
@@ -72,6 +73,8 @@ class StageMeter:
     def __enter__(self) -> StageMeter:
         import torch
 
+        interrupts.check(f"{self.name}:start")  # a stage boundary; before any thread starts
+
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -93,6 +96,8 @@ class StageMeter:
         self._thread.join()
         self._take()
         self.peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+        if exc[0] is None:
+            interrupts.check(f"{self.name}:end")  # a stage boundary (an exception already unwinding goes on)
 
     def record(self, status: str = "ok", **details) -> StageRecord:
         return StageRecord(

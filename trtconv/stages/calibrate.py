@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from trtconv.core import interrupts
 from trtconv.core.imports import import_modelopt
 from trtconv.core.errors import DataError, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
@@ -181,6 +182,7 @@ def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, progress: 
             hooks = [layer.register_forward_hook(lambda *_: advance(1)) for layer in layers]
             try:
                 for start in range(0, len(rows), batch_size):
+                    interrupts.point("calibration-batch")  # tests: a Ctrl-C inside ModelOpt's calibration
                     model(input_ids=rows[start : start + batch_size].to(device), use_cache=False)
                     if not layers:
                         advance(1)

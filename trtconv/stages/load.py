@@ -2,8 +2,10 @@
 
 Everything that can be wrong with a checkpoint folder is found here, before any calibration time is
 spent: missing folder, no config.json, an architecture the pipeline cannot export, a truncated
-safetensors file, pickle-only weights, a sharded index naming a shard that is not there, and any
-tensor that is missing, unexpected or of the wrong shape. transformers initialises a missing tensor
+safetensors file, pickle-only weights, a sharded index naming a shard that is not there, any
+tensor that is missing, unexpected or of the wrong shape, sizes in config.json no model can have,
+and weights that are not floating point (checkpoints.hf_checks; a NaN or inf is found as the
+weights are read, in hf_model and hf_layers). transformers initialises a missing tensor
 at random without a word, so a damaged checkpoint would calibrate, export and even pass a loose gate;
 the tensor check compares the safetensors headers (no tensor data is read) with the parameters of
 the architecture built from config.json on the meta device (no memory), so it costs seconds even
@@ -23,6 +25,7 @@ from trtconv.core.errors import ModelError
 from trtconv.architectures import HF_NAMES, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
+from trtconv.checkpoints.hf_checks import check_config as check_config_sizes, check_dtypes
 from trtconv.checkpoints.hf_model import TOKENIZER_FILES, VOCABULARY_FILES, read_hf_config
 from trtconv.recipe.schema import ModelSection, Recipe
 
@@ -184,13 +187,13 @@ def check_weight_files(model_dir: Path) -> list[Path]:
 # Tensor names and shapes: the checkpoint's headers against the architecture built from config.json
 
 
-def checkpoint_tensors(weights: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, file name) from the safetensors headers alone."""
-    found: dict[str, tuple[tuple[int, ...], str]] = {}
+def checkpoint_tensors(weights: list[Path]) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """name -> (shape, file name, safetensors dtype) from the safetensors headers alone."""
+    found: dict[str, tuple[tuple[int, ...], str, str]] = {}
     for path in weights:
         for name, info in check_safetensors_file(path).items():
             if name != "__metadata__":
-                found[name] = (tuple(info["shape"]), path.name)
+                found[name] = (tuple(info["shape"]), path.name, str(info.get("dtype")))
     return found
 
 
@@ -213,7 +216,7 @@ def expected_tensors(model_dir: Path, trust_remote_code: bool) -> ExpectedTensor
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, _config_validation_error()) as exc:
         raise ModelError(f"{model_dir / 'config.json'}: cannot build the architecture it describes: {exc}") from None
     state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -227,6 +230,16 @@ def expected_tensors(model_dir: Path, trust_remote_code: bool) -> ExpectedTensor
         ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
         prefix=getattr(model, "base_model_prefix", "") or "",
     )
+
+
+def _config_validation_error() -> type[Exception]:
+    """What transformers 5's strict configs raise on values they refuse (huggingface_hub's dataclasses)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        return StrictDataclassError
+    except ImportError:
+        return ValueError
 
 
 def _matching(names: set[str], patterns: list[str]) -> set[str]:
@@ -243,7 +256,8 @@ def _listed(items: list[str], limit: int = 12) -> str:
 
 
 def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool = False) -> None:
-    """Stop on any missing, unexpected or mis-shaped tensor, naming each with expected vs found shapes."""
+    """Stop on any missing, unexpected or mis-shaped tensor, naming each with expected vs found shapes,
+    then on any weight that is not floating point (hf_checks.check_dtypes)."""
     found = checkpoint_tensors(weights)
     want = expected_tensors(model_dir, trust_remote_code)
     expected, prefix = want.shapes, want.prefix
@@ -256,6 +270,7 @@ def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool 
     unexpected = sorted(extra - want.may_be_present - _matching(extra, want.ignore_unexpected))
     wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n][0])
     if not (missing or unexpected or wrong):
+        check_dtypes(found, set(expected) & set(found), model_dir)
         return
     problems = []
     if missing:
@@ -388,6 +403,7 @@ def check_config(cfg: dict, model_dir: Path) -> str:
     from trtconv.memory_plan import check_dimensions
 
     arch = check_architecture(cfg, model_dir)
+    check_config_sizes(cfg, model_dir / "config.json")  # before anything divides by its sizes
     check_attention_window(cfg, arch, model_dir / "config.json", ModelError)
     check_dimensions(cfg, model_dir / "config.json")
     return arch
@@ -448,6 +464,38 @@ def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
     layers = hf_cfg.get("num_hidden_layers")
     if layers and recipe.export.pp_size > layers:
         raise UserError(f"export.pp_size = {recipe.export.pp_size} exceeds the model's {layers} layers")
+    check_stage_exclusions(recipe, layers)
+
+
+# The quantized linears of a decoder layer, as ModelOpt names their weight quantizers (what exclude matches).
+_LAYER_QUANTIZERS = tuple(f"{m}.weight_quantizer" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
+def check_stage_exclusions(recipe: Recipe, layers: int | None) -> None:
+    """With pp_size > 1 a TensorRT-LLM checkpoint holds one exclude_modules list, in stage-local layer
+    numbers, for every stage (checkpoints.trtllm_format): every stage must exclude the same local layers.
+    Refused here, before calibration, instead of at export (e.g. the failed gate's '*layers.0.*')."""
+    import fnmatch
+
+    pp = recipe.export.pp_size
+    if pp == 1 or not layers or layers % pp or not recipe.quantization.exclude:
+        return
+    patterns = [p if p.endswith("*") else p + "*" for p in recipe.quantization.exclude]  # as calibrate applies them
+    per = layers // pp
+
+    def excluded(stage: int) -> set[tuple[int, str]]:
+        return {(i, q) for i in range(per) for q in _LAYER_QUANTIZERS
+                if any(fnmatch.fnmatch(f"model.layers.{stage * per + i}.{q}", p) for p in patterns)}
+
+    first = excluded(0)
+    other = next((s for s in range(1, pp) if excluded(s) != first), None)
+    if other is not None:
+        raise UserError(
+            f"quantization.exclude {recipe.quantization.exclude} with export.pp_size {pp} excludes different layers on "
+            f"pipeline stage 0 and stage {other}: a TensorRT-LLM checkpoint holds one exclude list, in stage-local "
+            "layer numbers, for every stage; use export.pp_size 1, or exclude modules of every layer (e.g. '*o_proj*')"
+        )
 
 
 def data_input(role: str, path: Path, table=None) -> InputRecord:

@@ -177,7 +177,11 @@ def assemble_config(cfg0: dict, layer_cfg: dict, n_layers: int, shell_quant_cfg:
     cfg["num_hidden_layers"] = n_layers
     entries = dict(layer_cfg)
     outer = (shell_quant_cfg or {}).get("quantized_layers") or {}
-    for m in (cfg0.get("quantization") or {}).get("exclude_modules") or []:
+    shell_quant = cfg0.get("quantization") or {}
+    # A shell whose one layer is excluded exports unquantized, without exclude_modules: its lm_head is
+    # unquantized all the same, and the whole model's export names it.
+    outer_excluded = shell_quant.get("exclude_modules") or ([] if shell_quant.get("quant_algo") else ["lm_head"])
+    for m in outer_excluded:
         if not m.startswith("transformer.layers."):
             entries[f"{m}.quantization"] = None  # non-layer modules (lm_head) come after the layers
     qc = process_layer_quant_config(entries)
@@ -222,12 +226,11 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     decoder_type = get_model_type(shell)
     with quiet_dependency(log):
         if cfg is not None:
-            import modelopt.torch.quantization as mtq
-
             # KV-cache quantizers need the HF attention class registered, which ModelOpt only does for a
             # PreTrainedModel root; and lm_head must become the same (disabled) QuantLinear as in the whole model.
+            # Without mtq.quantize's guard: the shell's one layer may be excluded (the failed gate's advice).
             register_hf_attentions_on_the_fly(shell)
-            mtq.quantize(shell, {**copy.deepcopy(cfg), "algorithm": None})
+            quantize_layer(shell, {**copy.deepcopy(cfg), "algorithm": None}, None)
     rows = torch.tensor(calib_tokens.rows, dtype=torch.long)
     batches = [rows[s : s + recipe.calibration.batch_size].to(device) for s in range(0, len(rows), recipe.calibration.batch_size)]
     streams = [capture_layer0_inputs(shell, batches)]
