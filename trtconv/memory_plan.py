@@ -89,21 +89,19 @@ class MemoryPlanError(UserError):
 
 # config.json keys the arithmetic (and the build) needs as positive integers; the optional ones only where given.
 DIMENSION_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-OPTIONAL_DIMENSION_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def check_dimensions(cfg: dict, source) -> None:
-    """Refuse (ModelError, naming each key and value) a config.json whose dimensions are not positive
-    integers: a negative hidden_size made "-46.39 B parameters ... fits" (issue 23). The load stage runs it."""
+    """Refuse (ModelError, naming each key and value) a config.json whose dimensions no model can have
+    (trtconv.checkpoints.hf_checks: a negative hidden_size made "-46.39 B parameters ... fits", issue 23)
+    or that lacks one the plan's arithmetic needs. The load stage, plan and doctor run it."""
+    from trtconv.checkpoints.hf_checks import check_config
     from trtconv.core.errors import ModelError
 
-    def positive(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-    bad = [f"{k} {cfg[k]!r}" if k in cfg else f"{k} missing" for k in DIMENSION_KEYS if not positive(cfg.get(k))]
-    bad += [f"{k} {cfg[k]!r}" for k in OPTIONAL_DIMENSION_KEYS if cfg.get(k) is not None and not positive(cfg[k])]
-    if bad:
-        raise ModelError(f"{source}: {', '.join(bad)}; allowed: a positive integer (the model's dimensions)")
+    check_config(cfg, source)
+    missing = [k for k in DIMENSION_KEYS if cfg.get(k) is None]
+    if missing:
+        raise ModelError(f"{source}: {', '.join(missing)} missing; allowed: a positive integer (the model's dimensions)")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,15 @@ from trtconv.checkpoints.hf_reader import load_hf_checkpoint_model
 from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
 
+@pytest.fixture(params=["hand_written", "family_class"])
+def load(request):
+    """Both executors of the unified checkpoint: the hand-written forward (kept for comparison) and the family's
+    own transformers class with the shipped tensors (checkpoints/hf_executor.py, what the gate runs)."""
+    from trtconv.checkpoints.hf_executor import load_shipped_model
+
+    return load_hf_checkpoint_model if request.param == "hand_written" else load_shipped_model
+
+
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,22 +118,23 @@ def align_for_both_exporters(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_save_pretrained_reproduces_transformers(models, input_ids, tmp_path, arch):
+
+def test_save_pretrained_reproduces_transformers(models, input_ids, tmp_path, arch, load):
     model = models[arch]
     model.save_pretrained(tmp_path / "hf")
-    err = rel_error(load_hf_checkpoint_model(tmp_path / "hf").logits(input_ids), hf_logits(model, input_ids))
+    err = rel_error(load(tmp_path / "hf").logits(input_ids), hf_logits(model, input_ids))
     print(f"{arch}: rel err {err:.2e}")  # measured 2.6e-7 (llama)
     assert err < 1e-5
 
 
-def test_sharded_checkpoint_is_read_through_the_index(models, input_ids, tmp_path):
+def test_sharded_checkpoint_is_read_through_the_index(models, input_ids, tmp_path, load):
     model = models["llama"]
     model.save_pretrained(tmp_path / "single")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
-    single = load_hf_checkpoint_model(tmp_path / "single").logits(input_ids)
-    assert torch.equal(load_hf_checkpoint_model(tmp_path / "sharded").logits(input_ids), single)
+    single = load(tmp_path / "single").logits(input_ids)
+    assert torch.equal(load(tmp_path / "sharded").logits(input_ids), single)
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,8 +169,8 @@ def quant_case(request, models, input_ids, tmp_path_factory):
     return case
 
 
-def test_aligned_exports_match_trtllm_executor(quant_case):
-    logits = load_hf_checkpoint_model(quant_case["hf"]).logits(quant_case["ids"])
+def test_aligned_exports_match_trtllm_executor(quant_case, load):
+    logits = load(quant_case["hf"]).logits(quant_case["ids"])
     vs_trt = rel_error(quant_case["trt_logits"], logits)  # TRT AWQ pads the vocab: compare HF's columns
     vs_original = rel_error(logits, quant_case["reference"])
     print(f"{quant_case['name']}: aligned HF vs TRT-LLM executor {vs_trt:.2e}, vs original {vs_original:.2e}")
@@ -168,7 +178,7 @@ def test_aligned_exports_match_trtllm_executor(quant_case):
     assert vs_original > 10 * vs_trt  # the quantization itself is visible
 
 
-def test_as_exported_is_as_accurate_as_trtllm_export(quant_case):
+def test_as_exported_is_as_accurate_as_trtllm_export(quant_case, load):
     """Without alignment the files differ by design: the HF exporter divides FP8 weights by their
     scale in bf16 (1.4% of them land one FP8 step away), leaves FP8 q/k/v and gate/up scales
     separate (the runtime requantizes them to the group's largest), smooths gate/up with their
@@ -177,7 +187,7 @@ def test_as_exported_is_as_accurate_as_trtllm_export(quant_case):
     error of 6.0e-2 vs the original, INT8-SQ 0.0, INT4-AWQ 4.3e-2 against 1.8e-1). What must agree is
     the accuracy against the original model."""
     ids, reference = quant_case["ids"], quant_case["reference"]
-    hf = load_hf_checkpoint_model(quant_case["hf_plain"]).logits(ids)
+    hf = load(quant_case["hf_plain"]).logits(ids)
     trt = load_checkpoint_model(quant_case["trt_plain"]).logits(ids)
     hf_err, trt_err = rel_error(hf, reference), rel_error(trt, reference)
     print(f"{quant_case['name']}: as exported HF vs TRT {rel_error(trt, hf):.2e}; vs original HF {hf_err:.2e}, TRT {trt_err:.2e}")
@@ -185,12 +195,12 @@ def test_as_exported_is_as_accurate_as_trtllm_export(quant_case):
     assert rel_error(trt, hf) < 1.5 * trt_err
 
 
-def test_corrupt_weight_scale_moves_logits(quant_case, tmp_path):
+def test_corrupt_weight_scale_moves_logits(quant_case, tmp_path, load):
     """One weight_scale x4 must move the logits far more than the reader's own error."""
     broken = copy_checkpoint(quant_case["hf"], tmp_path / "broken")
     rewrite_hf_tensor(broken, "model.layers.0.mlp.down_proj.weight_scale", lambda t: t * 4)
-    good = rel_error(quant_case["trt_logits"], load_hf_checkpoint_model(quant_case["hf"]).logits(quant_case["ids"]))
-    bad = rel_error(quant_case["trt_logits"], load_hf_checkpoint_model(broken).logits(quant_case["ids"]))
+    good = rel_error(quant_case["trt_logits"], load(quant_case["hf"]).logits(quant_case["ids"]))
+    bad = rel_error(quant_case["trt_logits"], load(broken).logits(quant_case["ids"]))
     print(f"{quant_case['name']}: good {good:.2e}, x4 weight_scale {bad:.2e}")
     assert bad > 0.05 and bad > 20 * max(good, 1e-4)
 
@@ -208,13 +218,13 @@ def fp8_kv_case(models, input_ids, tmp_path_factory):
     return export_hf(quantized, root / "hf")
 
 
-def test_kv_scales_are_read(fp8_kv_case, input_ids, tmp_path):
+def test_kv_scales_are_read(fp8_kv_case, input_ids, tmp_path, load):
     """v_scale x256 pushes V into FP8's subnormals: the cache scale must be the checkpoint's."""
-    good = load_hf_checkpoint_model(fp8_kv_case).logits(input_ids)
+    good = load(fp8_kv_case).logits(input_ids)
     broken = copy_checkpoint(fp8_kv_case, tmp_path / "broken")
     rewrite_hf_tensor(broken, "model.layers.0.self_attn.v_proj.v_scale", lambda t: t * 256)
-    assert rel_error(load_hf_checkpoint_model(broken).logits(input_ids), good) > 0.05
-    unit = load_hf_checkpoint_model(fp8_kv_case, kv_cache_scales="unit").logits(input_ids)
+    assert rel_error(load(broken).logits(input_ids), good) > 0.05
+    unit = load(fp8_kv_case, kv_cache_scales="unit").logits(input_ids)
     assert 0 < rel_error(unit, good) < 0.05  # scale 2 vs 1: only subnormal roundings differ (2.9e-2)
 
 
@@ -227,33 +237,33 @@ def test_kv_scales_are_read(fp8_kv_case, input_ids, tmp_path):
     "tensor",
     ["model.layers.1.self_attn.k_proj.weight_scale", "model.layers.1.self_attn.v_proj.v_scale", "model.norm.weight"],
 )
-def test_missing_tensor_names_file_and_tensor(fp8_kv_case, tmp_path, tensor):
+def test_missing_tensor_names_file_and_tensor(fp8_kv_case, tmp_path, tensor, load):
     broken = copy_checkpoint(fp8_kv_case, tmp_path / "broken")
     rewrite_hf_tensor(broken, tensor, lambda t: None)
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {tensor} missing"):
-        load_hf_checkpoint_model(broken)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: .*{tensor.replace('.', '[.]')}"):  # the file and the tensor
+        load(broken)
 
 
-def test_unknown_quant_algo_is_refused(fp8_kv_case, tmp_path):
+def test_unknown_quant_algo_is_refused(fp8_kv_case, tmp_path, load):
     broken = copy_checkpoint(fp8_kv_case, tmp_path / "mxfp8")
     edit_json(broken / "hf_quant_config.json", lambda c: c["quantization"].update(quant_algo="MXFP8"))
     with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: quant_algo 'MXFP8' disagrees with .*config\.json"):
-        load_hf_checkpoint_model(broken)  # config.json still says FP8: the runtimes would disagree
+        load(broken)  # config.json still says FP8: the runtimes would disagree
     edit_json(broken / "config.json", lambda c: c["quantization_config"].update(quant_algo="MXFP8"))
     with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: quant_algo 'MXFP8' is not supported"):
-        load_hf_checkpoint_model(broken)
+        load(broken)
 
 
-def test_quantization_from_config_json_alone(fp8_kv_case, input_ids, tmp_path):
+def test_quantization_from_config_json_alone(fp8_kv_case, input_ids, tmp_path, load):
     """vLLM reads config.json's quantization_config; without hf_quant_config.json it is enough."""
     copy_ = copy_checkpoint(fp8_kv_case, tmp_path / "no_hf_quant_config")
     (copy_ / "hf_quant_config.json").unlink()
-    expected = load_hf_checkpoint_model(fp8_kv_case).logits(input_ids)
-    assert torch.equal(load_hf_checkpoint_model(copy_).logits(input_ids), expected)
+    expected = load(fp8_kv_case).logits(input_ids)
+    assert torch.equal(load(copy_).logits(input_ids), expected)
 
 
-def test_unsupported_architecture_is_named(models, tmp_path):
+def test_unsupported_architecture_is_named(models, tmp_path, load):
     models["llama"].save_pretrained(tmp_path / "hf")
     edit_json(tmp_path / "hf" / "config.json", lambda c: c.update(architectures=["GPT2LMHeadModel"]))
     with pytest.raises(CheckpointError, match=r"config\.json: architecture 'GPT2LMHeadModel' is not supported"):
-        load_hf_checkpoint_model(tmp_path / "hf")
+        load(tmp_path / "hf")

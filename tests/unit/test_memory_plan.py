@@ -335,7 +335,7 @@ def test_tp_size_that_does_not_divide_the_kv_heads_is_bad_input(cli, tmp_path):
 def test_dimensions_that_are_not_positive_integers_are_bad_input(cli, tmp_path, key, value):
     res = cli("plan", _recipe(tmp_path, {**LLAMA3_8B, key: value}, "fp8"), "--gpu", "h100-80gb")
     assert res.exit_code == 2 and "Traceback" not in res.stderr, res.stdout
-    assert f"config.json: {key} {value!r}; allowed: a positive integer" in res.stderr
+    assert f"config.json: key '{key}' is {value!r}; allowed: a positive integer" in res.stderr
 
 
 def _refused_architecture() -> str:
@@ -473,7 +473,7 @@ def test_build_refuses_a_negative_dimension_before_any_work(cli, tmp_path, tiny_
     (model / "config.json").write_text(json.dumps({**config, "hidden_size": -config["hidden_size"]}))
     res = cli("calibrate", "--model", model, "--precision", "fp8", "-o", tmp_path / "out", "--device", "cpu")
     assert res.exit_code == 2 and "Traceback" not in res.stderr, res.stdout + res.stderr
-    assert f"hidden_size {-config['hidden_size']}; allowed: a positive integer" in res.stderr
+    assert f"key 'hidden_size' is {-config['hidden_size']}; allowed: a positive integer" in res.stderr
     assert not (tmp_path / "out").exists()
 
 

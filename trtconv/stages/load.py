@@ -25,7 +25,7 @@ from trtconv.core.errors import ModelError
 from trtconv.architectures import HF_NAMES, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
-from trtconv.checkpoints.hf_checks import check_config as check_config_sizes, check_dtypes
+from trtconv.checkpoints.hf_checks import check_dtypes
 from trtconv.checkpoints.hf_model import TOKENIZER_FILES, VOCABULARY_FILES, read_hf_config
 from trtconv.recipe.schema import ModelSection, Recipe
 
@@ -403,7 +403,6 @@ def check_config(cfg: dict, model_dir: Path) -> str:
     from trtconv.memory_plan import check_dimensions
 
     arch = check_architecture(cfg, model_dir)
-    check_config_sizes(cfg, model_dir / "config.json")  # before anything divides by its sizes
     check_attention_window(cfg, arch, model_dir / "config.json", ModelError)
     check_dimensions(cfg, model_dir / "config.json")
     return arch
