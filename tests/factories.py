@@ -117,7 +117,28 @@ def _phi3(common: dict):
                       pad_token_id=0, **fields)
 
 
-NEW_FAMILY_CONFIGS = {"qwen3": _qwen3, "gemma3": _gemma3, "gemma2": _gemma2, "phi3": _phi3}
+def _mixtral(common: dict):
+    # 4 experts, top-2 (Mixtral's softmax over all experts, renormalised over the chosen two).
+    from transformers import MixtralConfig
+
+    fields = {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **common}
+    return MixtralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **fields)
+
+
+def _qwen3_moe(common: dict):
+    # 4 experts, top-2, expert width 128 (moe_intermediate_size), q/k norms; norm_topk_prob off as in
+    # Qwen3-MoE's config default, so the executor's routing must not renormalise; layer 1 is dense
+    # (mlp_only_layers) so both kinds of MLP are converted.
+    from transformers import Qwen3MoeConfig
+
+    fields = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": False,
+              "mlp_only_layers": [1], **common}
+    return Qwen3MoeConfig(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **fields)
+
+
+NEW_FAMILY_CONFIGS = {"qwen3": _qwen3, "gemma3": _gemma3, "gemma2": _gemma2, "phi3": _phi3,
+                      "mixtral": _mixtral, "qwen3_moe": _qwen3_moe}
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 # Every architecture family of trtconv.architectures has a tiny factory (tests/test_registries.py checks).
 TINY_ARCHS = ("llama", "qwen2", "mistral", *NEW_FAMILY_CONFIGS)
