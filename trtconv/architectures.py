@@ -42,15 +42,14 @@ class Experts:
     file_block: str  # the MoE block's name in the files (the module is "mlp" in transformers 5)
     file_leaves: tuple[str, str, str]  # gate, up, down projection names of one expert in the files
     # What trtconv converts and judges for this family (others are refused before any work, with the reason).
-    precisions: tuple[str, ...] = ("fp8",)
+    precisions: tuple[str, ...] = ("none", "fp8")
     why_not: str = ""
     module_block: str = "mlp"  # the MoE block in transformers 5's modules
     router: str = "gate"  # the router module within the block (stays unquantized)
 
 
 _MOE_WHY = ("ModelOpt 0.47's AWQ fails on transformers 5's fused experts (get_experts_list calls len(module.experts)); "
-            "int8 SmoothQuant and NVFP4 on experts are not verified by trtconv's executor; precision none exports "
-            "no quantized experts and needs no trtconv")
+            "int8 SmoothQuant and NVFP4 experts are not verified against trtconv's executor (NVFP4 needs CUDA as well)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,63 @@
+"""The real CLI on the mixture-of-experts families' tiny models (CPU): converts, gates and checks on the
+unified HF checkpoint; what is not converted is refused before any work (exit 2, naming what is allowed).
+
+Plumbing only (random tiny models; gates relaxed as in tests/contract/test_families_cli.py). Asserted:
+the gate judged the shipped experts through the family's own class, the manifest's calibrate record
+counts the calibration tokens each expert received, the per-expert weight errors are named, `check`
+re-judges the artifact, and AWQ / the legacy TensorRT-LLM checkpoint are refused before any output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.contract.test_families_cli import FAST
+from tests.factories import make_tiny_model
+
+pytestmark = pytest.mark.integration
+HF_CLASS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def _stage(manifest: dict, name: str) -> dict:
+    return next(s for s in manifest["stages"] if s["name"] == name)
+
+
+@pytest.mark.parametrize("family,kv", [("mixtral", "fp8"), ("qwen3_moe", "none")])
+def test_moe_family_converts_gates_and_checks(cli, tmp_path, family, kv):
+    model = make_tiny_model(tmp_path / family, family)
+    out = tmp_path / "out"
+    res = cli("calibrate", "--model", model, "--precision", "fp8", "--kv-cache", kv, "-o", out, *FAST)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "passed"
+    assert manifest["export"]["checkpoint"] is None and manifest["export"]["hf_checkpoint"] == "hf_checkpoint"
+    assert HF_CLASS[family] in manifest["evaluation"]["candidate"]
+    experts = manifest["calibration"]["experts"]
+    assert _stage(manifest, "calibrate")["details"]["experts"] == experts
+    layer0 = experts["tokens"]["model.layers.0.mlp"]
+    assert len(layer0) == 4 and sum(layer0) == 2 * 4 * 64  # top-2 of every calibration token
+    quant = json.loads((out / "hf_checkpoint" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "FP8" and quant.get("kv_cache_quant_algo") == ("FP8" if kv == "fp8" else None)
+    checked = cli("check", out)
+    assert checked.exit_code == 0, checked.output
+
+
+@pytest.mark.parametrize("precision", ["int4_awq", "w4a8_awq"])
+def test_awq_on_experts_is_refused_before_work(cli, tmp_path, precision):
+    model = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    res = cli("calibrate", "--model", model, "--precision", precision, "-o", tmp_path / "out", *FAST)
+    assert res.exit_code == 2, res.output
+    assert "MixtralForCausalLM" in res.output and precision in res.output and "allowed for MixtralForCausalLM: none, fp8" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_legacy_checkpoint_of_a_moe_family_is_refused_before_work(cli, tmp_path):
+    model = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: q\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n")
+    res = cli("build", recipe, "-o", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    assert "export.tensorrt_llm_checkpoint" in res.output and "Qwen3-MoE" in res.output
+    assert not (tmp_path / "out").exists()
