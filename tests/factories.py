@@ -190,3 +190,27 @@ def make_real_shaped_model(out_dir: Path, arch: str = "llama", seed: int = 0) ->
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_moe_with_unrouted_expert(out_dir: Path, arch: str = "mixtral") -> Path:
+    """A tiny MoE model (5 experts, top-2) whose layer-0 router never picks expert 4, whatever the text.
+
+    Layer 0's MoE input keeps one feature (post-attention norm weight 1 there, 0 elsewhere) and the router
+    reads only it with weights [2, 1, -1, -2, 0]: a positive feature ranks experts 0, 1 first, a negative
+    one 3, 2; expert 4 (0) is always third. The other experts and layers are as made."""
+    from transformers import AutoModelForCausalLM
+
+    key = "num_local_experts" if arch == "mixtral" else "num_experts"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=len(tok), **{key: 5}))
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.zero_()
+        layer.post_attention_layernorm.weight[5] = 1.0
+        layer.mlp.gate.weight.zero_()
+        layer.mlp.gate.weight[:, 5] = torch.tensor([2.0, 1.0, -1.0, -2.0, 0.0])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    return out_dir

@@ -83,3 +83,27 @@ def test_one_activation_scale_for_all_experts(moe_models, tmp_path):
         old, new = (m.model.get_submodule(name) for m in (before, after))
         assert isinstance(new, ShippedLinear) and not torch.equal(old(x), new(x))
     assert not torch.equal(after.logits(ids), before.logits(ids))
+
+
+def test_expert_without_calibration_tokens_is_counted_and_checked(tmp_path):
+    """A never-routed expert: counted (0 tokens), its ModelOpt weight amax is its own max |W| (data-free), so it
+    passes; with that amax gone (as if ModelOpt had left it unset) the build stops naming the expert."""
+    import modelopt.torch.quantization as mtq
+
+    from tests.exports import load_bf16_exact_model, quant_config
+    from tests.factories import make_moe_with_unrouted_expert
+    from trtconv.core.errors import UncalibratedExperts
+    from trtconv.stages.calibrate import ExpertTokens, check_experts
+
+    model = load_bf16_exact_model(make_moe_with_unrouted_expert(tmp_path / "m"))
+    batches = token_batches(model.config.vocab_size)
+    with ExpertTokens(model) as experts, torch.no_grad():
+        mtq.quantize(model, quant_config("fp8"), lambda m: [m(ids) for ids in batches])
+    assert experts.without_tokens() == ["model.layers.0.mlp.experts.4"]
+    assert sum(experts.counts["model.layers.0.mlp"].tolist()) == 2 * sum(b.numel() for b in batches)
+    check_experts(model, experts)
+    fused = model.model.layers[0].mlp.experts
+    assert torch.allclose(fused.gate_up_proj_weight_quantizers[4].amax.float(), fused.gate_up_proj[4].abs().max().float())
+    fused.down_proj_weight_quantizers[4].reset_amax()
+    with pytest.raises(UncalibratedExperts, match=r"model\.layers\.0\.mlp\.experts\.4"):
+        check_experts(model, experts)

@@ -61,3 +61,16 @@ def test_legacy_checkpoint_of_a_moe_family_is_refused_before_work(cli, tmp_path)
     assert res.exit_code == 2, res.output
     assert "export.tensorrt_llm_checkpoint" in res.output and "Qwen3-MoE" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_expert_without_calibration_tokens_is_named(cli, tmp_path):
+    """A never-routed expert is calibrated data-free (its own weights; the layer's input scale), recorded and warned about."""
+    from tests.factories import make_moe_with_unrouted_expert
+
+    model = make_moe_with_unrouted_expert(tmp_path / "mixtral")
+    out = tmp_path / "out"
+    res = cli("calibrate", "--model", model, "--precision", "fp8", "-o", out, *FAST)
+    assert res.exit_code == 0, res.output
+    assert "model.layers.0.mlp.experts.4" in res.output and "no calibration token" in res.output
+    experts = json.loads((out / "manifest.json").read_text())["calibration"]["experts"]
+    assert experts["without_tokens"] == ["model.layers.0.mlp.experts.4"] and experts["tokens"]["model.layers.0.mlp"][4] == 0
