@@ -120,7 +120,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         # Mixture of experts: the files keep Mixtral's original names (block_sparse_moe, w1 = gate, w3 = up, w2 = down).
         Architecture(
-            "MixtralForCausalLM", "MixtralForCausalLM", "mixtral", qkv_bias=False, sliding_window=True,
+            "MixtralForCausalLM", "MixtralForCausalLM", "mixtral", qkv_bias=False,
             no_trtllm_checkpoint="ModelOpt 0.47's legacy export fails on transformers 5's fused experts (TypeError: "
             "QuantMixtralExperts has no len()) and trtconv's TensorRT-LLM checkpoint reader has no experts; " + _UNIFIED_ONLY,
             experts=Experts("num_local_experts", "intermediate_size", "block_sparse_moe", ("w1", "w3", "w2"), why_not=_MOE_WHY),
