@@ -107,3 +107,12 @@ def test_expert_without_calibration_tokens_is_counted_and_checked(tmp_path):
     fused.down_proj_weight_quantizers[4].reset_amax()
     with pytest.raises(UncalibratedExperts, match=r"model\.layers\.0\.mlp\.experts\.4"):
         check_experts(model, experts)
+
+
+def test_experts_kept_as_stored_give_the_same_logits(moe_models, tmp_path):
+    """The GPU's way (stored expert weights, each gate/up pair dequantized when used) equals dense weights exactly."""
+    model = moe_models["mixtral"]
+    hf_dir = export_hf(quantize(model, "fp8", kv_fp8=True), tmp_path / "hf")
+    ids = _ids(model)
+    dense = load_shipped_model(hf_dir, keep_stored=False).logits(ids)
+    assert torch.equal(load_shipped_model(hf_dir, keep_stored=True).logits(ids), dense)
