@@ -38,6 +38,10 @@ def test_moe_family_converts_gates_and_checks(cli, tmp_path, family, kv):
     assert _stage(manifest, "calibrate")["details"]["experts"] == experts
     layer0 = experts["tokens"]["model.layers.0.mlp"]
     assert len(layer0) == 4 and sum(layer0) == 2 * 4 * 64  # top-2 of every calibration token
+    # The census covers every expert: q/k/v/o per layer + gate_up and down per expert (Qwen3-MoE's layer 1 is dense).
+    census = _stage(manifest, "calibrate")["details"]["quantizers"]
+    assert census["enabled"]["weight_quantizer"] == {"mixtral": 2 * (4 + 2 * 4), "qwen3_moe": 4 + 2 * 4 + 4 + 3}[family]
+    assert not census["invalid_amax"]
     quant = json.loads((out / "hf_checkpoint" / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "FP8" and quant.get("kv_cache_quant_algo") == ("FP8" if kv == "fp8" else None)
     checked = cli("check", out)
