@@ -78,3 +78,15 @@ def test_expert_without_calibration_tokens_is_named(cli, tmp_path):
     assert "model.layers.0.mlp.experts.4" in res.output and "no calibration token" in res.output
     experts = json.loads((out / "manifest.json").read_text())["calibration"]["experts"]
     assert experts["without_tokens"] == ["model.layers.0.mlp.experts.4"] and experts["tokens"]["model.layers.0.mlp"][4] == 0
+
+
+def test_kv_cache_only_on_a_moe_family(cli, tmp_path):
+    """precision none with an FP8 KV cache: experts stay unquantized (no size claim), the cache scales are judged."""
+    model = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    out = tmp_path / "out"
+    res = cli("calibrate", "--model", model, "--precision", "none", "--kv-cache", "fp8", "-o", out, *FAST)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "passed" and "MixtralForCausalLM" in manifest["evaluation"]["candidate"]
+    quant = json.loads((out / "hf_checkpoint" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] is None and quant["kv_cache_quant_algo"] == "FP8"
