@@ -269,7 +269,7 @@ def check_experts(model, experts: ExpertTokens) -> None:
         fused, _, e = expert.rpartition(".")
         quantizers = [m for n, m in model.get_submodule(fused).named_modules() if isinstance(m, TensorQuantizer)
                       and m.is_enabled and (n.endswith(f"quantizers.{e}") or n.endswith("input_quantizer"))]
-        if not quantizers or any(not _usable(q) for q in quantizers):
+        if any(not _usable(q) for q in quantizers):  # none enabled (KV-cache-only): nothing to calibrate
             bad.append(expert)
     if bad:
         tokens = {b: c.tolist() for b, c in experts.counts.items()}
