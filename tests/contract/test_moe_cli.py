@@ -90,3 +90,21 @@ def test_kv_cache_only_on_a_moe_family(cli, tmp_path):
     assert manifest["status"] == "passed" and "MixtralForCausalLM" in manifest["evaluation"]["candidate"]
     quant = json.loads((out / "hf_checkpoint" / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] is None and quant["kv_cache_quant_algo"] == "FP8"
+
+
+def test_a_missing_expert_tensor_is_named_by_the_load_stage(tmp_path):
+    """The load stage compares per-expert tensors with transformers 5's fused parameters: complete experts
+    pass; one expert's tensor gone leaves that layer's experts unfolded and named, before any work."""
+    from safetensors.torch import load_file, save_file
+
+    from trtconv.core.errors import ModelError
+    from trtconv.recipe.schema import ModelSection
+    from trtconv.stages.load import inspect_checkpoint
+
+    model = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    assert inspect_checkpoint(ModelSection(path=str(model)))[2] == "MixtralForCausalLM"
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"missing: model\.layers\.1\.mlp\.experts\.down_proj .*unexpected: .*model\.layers\.1\.block_sparse_moe\.experts\.0\.w1\.weight"):
+        inspect_checkpoint(ModelSection(path=str(model)))
