@@ -36,7 +36,16 @@ EVIDENCE = {
               "GPU: Gemma-3-4B text shapes fp8 and int4_awq beside bare export_hf_checkpoint, H100 run F1",
     "gemma2": "CPU: tests/contract/test_families*.py (fp8, int4_awq, fp8 KV; CLI convert + check)",
     "phi3": "CPU: tests/contract/test_families*.py (fp8, int4_awq, fp8 KV; CLI fp8 + fp8 KV convert + check)",
+    "mixtral": "CPU: tests/contract/test_moe*.py (4 experts, top-2: fp8 and fp8 KV vs ModelOpt fake quant, unquantized = "
+               "original, CLI fp8 + fp8 KV convert + check, an expert without calibration tokens, refusals)",
+    "qwen3_moe": "CPU: tests/contract/test_moe*.py (4 experts, top-2, norm_topk_prob off, a dense layer: fp8 and fp8 KV vs "
+                 "ModelOpt fake quant, unquantized = original, CLI fp8 convert + check); plan: Qwen3-30B-A3B shapes "
+                 "(tests/unit/test_memory_plan.py)",
 }
+
+
+def _precisions(arch) -> str:
+    return "all below" if arch.experts is None else ", ".join(arch.experts.precisions) + " (mixture of experts)"
 
 
 def _exports(arch) -> str:
@@ -66,12 +75,16 @@ def render() -> str:
              "| family | HF class | exports | engine targets | precisions | what was measured |",
              "|---|---|---|---|---|---|"]
     for arch in ARCHITECTURES.values():
-        lines.append(f"| {arch.family} | {arch.hf_name} | {_exports(arch)} | {_targets(arch)} | all below | {EVIDENCE[arch.family]} |")
+        lines.append(f"| {arch.family} | {arch.hf_name} | {_exports(arch)} | {_targets(arch)} | {_precisions(arch)} | {EVIDENCE[arch.family]} |")
     lines += ["", "Why a family's TensorRT-LLM checkpoint is refused (before any work, exit 2):", ""]
     for arch in ARCHITECTURES.values():
         if arch.no_trtllm_checkpoint is not None:
             lines.append(f"- {arch.hf_name}: {arch.no_trtllm_checkpoint}")
-    lines += ["", "## Precisions (every family)", "", "| precision | quant_algo | needs |", "|---|---|---|"]
+    lines += ["", "Why a mixture-of-experts family refuses the other precisions (before any work, exit 2):", ""]
+    for arch in ARCHITECTURES.values():
+        if arch.experts is not None:
+            lines.append(f"- {arch.hf_name}: {arch.experts.why_not}")
+    lines += ["", "## Precisions (every dense family)", "", "| precision | quant_algo | needs |", "|---|---|---|"]
     lines += [_precision_line(p) for p in PRECISIONS.values()]
     kv = ", ".join(k.name for k in KV_CACHE_FORMATS.values())
     lines += ["", f"KV cache formats (every family): {kv}.", "",

@@ -117,7 +117,28 @@ def _phi3(common: dict):
                       pad_token_id=0, **fields)
 
 
-NEW_FAMILY_CONFIGS = {"qwen3": _qwen3, "gemma3": _gemma3, "gemma2": _gemma2, "phi3": _phi3}
+def _mixtral(common: dict):
+    # 4 experts, top-2 (Mixtral's softmax over all experts, renormalised over the chosen two).
+    from transformers import MixtralConfig
+
+    fields = {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **common}
+    return MixtralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **fields)
+
+
+def _qwen3_moe(common: dict):
+    # 4 experts, top-2, expert width 128 (moe_intermediate_size), q/k norms; norm_topk_prob off as in
+    # Qwen3-MoE's config default, so the executor's routing must not renormalise; layer 1 is dense
+    # (mlp_only_layers) so both kinds of MLP are converted.
+    from transformers import Qwen3MoeConfig
+
+    fields = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": False,
+              "mlp_only_layers": [1], **common}
+    return Qwen3MoeConfig(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **fields)
+
+
+NEW_FAMILY_CONFIGS = {"qwen3": _qwen3, "gemma3": _gemma3, "gemma2": _gemma2, "phi3": _phi3,
+                      "mixtral": _mixtral, "qwen3_moe": _qwen3_moe}
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 # Every architecture family of trtconv.architectures has a tiny factory (tests/test_registries.py checks).
 TINY_ARCHS = ("llama", "qwen2", "mistral", *NEW_FAMILY_CONFIGS)
@@ -168,4 +189,28 @@ def make_real_shaped_model(out_dir: Path, arch: str = "llama", seed: int = 0) ->
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_moe_with_unrouted_expert(out_dir: Path, arch: str = "mixtral") -> Path:
+    """A tiny MoE model (5 experts, top-2) whose layer-0 router never picks expert 4, whatever the text.
+
+    Layer 0's MoE input keeps one feature (post-attention norm weight 1 there, 0 elsewhere) and the router
+    reads only it with weights [2, 1, -1, -2, 0]: a positive feature ranks experts 0, 1 first, a negative
+    one 3, 2; expert 4 (0) is always third. The other experts and layers are as made."""
+    from transformers import AutoModelForCausalLM
+
+    key = "num_local_experts" if arch == "mixtral" else "num_experts"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=len(tok), **{key: 5}))
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.zero_()
+        layer.post_attention_layernorm.weight[5] = 1.0
+        layer.mlp.gate.weight.zero_()
+        layer.mlp.gate.weight[:, 5] = torch.tensor([2.0, 1.0, -1.0, -2.0, 0.0])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
     return out_dir

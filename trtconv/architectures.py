@@ -28,6 +28,31 @@ class ConfigKey:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts family keeps its experts, in transformers 5 and in the exported files.
+
+    transformers 5 holds a layer's experts fused (``<block>.experts.gate_up_proj`` [E, 2I, H] and
+    ``.down_proj`` [E, H, I]) beside an unquantized router (``<block>.gate``); ModelOpt 0.47's
+    ``export_hf_checkpoint`` (and transformers' own save_pretrained) write one linear per expert
+    under the hub names: ``<file_block>.experts.<e>.<gate|up|down leaf>`` (measured on tiny models).
+    """
+
+    count_key: str  # config.json key of the number of experts
+    intermediate_key: str  # config.json key of one expert's intermediate size
+    file_block: str  # the MoE block's name in the files (the module is "mlp" in transformers 5)
+    file_leaves: tuple[str, str, str]  # gate, up, down projection names of one expert in the files
+    # What trtconv converts and judges for this family (others are refused before any work, with the reason).
+    precisions: tuple[str, ...] = ("none", "fp8")
+    why_not: str = ""
+    module_block: str = "mlp"  # the MoE block in transformers 5's modules
+    router: str = "gate"  # the router module within the block (stays unquantized)
+
+
+_MOE_WHY = ("ModelOpt 0.47's AWQ fails on transformers 5's fused experts (get_experts_list calls len(module.experts)); "
+            "int8 SmoothQuant and NVFP4 experts are not verified against trtconv's executor (NVFP4 needs CUDA as well)")
+
+
+@dataclass(frozen=True)
 class Architecture:
     hf_name: str  # config.json "architectures"[0] of the Hugging Face checkpoint
     trtllm_name: str  # "architecture" of the TensorRT-LLM checkpoint ModelOpt exports
@@ -54,6 +79,7 @@ class Architecture:
     # Why ModelOpt's legacy TensorRT-LLM checkpoint (export.tensorrt_llm_checkpoint, engine target
     # tensorrt) is refused for this family; None = it is converted, checked and judged.
     no_trtllm_checkpoint: str | None = None
+    experts: Experts | None = None  # a mixture-of-experts family: where its experts are (None: dense)
 
 
 _UNIFIED_ONLY = "convert it to the unified HF checkpoint (export.tensorrt_llm_checkpoint: false, export.hf_checkpoint: true; engine target pytorch)"
@@ -94,6 +120,19 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "Phi3ForCausalLM", "Phi3ForCausalLM", "phi3", qkv_bias=False, sliding_window=True, fused_groups=(),
             no_trtllm_checkpoint="ModelOpt 0.47 writes no legacy TensorRT-LLM config for Phi-3 without tensorrt_llm installed; " + _UNIFIED_ONLY,
+        ),
+        # Mixture of experts: the files keep Mixtral's original names (block_sparse_moe, w1 = gate, w3 = up, w2 = down).
+        Architecture(
+            "MixtralForCausalLM", "MixtralForCausalLM", "mixtral", qkv_bias=False,
+            no_trtllm_checkpoint="ModelOpt 0.47's legacy export fails on transformers 5's fused experts (TypeError: "
+            "QuantMixtralExperts has no len()) and trtconv's TensorRT-LLM checkpoint reader has no experts; " + _UNIFIED_ONLY,
+            experts=Experts("num_local_experts", "intermediate_size", "block_sparse_moe", ("w1", "w3", "w2"), why_not=_MOE_WHY),
+        ),
+        Architecture(
+            "Qwen3MoeForCausalLM", "Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False,
+            no_trtllm_checkpoint="ModelOpt 0.47's legacy export accepts MoE only for llama/dbrx/phi3/deepseek/qwen decoders "
+            "(AssertionError on Qwen3-MoE) and trtconv's TensorRT-LLM checkpoint reader has no experts; " + _UNIFIED_ONLY,
+            experts=Experts("num_experts", "moe_intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj"), why_not=_MOE_WHY),
         ),
     )
 }

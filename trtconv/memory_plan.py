@@ -91,6 +91,18 @@ class MemoryPlanError(UserError):
 DIMENSION_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
+def _expert_fields(cfg: dict) -> dict:
+    """A mixture-of-experts family's expert count and width, under the keys its row names (0: dense)."""
+    from trtconv.architectures import by_hf_name
+
+    row = by_hf_name((cfg.get("architectures") or [None])[0])
+    moe = row.experts if row is not None else None
+    if moe is None or not cfg.get(moe.count_key):
+        return {}
+    return {"experts": int(cfg[moe.count_key]), "expert_intermediate": int(cfg.get(moe.intermediate_key) or cfg["intermediate_size"]),
+            "active_experts": int(cfg.get("num_experts_per_tok") or 1)}
+
+
 def check_dimensions(cfg: dict, source) -> None:
     """Refuse (ModelError, naming each key and value) a config.json whose dimensions no model can have
     (trtconv.checkpoints.hf_checks: a negative hidden_size made "-46.39 B parameters ... fits", issue 23)
@@ -118,6 +130,11 @@ class Shape:
     tied: bool
     qkv_bias: bool
     max_positions: int
+    # Mixture of experts (trtconv.architectures.Experts names the config keys): every layer is counted as
+    # an MoE layer (Mixtral, Qwen3-30B-A3B: all are; a Qwen3-MoE with mlp_only_layers is over-counted a little).
+    experts: int = 0  # 0: a dense model
+    expert_intermediate: int = 0
+    active_experts: int = 0  # experts per token (num_experts_per_tok)
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> Shape:
@@ -128,16 +145,23 @@ class Shape:
             kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias")),
-            max_positions=cfg.get("max_position_embeddings") or 4096,
+            max_positions=cfg.get("max_position_embeddings") or 4096, **_expert_fields(cfg),
         )
 
     def layer_linear_params(self) -> int:
         h, d = self.hidden, self.head_dim
         attn = h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
+        if self.experts:
+            return attn + self.experts * 3 * h * self.expert_intermediate
         return attn + 3 * h * self.intermediate
 
     def layer_other_params(self) -> int:
-        return 2 * self.hidden + ((self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0)
+        router = self.experts * self.hidden  # unquantized (ModelOpt excludes the router)
+        return 2 * self.hidden + ((self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0) + router
+
+    def mlp_width(self) -> int:
+        """The MLP intermediate one token goes through: the dense width, or its experts' together."""
+        return self.active_experts * self.expert_intermediate if self.experts else self.intermediate
 
     def layer_params(self) -> int:
         return self.layer_linear_params() + self.layer_other_params()
@@ -259,7 +283,7 @@ def _export_bytes(shape: Shape, precision: str, export_dtype_bytes: int) -> int:
 
 def _activation_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
     """One decoder layer's forward temporaries for `tokens` tokens (MLP dominates: gate, up, product)."""
-    return tokens * (4 * shape.hidden + 3 * shape.intermediate) * dtype_bytes
+    return tokens * (4 * shape.hidden + 3 * shape.mlp_width()) * dtype_bytes
 
 
 @dataclass(frozen=True)

@@ -407,7 +407,7 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
         calib = calibrate.run(model, quantization, calib_tokens, recipe.calibration.batch_size, device, reporter)
     stages.append(
         m.record(status="ok" if calib.quant_config else "skipped", quantizers=calib.census, modelopt_output=calib.dependency_output,
-                 compute_dtype=dtype)
+                 compute_dtype=dtype, **({"experts": calib.experts} if calib.experts is not None else {}))
     )
     with StageMeter("export") as m:
         reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
@@ -415,7 +415,9 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
         for r in exported.repairs:
             reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
     stages.append(m.record(repairs=len(exported.repairs), seconds=exported.seconds))
-    return exported, {"quant_config": calib.quant_config, "census": calib.census, "compute_dtype": dtype, **group.record(), "path": "in_memory"}, stages
+    experts = {"experts": calib.experts} if calib.experts is not None else {}
+    return exported, {"quant_config": calib.quant_config, "census": calib.census, "compute_dtype": dtype, **group.record(),
+                      "path": "in_memory", **experts}, stages
 
 
 def run_streamed(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str, reporter: Reporter):

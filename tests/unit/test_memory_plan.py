@@ -487,3 +487,34 @@ def test_doctor_refuses_what_build_refuses_for_a_reference_model(tmp_path):
     ok, report = run_doctor(str(recipe))
     assert not ok and any(c["status"] == "fail" and "export.tp_size = 3 does not divide the model's 2 KV heads" in c["detail"]
                           for c in report["checks"]), report["checks"]
+
+
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                 "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48,
+                 "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+                "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "num_hidden_layers": 32, "vocab_size": 32000, "max_position_embeddings": 32768, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("config,billions", [(QWEN3_30B_A3B, 30.53), (MIXTRAL_8X7B, 46.70)], ids=["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_moe_plan_counts_every_expert(cli, tmp_path, config, billions):
+    """Every expert's bytes count (the published sizes: Qwen3-30B-A3B 30.5 B, Mixtral 8x7B 46.7 B parameters)."""
+    recipe = _recipe(tmp_path, config, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True)
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb")
+    assert code == 0, plan
+    assert abs(plan["params"] / 1e9 - billions) < 0.05 * billions
+    linear = plan["params"] - 2 * config["vocab_size"] * config["hidden_size"]  # about all of it is FP8 linears
+    assert 0.9 * linear < plan["export_bytes"] < 1.1 * linear + 4 * config["vocab_size"] * config["hidden_size"]
+
+
+def test_plan_refuses_streaming_what_the_streamed_path_cannot_write(cli, tmp_path):
+    """Qwen3-30B-A3B (57 GiB in bf16) on one H100: in-memory evaluation does not fit, so calibration would stream,
+    and the layer-streamed path writes no unified HF checkpoint, the only one a MoE family gets: build refuses
+    that before any work, and plan says so instead of "fits"."""
+    recipe = _recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True)
+    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb")
+    assert plan["streamed"] and not plan["fits"], plan
+    assert any("export.hf_checkpoint is not written by the layer-streamed path" in r for r in plan["refusals"]), plan

@@ -16,6 +16,15 @@ the family's own class and swaps the numerics in:
   (after rope and any k-norm) and V through FP8 with the checkpoint's k_scale / v_scale, then runs
   the family's own eager attention (which keeps soft-capping and sliding windows exact).
 
+- a mixture-of-experts layer (transformers 5 fuses its experts into 3-D parameters) gets the one second
+  swap-in: ``ShippedExperts`` replaces the fused experts module with one ``ShippedLinear`` per expert
+  projection (``...experts.3.gate_proj``), read from the per-expert tensors ModelOpt writes. The
+  family's router stays as it is (unquantized, loaded as stored), so routing, top-k and each family's
+  normalisation are the model's own code; only the expert computation is swapped. The runtime's rules
+  for FP8 experts: gate and up of an expert are one GEMM (the dense fused-group rule), and one
+  activation scale serves every expert of a layer: the largest input_scale over the experts, for
+  gate/up and for down separately (vLLM's FP8 MoE: "Using the maximum across experts for each layer").
+
 A new dense family therefore costs a row of trtconv.architectures, not a forward pass. The
 hand-written forward (trtconv.checkpoints.trtllm_reader) stays for the legacy TensorRT-LLM
 checkpoint, whose tensor layout transformers does not know; docs/accuracy.md says how far the two
@@ -24,6 +33,8 @@ agree on the families both run.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +74,38 @@ class ShippedLinear(torch.nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         return self.emulated.effective_weight()
+
+
+class ShippedExperts(torch.nn.ModuleList):
+    """transformers 5's fused experts module (same call: hidden states, top-k indices, top-k weights),
+    each expert computed from its shipped linears; child ``e`` holds gate_proj, up_proj, down_proj."""
+
+    def __init__(self, experts: list[torch.nn.ModuleDict], act_fn):
+        super().__init__(experts)
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, top_k_pos = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            x = hidden_states[token_idx]
+            y = expert["down_proj"](self.act_fn(expert["gate_proj"](x)) * expert["up_proj"](x))
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
+        return out
+
+
+def shared_expert_input_scales(stored: list[list[StoredLinear]]) -> list[list[StoredLinear]]:
+    """Every expert's [gate, up, down] with one input_scale per layer: the largest over the experts for
+    gate/up (one fused GEMM input) and for down, as vLLM's FP8 MoE loads them."""
+    def top(column: tuple[int, ...]) -> torch.Tensor | None:
+        scales = [e[i].input_scale.float().reshape(()) for e in stored for i in column if e[i].input_scale is not None]
+        return torch.stack(scales).max() if scales else None
+
+    w13, w2 = top((0, 1)), top((2,))
+    return [[dataclasses.replace(s, input_scale=scale if s.input_scale is not None else None)
+             for s, scale in zip(expert, (w13, w13, w2))] for expert in stored]
 
 
 def _kv_attention(module, query, key, value, attention_mask, **kwargs):
@@ -159,9 +202,7 @@ class _Loader:
     def swap_linears(self, model: torch.nn.Module) -> None:
         for group in self.linear_groups(model):
             stored = [read_linear(self.files, self.quant, n, m.bias is not None) for n, m in group]
-            linears = self._kept_stored(stored) if self.keep_stored else \
-                [self._on_device(lin) for lin in fused_linears(stored, self.quant, self.runtime_dtype, self.where)]
-            for (name, meta), lin in zip(group, linears):
+            for (name, meta), lin in zip(group, self._emulated(stored)):
                 self._check_shape(name, dense(lin.weight), meta)
                 model.set_submodule(name, ShippedLinear(name, lin, self.dtype))
 
@@ -170,6 +211,39 @@ class _Loader:
         if tuple(weight.shape) != (meta.out_features, meta.in_features):
             raise CheckpointError(f"{self.where}: {name}.weight dequantizes to shape {list(weight.shape)}; config.json's "
                                   f"{self.arch} needs {[meta.out_features, meta.in_features]}")
+
+    def _emulated(self, stored: list[StoredLinear]) -> list[EmulatedLinear]:
+        """One fused GEMM's members as the runtime computes them (kept as stored on a GPU)."""
+        if self.keep_stored:
+            return self._kept_stored(stored)
+        return [self._on_device(lin) for lin in fused_linears(stored, self.quant, self.runtime_dtype, self.where)]
+
+    def file_name(self, name: str) -> str:
+        """A module or parameter name of transformers 5 -> the name the files carry (Mixtral: block_sparse_moe)."""
+        moe = self.row.experts
+        if moe is None or moe.module_block == moe.file_block:
+            return name
+        return name.replace(f".{moe.module_block}.", f".{moe.file_block}.")
+
+    def fused_experts(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        moe = self.row.experts
+        if moe is None:
+            return []
+        return [(n, m) for n, m in model.named_modules() if n.endswith(f".{moe.module_block}.experts") and hasattr(m, "gate_up_proj")]
+
+    def swap_experts(self, model: torch.nn.Module) -> None:
+        """Each fused experts module -> ShippedExperts, from the per-expert tensors of the files."""
+        leaves = self.row.experts.file_leaves if self.row.experts else ()
+        for name, fused in self.fused_experts(model):
+            prefix = self.file_name(name)
+            stored = [[read_linear(self.files, self.quant, f"{prefix}.{e}.{leaf}", False) for leaf in leaves]
+                      for e in range(fused.num_experts)]
+            experts = []
+            for e, (gate, up, down) in enumerate(shared_expert_input_scales(stored)):
+                linears = [*self._emulated([gate, up]), *self._emulated([down])]
+                experts.append(torch.nn.ModuleDict({proj: ShippedLinear(f"{name}.{e}.{proj}", lin, self.dtype)
+                                                    for proj, lin in zip(("gate_proj", "up_proj", "down_proj"), linears)}))
+            model.set_submodule(name, ShippedExperts(experts, fused.act_fn))
 
     def _kept_stored(self, stored: list[StoredLinear]) -> list[EmulatedLinear]:
         """On a GPU the weights stay as stored and a fused group is dequantized when used: the whole
@@ -201,10 +275,11 @@ class _Loader:
         for name, param in list(model.named_parameters()):
             if not param.is_meta:
                 continue
-            if not self.files.has(name):
-                missing.append(name)
+            stored_name = self.file_name(name)
+            if not self.files.has(stored_name):
+                missing.append(stored_name)
                 continue
-            stored = self.files.get(name)
+            stored = self.files.get(stored_name)
             if not stored.is_floating_point() or stored.dtype == torch.float8_e4m3fn:
                 raise CheckpointError(f"{self.where}: tensor {name} is {stored.dtype}; the executor needs it unquantized")
             if tuple(stored.shape) != tuple(param.shape):
@@ -240,6 +315,7 @@ class _Loader:
         where = self.hf_dir / "config.json"
         cls = model_class(self.arch, self.config, where)
         model = build_shell(cls, transformers_config(cls, self.config, self.vocab_rows(), where), self.dtype, where)
+        self.swap_experts(model)
         self.swap_linears(model)
         self.load_rest(model)
         model.to(self.device)
@@ -296,19 +372,39 @@ def shipped_weight_errors(shipped: ShippedModel, original) -> list[tuple[str, fl
 
 
 def _module_weights(model: torch.nn.Module):
-    def weight(name: str) -> torch.Tensor | None:
-        try:
-            return model.get_submodule(name).weight
-        except AttributeError:
-            return None
-
-    return weight
+    return lambda name: original_weight(model, name)
 
 
 def original_weights(model_dir: Path):
-    """Module name -> the original checkpoint's weight, read from its safetensors (no model on any device)."""
+    """Module name -> the original checkpoint's weight, read from its safetensors (no model on any device).
+    Experts are not matched here (their file names differ by family): the weight errors then skip them."""
     files = HFTensors(Path(model_dir))
     return lambda name: files.get_optional(f"{name}.weight")
+
+
+_EXPERT = re.compile(r"^(?P<fused>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+def original_weight(original: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The original model's weight of a shipped linear: its own nn.Linear, or one expert's slice of
+    transformers 5's fused experts (gate_up_proj [E, 2I, H]: gate rows first, then up; down_proj [E, H, I])."""
+    try:
+        return original.get_submodule(name).weight
+    except AttributeError:
+        pass
+    match = _EXPERT.match(name)
+    if match is None:
+        return None
+    try:
+        fused = original.get_submodule(match["fused"])
+    except AttributeError:
+        return None
+    e = int(match["e"])
+    if match["proj"] == "down_proj":
+        return fused.down_proj[e]
+    gate_up = fused.gate_up_proj[e]
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if match["proj"] == "gate_proj" else gate_up[half:]
 
 
 def is_family_supported(arch: str | None) -> bool:

@@ -90,6 +90,13 @@ def plan_recipe(recipe_ref: str, sets: list[str], gpu: str | None, gpus: int, ca
             check_supported(r)
     except UserError as exc:
         result.refusals.append(str(exc))
+    if result.streamed:  # what the streamed path cannot do, refused by build too (pipeline.memory_plan)
+        from trtconv.stages.streamed import check_supported
+
+        try:
+            check_supported(r)
+        except UserError as exc:
+            result.refusals.append(str(exc))
     return result
 
 

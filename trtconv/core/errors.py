@@ -29,6 +29,10 @@ class DataError(UserError):
     """Calibration or evaluation data is missing, empty or unusable."""
 
 
+class UncalibratedExperts(DataError):
+    """Experts of a mixture-of-experts model left without a usable scale after calibration."""
+
+
 class CheckpointError(UserError):
     """An exported checkpoint does not match the TensorRT-LLM checkpoint format."""
 

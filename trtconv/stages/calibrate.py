@@ -5,6 +5,14 @@ and reuse its logic: the preset from `QUANT_CFG_CHOICES`, the KV-cache entries m
 `update_quant_cfg_with_kv_cache_quant`, the AWQ block size patched into the weight quantizers.
 After calibration a census checks that quantization really happened (no silent no-ops, no zero or
 non-finite amax), because a quantizer that never saw data exports garbage scales.
+
+Mixture-of-experts models: the router of every MoE layer is watched during calibration and the
+tokens each expert received are counted (the manifest's calibrate record). ModelOpt 0.47 holds a
+layer's experts fused (one input quantizer for all of them, one weight quantizer per expert) and
+computes every expert's weight amax from the weights themselves, data-free; the input scale is the
+layer's, which is also what runtimes use (the largest over the experts). An expert that received no
+calibration token is therefore calibrated by that method, and recorded as such; if any of its
+quantizers has no usable amax even so, the build stops (exit 2), naming the experts.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 from trtconv.core import interrupts
 from trtconv.core.imports import import_modelopt
-from trtconv.core.errors import DataError, UserError
+from trtconv.core.errors import DataError, UncalibratedExperts, UserError
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS
 from trtconv.recipe.schema import QuantizationSection
 from trtconv.data.samples import TokenSet
@@ -35,6 +43,7 @@ class CalibrationResult:
     quant_config: dict  # what was handed to mtq.quantize, JSON-able
     census: dict  # enabled quantizers by kind, excluded modules
     dependency_output: list[str] = field(default_factory=list)  # what ModelOpt printed/warned
+    experts: dict | None = None  # MoE: calibration tokens per expert (ExpertTokens.record); None: no experts
 
 
 def build_quant_config(section: QuantizationSection) -> dict:
@@ -193,6 +202,17 @@ def make_forward_loop(tokens: TokenSet, batch_size: int, device: str, progress: 
     return forward_loop
 
 
+def _quantizer_kind(name: str) -> str:
+    """weight_quantizer, input_quantizer, k_bmm_quantizer, ... of a quantizer's module name. W4A8 weight
+    quantizers are sequential ("...weight_quantizer.0"): named by their parent; fused experts' are
+    "experts.gate_up_proj_weight_quantizers.3" / "experts.down_proj_input_quantizer": by their kind."""
+    part = next((p for p in reversed(name.split(".")) if p.endswith(("quantizer", "quantizers"))), name)
+    for kind in ("weight_quantizer", "input_quantizer", "output_quantizer"):
+        if kind in part:
+            return kind
+    return part
+
+
 def quantizer_census(model) -> dict:
     """Which quantizers are on, and whether their calibrated amax is usable."""
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -202,8 +222,7 @@ def quantizer_census(model) -> dict:
     for name, mod in model.named_modules():
         if not isinstance(mod, TensorQuantizer) or not mod.is_enabled:
             continue
-        # W4A8 weight quantizers are sequential ("...weight_quantizer.0"): name them by their parent.
-        kind = next((part for part in reversed(name.split(".")) if part.endswith("quantizer")), name)
+        kind = _quantizer_kind(name)
         counts[kind] = counts.get(kind, 0) + 1
         amax = getattr(mod, "amax", None)
         if amax is not None and not getattr(mod, "_dynamic", False):
@@ -241,6 +260,78 @@ def check_census(census: dict, section: QuantizationSection) -> None:
         )
 
 
+class ExpertTokens:
+    """Counts the calibration tokens each expert of each MoE layer receives, from its router's top-k
+    indices (transformers 5 routers return (logits, weights, indices); the router stays unquantized)."""
+
+    def __init__(self, model):
+        from trtconv.architectures import by_hf_name
+
+        row = by_hf_name((getattr(model.config, "architectures", None) or [None])[0])
+        self.moe = row.experts if row is not None else None
+        self.counts: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        if self.moe is None:
+            return
+        suffix = f".{self.moe.module_block}.{self.moe.router}"
+        for name, module in model.named_modules():
+            if name.endswith(suffix):
+                block = name[: -len(self.moe.router) - 1]
+                self.counts[block] = torch.zeros(int(module.num_experts), dtype=torch.long)
+                self._hooks.append(module.register_forward_hook(self._counter(block)))
+
+    def _counter(self, block: str):
+        def hook(module, args, output) -> None:
+            indices = output[2].reshape(-1)
+            self.counts[block] += torch.bincount(indices.cpu(), minlength=len(self.counts[block]))
+        return hook
+
+    def __enter__(self) -> "ExpertTokens":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def without_tokens(self) -> list[str]:
+        return [f"{block}.experts.{e}" for block, c in self.counts.items() for e in (c == 0).nonzero().flatten().tolist()]
+
+    def record(self) -> dict | None:
+        if self.moe is None:
+            return None
+        return {"tokens": {block: c.tolist() for block, c in self.counts.items()}, "without_tokens": self.without_tokens(),
+                "method_without_tokens": "weight amax from the expert's own weights (data-free), input scale of the layer's experts"}
+
+
+def check_experts(model, experts: ExpertTokens) -> None:
+    """Every expert that received no calibration token has usable weight and input amaxes, or the build stops
+    naming it (the method: module docstring)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    bad = []
+    for expert in experts.without_tokens():
+        fused, _, e = expert.rpartition(".")
+        quantizers = [m for n, m in model.get_submodule(fused).named_modules() if isinstance(m, TensorQuantizer)
+                      and m.is_enabled and (n.endswith(f"quantizers.{e}") or n.endswith("input_quantizer"))]
+        if any(not _usable(q) for q in quantizers):  # none enabled (KV-cache-only): nothing to calibrate
+            bad.append(expert)
+    if bad:
+        tokens = {b: c.tolist() for b, c in experts.counts.items()}
+        raise UncalibratedExperts(
+            f"calibration left {len(bad)} experts without a usable scale (they received no calibration token and "
+            f"ModelOpt gave them no amax): {', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}; tokens per expert: "
+            f"{tokens}; raise calibration.num_samples or use text that reaches these experts"
+        )
+
+
+def _usable(quantizer) -> bool:
+    amax = getattr(quantizer, "amax", None)
+    if amax is None:
+        return False
+    a = amax.detach().float()
+    return bool(torch.isfinite(a).all() and (a > 0).any())
+
+
 def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, device: str, reporter) -> CalibrationResult:
     if not section.quantizes:
         return CalibrationResult(quant_config={}, census={"enabled": {}, "invalid_amax": []})
@@ -254,11 +345,15 @@ def run(model, section: QuantizationSection, tokens: TokenSet, batch_size: int, 
     passes = calibration_passes(cfg)
     reporter.stage("calibrate", f"ModelOpt: {len(passes)} pass{'es' if len(passes) > 1 else ''} over the {len(tokens.rows)} "
                    f"sequences: {', then '.join(passes)}")
-    with quiet_dependency(log):
+    with quiet_dependency(log), ExpertTokens(model) as experts:
         mtq.quantize(model, cfg, make_forward_loop(tokens, batch_size, device, reporter.progress, passes, reporter.info))
     census = quantizer_census(model)
     check_census(census, section)
-    return CalibrationResult(quant_config=_jsonable(cfg), census=census, dependency_output=log)
+    check_experts(model, experts)
+    if experts.without_tokens():
+        reporter.warn(f"{len(experts.without_tokens())} experts received no calibration token ({', '.join(experts.without_tokens()[:4])}); "
+                      "their weight scales come from their own weights, their input scale is their layer's (manifest: calibrate.experts)")
+    return CalibrationResult(quant_config=_jsonable(cfg), census=census, dependency_output=log, experts=experts.record())
 
 
 def _jsonable(obj):

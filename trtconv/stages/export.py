@@ -7,7 +7,9 @@ Qwen2. A Llama-3 model would then run with rope theta 10000 instead of 500000: w
 error. A Mistral sliding window is dropped too (and TensorRT-LLM's own converter drops it as well),
 so an engine would attend over the whole sequence. So after exporting we repair the config from the
 HF config (the window into runtime_defaults.max_attention_window: trtconv.architectures), record
-every repair, and then validate the written files against the format.
+every repair, and then validate the written files against the format. The unified HF checkpoint's
+linears must be stored as narrow as the precision implies (trtconv.checkpoints.export_bits): an
+export that is "quantized" in name only is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
 from trtconv.architectures import ARCHITECTURES, WINDOW_CONFIG_PATH, hf_attention_window
+from trtconv.checkpoints.export_bits import check_quantized_size
 from trtconv.checkpoints.hf_model import compute_dtype
 from trtconv.core.errors import CheckpointError
 from trtconv.artifact.manifest import InputRecord
@@ -301,13 +304,16 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
     if section.hf_checkpoint:
         result.hf_checkpoint_dir = root / HF_CHECKPOINT_DIR
         result.repairs += export_hf(model, tokenizer, section, quant, result.hf_checkpoint_dir, warns)
+        bits = check_quantized_size(result.hf_checkpoint_dir, quant.precision, PRECISIONS[quant.precision].linear_weight_bytes)
+        if bits is not None:
+            result.validation["hf_checkpoint_weight_bits"] = bits.record()
         clock.lap("hf_checkpoint")
     if section.tensorrt_llm_checkpoint:
         result.checkpoint_dir = root / CHECKPOINT_DIR
         result.repairs += export_trtllm(model, hf_config, architecture, section, quant, result.checkpoint_dir, warns, clock)
         report = validate_checkpoint(result.checkpoint_dir)
         raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
-        result.validation = json.loads(json.dumps(raw, default=str))  # paths -> strings: it goes into JSON records
+        result.validation = {**result.validation, **json.loads(json.dumps(raw, default=str))}  # paths -> strings: it goes into JSON records
         clock.lap("validation")
     return result
 

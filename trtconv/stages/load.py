@@ -255,10 +255,54 @@ def _listed(items: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + more
 
 
+_EXPERT_FILE = re.compile(r"^(?P<layer>.+)\.(?P<block>[^.]+)\.experts\.(?P<e>\d+)\.(?P<leaf>[^.]+)\.weight$")
+
+
+def fold_experts(found: dict[str, tuple[tuple[int, ...], str]], model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A mixture-of-experts checkpoint keeps one tensor per expert (Mixtral: block_sparse_moe.experts.3.w1);
+    transformers 5 loads them into fused 3-D parameters (mlp.experts.gate_up_proj [E, 2I, H], down_proj
+    [E, H, I]). Fold the found names and shapes the same way (trtconv.architectures.Experts), so the
+    tensor check compares like with like; a layer whose experts are incomplete stays unfolded and is named."""
+    from trtconv.architectures import by_hf_name
+
+    try:
+        archs = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return found
+    row = by_hf_name(archs[0] if archs else None)
+    moe = row.experts if row is not None else None
+    if moe is None:
+        return found
+    layers: dict[str, dict[tuple[int, str], tuple[str, tuple]]] = {}
+    rest: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, value in found.items():
+        match = _EXPERT_FILE.match(name)
+        if match and match["block"] == moe.file_block and match["leaf"] in moe.file_leaves:
+            layers.setdefault(match["layer"], {})[(int(match["e"]), match["leaf"])] = (name, value)
+        else:
+            rest[name.replace(f".{moe.file_block}.", f".{moe.module_block}.")] = value
+    for layer, tensors in layers.items():
+        rest.update(_fused_experts(layer, tensors, moe))
+    return rest
+
+
+def _fused_experts(layer: str, tensors: dict, moe) -> dict[str, tuple[tuple[int, ...], str]]:
+    count = 1 + max(e for e, _ in tensors)
+    gate, up, down = moe.file_leaves
+    complete = len(tensors) == 3 * count
+    shapes = {leaf: {tensors[(e, leaf)][1][0] for e in range(count) if (e, leaf) in tensors} for leaf in moe.file_leaves}
+    if not complete or any(len(s) != 1 for s in shapes.values()) or shapes[gate] != shapes[up]:
+        return {name: value for name, value in tensors.values()}  # named as they are: unexpected / missing
+    (inter, hidden), = shapes[gate]
+    file = next(iter(tensors.values()))[1][1]
+    fused = f"{layer}.{moe.module_block}.experts"
+    return {f"{fused}.gate_up_proj": ((count, 2 * inter, hidden), file), f"{fused}.down_proj": ((count, *next(iter(shapes[down]))), file)}
+
+
 def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool = False) -> None:
     """Stop on any missing, unexpected or mis-shaped tensor, naming each with expected vs found shapes,
     then on any weight that is not floating point (hf_checks.check_dtypes)."""
-    found = checkpoint_tensors(weights)
+    found = fold_experts(checkpoint_tensors(weights), model_dir)
     want = expected_tensors(model_dir, trust_remote_code)
     expected, prefix = want.shapes, want.prefix
     # A checkpoint saved from the base model (LlamaModel) lacks the "model." prefix: transformers adds it.
@@ -438,6 +482,7 @@ def check_family(recipe: Recipe, arch: str, model_dir: Path) -> None:
     from trtconv.artifact.layout import CHECKPOINT_DIR
     from trtconv.engine.targets import ENGINE_TARGETS
 
+    check_expert_precision(recipe, arch, model_dir)
     why = ARCHITECTURES[arch].no_trtllm_checkpoint
     target = ENGINE_TARGETS.get(recipe.engine.target)
     if why is None:
@@ -450,6 +495,20 @@ def check_family(recipe: Recipe, arch: str, model_dir: Path) -> None:
     if not recipe.export.hf_checkpoint:
         raise UserError(f"{model_dir / 'config.json'}: {arch} ships as the unified HF checkpoint only; set "
                         "export.hf_checkpoint: true (and export.tensorrt_llm_checkpoint: false)")
+
+
+def check_expert_precision(recipe: Recipe, arch: str, model_dir: Path) -> None:
+    """A mixture-of-experts family converts only the precisions its row lists (trtconv.architectures.Experts)."""
+    from trtconv.architectures import ARCHITECTURES
+
+    experts = ARCHITECTURES[arch].experts
+    precision = recipe.quantization.precision
+    if experts is None or precision in experts.precisions:
+        return
+    raise UserError(
+        f"{model_dir / 'config.json'}: {arch} (mixture of experts) with quantization.precision {precision}: not converted "
+        f"({experts.why_not}); allowed for {arch}: {', '.join(experts.precisions)}"
+    )
 
 
 def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:

@@ -1,0 +1,118 @@
+"""Mixture-of-experts families (Mixtral, Qwen3-MoE) through ModelOpt's unified HF export and the gate's executor.
+
+Tiny random models from transformers' own config classes (tests/factories.py: 4 experts, top-2; Qwen3-MoE
+with norm_topk_prob off and one dense layer), calibrated by ModelOpt 0.47 for real, exported by
+``export_hf_checkpoint`` (one tensor set per expert), run by trtconv's executor: the family's transformers
+class, its own router, and ShippedExperts computing each expert from the shipped tensors. Checked:
+
+- unquantized (transformers' own save_pretrained, which writes the same per-expert names), the executor
+  is the original model: the expert layout, the name mapping and the routing are right;
+- quantized (fp8, fp8 + FP8 KV cache), the executor's distance to the original agrees with ModelOpt's
+  own fake-quant forward's (the ratio band of tests/contract/test_families.py);
+- every expert projection is a ShippedLinear named ``...experts.<e>.<gate|up|down>_proj`` and has a
+  weight error against the original's fused expert slice;
+- one activation scale per layer's experts (the largest), as vLLM's FP8 MoE loads them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.contract.test_hf_checkpoint_executor import export_hf, rewrite_hf_tensor
+from tests.exports import _one_thread, copy_checkpoint, hf_logits, make_model, quantize, rel_error, token_batches  # noqa: F401
+from tests.factories import MOE_FAMILIES
+from trtconv.checkpoints.hf_executor import ShippedExperts, ShippedLinear, load_shipped_model, shipped_weight_errors
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    models = {arch: make_model(root, arch) for arch in MOE_FAMILIES}
+    for model in models.values():
+        model.config.architectures = [type(model).__name__]
+    return models
+
+
+def _ids(model) -> torch.Tensor:
+    return token_batches(model.config.vocab_size, count=1, batch=2, length=24, seed=7)[0]
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_unquantized_checkpoint_runs_as_the_original(moe_models, tmp_path, arch):
+    model = moe_models[arch]
+    model.save_pretrained(tmp_path / "hf")
+    shipped = load_shipped_model(tmp_path / "hf")
+    assert any(isinstance(m, ShippedExperts) for m in shipped.model.modules())
+    ids = _ids(model)
+    assert rel_error(shipped.logits(ids), hf_logits(model, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("kv", [False, True], ids=["fp8", "fp8_kv"])
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_executor_agrees_with_modelopt_fake_quant(moe_models, tmp_path, arch, kv):
+    model = moe_models[arch]
+    quantized = quantize(model, "fp8", kv_fp8=kv)
+    shipped = load_shipped_model(export_hf(quantized, tmp_path / "hf"))
+    ids = _ids(model)
+    original = hf_logits(model, ids)
+    executor_error = rel_error(shipped.logits(ids), original)
+    fake_quant_error = rel_error(hf_logits(quantized, ids), original)
+    assert fake_quant_error > 0.01  # the quantization is real
+    assert 0.75 < executor_error / fake_quant_error < 1.33, (executor_error, fake_quant_error)
+    errors = dict(shipped_weight_errors(shipped, model))
+    experts = model.config.num_local_experts if arch == "mixtral" else model.config.num_experts
+    for e in range(experts):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert 0 < errors[f"model.layers.0.mlp.experts.{e}.{proj}"] < 0.1, errors
+
+
+def test_one_activation_scale_for_all_experts(moe_models, tmp_path):
+    """An expert whose stored input_scale is raised moves every expert's activation rounding (the largest wins)."""
+    model = moe_models["qwen3_moe"]
+    hf_dir = export_hf(quantize(model, "fp8"), tmp_path / "hf")
+    ids = _ids(model)
+    before = load_shipped_model(hf_dir)
+    raised = copy_checkpoint(hf_dir, tmp_path / "raised")  # a copy: the first model's tensors may map the file
+    rewrite_hf_tensor(raised, "model.layers.0.mlp.experts.0.gate_proj.input_scale", lambda s: s * 8)
+    rewrite_hf_tensor(raised, "model.layers.0.mlp.experts.0.up_proj.input_scale", lambda s: s * 8)
+    after = load_shipped_model(raised)
+    x = 10 * torch.randn(5, model.config.hidden_size)  # beyond 448 x the old scale: clipped there, not under the new one
+    for e in (1, 2, 3):  # experts whose own tensors are unchanged
+        name = f"model.layers.0.mlp.experts.{e}.gate_proj"
+        old, new = (m.model.get_submodule(name) for m in (before, after))
+        assert isinstance(new, ShippedLinear) and not torch.equal(old(x), new(x))
+    assert not torch.equal(after.logits(ids), before.logits(ids))
+
+
+def test_expert_without_calibration_tokens_is_counted_and_checked(tmp_path):
+    """A never-routed expert: counted (0 tokens), its ModelOpt weight amax is its own max |W| (data-free), so it
+    passes; with that amax gone (as if ModelOpt had left it unset) the build stops naming the expert."""
+    import modelopt.torch.quantization as mtq
+
+    from tests.exports import load_bf16_exact_model, quant_config
+    from tests.factories import make_moe_with_unrouted_expert
+    from trtconv.core.errors import UncalibratedExperts
+    from trtconv.stages.calibrate import ExpertTokens, check_experts
+
+    model = load_bf16_exact_model(make_moe_with_unrouted_expert(tmp_path / "m"))
+    batches = token_batches(model.config.vocab_size)
+    with ExpertTokens(model) as experts, torch.no_grad():
+        mtq.quantize(model, quant_config("fp8"), lambda m: [m(ids) for ids in batches])
+    assert experts.without_tokens() == ["model.layers.0.mlp.experts.4"]
+    assert sum(experts.counts["model.layers.0.mlp"].tolist()) == 2 * sum(b.numel() for b in batches)
+    check_experts(model, experts)
+    fused = model.model.layers[0].mlp.experts
+    assert torch.allclose(fused.gate_up_proj_weight_quantizers[4].amax.float(), fused.gate_up_proj[4].abs().max().float())
+    fused.down_proj_weight_quantizers[4].reset_amax()
+    with pytest.raises(UncalibratedExperts, match=r"model\.layers\.0\.mlp\.experts\.4"):
+        check_experts(model, experts)
+
+
+def test_experts_kept_as_stored_give_the_same_logits(moe_models, tmp_path):
+    """The GPU's way (stored expert weights, each gate/up pair dequantized when used) equals dense weights exactly."""
+    model = moe_models["mixtral"]
+    hf_dir = export_hf(quantize(model, "fp8", kv_fp8=True), tmp_path / "hf")
+    ids = _ids(model)
+    dense = load_shipped_model(hf_dir, keep_stored=False).logits(ids)
+    assert torch.equal(load_shipped_model(hf_dir, keep_stored=True).logits(ids), dense)
