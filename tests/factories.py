@@ -19,6 +19,17 @@ _TOKENIZER_TEXT = [
 ]
 
 
+# `trtconv calibrate` arguments for plumbing runs on random tiny models: small and fast, the accuracy gate
+# relaxed (random models give noise; accuracy is asserted on the trained reference models).
+PLUMBING_ARGS = [
+    "--num-samples", "4", "--seq-len", "64", "--batch-size", "4",
+    "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64",
+    "--set", "evaluate.allow_inconclusive=true",
+    "--set", "evaluate.gates.max_ppl_increase_pct=1000", "--set", "evaluate.gates.max_kl=100",
+    "--set", "evaluate.gates.min_top1_agreement=0",
+]
+
+
 # A chat template as real instruct models ship one (ChatML, like SmolLM2 / Qwen2): it must reach the
 # artifact's tokenizer/ so a runtime can format conversations.
 CHAT_TEMPLATE = (

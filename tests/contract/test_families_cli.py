@@ -13,17 +13,11 @@ import json
 
 import pytest
 
-from tests.factories import make_tiny_model
+from tests.factories import PLUMBING_ARGS, make_tiny_model
 
 pytestmark = pytest.mark.integration
 
-FAST = [
-    "--num-samples", "4", "--seq-len", "64", "--batch-size", "4",
-    "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64",
-    "--set", "evaluate.allow_inconclusive=true",
-    "--set", "evaluate.gates.max_ppl_increase_pct=1000", "--set", "evaluate.gates.max_kl=100",
-    "--set", "evaluate.gates.min_top1_agreement=0",
-]
+FAST = PLUMBING_ARGS
 HF_CLASS = {"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 

@@ -12,19 +12,15 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from tests.factories import PLUMBING_ARGS
 from safetensors import safe_open
 
 from trtconv.gate.sensitivity import advice_lines, exclude_pattern
 
 pytestmark = pytest.mark.integration
 
-FAST = [
-    "--num-samples", "4", "--seq-len", "64", "--batch-size", "4",
-    "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64",
-    "--set", "evaluate.allow_inconclusive=true",
-    "--set", "evaluate.gates.max_ppl_increase_pct=1000", "--set", "evaluate.gates.max_kl=100",
-    "--set", "evaluate.gates.min_top1_agreement=0",
-]
+FAST = PLUMBING_ARGS
 
 
 def printed_exclude() -> str:

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from tests.factories import PLUMBING_ARGS
 from safetensors import safe_open
 
 from trtconv.artifact.writer import sha256_file
@@ -17,13 +19,7 @@ from trtconv.artifact.writer import sha256_file
 pytestmark = pytest.mark.integration
 
 # Plumbing runs: small and fast; the accuracy gate is switched off (random models give noise).
-FAST = [
-    "--num-samples", "4", "--seq-len", "64", "--batch-size", "4",
-    "--set", "evaluate.num_samples=8", "--set", "evaluate.seq_len=64",
-    "--set", "evaluate.allow_inconclusive=true",
-    "--set", "evaluate.gates.max_ppl_increase_pct=1000", "--set", "evaluate.gates.max_kl=100",
-    "--set", "evaluate.gates.min_top1_agreement=0",
-]
+FAST = PLUMBING_ARGS
 
 EXPECTED_ALGO = {
     ("fp8", "none"): ("FP8", None),
