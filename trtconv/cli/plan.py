@@ -84,10 +84,6 @@ def plan_recipe(recipe_ref: str, sets: list[str], gpu: str | None, gpus: int, ca
                              disk=disk_here(out, cache_root()), serve=serve, gpus=gpus)
     try:
         result.warnings = preflight_warnings(r, hf_cfg, device)
-        if result.streamed:  # what build's memory plan refuses on the layer-streamed path (pipeline.memory_plan)
-            from trtconv.stages.streamed import check_supported
-
-            check_supported(r)
     except UserError as exc:
         result.refusals.append(str(exc))
     if result.streamed:  # what the streamed path cannot do, refused by build too (pipeline.memory_plan)
