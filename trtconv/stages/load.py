@@ -25,7 +25,7 @@ from trtconv.core.errors import ModelError
 from trtconv.architectures import HF_NAMES, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
-from trtconv.checkpoints.hf_checks import check_dtypes
+from trtconv.checkpoints.hf_checks import ALLOWED_WEIGHT_DTYPES, check_dtypes
 from trtconv.checkpoints.hf_model import TOKENIZER_FILES, VOCABULARY_FILES, read_hf_config
 from trtconv.recipe.schema import ModelSection, Recipe
 
@@ -258,7 +258,7 @@ def _listed(items: list[str], limit: int = 12) -> str:
 _EXPERT_FILE = re.compile(r"^(?P<layer>.+)\.(?P<block>[^.]+)\.experts\.(?P<e>\d+)\.(?P<leaf>[^.]+)\.weight$")
 
 
-def fold_experts(found: dict[str, tuple[tuple[int, ...], str]], model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def fold_experts(found: dict[str, tuple[tuple[int, ...], str, str]], model_dir: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
     """A mixture-of-experts checkpoint keeps one tensor per expert (Mixtral: block_sparse_moe.experts.3.w1);
     transformers 5 loads them into fused 3-D parameters (mlp.experts.gate_up_proj [E, 2I, H], down_proj
     [E, H, I]). Fold the found names and shapes the same way (trtconv.architectures.Experts), so the
@@ -274,7 +274,7 @@ def fold_experts(found: dict[str, tuple[tuple[int, ...], str]], model_dir: Path)
     if moe is None:
         return found
     layers: dict[str, dict[tuple[int, str], tuple[str, tuple]]] = {}
-    rest: dict[str, tuple[tuple[int, ...], str]] = {}
+    rest: dict[str, tuple[tuple[int, ...], str, str]] = {}
     for name, value in found.items():
         match = _EXPERT_FILE.match(name)
         if match and match["block"] == moe.file_block and match["leaf"] in moe.file_leaves:
@@ -286,7 +286,7 @@ def fold_experts(found: dict[str, tuple[tuple[int, ...], str]], model_dir: Path)
     return rest
 
 
-def _fused_experts(layer: str, tensors: dict, moe) -> dict[str, tuple[tuple[int, ...], str]]:
+def _fused_experts(layer: str, tensors: dict, moe) -> dict[str, tuple[tuple[int, ...], str, str]]:
     count = 1 + max(e for e, _ in tensors)
     gate, up, down = moe.file_leaves
     complete = len(tensors) == 3 * count
@@ -295,8 +295,11 @@ def _fused_experts(layer: str, tensors: dict, moe) -> dict[str, tuple[tuple[int,
         return {name: value for name, value in tensors.values()}  # named as they are: unexpected / missing
     (inter, hidden), = shapes[gate]
     file = next(iter(tensors.values()))[1][1]
+    # One dtype for the fused tensor: a refused one where any expert has it, so the dtype check still names it.
+    dtypes = sorted({value[2] for _, value in tensors.values()}, key=lambda d: d in ALLOWED_WEIGHT_DTYPES)
     fused = f"{layer}.{moe.module_block}.experts"
-    return {f"{fused}.gate_up_proj": ((count, 2 * inter, hidden), file), f"{fused}.down_proj": ((count, *next(iter(shapes[down]))), file)}
+    return {f"{fused}.gate_up_proj": ((count, 2 * inter, hidden), file, dtypes[0]),
+            f"{fused}.down_proj": ((count, *next(iter(shapes[down]))), file, dtypes[0])}
 
 
 def check_tensors(model_dir: Path, weights: list[Path], trust_remote_code: bool = False) -> None:
