@@ -44,7 +44,21 @@ def _wrapped_deadlock() -> RuntimeError:
         return outer
 
 
-@pytest.mark.parametrize("error", [_DeadlockError("deadlock detected"), _wrapped_deadlock()], ids=["raw", "wrapped"])
+def _half_imported() -> RuntimeError:
+    """As seen in a loaded CI run: transformers' lazy module failed because importlib's _find_and_load met
+    'accelerate' half imported (and then removed) by the background ModelOpt import: KeyError: 'accelerate'."""
+    try:
+        try:
+            raise KeyError("accelerate")
+        except KeyError as inner:
+            raise RuntimeError("Failed to import transformers.generation.utils") from inner
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize("error", [_DeadlockError("deadlock detected"), _wrapped_deadlock(), _half_imported(),
+                                   ImportError("cannot import name 'dispatch_model' from partially initialized module")],
+                         ids=["raw", "wrapped", "half_imported", "partially_initialized"])
 def test_an_import_deadlock_is_retried_once_after_the_background_import(background, error):
     fn, calls = _flaky(error)
     assert imports.retry_after_import_deadlock(fn) == "model" and len(calls) == 2
