@@ -410,7 +410,9 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
                  compute_dtype=dtype, **({"experts": calib.experts} if calib.experts is not None else {}))
     )
     with StageMeter("export") as m:
-        reporter.stage("export", f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}")
+        written = ([f"TensorRT-LLM checkpoint, tp={recipe.export.tp_size} pp={recipe.export.pp_size}"] if recipe.export.tensorrt_llm_checkpoint
+                   else []) + (["unified HF checkpoint"] if recipe.export.hf_checkpoint else [])
+        reporter.stage("export", " and ".join(written))
         exported = export.run(model, tokenizer, model.config, arch, recipe.export, quantization, root)
         for r in exported.repairs:
             reporter.stage("export", f"repaired config.json {r.key}: {r.before!r} -> {r.after!r}")
