@@ -148,6 +148,23 @@ def by_hf_name(name: str | None) -> Architecture | None:
     return ARCHITECTURES.get(name) if name else None
 
 
+def row_for_config(cfg: dict) -> Architecture | None:
+    """The row of a Hugging Face config.json: its first `architectures` entry the table has (the load stage's rule)."""
+    return next((ARCHITECTURES[a] for a in cfg.get("architectures") or [] if a in ARCHITECTURES), None)
+
+
+def row_for_folder(model_dir) -> Architecture | None:
+    """row_for_config of a folder's config.json; None where it is missing or unreadable (the load stage names that)."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return row_for_config(cfg) if isinstance(cfg, dict) else None
+
+
 def by_trtllm_name(name: str | None) -> Architecture | None:
     return _BY_TRTLLM_NAME.get(name) if name else None
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from trtconv.architectures import ARCHITECTURES, by_hf_name
+from trtconv.architectures import ARCHITECTURES
 from trtconv.checkpoints.hf_reader import (
     HFTensors,
     KVCacheScales,
@@ -49,12 +49,12 @@ from trtconv.checkpoints.hf_reader import (
     check_hf_architecture,
     dequantized_weights,
     fused_linears,
-    group_activation_quant,
+    fused_group_input,
     model_dtype,
     read_linear,
     read_quantization,
 )
-from trtconv.checkpoints.quant import fp8_round_trip, same_across_group
+from trtconv.checkpoints.quant import fp8_round_trip
 from trtconv.checkpoints.trtllm_reader import EmulatedLinear, dense
 from trtconv.core.errors import CheckpointError
 
@@ -251,10 +251,8 @@ class _Loader:
         TensorRT-LLM checkpoint reader does: trtconv.checkpoints.trtllm_reader.dense)."""
         moved = [StoredLinear(s.prefix, s.algo, *(None if t is None else t.to(self.device) for t in (
             s.weight, s.weight_scale, s.weight_scale_2, s.input_scale, s.pre_quant_scale, s.bias))) for s in stored]
-        if len({s.algo for s in moved}) > 1:
-            raise CheckpointError(f"{self.where}: exclude_modules quantizes only part of a fused group ({', '.join(s.prefix for s in moved)})")
-        act = group_activation_quant(moved, self.where)
-        prequant = self._cast(same_across_group(moved, "pre_quant_scale", self.where))
+        act, prequant = fused_group_input(moved, self.where)
+        prequant = self._cast(prequant)
 
         def member(i: int):
             return lambda: dequantized_weights(moved, self.quant, self.runtime_dtype, self.where)[i].to(self.dtype)
@@ -405,7 +403,3 @@ def original_weight(original: torch.nn.Module, name: str) -> torch.Tensor | None
     gate_up = fused.gate_up_proj[e]
     half = gate_up.shape[0] // 2
     return gate_up[:half] if match["proj"] == "gate_proj" else gate_up[half:]
-
-
-def is_family_supported(arch: str | None) -> bool:
-    return by_hf_name(arch) is not None

@@ -76,10 +76,9 @@ def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: 
 
 def family_attention(model_dir: Path) -> dict:
     """{"attn_implementation": ...} where the family's row needs one (trtconv.architectures), else {}."""
-    from trtconv.architectures import by_hf_name
+    from trtconv.architectures import row_for_config
 
-    archs = read_hf_config(Path(model_dir)).get("architectures") or []
-    row = by_hf_name(archs[0] if archs else None)
+    row = row_for_config(read_hf_config(Path(model_dir)))
     return {"attn_implementation": row.attn_implementation} if row is not None and row.attn_implementation else {}
 
 

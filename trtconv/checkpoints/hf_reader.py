@@ -349,13 +349,18 @@ def group_activation_quant(group: list[StoredLinear], where: Path) -> Activation
     return activation_quant_for(algo, scale)
 
 
-def fused_linears(group: list[StoredLinear], quant: HFQuantization, runtime_dtype: torch.dtype, where: Path) -> list[EmulatedLinear]:
-    """The members of one fused GEMM as EmulatedLinears sharing its input smoothing and quantizer."""
+def fused_group_input(group: list[StoredLinear], where: Path) -> tuple[ActivationQuant | None, torch.Tensor | None]:
+    """(activation quantizer, smoothing scale) one fused GEMM applies to its single input, after checking
+    that its members are quantized alike."""
     if len({s.algo for s in group}) > 1:
         names = ", ".join(s.prefix for s in group)
         raise CheckpointError(f"{where}: exclude_modules quantizes only part of a fused group ({names})")
-    act = group_activation_quant(group, where)
-    prequant = same_across_group(group, "pre_quant_scale", where)
+    return group_activation_quant(group, where), same_across_group(group, "pre_quant_scale", where)
+
+
+def fused_linears(group: list[StoredLinear], quant: HFQuantization, runtime_dtype: torch.dtype, where: Path) -> list[EmulatedLinear]:
+    """The members of one fused GEMM as EmulatedLinears sharing its input smoothing and quantizer."""
+    act, prequant = fused_group_input(group, where)
     weights = dequantized_weights(group, quant, runtime_dtype, where)
     return [EmulatedLinear(w, s.bias, prequant, act) for w, s in zip(weights, group)]
 

@@ -92,15 +92,9 @@ def build(
 def _family_exports(model: Path) -> dict:
     """A family whose legacy TensorRT-LLM checkpoint trtconv does not convert (trtconv.architectures)
     gets the unified HF checkpoint only; an unreadable folder is left to the load stage to name."""
-    import json
+    from trtconv.architectures import row_for_folder
 
-    from trtconv.architectures import by_hf_name
-
-    try:
-        archs = json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return {}
-    row = by_hf_name(archs[0] if archs else None)
+    row = row_for_folder(model)
     if row is None or row.no_trtllm_checkpoint is None:
         return {}
     return {"tensorrt_llm_checkpoint": False, "hf_checkpoint": True}

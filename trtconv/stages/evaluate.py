@@ -138,15 +138,7 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     errors = weight_errors_of(checkpoint_dir, baseline, candidate) if weight_errors else []
-    worst_layers = sorted(errors, key=lambda x: -x[1])[:5]
-    record = {
-        **tokens.manifest_record(),
-        "candidate": kind,
-        "baseline": f"original HF checkpoint (transformers, {dtype})",
-        "path": "in_memory",
-        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
-        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in worst_layers],
-    }
+    record = evaluation_record(tokens, stats, errors, kind, f"original HF checkpoint (transformers, {dtype})", "in_memory")
     if engine is not None and not engine.available:
         record["engine_fallback_reason"] = engine.reason
     if task_correct is not None:
@@ -223,14 +215,8 @@ def evaluate_sequential(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate)
     errors = shipped_weight_errors(candidate.model, original_weights(model_dir)) if weight_errors else []
-    record = {
-        **tokens.manifest_record(),
-        "candidate": kind,
-        "baseline": f"original HF checkpoint (transformers, {dtype}), its logits recorded first",
-        "path": "sequential",
-        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
-        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in sorted(errors, key=lambda x: -x[1])[:5]],
-    }
+    record = evaluation_record(tokens, stats, errors, kind,
+                               f"original HF checkpoint (transformers, {dtype}), its logits recorded first", "sequential")
     report_gates(gates, reporter)
     return EvalOutcome(summary, gates, record, stats, errors)
 
@@ -257,18 +243,26 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     errors = pair.errors
-    record = {
-        **tokens.manifest_record(),
-        "candidate": executor_candidate("TensorRT-LLM checkpoint", device),
-        "baseline": f"original HF checkpoint (transformers, {dtype})",
-        "path": "streamed",
-        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
-        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in sorted(errors, key=lambda x: -x[1])[:5]],
-    }
+    record = evaluation_record(tokens, stats, errors, executor_candidate("TensorRT-LLM checkpoint", device),
+                               f"original HF checkpoint (transformers, {dtype})", "streamed")
     if task_correct is not None:
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
     report_gates(gates, reporter)
     return EvalOutcome(summary, gates, record, stats, errors, seconds)
+
+
+def evaluation_record(tokens, stats, errors: list, candidate: str, baseline: str, path: str) -> dict:
+    """The manifest's `evaluation` section, whichever path computed the statistics (the keys in this order)."""
+    from trtconv.gate import stats as evaluate
+
+    return {
+        **tokens.manifest_record(),
+        "candidate": candidate,
+        "baseline": baseline,
+        "path": path,
+        "worst_documents": evaluate.worst_documents(stats, tokens.doc_ids),
+        "worst_layers": [{"layer": n, "relative_weight_error": e} for n, e in sorted(errors, key=lambda x: -x[1])[:5]],
+    }
 
 
 def baseline_dtype(device: str, model_dtype: str) -> str:

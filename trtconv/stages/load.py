@@ -263,13 +263,9 @@ def fold_experts(found: dict[str, tuple[tuple[int, ...], str, str]], model_dir: 
     transformers 5 loads them into fused 3-D parameters (mlp.experts.gate_up_proj [E, 2I, H], down_proj
     [E, H, I]). Fold the found names and shapes the same way (trtconv.architectures.Experts), so the
     tensor check compares like with like; a layer whose experts are incomplete stays unfolded and is named."""
-    from trtconv.architectures import by_hf_name
+    from trtconv.architectures import row_for_folder
 
-    try:
-        archs = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return found
-    row = by_hf_name(archs[0] if archs else None)
+    row = row_for_folder(model_dir)
     moe = row.experts if row is not None else None
     if moe is None:
         return found
@@ -458,11 +454,11 @@ def check_config(cfg: dict, model_dir: Path) -> str:
 def check_recipe_against_model(recipe: Recipe, hf_cfg: dict, model_dir: Path) -> None:
     """The recipe against the model's config.json: the family's exports, sequence lengths, the parallel
     split (build, plan, doctor)."""
-    from trtconv.architectures import HF_NAMES
+    from trtconv.architectures import row_for_config
 
-    arch = next((a for a in hf_cfg.get("architectures") or [] if a in HF_NAMES), None)
-    if arch is not None:
-        check_family(recipe, arch, model_dir)
+    row = row_for_config(hf_cfg)
+    if row is not None:
+        check_family(recipe, row.hf_name, model_dir)
     check_lengths(recipe, hf_cfg, model_dir)
     check_parallelism(recipe, hf_cfg)
 
