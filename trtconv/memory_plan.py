@@ -328,7 +328,8 @@ def disk_checks(export_bytes: int, parts: bool, disk: Disk | None) -> list[Check
 def _sm_check(plan: MemoryPlan, recipe, serve: Gpu) -> None:
     """Serving needs the precision's tensor cores (trtconv.precisions.min_sm): fp8 on an A100 (SM 8.0) cannot run."""
     q = recipe.quantization
-    need = min_sm(q.precision, q.kv_cache)
+    needs = [sm for sm in (min_sm(p, q.kv_cache) for p in q.precisions_used) if sm is not None]  # auto: every candidate
+    need = max(needs) if needs else None
     if need is None:
         return
     plan.checks.append(Check("serve (GPU SM)", "gpu", need, serve.sm, f"{q.precision} (KV cache {q.kv_cache}) tensor cores", "sm"))
@@ -354,7 +355,7 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
     streaming = getattr(recipe.calibration, "streaming", "never")
     plan = MemoryPlan(gpu=gpu_name, gpu_memory_bytes=gpu_memory_bytes, gpus=gpus, params=shape.params(),
                       layer_bytes=shape.layer_params() * load_b, load_bytes=shape.params() * load_b,
-                      export_bytes=_export_bytes(shape, q.precision, DTYPE_BYTES[ex.dtype]),
+                      export_bytes=_export_bytes(shape, q.plan_precision, DTYPE_BYTES[ex.dtype]),
                       kv_bytes_per_token=shape.kv_bytes_per_token(1 if q.kv_cache == "fp8" else DTYPE_BYTES[ex.dtype]),
                       streaming=streaming, streamed=streaming == "always", serve_gpu=serve.name if serve else gpu_name,
                       on_gpu=on_gpu)
@@ -405,7 +406,7 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
     batch_tokens = cal.batch_size * cal.seq_len
     # Cached hidden states: the layer's inputs and outputs, twice more for AWQ with an FP8 KV cache
     # (its search pass sees quantized-attention outputs, a second stream).
-    streams = 2 if (q.kv_cache != "none" and "awq" in q.precision) else 1
+    streams = 2 if (q.kv_cache != "none" and any("awq" in p for p in q.precisions_used)) else 1
     act_cache = cal.num_samples * cal.seq_len * shape.hidden * load_b * 2 * streams
     fwd_layer = _activation_bytes(shape, batch_tokens, load_b)
     fwd = fwd_layer + batch_tokens * shape.vocab * load_b
@@ -421,7 +422,7 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
               host_bytes, "a rank's export, held in host memory by ModelOpt"))
     # Streamed: embeddings/lm_head (and the shell export's copies of them), one layer with ModelOpt's
     # temporaries, the activation cache and one batch's forward.
-    margin = STREAM_MARGIN + (AWQ_EXTRA_LAYERS if "awq" in q.precision else 0.0)
+    margin = STREAM_MARGIN + (AWQ_EXTRA_LAYERS if any("awq" in p for p in q.precisions_used) else 0.0)
     stream_gpu = (context_bytes + (1 + SHELL_EXPORT_OUTER_COPIES) * outer_bytes + int(layer_bytes * margin)
                   + act_cache + fwd_layer)
     add(Check("calibrate (streamed)", "gpu", stream_gpu, gpu, "embeddings/lm_head (+ export copies) + one layer + cache"))
@@ -441,7 +442,7 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
     """
     ev, ex = recipe.evaluate, recipe.export
     base_b = DTYPE_BYTES[recipe.model.dtype] if on_gpu else 4
-    linear_b = linear_bytes(recipe.quantization.precision, DTYPE_BYTES[ex.dtype]) if on_gpu else 4
+    linear_b = linear_bytes(recipe.quantization.plan_precision, DTYPE_BYTES[ex.dtype]) if on_gpu else 4
     cand_layer = int(shape.layer_linear_params() * linear_b) + shape.layer_other_params() * 4
     dequantized = 2 * shape.hidden * shape.intermediate * 4 if on_gpu else 0  # the widest linear, dequantized and cast
     tokens = ev.batch_size * ev.seq_len

@@ -141,7 +141,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     if opts.junit:
         check_junit_path(opts.junit)  # written at the very end: a bad path must not cost the whole run
     engine_stage.check_required(recipe, opts.require_engine)
-    check_cuda_forward(PRECISIONS[recipe.quantization.precision], device.kind)  # before a reference model trains
+    for name in recipe.quantization.precisions_used:  # before a reference model trains (auto: every candidate)
+        check_cuda_forward(PRECISIONS[name], device.kind)
     started = time.monotonic()
     run_key = whole_run_key(recipe, opts, device, reporter) if cache is not None and not opts.repro_check else None
     if run_key is not None:
@@ -241,7 +242,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         evaluation = outcome_eval.record if outcome_eval else {}
 
         passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
-        if not passed and recipe.evaluate.sensitivity and recipe.quantization.precision != "none":
+        if not passed and recipe.evaluate.sensitivity and recipe.quantization.precision not in ("none", "auto"):
             with StageMeter("sensitivity") as m:
                 evaluation = {**evaluation, "advice": advise(recipe, model_dir, calib_tokens, eval_tokens,
                                                              calib_record, metrics, torch_device, reporter)}
@@ -252,7 +253,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             command=opts.command,
             created_utc=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             status="passed" if passed else "failed",
-            status_reason="" if passed else "accuracy gate failed: " + ", ".join(g.metric for g in gates if g.verdict != "pass"),
+            status_reason="" if passed else "accuracy gate failed: " + ", ".join(g.metric for g in gates if g.verdict != "pass")
+            + (f"; precision auto: {calib_record['search']['stop_reason']}" if calib_record.get("search", {}).get("stop_reason") else ""),
             recipe=recipe.model_dump(mode="json"),
             recipe_sha256=recipe.sha256(),
             inputs=all_inputs(inputs, recipe, calib_packs, eval_packs),
@@ -390,6 +392,10 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
 
     if streamed:
         return run_streamed(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
+    if recipe.quantization.is_auto:  # the per-layer search calibrates every candidate (trtconv.stages.search)
+        from trtconv.stages import search
+
+        return search.run_unit(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter, model=model)
     stages = []
     with StageMeter("calibrate") as m:
         dtype = compute_dtype(recipe.model.dtype, device)

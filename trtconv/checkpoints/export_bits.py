@@ -92,3 +92,32 @@ def check_quantized_size(hf_dir: Path, precision: str, weight_bytes: float | Non
             "(quantization.exclude) or report the export as a ModelOpt bug"
         )
     return found
+
+
+# Stored bits per weight of each quant_algo a mixed checkpoint's `quantized_layers` names (scales not counted).
+ALGO_BITS = {"FP8": 8, "W8A8_SQ_PER_CHANNEL": 8, "W4A16_AWQ": 4, "W4A8_AWQ": 4, "NVFP4": 4}
+
+
+def mixed_weight_bits(hf_dir: Path) -> WeightBits:
+    """A MIXED_PRECISION checkpoint (`quantization.precision: auto`): every decoder-layer linear against its own
+    entry of `quantized_layers` (unlisted: unquantized, 16 bits); bits_per_weight over all of them, as the search counts."""
+    quant = json.loads((hf_dir / "hf_quant_config.json").read_text(encoding="utf-8")).get("quantization") or {}
+    layers = quant.get("quantized_layers") or {}
+    stored = logical = 0
+    count, wider = 0, []
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        for name, info in read_header(path).items():
+            module = name.removesuffix(".weight")
+            if module == name or ".layers." not in name or len(info["shape"]) != 2:
+                continue
+            limit = ALGO_BITS.get((layers.get(module) or {}).get("quant_algo"), 16)
+            bits = DTYPE_BITS.get(info["dtype"], 16)
+            numel = info["shape"][0] * info["shape"][1]
+            packed = 2 if limit < 8 and info["dtype"] in ("U8", "I8") else 1
+            stored, logical, count = stored + bits * numel, logical + numel * packed, count + 1
+            if bits / packed > limit:
+                wider.append(f"{name} ({info['dtype']})")
+    if wider:
+        raise CheckpointError(f"{hf_dir}: {len(wider)} decoder-layer linears are stored wider than their quantized_layers "
+                              f"format: {', '.join(wider[:5])}; report the export as a ModelOpt bug")
+    return WeightBits(stored / logical if logical else 0.0, 16.0, count, ())

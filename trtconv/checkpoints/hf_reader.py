@@ -112,10 +112,19 @@ class HFQuantization:
     group_size: int
     exclude_modules: tuple[str, ...]
     source: Path | None  # None: the checkpoint is not quantized
+    # quant_algo MIXED_PRECISION (ModelOpt's per-layer form, e.g. `quantization.precision: auto`):
+    # module name -> its own quant_algo, from `quantized_layers`; a module not listed is unquantized.
+    layers: dict[str, str] | None = None
 
     def excludes(self, module: str) -> bool:
         """ModelOpt writes exact names and fnmatch patterns ("lm_head", "*layers.0.mlp*")."""
         return any(fnmatch.fnmatchcase(module, pattern) for pattern in self.exclude_modules)
+
+    def algo_for(self, module: str) -> str | None:
+        """The quant_algo one linear is stored in: its own entry of a mixed checkpoint, else the checkpoint's."""
+        if self.layers is not None:
+            return self.layers.get(module)
+        return None if self.excludes(module) else self.quant_algo
 
 
 def _kv_algo_from_scheme(scheme: object, path: Path) -> str | None:
@@ -168,8 +177,11 @@ def read_quantization(hf_dir: Path, config: dict) -> HFQuantization:
         return HFQuantization(None, None, DEFAULT_AWQ_GROUP_SIZE, (), None)
     fields, path = found
     algo, kv_algo = fields.get("quant_algo"), fields.get("kv_cache_quant_algo")
-    if algo not in SUPPORTED_QUANT_ALGOS:
-        allowed = ", ".join("null" if a is None else a for a in SUPPORTED_QUANT_ALGOS)
+    layers, group_size = None, fields.get("group_size")
+    if algo == MIXED_PRECISION:
+        layers, group_size = _mixed_layers(fields.get("quantized_layers"), path)
+    elif algo not in SUPPORTED_QUANT_ALGOS:
+        allowed = ", ".join("null" if a is None else a for a in (*SUPPORTED_QUANT_ALGOS, MIXED_PRECISION))
         raise CheckpointError(f"{path}: quant_algo {algo!r} is not supported; allowed: {allowed}")
     if kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
         allowed = ", ".join("null" if a is None else a for a in SUPPORTED_KV_CACHE_QUANT_ALGOS)
@@ -177,10 +189,33 @@ def read_quantization(hf_dir: Path, config: dict) -> HFQuantization:
     return HFQuantization(
         quant_algo=algo,
         kv_cache_quant_algo=kv_algo,
-        group_size=int(fields.get("group_size") or DEFAULT_AWQ_GROUP_SIZE),
+        group_size=int(group_size or DEFAULT_AWQ_GROUP_SIZE),
         exclude_modules=tuple(fields.get("exclude_modules") or ()),
         source=path,
+        layers=layers,
     )
+
+
+MIXED_PRECISION = "MIXED_PRECISION"  # ModelOpt's quant_algo when layers differ (export/quant_utils.process_layer_quant_config)
+
+
+def _mixed_layers(entries: object, path: Path) -> tuple[dict[str, str], int | None]:
+    """`quantized_layers` of a MIXED_PRECISION checkpoint: module -> quant_algo, and the one group size
+    its grouped formats share (the executor dequantizes with one; trtconv writes one per build)."""
+    if not isinstance(entries, dict) or not entries:
+        raise CheckpointError(f"{path}: quant_algo MIXED_PRECISION needs a non-empty 'quantized_layers' object")
+    layers, groups = {}, set()
+    for module, entry in entries.items():
+        algo = entry.get("quant_algo") if isinstance(entry, dict) else None
+        if algo is None or algo not in SUPPORTED_QUANT_ALGOS:
+            allowed = ", ".join(a for a in SUPPORTED_QUANT_ALGOS if a is not None)
+            raise CheckpointError(f"{path}: quantized_layers.{module}.quant_algo {algo!r} is not supported; allowed: {allowed}")
+        layers[module] = algo
+        if entry.get("group_size"):
+            groups.add(int(entry["group_size"]))
+    if len(groups) > 1:
+        raise CheckpointError(f"{path}: quantized_layers use group sizes {sorted(groups)}; the reference executor reads one")
+    return layers, next(iter(groups), None)
 
 
 def model_dtype(config: dict) -> torch.dtype:
@@ -311,7 +346,7 @@ class StoredLinear:
 
 
 def read_linear(files: HFTensors, quant: HFQuantization, prefix: str, has_bias: bool) -> StoredLinear:
-    algo = None if quant.excludes(prefix) else quant.quant_algo
+    algo = quant.algo_for(prefix)
     get = lambda suffix: files.get_optional(f"{prefix}.{suffix}")  # noqa: E731
     fmt = QUANT_FORMATS[algo]
     for suffix in fmt.hf_scales:

@@ -102,7 +102,7 @@ def _family_exports(model: Path) -> dict:
 
 def calibrate(
     model: Annotated[Path, typer.Option("--model", help="Local Hugging Face checkpoint folder.")],
-    precision: Annotated[str, typer.Option("--precision", help=", ".join(PRECISIONS) + ".")],
+    precision: Annotated[str, typer.Option("--precision", help=", ".join(PRECISIONS) + ", or auto (per-layer mix; --candidates).")],
     output: OutOpt,
     kv_cache: Annotated[str, typer.Option("--kv-cache", help=" or ".join(KV_CACHE_FORMATS) + ".")] = "none",
     data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: the built-in mix (docstrings, English prose, code).")] = None,
@@ -122,6 +122,7 @@ def calibrate(
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
     max_gpu_memory: MaxGpuMemOpt = None,
+    candidates: Annotated[Optional[str], typer.Option("--candidates", help="--precision auto: comma-separated formats a layer may take (default: every precision this host calibrates, none included).")] = None,
 ) -> None:
     """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally).
 
@@ -137,10 +138,13 @@ def calibrate(
         "name": f"{Path(model).name}-{precision}",
         "description": "built by `trtconv calibrate`",
         "model": {"path": str(model), "dtype": dtype},
-        "quantization": {"precision": precision, "kv_cache": kv_cache},
+        "quantization": {"precision": precision, "kv_cache": kv_cache,
+                         **({"search": {"candidates": candidates.split(",") if candidates else None}} if precision == "auto" else {})},
         "calibration": {"data": str(data) if data else None, "num_samples": num_samples, "seq_len": seq_len,
                         "batch_size": batch_size, "seed": seed},
-        "export": {"tp_size": tp_size, "hf_checkpoint": hf_checkpoint, **_family_exports(model)},
+        "export": {"tp_size": tp_size, "hf_checkpoint": hf_checkpoint, **_family_exports(model),
+                   # auto writes a mixed checkpoint: the unified HF checkpoint only (recipe.schema)
+                   **({"tensorrt_llm_checkpoint": False, "hf_checkpoint": True} if precision == "auto" else {})},
     }
     try:
         r = recipe_from_dict(data_dict, set_ or [], source="trtconv calibrate flags")

@@ -344,10 +344,12 @@ def preflight_warnings(recipe: Recipe, hf_cfg: dict, device) -> list[str]:
     `trtconv plan` and `doctor` call this same function for the device they plan for."""
     from trtconv.core.environment import package_version
 
-    precision = PRECISIONS[recipe.quantization.precision]
+    for name in recipe.quantization.precisions_used:  # auto: every candidate is calibrated and may be written
+        check_cuda_forward(PRECISIONS[name], device.kind)
+    # auto: the candidate needing the newest GPU stands for the mix (the search may give any layer its format)
+    precision = max((PRECISIONS[n] for n in recipe.quantization.precisions_used), key=lambda p: p.min_sm or 0)
     quant_algo = precision.quant_algo
     kv_algo = KV_CACHE_FORMATS[recipe.quantization.kv_cache].kv_cache_quant_algo
-    check_cuda_forward(precision, device.kind)
     warnings = []
     if device.kind == "cuda" and recipe.engine.target != NO_ENGINE:
         warnings += check_precision_on_device(quant_algo, kv_algo, device)

@@ -33,6 +33,8 @@ REFERENCE_MODEL_NAMES = tuple(REFERENCE_MODELS)  # the reference models trtconv 
 
 # The allowed names are the registries' keys, so the JSON Schema lists exactly what trtconv offers.
 PrecisionName = Literal[tuple(PRECISIONS)]
+AUTO_PRECISION = "auto"  # the per-layer search (trtconv.stages.search); not a row of the precisions table
+PrecisionOrAuto = Literal[(*PRECISIONS, AUTO_PRECISION)]
 KVCacheName = Literal[tuple(KV_CACHE_FORMATS)]
 ReferenceName = Literal[REFERENCE_MODEL_NAMES]
 
@@ -68,8 +70,20 @@ class ModelSection(Strict):
         return self
 
 
+class SearchSection(Strict):
+    """`quantization.precision: auto`: which formats the per-layer search mixes, and its bounds."""
+
+    candidates: list[PrecisionName] | None = Field(
+        None, min_length=1,
+        description="Formats a decoder layer may take (" + ", ".join(PRECISIONS) + "); null = every precision a CPU or "
+        "GPU can calibrate (nvfp4, CUDA-only, must be named).")
+    max_trials: PositiveInt = Field(8, description="Mixed candidates measured at most.")
+    time_budget_s: float = Field(1800.0, gt=0, description="Wall seconds after which no further trial starts.")
+
+
 class QuantizationSection(Strict):
-    precision: PrecisionName = Field(..., description="Weight/activation format: " + ", ".join(PRECISIONS))
+    precision: PrecisionOrAuto = Field(..., description="Weight/activation format: " + ", ".join(PRECISIONS)
+                                       + ", or auto (the per-layer mix with the fewest bits that passes the gates)")
     kv_cache: KVCacheName = Field("none", description="KV-cache format: " + ", ".join(KV_CACHE_FORMATS))
     exclude: list[str] = Field(
         default_factory=lambda: ["*lm_head*"],
@@ -81,10 +95,58 @@ class QuantizationSection(Strict):
         "quantized layer (the output and the manifest say which).",
     )
 
+    search: SearchSection | None = Field(None, description="precision auto only: the candidates and the search's bounds.")
+
+    @model_validator(mode="after")
+    def _search_with_auto(self) -> QuantizationSection:
+        if self.search is not None and self.precision != AUTO_PRECISION:
+            raise ValueError(f"quantization.search applies to precision auto only, not {self.precision}")
+        if self.precision == AUTO_PRECISION and self.search is None:
+            self.search = SearchSection()
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_search(self, handler):
+        # Left out when absent so recipes written before `auto` keep their bytes, digests and cache keys.
+        data = handler(self)
+        if data.get("search") is None:
+            data.pop("search", None)
+        return data
+
     @property
     def quantizes(self) -> bool:
         """Whether ModelOpt calibrates anything: the weights/activations or the KV cache."""
         return self.precision != "none" or self.kv_cache != "none"
+
+    @property
+    def is_auto(self) -> bool:
+        return self.precision == AUTO_PRECISION
+
+    @property
+    def precisions_used(self) -> list[str]:
+        """The precisions-table rows a build may write: the precision, or auto's candidates."""
+        if not self.is_auto:
+            return [self.precision]
+        return list(self.search.candidates if self.search and self.search.candidates else
+                    [p.name for p in PRECISIONS.values() if not p.needs_cuda])
+
+    @property
+    def plan_precision(self) -> str:
+        """The row that sizes plans: the precision, or for auto the candidate with the most stored bits
+        (the most the search may choose: memory and disk plans stay upper bounds)."""
+        if not self.is_auto:
+            return self.precision
+        return max(self.precisions_used, key=lambda n: PRECISIONS[n].linear_weight_bytes or 2.0)
+
+    @property
+    def gate_precision(self) -> str:
+        """The precisions-table row whose facts stand for this section: itself, or for auto the candidate
+        on the highest rung of the accuracy ladder below 16 bits (its gates are auto's default gates)."""
+        if not self.is_auto:
+            return self.precision
+        names = self.precisions_used
+        quantized = [n for n in names if PRECISIONS[n].modelopt_preset is not None] or list(names)
+        return max(quantized, key=lambda n: PRECISIONS[n].ladder_rung)
 
 
 class CalibrationSection(Strict):
@@ -179,6 +241,15 @@ class Recipe(Strict):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
 
     @model_validator(mode="after")
+    def _auto_exports_mixed(self) -> Recipe:
+        if self.quantization.is_auto and (self.export.tensorrt_llm_checkpoint or not self.export.hf_checkpoint):
+            raise ValueError(
+                "quantization.precision auto writes a per-layer mixed-precision checkpoint, which trtconv exports as the "
+                "unified HF checkpoint only (the legacy TensorRT-LLM checkpoint writer takes one format per model): set "
+                "export.tensorrt_llm_checkpoint: false and export.hf_checkpoint: true")
+        return self
+
+    @model_validator(mode="after")
     def _engine_needs_its_export(self) -> Recipe:
         target = ENGINE_TARGETS.get(self.engine.target)
         if target is not None and not getattr(self.export, target.source_export):
@@ -188,8 +259,12 @@ class Recipe(Strict):
     def resolved(self) -> Recipe:
         """A copy with every default made explicit (gate thresholds from the precision's defaults)."""
         data = self.model_dump(mode="json")
+        if self.quantization.is_auto and not data["quantization"]["search"].get("candidates"):
+            from trtconv.stages.search import default_candidates
+
+            data["quantization"]["search"]["candidates"] = default_candidates()
         gates = data["evaluate"]["gates"]
-        defaults = PRECISIONS[self.quantization.precision].default_gates
+        defaults = PRECISIONS[self.quantization.gate_precision].default_gates
         has_task = bool(data["evaluate"]["multiple_choice"])
         for gate in GATES.values():
             if gates[gate.key] is None and (gate.source == "documents" or has_task):

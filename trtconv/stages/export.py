@@ -304,7 +304,12 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
     if section.hf_checkpoint:
         result.hf_checkpoint_dir = root / HF_CHECKPOINT_DIR
         result.repairs += export_hf(model, tokenizer, section, quant, result.hf_checkpoint_dir, warns)
-        bits = check_quantized_size(result.hf_checkpoint_dir, quant.precision, PRECISIONS[quant.precision].linear_weight_bytes)
+        if quant.is_auto:  # a per-layer mix (trtconv.stages.search): each linear against its own format
+            from trtconv.checkpoints.export_bits import mixed_weight_bits
+
+            bits = mixed_weight_bits(result.hf_checkpoint_dir)
+        else:
+            bits = check_quantized_size(result.hf_checkpoint_dir, quant.precision, PRECISIONS[quant.precision].linear_weight_bytes)
         if bits is not None:
             result.validation["hf_checkpoint_weight_bits"] = bits.record()
         clock.lap("hf_checkpoint")
@@ -339,6 +344,11 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
             "export": recipe.export.model_dump(mode="json"),
             "versions": versions_for_key(),
             "device": device_part(device),
+            # precision auto: the search judges its trials with the gates (trtconv.stages.search); absent otherwise,
+            # so every other recipe's key is unchanged
+            **({"search_gates": {"gates": recipe.evaluate.gates.model_dump(mode="json"), "seed": recipe.evaluate.seed,
+                                 "allow_inconclusive": recipe.evaluate.allow_inconclusive}}
+               if recipe.quantization.is_auto else {}),
         },
     )
 

@@ -501,9 +501,10 @@ def check_expert_precision(recipe: Recipe, arch: str, model_dir: Path) -> None:
     from trtconv.architectures import ARCHITECTURES
 
     experts = ARCHITECTURES[arch].experts
-    precision = recipe.quantization.precision
-    if experts is None or precision in experts.precisions:
+    outside = [p for p in recipe.quantization.precisions_used if p not in experts.precisions] if experts else []
+    if not outside:
         return
+    precision = outside[0] if recipe.quantization.is_auto else recipe.quantization.precision
     raise UserError(
         f"{model_dir / 'config.json'}: {arch} (mixture of experts) with quantization.precision {precision}: not converted "
         f"({experts.why_not}); allowed for {arch}: {', '.join(experts.precisions)}"

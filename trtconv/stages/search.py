@@ -1,0 +1,334 @@
+"""`quantization.precision: auto`: the per-layer mix of formats with the fewest weight bits that passes the gates.
+
+Why this shape:
+- Granularity is the decoder layer. It is the unit `quantization.exclude` and the failed-gate advice
+  already speak (`model.layers.N.*`, gate.sensitivity.exclude_pattern), a fused GEMM (q/k/v,
+  gate/up) can only share one format, and an MoE layer's experts stay with their layer's format
+  (they are modules of that layer). lm_head and embeddings stay as the recipe says.
+- Every candidate format is calibrated once, with real ModelOpt, on its own copy of the model
+  (stages.calibrate.run with that format's config, group size chosen as for any build). A mixed
+  model is then assembled from those copies' decoder layers: layer i of the model calibrated at
+  format f carries f's quantizers with their calibrated state (amax, AWQ pre_quant_scale and the
+  weights AWQ rescaled), so ModelOpt's own export_hf_checkpoint writes it, and writes
+  `quant_algo: MIXED_PRECISION` with `quantized_layers` when layers differ (export/quant_utils.
+  process_layer_quant_config). This is what mtq.auto_quantize does as well (each format calibrated
+  with every layer at that format, then one chosen per layer); its scales of a layer came from inputs
+  of a model quantized throughout at that format, a small mismatch the measured trials absorb.
+  `none` is a candidate like the others (a copy converted with every weight/activation quantizer off,
+  the KV-cache quantizers as the recipe says).
+- Per-layer sensitivity per format: KL(original || only that layer at that format), with
+  gate.sensitivity's helpers (LayerInputs: the run starts at the layer; the same numbers as a whole
+  forward), on SENSITIVITY_EVAL_ROWS calibration rows.
+- Greedy allocation: start with every layer at the cheapest format; upgrade the layer whose move
+  buys the most estimated KL per added bit (bits weighted by the layer's weight count) until the
+  estimate (per-layer KLs summed, scaled to the measured KL of the cheapest mix) is under the
+  target. Each trial is then measured for real: the mixed fake-quant model against the original,
+  with the gate's own statistics and rule (gate.stats) on the calibration rows, gates tightened by
+  SEARCH_MARGIN (the search must not tune on the evaluation documents that judge it, so it sees other
+  text and keeps a margin). A trial that fails halves the target and the next one upgrades further,
+  until one passes, search.max_trials or search.time_budget_s runs out. The shipped files are then
+  judged by the same gate as any build; when no trial passed, the closest one is exported, judged and
+  marked failed (exit 1).
+- Memory: one model copy per candidate plus the original (an 8B in bf16 with three candidates is
+  about 64 GB on the GPU; scripts/bench_auto.py measures it).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from trtconv.precisions import PRECISIONS
+
+NAME = "search"
+SENSITIVITY_EVAL_ROWS = 8
+# The search judges its trials with gates this much tighter (max gates x, min gates 1 - (1 - t) x).
+SEARCH_MARGIN = 0.8
+TARGET_FRACTION = 0.7  # the first trial aims its estimated KL at this fraction of max_kl
+EXPORT_DTYPE_BITS = 16
+
+
+def format_bits(precision: str) -> float:
+    """Stored bits per weight of a format, scales included (precisions.Precision.linear_weight_bytes)."""
+    b = PRECISIONS[precision].linear_weight_bytes
+    return EXPORT_DTYPE_BITS if b is None else 8 * b
+
+
+@dataclass
+class Trial:
+    index: int
+    formats: dict[str, str]  # decoder layer -> precision
+    effective_bits: float
+    estimated_kl: float
+    metrics: dict  # gate.stats summary (mean_kl, top1_agreement, ... with intervals)
+    gates: list  # GateResult, the search's (margined) gates
+    verdict: str  # pass | fail
+    wall_s: float
+
+    def record(self) -> dict:
+        counts: dict[str, int] = {}
+        for f in self.formats.values():
+            counts[f] = counts.get(f, 0) + 1
+        pick = lambda m: {k: self.metrics[m][k] for k in ("value", "ci_low", "ci_high")}  # noqa: E731
+        return {"trial": self.index, "effective_bits": round(self.effective_bits, 4), "estimated_kl": self.estimated_kl,
+                "layers_per_format": dict(sorted(counts.items())), "formats": self.formats,
+                "mean_kl": pick("mean_kl"), "top1_agreement": pick("top1_agreement"),
+                "gates": [g.model_dump(mode="json") for g in self.gates], "verdict": self.verdict, "wall_s": round(self.wall_s, 1)}
+
+
+@dataclass
+class SearchResult:
+    model: object  # the chosen mix, calibrated, ready for export
+    chosen: Trial
+    passed: bool
+    trials: list[Trial]
+    sensitivity: dict[str, dict[str, float]]  # format -> layer -> KL
+    candidates: list[str]
+    group_size: int | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    stop_reason: str = ""
+
+    def record(self) -> dict:
+        closest = "" if self.passed else f"no trial passed; closest: trial {self.chosen.index} ({self.chosen.effective_bits:.2f} bits)"
+        return {"candidates": self.candidates, "method": __doc__.split("\n")[0], "margin": SEARCH_MARGIN,
+                "chosen_trial": self.chosen.index, "passed": self.passed, "stop_reason": self.stop_reason or closest,
+                "effective_bits": round(self.chosen.effective_bits, 4), "awq_group_size": self.group_size,
+                "trials": [t.record() for t in self.trials], "sensitivity": self.sensitivity,
+                "seconds": {k: round(v, 1) for k, v in self.seconds.items()}}
+
+
+def candidates_of(section) -> list[str]:
+    """The recipe's candidate formats, cheapest first (resolved recipes always name them)."""
+    names = section.search.candidates if section.search and section.search.candidates else default_candidates()
+    return sorted(dict.fromkeys(names), key=lambda p: (format_bits(p), -PRECISIONS[p].ladder_rung))
+
+
+def default_candidates() -> list[str]:
+    """Every precision a build can calibrate on any host (not CUDA-only), 16-bit `none` included."""
+    return [p.name for p in PRECISIONS.values() if not p.needs_cuda]
+
+
+def _section_for(section, precision: str, group_size: int | None):
+    return section.model_copy(update={"precision": precision, "search": None,
+                                      "awq_group_size": group_size if PRECISIONS[precision].uses_group_size else None})
+
+
+def calibrate_candidates(model, recipe, candidates: list[str], calib_tokens, device: str, reporter) -> tuple[dict, int | None]:
+    """One calibrated copy of the model per candidate format (the original is left untouched)."""
+    from trtconv.stages import calibrate
+
+    models, group = {}, None
+    for precision in candidates:
+        m = copy.deepcopy(model)
+        section = _section_for(recipe.quantization, precision, None)
+        if PRECISIONS[precision].uses_group_size:
+            choice = calibrate.choose_group_size(m, section, recipe.export.tp_size)
+            group = choice.size
+            section = _section_for(recipe.quantization, precision, group)
+        reporter.stage(NAME, f"calibrating the candidate {precision}")
+        if section.quantizes:
+            calibrate.run(m, section, calib_tokens, recipe.calibration.batch_size, device, reporter)
+        else:
+            _convert_unquantized(m, calib_tokens, device)
+        models[precision] = m
+    return models, group
+
+
+def _convert_unquantized(model, calib_tokens, device: str) -> None:
+    """`none` without a KV-cache format: ModelOpt's wrappers with every quantizer off, so its layers sit in a mix."""
+    from trtconv.core.imports import import_modelopt
+
+    mtq = import_modelopt()
+    rows = torch.tensor(calib_tokens.rows[:1], dtype=torch.long, device=device)
+    mtq.quantize(model, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"},
+                 lambda m: m(input_ids=rows, use_cache=False))
+
+
+def layer_weights(model, prefixes: list[str]) -> dict[str, int]:
+    """Weight elements of each decoder layer's Linear modules (what the formats store)."""
+    counts = {p: 0 for p in prefixes}
+    for name, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if weight is None or weight.dim() < 2:
+            continue
+        for p in prefixes:
+            if name.startswith(p + "."):
+                counts[p] += weight.numel()
+    return counts
+
+
+def layer_sensitivity(model, rows, lengths, base_logp) -> dict[str, float]:
+    """KL with only one decoder layer's quantizers on, per layer (gate.sensitivity's LayerInputs)."""
+    from trtconv.gate import sensitivity as s
+
+    enabled = s._enabled_quantizers(model)
+    prefixes = s.layer_prefixes(model)
+    s._set_quantizers(model, lambda n: False)
+    try:
+        inputs = s.LayerInputs(model, rows)
+        out = {}
+        for i, prefix in enumerate(prefixes):
+            s._set_quantizers(model, lambda n, p=prefix: n in enabled and n.startswith(p + "."))
+            out[prefix] = inputs.kl_from(i, lengths, base_logp)
+        return out
+    finally:
+        s._set_quantizers(model, lambda n: n in enabled)
+
+
+def effective_bits(formats: dict[str, str], weights: dict[str, int]) -> float:
+    total = sum(weights.values())
+    return sum(format_bits(f) * weights[p] for p, f in formats.items()) / max(total, 1)
+
+
+def allocate(sens: dict[str, dict[str, float]], weights: dict[str, int], candidates: list[str], scale: float,
+             target: float, start: dict[str, str]) -> tuple[dict[str, str], float]:
+    """Greedy: from `start`, upgrade the layer whose move to a format with more bits removes the most
+    estimated KL per added bit, until the estimate (scale x sum of per-layer KLs) is <= target."""
+    formats = dict(start)
+    estimate = lambda: scale * sum(sens[f][p] for p, f in formats.items())  # noqa: E731
+    while estimate() > target:
+        best = None
+        for p, f in formats.items():
+            for g in candidates:
+                added = (format_bits(g) - format_bits(f)) * weights[p]
+                gain = sens[f][p] - sens[g][p]
+                if added > 0 and gain > 0 and (best is None or gain / added > best[0]):
+                    best = (gain / added, p, g)
+        if best is None:
+            break
+        formats[best[1]] = best[2]
+    return formats, estimate()
+
+
+def assemble(skeleton, sources: dict[str, list], formats: dict[str, str], prefixes: list[str]):
+    """The skeleton (the cheapest candidate's model) with each decoder layer i taken from its format's
+    model (`sources`: format -> that model's decoder layers, listed before any was moved)."""
+    layers = skeleton.get_decoder().layers
+    for i, p in enumerate(prefixes):
+        layers[i] = sources[formats[p]][i]
+    return skeleton
+
+
+def _margined(evaluate):
+    gates = evaluate.gates.model_copy()
+    for key in ("max_kl", "max_ppl_increase_pct"):
+        if getattr(gates, key, None) is not None:
+            setattr(gates, key, getattr(gates, key) * SEARCH_MARGIN)
+    if gates.min_top1_agreement is not None:
+        gates.min_top1_agreement = 1 - (1 - gates.min_top1_agreement) * SEARCH_MARGIN
+    return evaluate.model_copy(update={"gates": gates})
+
+
+def measure(original, mixed, tokens, recipe, device: str, reporter) -> tuple[dict, list, bool]:
+    """The gate's statistics and rule (gate.stats), mixed fake-quant model against the original."""
+    from trtconv.gate import stats
+
+    section = _margined(recipe.evaluate)
+    fn = lambda m: (lambda ids: m(input_ids=ids, use_cache=False).logits)  # noqa: E731
+    batches = -(-len(tokens.rows) // recipe.calibration.batch_size)
+    with reporter.progress("search: measuring a trial", total=batches) as advance:
+        doc = stats.per_document_stats(tokens, fn(original), fn(mixed), recipe.calibration.batch_size, device, advance)
+    summary = stats.summarize(doc, recipe.evaluate.seed)
+    gates = stats.apply_gates(summary, section)
+    return summary, gates, stats.gates_passed(gates, recipe.evaluate.allow_inconclusive)
+
+
+def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
+    """The search (module docstring); `model` is the original, loaded; returns the chosen mix."""
+    from trtconv.gate import sensitivity as s
+
+    t0 = time.monotonic()
+    seconds: dict[str, float] = {}
+    search = recipe.quantization.search
+    candidates = candidates_of(recipe.quantization)
+    model.eval()
+    picked = s._spread_rows(calib_tokens, SENSITIVITY_EVAL_ROWS)
+    rows = torch.tensor([calib_tokens.rows[i] for i in picked], dtype=torch.long, device=device)
+    lengths = [calib_tokens.lengths[i] for i in picked]
+    with torch.no_grad():
+        base_logp = torch.log_softmax(model(input_ids=rows, use_cache=False).logits.float(), -1)
+    models, group = calibrate_candidates(model, recipe, candidates, calib_tokens, device, reporter)
+    seconds["calibrate_candidates"] = time.monotonic() - t0
+    prefixes = s.layer_prefixes(model)
+    sens = {}
+    with reporter.progress("search: per-layer sensitivity, format x layer", total=len(candidates)) as advance:
+        for f in candidates:
+            sens[f] = layer_sensitivity(models[f], rows, lengths, base_logp) if PRECISIONS[f].modelopt_preset else {p: 0.0 for p in prefixes}
+            advance(1)
+    seconds["sensitivity"] = time.monotonic() - t0 - seconds["calibrate_candidates"]
+    weights = layer_weights(model, prefixes)
+    cheapest = candidates[0]
+    skeleton = models[cheapest]
+    sources = {f: list(m.get_decoder().layers) for f, m in models.items()}
+    formats = {p: cheapest for p in prefixes}
+    max_kl = recipe.evaluate.gates.max_kl or 0.01
+    target, scale = TARGET_FRACTION * max_kl, None
+    trials: list[Trial] = []
+    stop = ""
+    for index in range(1, search.max_trials + 1):
+        t = time.monotonic()
+        if scale is not None:  # the first trial is the cheapest mix: it calibrates the estimate's scale
+            formats, _ = allocate(sens, weights, candidates, scale, target, formats)
+        mixed = assemble(skeleton, sources, formats, prefixes)
+        summary, gates, ok = measure(model, mixed, calib_tokens, recipe, device, reporter)
+        kl = summary["mean_kl"]["value"]
+        summed = sum(sens[f][p] for p, f in formats.items())
+        if scale is None:
+            scale = kl / summed if summed > 0 else 1.0
+        trial = Trial(index, dict(formats), effective_bits(formats, weights), scale * summed, summary, gates,
+                      "pass" if ok else "fail", time.monotonic() - t)
+        trials.append(trial)
+        reporter.stage(NAME, f"trial {index}: {trial.effective_bits:.2f} bits, KL {kl:.4g} "
+                       f"[{summary['mean_kl']['ci_low']:.4g}, {summary['mean_kl']['ci_high']:.4g}], top-1 "
+                       f"{summary['top1_agreement']['value']:.3f}: {trial.verdict}")
+        if ok:
+            break
+        if all(f == candidates[-1] for f in formats.values()):
+            stop = "every layer is at the most accurate candidate"
+            break
+        if time.monotonic() - t0 > search.time_budget_s:
+            stop = f"search.time_budget_s {search.time_budget_s:g} s spent"
+            break
+        target = min(target, scale * summed) * 0.5
+    else:
+        stop = f"search.max_trials {search.max_trials} tried"
+    passing = [t for t in trials if t.verdict == "pass"]
+    chosen = min(passing, key=lambda t: t.effective_bits) if passing else min(trials, key=lambda t: t.metrics["mean_kl"]["ci_high"] or 0)
+    mixed = assemble(skeleton, sources, chosen.formats, prefixes)
+    del sources, models  # the mix holds the layers it took; the other copies go with these
+    seconds["trials"] = time.monotonic() - t0 - seconds["calibrate_candidates"] - seconds["sensitivity"]
+    return SearchResult(model=mixed, chosen=chosen, passed=bool(passing), trials=trials, sensitivity=sens,
+                        candidates=candidates, group_size=group, seconds=seconds, stop_reason="" if passing else stop)
+
+
+def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device: str, reporter, model=None):
+    """pipeline.run_calibrate_and_export for precision auto: search (calibrating every candidate), then
+    export the chosen mix as the unified HF checkpoint. Returns (exported, calibration record, stages)."""
+    from trtconv.checkpoints.hf_model import compute_dtype, load_hf_model
+    from trtconv.stages import calibrate, export
+    from trtconv.stages.base import StageMeter
+
+    with StageMeter(NAME) as m:
+        dtype = compute_dtype(recipe.model.dtype, device)
+        if model is None:
+            reporter.stage(NAME, f"loading the model from {model_dir}")
+            model = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
+        candidates = candidates_of(recipe.quantization)
+        reporter.stage(NAME, f"{arch}: precision auto over {', '.join(candidates)} (kv cache {recipe.quantization.kv_cache}), "
+                       f"at most {recipe.quantization.search.max_trials} trials or {recipe.quantization.search.time_budget_s:g} s")
+        result = run(model, recipe, calib_tokens, device, reporter)
+        del model
+        census = calibrate.quantizer_census(result.model)
+    record = result.record()
+    stages = [m.record(status="ok" if result.passed else "failed", trials=len(result.trials), chosen_trial=result.chosen.index,
+                       effective_bits=round(result.chosen.effective_bits, 4), seconds=record["seconds"], compute_dtype=dtype)]
+    quantization = recipe.quantization.model_copy(update={"awq_group_size": result.group_size})
+    with StageMeter("export") as m:
+        reporter.stage("export", f"unified HF checkpoint, per-layer mix of trial {result.chosen.index}")
+        exported = export.run(result.model, tokenizer, result.model.config, arch, recipe.export, quantization, root)
+    stages.append(m.record(repairs=len(exported.repairs), seconds=exported.seconds))
+    return exported, {"quant_config": {}, "census": census, "compute_dtype": dtype, "awq_group_size": result.group_size,
+                      "awq_group_size_source": "auto", "path": "in_memory", "search": record}, stages
