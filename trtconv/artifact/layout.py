@@ -26,6 +26,7 @@ SIGNATURE_NAME = "model.sig"
 WEIGHT_PLOT = "report_weight_error.png"
 KL_PLOT = "report_token_kl.png"
 SENSITIVITY_PLOT = "report_sensitivity.png"  # only after a failed gate's sensitivity pass
+SEARCH_PLOT = "report_search.png"  # only for quantization.precision: auto (trtconv.stages.search)
 
 CHECKPOINT_DIR = "checkpoint"
 HF_CHECKPOINT_DIR = "hf_checkpoint"

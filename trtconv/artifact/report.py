@@ -15,7 +15,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from trtconv.artifact.layout import KL_PLOT, PAYLOAD_DIRS, REPORT_NAME, SENSITIVITY_PLOT, WEIGHT_PLOT
+from trtconv.artifact.layout import KL_PLOT, PAYLOAD_DIRS, REPORT_NAME, SEARCH_PLOT, SENSITIVITY_PLOT, WEIGHT_PLOT
 from trtconv.artifact.manifest import GateResult, Manifest
 from trtconv.gate.gates import gates_from
 
@@ -216,6 +216,47 @@ def sensitivity_figure(advice: dict, gates: list[GateResult]):
     return fig
 
 
+def plot_search(found: dict, path: Path, max_kl: float | None) -> None:
+    _save(search_figure(found, max_kl), path)
+
+
+def search_figure(found: dict, max_kl: float | None):
+    """precision auto: every trial's effective bits against its KL (with its interval), the chosen one marked,
+    the gate's KL threshold (the search's own, tightened by its margin) as lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=100)
+    for t in found["trials"]:
+        kl = t["mean_kl"]
+        err = [[kl["value"] - (kl["ci_low"] or kl["value"])], [(kl["ci_high"] or kl["value"]) - kl["value"]]]
+        chosen = t["trial"] == found["chosen_trial"]
+        ax.errorbar([t["effective_bits"]], [kl["value"]], yerr=err, fmt="*" if chosen else "o", markersize=12 if chosen else 6,
+                    color=("#55a868" if t["verdict"] == "pass" else "#c44e52"), capsize=3,
+                    label=f"chosen: trial {t['trial']}" if chosen else None)
+        ax.annotate(str(t["trial"]), (t["effective_bits"], kl["value"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    if max_kl is not None:
+        ax.axhline(max_kl, color="#c44e52", linestyle="--", linewidth=1.2, label=f"gate max_kl {max_kl:g}")
+        ax.axhline(max_kl * found["margin"], color="#c44e52", linestyle=":", linewidth=1.0,
+                   label=f"search target {max_kl * found['margin']:g} (margin {found['margin']:g})")
+    ax.set_xlabel("effective weight bits (decoder layers, scales included)")
+    ax.set_ylabel("mean KL (search rows)")
+    ax.set_title("precision auto: trials, bits against KL (green: passed the search's gates)", fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _caption(fig, [f"candidates: {', '.join(found['candidates'])}; KL on the calibration rows, 95% bootstrap intervals"])
+    return fig
+
+
+def search_lines(found: dict) -> list[str]:
+    """The report's section for precision auto: every trial, the chosen one, why the search stopped."""
+    lines = ["## Precision auto: the per-layer search", "",
+             f"Candidates {', '.join(found['candidates'])}; chosen trial {found['chosen_trial']} "
+             f"({found['effective_bits']:.3f} effective bits)" + ("" if found["passed"] else f"; {found['stop_reason']}") + ".", "",
+             "| trial | effective bits | layers per format | mean KL [95% CI] | top-1 [95% CI] | verdict |", "|---|---|---|---|---|---|"]
+    for t in found["trials"]:
+        per = ", ".join(f"{k} {v}" for k, v in t["layers_per_format"].items())
+        lines.append(f"| {t['trial']} | {t['effective_bits']:.3f} | {per} | {_fmt_ci(t['mean_kl'])} | {_fmt_ci(t['top1_agreement'])} | {t['verdict']} |")
+    return lines + ["", f"![bits against KL]({SEARCH_PLOT})", ""]
+
+
 def serve_commands(manifest: Manifest) -> list[str]:
     """How to serve the artifact (OUT = its folder), from what it holds."""
     recipe, engine = manifest.recipe, manifest.engine
@@ -290,6 +331,10 @@ def write_report(root: Path, manifest: Manifest, weight_errors: list[tuple[str, 
     if token_kl is not None and token_kl.size:
         plot_token_kl(token_kl, root / KL_PLOT, manifest.gates)
         lines += [f"![per-token KL]({KL_PLOT})", ""]
+    found = manifest.calibration.get("search")
+    if found:
+        lines += search_lines(found)
+        plot_search(found, root / SEARCH_PLOT, manifest.recipe["evaluate"]["gates"].get("max_kl"))
     advice = manifest.evaluation.get("advice")
     if manifest.status != "passed" and advice and "layers" in advice:
         from trtconv.gate.sensitivity import advice_lines

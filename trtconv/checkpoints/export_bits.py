@@ -101,7 +101,8 @@ ALGO_BITS = {"FP8": 8, "W8A8_SQ_PER_CHANNEL": 8, "W4A16_AWQ": 4, "W4A8_AWQ": 4, 
 def mixed_weight_bits(hf_dir: Path) -> WeightBits:
     """A MIXED_PRECISION checkpoint (`quantization.precision: auto`): every decoder-layer linear against its own
     entry of `quantized_layers` (unlisted: unquantized, 16 bits); bits_per_weight over all of them, as the search counts."""
-    quant = json.loads((hf_dir / "hf_quant_config.json").read_text(encoding="utf-8")).get("quantization") or {}
+    path = hf_dir / "hf_quant_config.json"  # absent when the search kept every layer in 16 bits
+    quant = (json.loads(path.read_text(encoding="utf-8")).get("quantization") or {}) if path.is_file() else {}
     layers = quant.get("quantized_layers") or {}
     stored = logical = 0
     count, wider = 0, []

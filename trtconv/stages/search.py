@@ -140,11 +140,13 @@ def calibrate_candidates(model, recipe, candidates: list[str], calib_tokens, dev
 def _convert_unquantized(model, calib_tokens, device: str) -> None:
     """`none` without a KV-cache format: ModelOpt's wrappers with every quantizer off, so its layers sit in a mix."""
     from trtconv.core.imports import import_modelopt
+    from trtconv.core.ui import quiet_dependency
 
     mtq = import_modelopt()
     rows = torch.tensor(calib_tokens.rows[:1], dtype=torch.long, device=device)
-    mtq.quantize(model, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"},
-                 lambda m: m(input_ids=rows, use_cache=False))
+    with quiet_dependency([]), torch.no_grad():
+        mtq.quantize(model, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"},
+                     lambda m: m(input_ids=rows, use_cache=False))
 
 
 def layer_weights(model, prefixes: list[str]) -> dict[str, int]:

@@ -1,0 +1,132 @@
+"""`quantization.precision: auto` (trtconv/stages/search.py) on tiny models, CPU, real ModelOpt.
+
+What is asserted: a per-layer mix assembled from the candidates' calibrated copies is exported by
+ModelOpt as MIXED_PRECISION, the reference executor reads each linear in its own layer's format and
+runs it as accurately as ModelOpt's fake-quant forward of the same mix; a whole auto build records its
+trials and is judged by the shipped gate; when no trial passes the build exits 1 with the closest
+candidate written and marked failed; an unchanged recipe reuses the search from the stage cache.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.factories import PLUMBING_ARGS, make_tiny_model, tiny_config
+
+pytestmark = pytest.mark.integration
+
+AUTO = ["--precision", "auto", "--candidates", "int4_awq,fp8,none", "--set", "engine.target=none",
+        "--set", "quantization.search.max_trials=3"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trtconv.checkpoints.hf_executor import load_shipped_model
+    from trtconv.checkpoints.hf_reader import HFTensors, read_linear, read_quantization
+    from trtconv.core.ui import Reporter
+    from trtconv.data.samples import TokenSet
+    from trtconv.recipe.schema import recipe_from_dict
+    from trtconv.stages import export, search
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", num_hidden_layers=4)
+    cfg.architectures = ["LlamaForCausalLM"]
+    original = AutoModelForCausalLM.from_config(cfg).float().eval()
+    recipe = recipe_from_dict({"name": "t", "model": {"path": str(tmp_path)}, "quantization": {
+        "precision": "auto", "kv_cache": "fp8", "search": {"candidates": ["int4_awq", "fp8", "none"]}},
+        "calibration": {"batch_size": 4}, "export": {"tensorrt_llm_checkpoint": False, "hf_checkpoint": True},
+        "engine": {"target": "none"}}, [], source="test").resolved()
+    rows = torch.randint(0, cfg.vocab_size, (4, 32)).tolist()
+    tokens = TokenSet(rows, [32] * 4, ["d"] * 4, None, "0" * 64, 0)
+    reporter = Reporter(quiet=True)
+    models, group = search.calibrate_candidates(original, recipe, search.candidates_of(recipe.quantization), tokens, "cpu", reporter)
+    prefixes = [f"model.layers.{i}" for i in range(4)]
+    chosen = dict(zip(prefixes, ["int4_awq", "fp8", "none", "fp8"]))
+    sources = {f: list(m.get_decoder().layers) for f, m in models.items()}
+    mixed = search.assemble(models["int4_awq"], sources, chosen, prefixes)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        fake = mixed(input_ids=ids, use_cache=False).logits
+        reference = original(input_ids=ids, use_cache=False).logits
+    quant = recipe.quantization.model_copy(update={"awq_group_size": group})
+    exported = export.run(mixed, _Tok(), mixed.config, "LlamaForCausalLM", recipe.export, quant, tmp_path)
+    hf_dir = exported.hf_checkpoint_dir
+    hf_quant = json.loads((hf_dir / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant["quant_algo"] == "MIXED_PRECISION" and hf_quant["kv_cache_quant_algo"] == "FP8"
+    files, quantization = HFTensors(hf_dir), read_quantization(hf_dir, json.loads((hf_dir / "config.json").read_text()))
+    algo = {"int4_awq": "W4A16_AWQ", "fp8": "FP8", "none": None}
+    for prefix, fmt in chosen.items():
+        for leaf in ("self_attn.q_proj", "mlp.down_proj"):
+            stored = read_linear(files, quantization, f"{prefix}.{leaf}", False)
+            assert stored.algo == algo[fmt], (prefix, leaf)
+    assert exported.validation["hf_checkpoint_weight_bits"]["bits_per_weight"] == pytest.approx(
+        search.effective_bits(chosen, search.layer_weights(original, prefixes)) - 0.125 / 4, abs=0.01)  # scales not counted
+    ran = load_shipped_model(hf_dir).logits(ids)
+    fake_err, shipped_err = _rel(fake, reference), _rel(ran, reference)
+    assert fake_err > 0
+    # The export rounds scales (bf16) and folds AWQ's pre_quant_scale: the files differ from the fake-quant
+    # model by less than the quantization error itself, and are as accurate (tests/contract/test_hf_checkpoint_executor).
+    assert _rel(ran, fake) < fake_err
+    assert abs(shipped_err - fake_err) < 0.5 * fake_err
+
+
+class _Tok:
+    def save_pretrained(self, out):
+        from pathlib import Path
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+
+
+def test_auto_build_records_trials_and_passes_the_shipped_gate(cli, tmp_path):
+    model = make_tiny_model(tmp_path / "m", "llama")
+    out = tmp_path / "out"
+    res = cli("calibrate", "--model", model, "-o", out, *PLUMBING_ARGS, *AUTO)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    found = manifest["calibration"]["search"]
+    assert manifest["status"] == "passed" and found["passed"]
+    assert found["candidates"] == ["int4_awq", "fp8", "none"]
+    first = found["trials"][0]
+    assert first["verdict"] == "pass" and first["effective_bits"] == pytest.approx(4.125)  # relaxed gates: the cheapest passes
+    assert set(first["mean_kl"]) == {"value", "ci_low", "ci_high"} and first["layers_per_format"] == {"int4_awq": 2}
+    assert {s["name"] for s in manifest["stages"]} >= {"search", "export", "evaluate"}
+    assert "## Precision auto" in (out / "report.md").read_text()
+    assert (out / "report_search.png").is_file()
+
+
+def test_nothing_passes_exits_1_with_the_closest_written_and_failed(cli, tmp_path):
+    model = make_tiny_model(tmp_path / "m", "llama")
+    out = tmp_path / "out"
+    res = cli("calibrate", "--model", model, "-o", out, *PLUMBING_ARGS, "--precision", "auto", "--candidates", "int4_awq",
+              "--set", "engine.target=none", "--set", "evaluate.gates.max_kl=1e-9")
+    assert res.exit_code == 1, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert "precision auto: every layer is at the most accurate candidate" in manifest["status_reason"]
+    found = manifest["calibration"]["search"]
+    assert not found["passed"] and found["trials"][0]["verdict"] == "fail"
+    assert (out / "hf_checkpoint" / "model.safetensors").is_file()
+
+
+def test_an_unchanged_auto_recipe_reuses_the_search(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRTCONV_NO_CACHE", raising=False)
+    monkeypatch.setenv("TRTCONV_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model(tmp_path / "m", "llama")
+    args = [*PLUMBING_ARGS, *AUTO]
+    assert cli("calibrate", "--model", model, "-o", tmp_path / "a", *args).exit_code == 0
+    res = cli("calibrate", "--model", model, "-o", tmp_path / "b", *args, "--set", "evaluate.num_samples=9")
+    assert res.exit_code == 0, res.output
+    stages = {s["name"]: s["status"] for s in json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]}
+    assert stages["search"] == "reused" and stages["export"] == "reused"
+    changed = cli("calibrate", "--model", model, "-o", tmp_path / "c", *args, "--set", "evaluate.gates.max_kl=50")
+    assert changed.exit_code == 0, changed.output
+    stages = {s["name"]: s["status"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["stages"]}
+    assert stages["search"] == "ok"  # the gates the search aims at are part of its key
