@@ -45,6 +45,9 @@ from trtconv.precisions import PRECISIONS
 
 NAME = "search"
 SENSITIVITY_EVAL_ROWS = 8
+# Calibration rows (spread over the packs) each trial is measured on: enough documents for the gate's
+# bootstrap intervals, few enough that a trial costs two forwards of a few batches, not a whole evaluation.
+MEASURE_ROWS = 16
 # The search judges its trials with gates this much tighter (max gates x, min gates 1 - (1 - t) x).
 SEARCH_MARGIN = 0.8
 TARGET_FRACTION = 0.7  # the first trial aims its estimated KL at this fraction of max_kl
@@ -238,6 +241,13 @@ def measure(original, mixed, tokens, recipe, device: str, reporter) -> tuple[dic
     return summary, gates, stats.gates_passed(gates, recipe.evaluate.allow_inconclusive)
 
 
+def _subset(tokens, picked: list[int]):
+    from trtconv.data.samples import TokenSet
+
+    return TokenSet([tokens.rows[i] for i in picked], [tokens.lengths[i] for i in picked], tokens.doc_ids, tokens.data_path,
+                    tokens.data_sha256, tokens.seed)
+
+
 def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
     """The search (module docstring); `model` is the original, loaded; returns the chosen mix."""
     from trtconv.gate import sensitivity as s
@@ -261,6 +271,7 @@ def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
             sens[f] = layer_sensitivity(models[f], rows, lengths, base_logp) if PRECISIONS[f].modelopt_preset else {p: 0.0 for p in prefixes}
             advance(1)
     seconds["sensitivity"] = time.monotonic() - t0 - seconds["calibrate_candidates"]
+    measured = _subset(calib_tokens, s._spread_rows(calib_tokens, MEASURE_ROWS))
     weights = layer_weights(model, prefixes)
     cheapest = candidates[0]
     skeleton = models[cheapest]
@@ -275,7 +286,7 @@ def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
         if scale is not None:  # the first trial is the cheapest mix: it calibrates the estimate's scale
             formats, _ = allocate(sens, weights, candidates, scale, target, formats)
         mixed = assemble(skeleton, sources, formats, prefixes)
-        summary, gates, ok = measure(model, mixed, calib_tokens, recipe, device, reporter)
+        summary, gates, ok = measure(model, mixed, measured, recipe, device, reporter)
         kl = summary["mean_kl"]["value"]
         summed = sum(sens[f][p] for p, f in formats.items())
         if scale is None:
