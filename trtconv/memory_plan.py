@@ -332,7 +332,8 @@ def _sm_check(plan: MemoryPlan, recipe, serve: Gpu) -> None:
     need = max(needs) if needs else None
     if need is None:
         return
-    plan.checks.append(Check("serve (GPU SM)", "gpu", need, serve.sm, f"{q.precision} (KV cache {q.kv_cache}) tensor cores", "sm"))
+    what = q.precision if not q.is_auto else f"auto's candidate {max(q.precisions_used, key=lambda p: min_sm(p, q.kv_cache) or 0)}"
+    plan.checks.append(Check("serve (GPU SM)", "gpu", need, serve.sm, f"{what} (KV cache {q.kv_cache}) tensor cores", "sm"))
     if serve.sm < need:
         runs = [p.name for p in PRECISIONS.values() if (p.min_sm or 0) <= serve.sm]
         gpus = [g.name for g in GPUS.values() if g.sm >= need]

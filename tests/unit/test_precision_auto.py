@@ -1,0 +1,83 @@
+"""`quantization.precision: auto`: the recipe rules, the gates it defaults to, the plans it must not crash,
+and the search's greedy allocation (trtconv/stages/search.py), without a model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trtconv.core.errors import RecipeError
+from trtconv.recipe.schema import load_recipe
+
+HF_ONLY = "export: {tensorrt_llm_checkpoint: false, hf_checkpoint: true}\nengine: {target: none}\n"
+
+
+def _load(tmp_path, quantization: str, export: str = HF_ONLY):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"name: t\nmodel: {{reference: llama-ref}}\nquantization: {quantization}\n{export}")
+    return load_recipe(p)[0]
+
+
+def test_auto_defaults_its_candidates_and_takes_the_best_candidates_gates(tmp_path):
+    from trtconv.precisions import PRECISIONS
+
+    r = _load(tmp_path, "{precision: auto}").resolved()
+    assert r.quantization.search.candidates == [p.name for p in PRECISIONS.values() if not p.needs_cuda]
+    assert r.evaluate.gates.max_kl == PRECISIONS["fp8"].default_gates["max_kl"]  # fp8: the highest rung below 16 bits
+    four_bit = _load(tmp_path, "{precision: auto, search: {candidates: [int4_awq, none]}}").resolved()
+    assert four_bit.evaluate.gates.max_kl == PRECISIONS["int4_awq"].default_gates["max_kl"]
+    assert four_bit.quantization.plan_precision == "none"  # plans size the most the search may keep: 16-bit
+
+
+def test_auto_with_the_legacy_checkpoint_is_refused_naming_the_keys(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        _load(tmp_path, "{precision: auto}", export="")
+    assert "export.tensorrt_llm_checkpoint: false" in str(e.value) and "precision auto" in str(e.value)
+
+
+@pytest.mark.parametrize("quantization,needle", [
+    ("{precision: fp8, search: {max_trials: 2}}", "quantization.search applies to precision auto only"),
+    ("{precision: auto, search: {candidates: [fp16]}}", "int4_awq"),
+    ("{precision: auto, search: {max_trials: 0}}", "max_trials"),
+    ("{precision: auto, search: {time_budget_s: -1}}", "time_budget_s"),
+    ("{precision: auto, search: {candidates: []}}", "candidates"),
+])
+def test_bad_search_settings_are_named(tmp_path, quantization, needle):
+    with pytest.raises(RecipeError) as e:
+        _load(tmp_path, quantization)
+    assert needle in str(e.value)
+
+
+def test_a_recipe_without_auto_keeps_its_bytes(tmp_path):
+    r = _load(tmp_path, "{precision: fp8}")
+    assert "search" not in r.model_dump(mode="json")["quantization"]  # digests and cache keys of every other recipe unchanged
+
+
+def test_plan_answers_for_auto(cli, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+        "max_position_embeddings": 8192, "tie_word_embeddings": False}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto, search: {{candidates: [int4_awq, fp8, none]}}}}\n"
+                      + HF_ONLY)
+    res = cli("plan", recipe, "--gpu", "h100-80gb", "--json")
+    assert res.exit_code == 0, res.output
+    res = cli("plan", recipe, "--gpu", "a100-80gb", "--json")  # SM 8.0: fp8, a candidate, needs 8.9 to serve
+    sm = next(c for c in json.loads(res.stdout)["checks"] if c["stage"] == "serve (GPU SM)")
+    assert not sm["fits"] and "auto's candidate fp8" in sm["note"] and res.exit_code != 0
+
+
+def test_greedy_upgrades_the_best_kl_per_bit_first():
+    from trtconv.stages.search import allocate
+
+    sens = {"int4_awq": {"a": 0.010, "b": 0.001}, "fp8": {"a": 0.002, "b": 0.0005}, "none": {"a": 0.0, "b": 0.0}}
+    weights = {"a": 100, "b": 100}
+    start = {"a": "int4_awq", "b": "int4_awq"}
+    formats, estimate = allocate(sens, weights, ["int4_awq", "fp8", "none"], 1.0, 0.004, start)
+    assert formats == {"a": "fp8", "b": "int4_awq"} and estimate == pytest.approx(0.003)
+    formats, estimate = allocate(sens, weights, ["int4_awq", "fp8", "none"], 1.0, 0.0, start)
+    assert formats == {"a": "none", "b": "none"} and estimate == 0.0
