@@ -28,7 +28,11 @@ def test_recipe_literals_are_the_registry_keys():
     from trtconv.data.reference_models import REFERENCE_MODELS
     from trtconv.recipe.schema import ModelSection
 
-    assert _literal_values(QuantizationSection.model_fields["precision"].annotation) == tuple(PRECISIONS)
+    # `auto` is the per-layer search over the table's rows (trtconv.stages.search), not a row of its own
+    assert _literal_values(QuantizationSection.model_fields["precision"].annotation) == (*PRECISIONS, "auto")
+    from trtconv.recipe.schema import SearchSection
+
+    assert _literal_values(SearchSection.model_fields["candidates"].annotation) == tuple(PRECISIONS)
     assert _literal_values(QuantizationSection.model_fields["kv_cache"].annotation) == tuple(KV_CACHE_FORMATS)
     assert _literal_values(ModelSection.model_fields["reference"].annotation) == tuple(REFERENCE_MODELS)
 
