@@ -504,7 +504,8 @@ def check_expert_precision(recipe: Recipe, arch: str, model_dir: Path) -> None:
     outside = [p for p in recipe.quantization.precisions_used if p not in experts.precisions] if experts else []
     if not outside:
         return
-    precision = outside[0] if recipe.quantization.is_auto else recipe.quantization.precision
+    precision = f"auto with the candidate {outside[0]} (quantization.search.candidates)" if recipe.quantization.is_auto \
+        else recipe.quantization.precision
     raise UserError(
         f"{model_dir / 'config.json'}: {arch} (mixture of experts) with quantization.precision {precision}: not converted "
         f"({experts.why_not}); allowed for {arch}: {', '.join(experts.precisions)}"
