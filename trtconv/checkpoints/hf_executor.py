@@ -364,7 +364,7 @@ def shipped_weight_errors(shipped: ShippedModel, original) -> list[tuple[str, fl
         reference = weight_of(lin.name)
         if reference is None:
             continue
-        ref = reference.detach().float().to(shipped.device)
+        ref = reference.detach().to(shipped.device).float()  # moved as stored (bf16: half the bytes), upcast there
         errors.append((lin.name, _rel_error(lin.effective_weight().float().to(ref.device), ref)))
     return read_errors(errors)
 
