@@ -254,7 +254,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             created_utc=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             status="passed" if passed else "failed",
             status_reason="" if passed else "accuracy gate failed: " + ", ".join(g.metric for g in gates if g.verdict != "pass")
-            + (f"; precision auto: {calib_record['search']['stop_reason']}" if calib_record.get("search", {}).get("stop_reason") else ""),
+            + (search_note(calib_record["search"]) if calib_record.get("search") else ""),
             recipe=recipe.model_dump(mode="json"),
             recipe_sha256=recipe.sha256(),
             inputs=all_inputs(inputs, recipe, calib_packs, eval_packs),
@@ -288,6 +288,14 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             laps.lap("run_cached")
         manifest.stages.append(m.record(seconds=laps.seconds))  # after the report and the run's cache entry: neither lists it
         return _finish(manifest, writer, opts, reporter)
+
+
+def search_note(record: dict) -> str:
+    """precision auto's part of a failed build's status_reason (trtconv.stages.search)."""
+    if record["stop_reason"]:
+        return f"; precision auto: {record['stop_reason']}"
+    return (f"; precision auto: trial {record['chosen_trial']} passed the search's gates on the calibration rows, "
+            "the shipped files failed the evaluation's")
 
 
 def _finish(manifest: Manifest, writer: ArtifactWriter, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
