@@ -1,0 +1,303 @@
+"""Several GPUs of one host (`--gpus N`): the layer-streamed conversion split over them, same bytes.
+
+What is split, and why this way (issue 22):
+
+- **Calibration + export: a pipeline of layers, handed on batch by batch.** Layer i's calibration
+  needs layer i-1's outputs, so contiguous slices of layers run one after another if each slice
+  waits for the whole of the previous one. It need not: ModelOpt's calibration forward passes
+  (max, SmoothQuant, AWQ's two passes) each run the cached batches one after another, and a
+  quantizer that collects statistics does not quantize (`enable_stats_collection` disables it),
+  so batch k of layer i's pass p is final as soon as it is computed. Here layer i runs on device
+  i mod N; its forward loop takes batch k of pass p from layer i-1 the moment that batch exists
+  (`Handoff`), copies it to its own device (an exact copy) and publishes its own output for layer
+  i+1. N layers are in flight at once, like a wavefront over the batches; every layer still sees
+  every batch in the one-device order on one device, so every statistic ModelOpt sums (AWQ's
+  activation scales and search losses) is summed in the same order. That is why this split and
+  not data parallelism over batches within a layer: splitting the batches would make AWQ's sums
+  depend on the split unless ModelOpt's internals were rewritten to gather per-batch partials.
+- **AWQ calibrates one layer at a time.** ModelOpt 0.47's `awq_lite` keeps its phase in a class
+  attribute (`AWQLiteHelper.cache_mode`, model_calib.py), shared by every layer in the process: two
+  AWQ layers calibrating at once would corrupt each other. So for the AWQ algorithms a layer's
+  calibration starts only when the previous layer's has finished (in layer order: no deadlock);
+  what still overlaps is reading the next layers onto their GPUs and exporting/writing the last
+  ones. Max calibration and SmoothQuant have no such shared state and overlap fully.
+- **Export:** each layer is exported by the thread that calibrated it, on its device, into its own
+  part files (as on one device); the ranks' part files are then merged into the rank files in
+  parallel, one thread per rank (`streamed.merge_ranks`): the same parts in the same order, so the
+  same bytes.
+- **Evaluation: data parallel over the evaluation batches** (`split_batches`). Each batch's
+  hidden states go through the layers of both models independently of the other batches, so each
+  device takes its share of the batches (same batch sizes), reads every layer itself, and the
+  logits are assembled in the one-device order. The same GPU model computes the same bytes for the
+  same batch; the weight-error table is computed once, by the first device.
+- **Threads, one per device** (each sets its own current CUDA device and uses that device's
+  default stream), not torch.multiprocessing: the layers are read from one memory-mapped index,
+  the activations move device to device in the same process (peer copies, no pickling, no CUDA
+  IPC), and ModelOpt is imported once (6-8 s a process). The GIL is held only between kernel
+  launches; a 70B layer's kernels are milliseconds each.
+
+The artifact digest does not depend on N (tests/contract/test_devices.py: fp8 and int4_awq, the
+evaluation's statistics too). On a CPU more than one device is refused, except through the test-only
+variable TRTCONV_SIMULATED_DEVICES=N, which runs the same split on N threads of the CPU so that the
+split logic and the digest identity are tested in CI; such a run says so in its log and manifest
+and is never a GPU measurement. `plan`, `doctor` and `build` ask `check_gpus` the same question.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from trtconv.core.errors import UserError
+
+SIMULATED_ENV = "TRTCONV_SIMULATED_DEVICES"  # tests only: N simulated devices on the CPU
+# ModelOpt calibration algorithms whose state is per module (they may calibrate several layers at once);
+# the others (AWQ: a class-level phase flag) calibrate one layer at a time (see the module docstring).
+CONCURRENT_ALGORITHMS = frozenset({None, "max", "smoothquant"})
+
+
+@dataclass(frozen=True)
+class Devices:
+    """The devices a run computes on: torch device names, the first one the shell's."""
+
+    names: tuple[str, ...]
+    simulated: bool = False  # CPU threads standing in for GPUs (TRTCONV_SIMULATED_DEVICES): never a GPU run
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def describe(self) -> str:
+        if self.simulated:
+            return f"{self.count} simulated devices on the CPU ({SIMULATED_ENV}; a test of the split, not a GPU run)"
+        return f"{self.count} GPUs ({', '.join(self.names)})" if self.count > 1 else self.names[0]
+
+    def record(self) -> dict:
+        return {"count": self.count, "names": list(self.names), "simulated": self.simulated}
+
+
+def simulated_count() -> int:
+    """TRTCONV_SIMULATED_DEVICES as an integer (0 when unset); a bad value is named."""
+    raw = os.environ.get(SIMULATED_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"{SIMULATED_ENV}={raw!r}: allowed: a positive integer (test-only: simulated devices on the CPU)")
+    return int(raw)
+
+
+def allowed_gpus(device) -> tuple[int, str]:
+    """The largest --gpus here and why (`doctor` prints it): visible CUDA devices, or 1 on a CPU."""
+    if device.kind == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return max(1, device.count), f"{device.count} visible GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    sim = simulated_count()
+    if sim:
+        return sim, f"{sim} simulated devices on the CPU ({SIMULATED_ENV}, test-only)"
+    return 1, "no CUDA GPU: the CPU is one device"
+
+
+def check_gpus(gpus: int, device) -> Devices:
+    """--gpus against the device `build` computes on; UserError (exit 2) naming what is allowed."""
+    most, why = allowed_gpus(device)
+    if gpus < 1 or gpus > most:
+        extra = "" if device.kind == "cuda" else f"; several devices need a CUDA host ({SIMULATED_ENV} is for tests)"
+        raise UserError(f"--gpus {gpus}: this host has {why}; allowed: 1 to {most}{extra}")
+    if device.kind == "cuda":
+        return Devices(tuple(f"cuda:{i}" for i in range(gpus)) if gpus > 1 else ("cuda",))
+    return Devices(("cpu",) * gpus, simulated=gpus > 1)
+
+
+def check_split(recipe, devices: Devices, streamed: bool) -> None:
+    """What the split cannot do yet, named before any work: only the layer-streamed path is split."""
+    if devices.count > 1 and not streamed:
+        raise UserError(f"--gpus {devices.count}: only the layer-streamed path splits over several devices; "
+                        "set calibration.streaming: always (or use --gpus 1)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration + export: a pipeline of layers
+
+
+class Handoff:
+    """Layer i-1's outputs for layer i: one list of batches per ModelOpt forward pass, filled batch by
+    batch as they are computed. Pass p of the consumer reads pass p of the producer, or the producer's
+    last pass when it made fewer (what streamed.calibrate_layer's stream list does)."""
+
+    def __init__(self, batches: int):
+        self.batches = batches
+        self.passes: list[list] = []
+        self.closed = False
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    @classmethod
+    def complete(cls, hidden: list) -> Handoff:
+        h = cls(len(hidden))
+        h.passes, h.closed = [list(hidden)], True
+        return h
+
+    def put(self, p: int, k: int, value) -> None:
+        with self._cond:
+            while len(self.passes) <= p:
+                self.passes.append([None] * self.batches)
+            self.passes[p][k] = value
+            self._cond.notify_all()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self.closed, self.error = True, error
+            self._cond.notify_all()
+
+    def wait_closed(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed)
+        if self.error is not None:
+            raise RuntimeError("an earlier layer failed") from self.error
+
+    def get(self, p: int, k: int):
+        def ready() -> bool:
+            return self.error is not None or (p < len(self.passes) and self.passes[p][k] is not None) or (
+                self.closed and p >= len(self.passes))
+
+        with self._cond:
+            self._cond.wait_for(ready)
+            if self.error is not None:
+                raise RuntimeError("an earlier layer failed") from self.error
+            return self.passes[min(p, len(self.passes) - 1)][k]
+
+
+def _to(x, device: str):
+    """A batch's arguments on `device` (an exact copy; nothing moves on a CPU)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x if str(x.device) == device or device == "cpu" and x.device.type == "cpu" else x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def calibrate_layer_handoff(layer, i: int, cfg: dict | None, inbox: Handoff, outbox: Handoff, template: list,
+                            device: str) -> None:
+    """streamed.calibrate_layer, fed batch by batch from `inbox` and publishing to `outbox` as it goes.
+    `template`: every batch's other arguments (rotary tables, mask, positions) on this device."""
+    import torch
+
+    from trtconv.stages.streamed import _first, named_root, quantize_layer
+
+    passes = [0]
+
+    def run_pass(module) -> None:
+        p = passes[0]
+        passes[0] += 1
+        copies: dict[int, object] = {}
+        with torch.no_grad():
+            for k, (args, kwargs) in enumerate(template):
+                hidden = copies.setdefault(k, _to(inbox.get(p, k), device))
+                outbox.put(p, k, _first(module(hidden, *args[1:], **kwargs)))
+
+    if cfg is None:
+        run_pass(layer)
+        return
+    quantize_layer(named_root(layer, i), cfg, lambda model: run_pass(model.model.layers[str(i)]))
+
+
+def _algorithm(cfg: dict | None):
+    algo = None if cfg is None else cfg.get("algorithm")
+    return algo.get("method") if isinstance(algo, dict) else algo
+
+
+def run_layers_split(job, devices: Devices, streams: list, n_layers: int, advance) -> list[dict]:
+    """Every layer calibrated and exported (streamed.finish_layer), layer i on device i mod N; the
+    per-layer results in layer order, each with the seconds it took on its device."""
+    first = streams[0]
+    handoffs = [Handoff.complete([a[0] for a, _ in first])] + [Handoff(len(first)) for _ in range(n_layers)]
+    serial = _algorithm(job.cfg) not in CONCURRENT_ALGORITHMS
+    results: list[dict | None] = [None] * n_layers
+    templates = {d: _to([((None,) + tuple(a[1:]), k) for a, k in first], d) for d in set(devices.names)}
+    lock = threading.Lock()
+
+    def work(slot: int) -> None:
+        device = devices.names[slot]
+        _select(device)
+        for i in range(slot, n_layers, devices.count):
+            results[i] = _one_layer(job, i, device, handoffs, templates[device], serial)
+            handoffs[i] = None  # layer i-1's outputs: no longer needed
+            with lock:
+                advance(1)
+
+    with ThreadPoolExecutor(max_workers=devices.count, thread_name_prefix="trtconv-device") as pool:
+        futures = [pool.submit(work, slot) for slot in range(devices.count)]
+        for f in futures:
+            f.result()  # the first failure raises here (the others stop at their next hand-off)
+    return results
+
+
+def _one_layer(job, i: int, device: str, handoffs: list, template: list, serial: bool) -> dict:
+    import torch
+
+    from trtconv.checkpoints.hf_layers import load_layer
+    from trtconv.stages.streamed import finish_layer
+
+    t = time.monotonic()
+    inbox, outbox = handoffs[i], handoffs[i + 1]
+    try:
+        layer = load_layer(job.layer_cls, job.shell.config, job.index, i, job.dtype, device)
+        if serial:
+            inbox.wait_closed()  # the previous layer's calibration is over: one AWQ calibration at a time
+        calibrate_layer_handoff(layer, i, job.cfg, inbox, outbox, template, device)
+    except BaseException as exc:
+        outbox.close(exc)
+        raise
+    outbox.close()
+    one = finish_layer(job, layer, i)
+    del layer
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    one["seconds"] = round(time.monotonic() - t, 3)
+    one["device"] = device
+    return one
+
+
+def _select(device: str) -> None:
+    """This thread's current CUDA device (ModelOpt and torch allocate on it where no device is given)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: data parallel over the batches
+
+
+def split_batches(count: int, devices: int) -> list[list[int]]:
+    """Batch indices per device: contiguous shares, as equal as possible, in order (the first devices
+    take one more where it does not divide)."""
+    per, extra = divmod(count, devices)
+    out, start = [], 0
+    for d in range(devices):
+        n = per + (1 if d < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def run_split(devices: Devices, shares: list[list[int]], work) -> None:
+    """work(slot, device, batch indices) on one thread per device (only devices with batches)."""
+    def one(slot: int) -> None:
+        _select(devices.names[slot])
+        work(slot, devices.names[slot], shares[slot])
+
+    active = [s for s in range(devices.count) if shares[s]]
+    with ThreadPoolExecutor(max_workers=len(active), thread_name_prefix="trtconv-eval-device") as pool:
+        for f in [pool.submit(one, s) for s in active]:
+            f.result()
