@@ -60,7 +60,7 @@ def test_split_calibration_writes_the_one_device_bytes(tmp_path, llama5, precisi
 
 @pytest.mark.slow
 def test_split_evaluation_gives_the_same_statistics(tmp_path, llama5):
-    """Batches split over 3 simulated devices: every per-document statistic, token KL, weight error and
+    """Layers split over 3 simulated devices (a pipeline over the batches): every per-document statistic, token KL, weight error and
     gate verdict equals the one-device streamed evaluation's."""
     import numpy as np
 

@@ -25,11 +25,13 @@ What is split, and why this way (issue 22):
   part files (as on one device); the ranks' part files are then merged into the rank files in
   parallel, one thread per rank (`streamed.merge_ranks`): the same parts in the same order, so the
   same bytes.
-- **Evaluation: data parallel over the evaluation batches** (`split_batches`). Each batch's
-  hidden states go through the layers of both models independently of the other batches, so each
-  device takes its share of the batches (same batch sizes), reads every layer itself, and the
-  logits are assembled in the one-device order. The same GPU model computes the same bytes for the
-  same batch; the weight-error table is computed once, by the first device.
+- **Evaluation: the same pipeline** (`evaluate_layers_split`): layer i of both models on device
+  i mod N, each batch's two hidden states handed on as soon as they are through. Each batch goes
+  through each layer exactly as on one device (same batch, same shapes, the same GPU model), so the
+  statistics are the same bytes. Not data parallelism over batches: the one-device evaluation is
+  bound by reading the layers (docs/performance.md), and data parallelism would have every device
+  read every layer; in the pipeline each device reads only its own N-th of them. The weight-error
+  table is computed by the device of each layer and kept in layer order.
 - **Threads, one per device** (each sets its own current CUDA device and uses that device's
   default stream), not torch.multiprocessing: the layers are read from one memory-mapped index,
   the activations move device to device in the same process (peer copies, no pickling, no CUDA
@@ -276,28 +278,79 @@ def _select(device: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: data parallel over the batches
+# Evaluation: the same pipeline of layers
 
 
-def split_batches(count: int, devices: int) -> list[list[int]]:
-    """Batch indices per device: contiguous shares, as equal as possible, in order (the first devices
-    take one more where it does not divide)."""
-    per, extra = divmod(count, devices)
-    out, start = [], 0
-    for d in range(devices):
-        n = per + (1 if d < extra else 0)
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
+def evaluate_layers_split(pair, run: dict, hidden_b: list, hidden_c: list, rope: list, advance, weight_errors: bool):
+    """Both models' hidden states of every batch through every layer, layer i on device i mod N, each
+    batch handed on as soon as it is through (evaluate_streamed.LayerStreamedPair.compute's loop, split).
+    Returns the final hidden states on pair.device, in batch order; weight errors go to pair.errors in
+    layer order. Each device reads only its own layers, the next one on a worker thread meanwhile."""
+    devices, n = pair.devices, len(run["positions"])
+    handoffs = [Handoff.complete(list(zip(hidden_b, hidden_c)))] + [Handoff(len(hidden_b)) for _ in range(n)]
+    errors: list[list] = [[] for _ in range(n)]
+    lock = threading.Lock()
 
+    def work(slot: int) -> None:
+        device = devices.names[slot]
+        _select(device)
+        mine = list(range(slot, n, devices.count))
+        for i, errs in _evaluate_layers(pair, run, device, slot == 0, mine, handoffs, rope, weight_errors):
+            errors[i] = [(name, e.to(pair.device)) for name, e in errs]  # read_errors stacks them on one device
+            with lock:
+                advance(1)
 
-def run_split(devices: Devices, shares: list[list[int]], work) -> None:
-    """work(slot, device, batch indices) on one thread per device (only devices with batches)."""
-    def one(slot: int) -> None:
-        _select(devices.names[slot])
-        work(slot, devices.names[slot], shares[slot])
-
-    active = [s for s in range(devices.count) if shares[s]]
-    with ThreadPoolExecutor(max_workers=len(active), thread_name_prefix="trtconv-eval-device") as pool:
-        for f in [pool.submit(one, s) for s in active]:
+    with ThreadPoolExecutor(max_workers=devices.count, thread_name_prefix="trtconv-eval-device") as pool:
+        for f in [pool.submit(work, slot) for slot in range(devices.count)]:
             f.result()
+    pair.errors += [e for errs in errors for e in errs]
+    last = handoffs[n]
+    out = [_to(last.get(0, k), pair.device) for k in range(len(hidden_b))]
+    return [b for b, _ in out], [c for _, c in out]
+
+
+def _evaluate_layers(pair, run: dict, device: str, home: bool, mine: list[int], handoffs: list, rope: list, weight_errors: bool):
+    """This device's layers in order: yields (layer index, its weight errors) when a layer is done."""
+    import copy
+
+    import torch
+
+    from trtconv.checkpoints.hf_layers import load_layer
+    from trtconv.checkpoints.trtllm_reader import _Loader, layer_weight_errors
+    from trtconv.stages.evaluate_streamed import CopyStream, prefetched
+    from trtconv.stages.streamed import _first
+
+    loader, cand = run["loader"], run["cand"]
+    if not home:  # a reader of its own, placing tensors on this device; the same model around the layers
+        loader = _Loader(pair.checkpoint_dir, loader.config, torch.device(device), torch.float32)
+        cand = copy.copy(cand)
+        cand.device = loader.device  # where its attention-window mask is made
+    base = [_to(b, device) for b in run["base"]]
+    rope = [_to(r, device) for r in rope]
+    copies = CopyStream(device)
+
+    @torch.no_grad()
+    def load(j: int):  # on the worker thread: this device's j-th layer of both models
+        pp, local = run["positions"][mine[j]]
+        with copies.loading(j):
+            original = load_layer(run["layer_cls"], run["config"], run["index"], mine[j], pair.baseline_dtype, device)
+            return original, loader.layer(pp, local)
+
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtconv-eval-prefetch") as pool:
+        for j, (original, quantized) in enumerate(prefetched(pool, load, len(mine))):
+            i = mine[j]
+            inbox, outbox = handoffs[i], handoffs[i + 1]
+            try:
+                for k, (args, kwargs) in enumerate(base):
+                    hb, hc = _to(inbox.get(0, k), device)
+                    hb = _first(original(hb, *args[1:], **kwargs))
+                    outbox.put(0, k, (hb, cand.layer_forward(quantized, hc, *rope[k])))
+                errs = layer_weight_errors(i, quantized, original, cand.shape) if weight_errors else []
+            except BaseException as exc:
+                outbox.close(exc)
+                raise
+            outbox.close()
+            handoffs[i] = None
+            copies.used(j)
+            del original, quantized  # before this device's layer j + 2 is read
+            yield i, errs

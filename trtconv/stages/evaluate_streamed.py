@@ -38,7 +38,7 @@ class LayerStreamedPair:
         self.calls: dict[str, list[int]] = {"baseline": [], "candidate": []}  # batch index of each call, per model
         self.errors: list[tuple[str, float]] = []
         self.seconds: dict[str, float] = {}  # setup, layers, heads (compute's laps)
-        self.devices = devices  # trtconv.stages.devices.Devices: several split the batches (None: self.device alone)
+        self.devices = devices  # trtconv.stages.devices.Devices: several run the layers as a pipeline (None: self.device)
 
     # -- the two passes of a scorer ---------------------------------------------------------
     def _index(self, ids) -> int:
@@ -79,8 +79,8 @@ class LayerStreamedPair:
     def compute(self, advance=lambda n=1: None, weight_errors: bool = True) -> None:
         from trtconv.checkpoints.hf_layers import WeightIndex
         from trtconv.checkpoints.trtllm_format import read_config
-        from trtconv.checkpoints.trtllm_reader import _Loader, read_errors
-        from trtconv.checkpoints.hf_layers import build_shell, capture_layer0_inputs
+        from trtconv.checkpoints.trtllm_reader import _Loader, layer_weight_errors, read_errors
+        from trtconv.checkpoints.hf_layers import build_shell, capture_layer0_inputs, load_layer
         from trtconv.stages.base import Laps
 
         laps = Laps()
@@ -96,62 +96,27 @@ class LayerStreamedPair:
         cand = loader.model(with_layers=False)
         hidden_c = [cand.embedding[ids] for ids in batches]
         rope = [cand.rope_tables(ids.shape[1]) for ids in batches]
+        positions = loader.layer_positions()
         parked.candidate(cand)
         laps.lap("setup")  # both models' vocabulary matrices, the first hidden states (and parking)
 
-        run = dict(base=base, hidden_b=hidden_b, hidden_c=hidden_c, rope=rope, layer_cls=layer_cls, config=shell.config,
-                   index=index, cand=cand, loader=loader)
-        everything = list(range(len(base)))
-        if self.devices is None or self.devices.count == 1 or len(base) < 2:
-            self._layers(self.device, everything, run, advance, weight_errors, home=True)
-        else:  # data parallel over the batches (trtconv.stages.devices): each device its share, every layer
-            from trtconv.stages.devices import run_split, split_batches
+        if self.devices is not None and self.devices.count > 1:  # layer i on device i mod N (trtconv.stages.devices)
+            from trtconv.stages.devices import evaluate_layers_split
 
-            run_split(self.devices, split_batches(len(base), self.devices.count),
-                      lambda slot, device, ks: self._layers(device, ks, run, advance if slot == 0 else (lambda n=1: None),
-                                                            weight_errors and slot == 0, home=slot == 0))
-        self.errors = read_errors(self.errors)  # one wait for the device, not one per linear
-        laps.lap("layers")
-        parked.restore()
-        self.baseline_hidden = [shell.model.norm(h) for h in hidden_b]
-        self.baseline_head = lambda h: shell.lm_head(h)
-        self.candidate_hidden = [cand.final_hidden(h) for h in hidden_c]
-        self.candidate_model = cand
-        self.seconds = laps.lap("heads")
-
-    @torch.no_grad()
-    def _layers(self, device: str, ks: list[int], run: dict, advance, weight_errors: bool, home: bool) -> None:
-        """Batches `ks` of both models through every layer on `device` (their hidden states back on
-        self.device at the end); the next layer is read on a worker thread meanwhile. `home`: the first
-        device, which uses the checkpoint reader made in compute(); another device makes its own."""
-        import copy
-
-        from trtconv.checkpoints.hf_layers import load_layer
-        from trtconv.checkpoints.trtllm_reader import _Loader, layer_weight_errors
-        from trtconv.stages.devices import _to
-
-        loader, cand = run["loader"], run["cand"]
-        if not home:
-            loader = _Loader(self.checkpoint_dir, loader.config, torch.device(device), torch.float32)
-            cand = copy.copy(cand)  # the same model; its attention-window mask made on this device
-            cand.device = loader.device
-        base = {k: _to(run["base"][k], device) for k in ks}
-        hidden_b = {k: _to(run["hidden_b"][k], device) for k in ks}
-        hidden_c = {k: _to(run["hidden_c"][k], device) for k in ks}
-        rope = {k: _to(run["rope"][k], device) for k in ks}
-        positions = loader.layer_positions()
-        copies = CopyStream(device)
+            run = dict(base=base, layer_cls=layer_cls, config=shell.config, index=index, cand=cand, loader=loader, positions=positions)
+            hidden_b[:], hidden_c[:] = evaluate_layers_split(self, run, hidden_b, hidden_c, rope, advance, weight_errors)
+            positions = []  # nothing left for the one-device loop below
+        copies = CopyStream(self.device)
 
         @torch.no_grad()
         def load(i: int):  # on the worker thread: reads and places layer i of both models
             pp, local = positions[i]
             with copies.loading(i):
-                return load_layer(run["layer_cls"], run["config"], run["index"], i, self.baseline_dtype, device), loader.layer(pp, local)
+                return load_layer(layer_cls, shell.config, index, i, self.baseline_dtype, self.device), loader.layer(pp, local)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtconv-eval-prefetch") as pool:
             for i, (original, quantized) in enumerate(prefetched(pool, load, len(positions))):
-                for k in ks:
-                    args, kwargs = base[k]
+                for k, (args, kwargs) in enumerate(base):
                     out = original(hidden_b[k], *args[1:], **kwargs)
                     hidden_b[k] = out[0] if isinstance(out, (tuple, list)) else out
                     hidden_c[k] = cand.layer_forward(quantized, hidden_c[k], *rope[k])
@@ -160,8 +125,14 @@ class LayerStreamedPair:
                 copies.used(i)
                 del original, quantized  # before layer i + 2 is read: two layers of each at most
                 advance(1)
-        for k in ks:  # each device writes only its own batches' entries
-            run["hidden_b"][k], run["hidden_c"][k] = _to(hidden_b[k], self.device), _to(hidden_c[k], self.device)
+        self.errors = read_errors(self.errors)  # one wait for the device, not one per linear
+        laps.lap("layers")
+        parked.restore()
+        self.baseline_hidden = [shell.model.norm(h) for h in hidden_b]
+        self.baseline_head = lambda h: shell.lm_head(h)
+        self.candidate_hidden = [cand.final_hidden(h) for h in hidden_c]
+        self.candidate_model = cand
+        self.seconds = laps.lap("heads")
 
     def num_layers(self) -> int:
         from trtconv.checkpoints.trtllm_format import read_config
