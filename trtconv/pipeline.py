@@ -162,7 +162,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         check_recipe_against_model(recipe, hf_cfg, model_dir)
         check_engine(recipe, hf_cfg, device, reporter)
         memory = memory_plan(recipe, hf_cfg, device, opts, model_dir, cache, reporter)
-        check_split(recipe, devices, memory.streamed)
+        check_split(devices.count, memory.streamed)
         calib_packs = data_packs(recipe.calibration.data, "calibration")
         eval_packs = data_packs(recipe.evaluate.data, "evaluation")
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
@@ -352,7 +352,7 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, opts: BuildOptions, model_
 
     layer_bytes = WeightIndex(model_dir).layer_bytes(0) if recipe.calibration.streaming != "never" else None
     disk = disk_here(opts.out, cache.root if cache is not None else opts.out)
-    plan = plan_for_build(recipe, hf_cfg, device, opts.max_gpu_memory_gib, layer_bytes, disk)
+    plan = plan_for_build(recipe, hf_cfg, device, opts.max_gpu_memory_gib, layer_bytes, disk, split=opts.gpus)
     if plan.streamed:
         from trtconv.memory_plan import calibration_reason
         from trtconv.stages.streamed import check_supported

@@ -113,11 +113,12 @@ def check_gpus(gpus: int, device) -> Devices:
     return Devices(("cpu",) * gpus, simulated=gpus > 1)
 
 
-def check_split(recipe, devices: Devices, streamed: bool) -> None:
-    """What the split cannot do yet, named before any work: only the layer-streamed path is split."""
-    if devices.count > 1 and not streamed:
-        raise UserError(f"--gpus {devices.count}: only the layer-streamed path splits over several devices; "
-                        "set calibration.streaming: always (or use --gpus 1)")
+def check_split(count: int, streamed: bool) -> None:
+    """What the split cannot do, named before any work: only the layer-streamed path is split (the
+    memory plan streams whenever --gpus > 1, unless the recipe says calibration.streaming: never)."""
+    if count > 1 and not streamed:
+        raise UserError(f"--gpus {count}: only the layer-streamed path splits over several devices, and the recipe sets "
+                        "calibration.streaming: never; allowed: calibration.streaming auto or always, or --gpus 1")
 
 
 # ---------------------------------------------------------------------------------------------
