@@ -21,7 +21,11 @@ def test_cpu_refuses_several_devices_unless_simulated(monkeypatch):
     assert check_gpus(1, CPU).names == ("cpu",)
     with pytest.raises(UserError, match=r"--gpus 2: this host has no CUDA GPU: the CPU is one device; allowed: 1 to 1"):
         check_gpus(2, CPU)
+    from trtconv.cli.doctor import _gpus_check
+
+    assert _gpus_check(CPU, UserError)["detail"].startswith("build --gpus 1 to 1: no CUDA GPU")
     monkeypatch.setenv("TRTCONV_SIMULATED_DEVICES", "3")
+    assert "simulated devices on the CPU" in _gpus_check(CPU, UserError)["detail"]
     d = check_gpus(3, CPU)
     assert d.simulated and d.count == 3 and "not a GPU run" in d.describe()
     with pytest.raises(UserError, match="allowed: 1 to 3"):
@@ -29,6 +33,7 @@ def test_cpu_refuses_several_devices_unless_simulated(monkeypatch):
     monkeypatch.setenv("TRTCONV_SIMULATED_DEVICES", "two")
     with pytest.raises(UserError, match="TRTCONV_SIMULATED_DEVICES='two': allowed: a positive integer"):
         check_gpus(2, CPU)
+    assert _gpus_check(CPU, UserError)["status"] == "fail"
 
 
 def test_cuda_allows_the_visible_gpus(monkeypatch):
