@@ -56,6 +56,33 @@ def test_split_calibration_writes_the_one_device_bytes(tmp_path, llama5, precisi
     assert one_record["census"] == split_record["census"]
     assert stage.details["devices"] == {"count": n, "names": ["cpu"] * n, "simulated": True}
     assert len(stage.details["seconds"]["layers"]) == 5
+    _assert_attention_restored()
+
+
+def _assert_attention_restored() -> None:
+    """ModelOpt's KV-cache attention swaps transformers' module-level attention function during each
+    forward; layers calibrating at once used to leave its function installed for good."""
+    import functools
+
+    from transformers.models.llama import modeling_llama
+
+    assert not isinstance(modeling_llama.eager_attention_forward, functools.partial)
+    assert not any(isinstance(f, functools.partial) for f in modeling_llama.ALL_ATTENTION_FUNCTIONS.values())
+
+
+def test_which_configs_calibrate_concurrently():
+    from trtconv.recipe.schema import recipe_from_dict
+    from trtconv.stages import calibrate
+    from trtconv.stages.devices import calibrates_concurrently
+
+    def cfg(precision: str, kv: str):
+        q = recipe_from_dict({"name": "x", "model": {"path": "/tmp"},
+                              "quantization": {"precision": precision, "kv_cache": kv, "awq_group_size": 64}}).resolved().quantization
+        return calibrate.recipe_quant_config(q, [])
+
+    assert calibrates_concurrently(cfg("fp8", "none")) and calibrates_concurrently(cfg("int8_sq", "none"))
+    assert calibrates_concurrently(None) and calibrates_concurrently(cfg("fp8", "fp8"))  # attention: one_swap_at_a_time
+    assert not calibrates_concurrently(cfg("int4_awq", "none")) and not calibrates_concurrently(cfg("w4a8_awq", "none"))
 
 
 @pytest.mark.slow

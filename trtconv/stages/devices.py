@@ -15,12 +15,19 @@ What is split, and why this way (issue 22):
   activation scales and search losses) is summed in the same order. That is why this split and
   not data parallelism over batches within a layer: splitting the batches would make AWQ's sums
   depend on the split unless ModelOpt's internals were rewritten to gather per-batch partials.
-- **AWQ calibrates one layer at a time.** ModelOpt 0.47's `awq_lite` keeps its phase in a class
-  attribute (`AWQLiteHelper.cache_mode`, model_calib.py), shared by every layer in the process: two
-  AWQ layers calibrating at once would corrupt each other. So for the AWQ algorithms a layer's
-  calibration starts only when the previous layer's has finished (in layer order: no deadlock);
-  what still overlaps is reading the next layers onto their GPUs and exporting/writing the last
-  ones. Max calibration and SmoothQuant have no such shared state and overlap fully.
+- **Where ModelOpt keeps state of the whole process, one thread at a time.** Two places in 0.47:
+  - ModelOpt's quantized attention (and its fused-expert modules) swap a module-level function for the
+    length of each forward and put back what they found: the transformers module's attention function
+    (`eager_attention_forward` / `ALL_ATTENTION_FUNCTIONS`, plugins/huggingface.py), or torch functions
+    (plugins/custom.py). Two threads interleaving the swap left ModelOpt's function installed for good
+    here (seen: the evaluation's plain original then failed with `no attribute 'q_bmm_quantizer'`).
+    So the forward of those modules holds one process-wide lock (`one_swap_at_a_time`). The rest of
+    the layer still overlaps, including the MLP, which does most of the work; on a GPU the lock is
+    held only while the attention's kernels are queued.
+  - `awq_lite` keeps its phase in a class attribute (`AWQLiteHelper.cache_mode`, model_calib.py),
+    shared by every layer. So AWQ layers calibrate one at a time: a layer's calibration starts when
+    the previous layer's has finished, in layer order, so there is no deadlock. Reading the next layers
+    onto their GPUs and exporting and writing the last ones still overlap (`calibrates_concurrently`).
 - **Export:** each layer is exported by the thread that calibrated it, on its device, into its own
   part files (as on one device); the ranks' part files are then merged into the rank files in
   parallel, one thread per rank (`streamed.merge_ranks`): the same parts in the same order, so the
@@ -51,6 +58,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from trtconv.core.errors import UserError
@@ -59,6 +67,40 @@ SIMULATED_ENV = "TRTCONV_SIMULATED_DEVICES"  # tests only: N simulated devices o
 # ModelOpt calibration algorithms whose state is per module (they may calibrate several layers at once);
 # the others (AWQ: a class-level phase flag) calibrate one layer at a time (see the module docstring).
 CONCURRENT_ALGORITHMS = frozenset({None, "max", "smoothquant"})
+SWAP_LOCK = threading.RLock()  # one forward at a time of ModelOpt's modules that swap module-level functions
+
+
+def calibrates_concurrently(cfg: dict | None) -> bool:
+    """Whether several layers may calibrate at once under this ModelOpt config."""
+    return _algorithm(cfg) in CONCURRENT_ALGORITHMS
+
+
+def _swapping_classes() -> tuple:
+    """ModelOpt 0.47's quantized modules whose forward swaps a function of a module (process-wide)."""
+    from modelopt.torch.quantization.plugins.custom import _QuantFunctionalMixin
+    from modelopt.torch.quantization.plugins.huggingface import _QuantAttention, _T5QuantAttention
+
+    return (_QuantAttention, _T5QuantAttention, _QuantFunctionalMixin)
+
+
+@contextmanager
+def one_swap_at_a_time(module):
+    """While inside: the forward of every such module under `module` holds SWAP_LOCK."""
+    classes = _swapping_classes()
+    wrapped = [m for m in module.modules() if isinstance(m, classes)]
+    for m in wrapped:
+        inner = m.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            with SWAP_LOCK:
+                return _inner(*args, **kwargs)
+
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m in wrapped:
+            del m.forward  # the class's forward again
 
 
 @dataclass(frozen=True)
@@ -79,6 +121,14 @@ class Devices:
 
     def record(self) -> dict:
         return {"count": self.count, "names": list(self.names), "simulated": self.simulated}
+
+    # The split, as the layer-streamed modules call it (they do not import this module: the import
+    # arrow goes one way, from here to them).
+    def calibrate_layers(self, job, streams: list, n_layers: int, advance) -> list[dict]:
+        return run_layers_split(job, self, streams, n_layers, advance)
+
+    def evaluate_layers(self, pair, run: dict, hidden_b: list, hidden_c: list, rope: list, advance, weight_errors: bool):
+        return evaluate_layers_split(pair, run, hidden_b, hidden_c, rope, advance, weight_errors)
 
 
 def simulated_count() -> int:
@@ -202,7 +252,7 @@ def calibrate_layer_handoff(layer, i: int, cfg: dict | None, inbox: Handoff, out
         p = passes[0]
         passes[0] += 1
         copies: dict[int, object] = {}
-        with torch.no_grad():
+        with torch.no_grad(), one_swap_at_a_time(module):
             for k, (args, kwargs) in enumerate(template):
                 hidden = copies.setdefault(k, _to(inbox.get(p, k), device))
                 outbox.put(p, k, _first(module(hidden, *args[1:], **kwargs)))
@@ -223,7 +273,7 @@ def run_layers_split(job, devices: Devices, streams: list, n_layers: int, advanc
     per-layer results in layer order, each with the seconds it took on its device."""
     first = streams[0]
     handoffs = [Handoff.complete([a[0] for a, _ in first])] + [Handoff(len(first)) for _ in range(n_layers)]
-    serial = _algorithm(job.cfg) not in CONCURRENT_ALGORITHMS
+    serial = not calibrates_concurrently(job.cfg)
     results: list[dict | None] = [None] * n_layers
     templates = {d: _to([((None,) + tuple(a[1:]), k) for a, k in first], d) for d in set(devices.names)}
     lock = threading.Lock()
@@ -255,7 +305,7 @@ def _one_layer(job, i: int, device: str, handoffs: list, template: list, serial:
     try:
         layer = load_layer(job.layer_cls, job.shell.config, job.index, i, job.dtype, device)
         if serial:
-            inbox.wait_closed()  # the previous layer's calibration is over: one AWQ calibration at a time
+            inbox.wait_closed()  # the previous layer's calibration is over: one at a time (calibrates_concurrently)
         calibrate_layer_handoff(layer, i, job.cfg, inbox, outbox, template, device)
     except BaseException as exc:
         outbox.close(exc)

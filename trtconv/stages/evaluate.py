@@ -225,7 +225,7 @@ def evaluate_sequential(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
                       weight_errors: bool = True, park: bool = True, devices=None) -> EvalOutcome:
     """evaluate_checkpoint with at most two decoder layers of each model in memory (stages/evaluate_streamed.py);
-    several `devices` (trtconv.stages.devices) split the batches between them."""
+    several `devices` (trtconv.stages.devices) run its layers as a pipeline."""
     from trtconv.checkpoints.hf_model import read_hf_config, torch_dtype
     from trtconv.gate import stats as evaluate
     from trtconv.stages.evaluate_streamed import LayerStreamedPair, run_scorers
@@ -239,7 +239,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
         task = score_task(recipe, model_dir, baseline_logits, candidate, device, reporter) if recipe.evaluate.multiple_choice else None
         return stats, task
 
-    split = f", batches split over {devices.describe()}" if devices is not None and devices.count > 1 else ""
+    split = f", layers split over {devices.describe()}" if devices is not None and devices.count > 1 else ""
     reporter.stage("evaluate", f"layer-streamed: the original and the checkpoint one layer at a time{split}")
     started = time.monotonic()
     stats, task_correct = run_scorers(pair, scorer, reporter, weight_errors)

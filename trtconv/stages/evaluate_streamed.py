@@ -101,10 +101,8 @@ class LayerStreamedPair:
         laps.lap("setup")  # both models' vocabulary matrices, the first hidden states (and parking)
 
         if self.devices is not None and self.devices.count > 1:  # layer i on device i mod N (trtconv.stages.devices)
-            from trtconv.stages.devices import evaluate_layers_split
-
             run = dict(base=base, layer_cls=layer_cls, config=shell.config, index=index, cand=cand, loader=loader, positions=positions)
-            hidden_b[:], hidden_c[:] = evaluate_layers_split(self, run, hidden_b, hidden_c, rope, advance, weight_errors)
+            hidden_b[:], hidden_c[:] = self.devices.evaluate_layers(self, run, hidden_b, hidden_c, rope, advance, weight_errors)
             positions = []  # nothing left for the one-device loop below
         copies = CopyStream(self.device)
 

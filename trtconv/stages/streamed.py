@@ -246,12 +246,10 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
     job = LayerJob(cfg, index, layer_cls, shell, hf_config, dtype, export_dtype, decoder_type, ex.tp_size, parts, tmp)
     try:
-        if devices is not None and devices.count > 1:
-            from trtconv.stages.devices import run_layers_split
-
+        if devices is not None and devices.count > 1:  # the split (trtconv.stages.devices.Devices)
             with reporter.progress(f"calibration layers ({devices.describe()})", total=n_layers) as advance:
                 with quiet_dependency(log):  # once, around every thread: it swaps sys.stdout and the warning filters
-                    done = run_layers_split(job, devices, streams, n_layers, advance)
+                    done = devices.calibrate_layers(job, streams, n_layers, advance)
         else:
             done = []
             with reporter.progress("calibration layers", total=n_layers) as advance:
