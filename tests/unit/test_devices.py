@@ -101,3 +101,33 @@ def test_plan_here_refuses_what_build_refuses(cli, tmp_path, monkeypatch):
     code, plan = _plan(cli, recipe, "--gpus", "2", "--max-gpu-memory", "16")
     assert not any("--gpus" in r for r in plan["refusals"]), plan["refusals"]
     assert json.dumps(plan["time_s"]["split"]["devices"]) == "2"
+
+
+def test_a_failing_device_stops_the_others():
+    """A device that fails at its first layer closes every open hand-off with its error: the device
+    waiting for a layer nobody will now produce gets the error instead of waiting for ever."""
+    from trtconv.stages.devices import failing_stops_all
+
+    handoffs = [Handoff.complete(["x"]), Handoff(1), Handoff(1), Handoff(1)]
+
+    @failing_stops_all(handoffs)
+    def work(slot: int) -> None:
+        if slot == 0:
+            raise ValueError("layer 0 could not be read")
+        handoffs[2].get(0, 0)  # slot 1's layer 2 waits for layer 1's output, which slot 0 would make
+
+    errors = []
+    threads = [threading.Thread(target=lambda s=s: _catch(work, s, errors)) for s in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(type(e).__name__ for e in errors) == ["RuntimeError", "ValueError"]
+
+
+def _catch(fn, arg, errors: list) -> None:
+    try:
+        fn(arg)
+    except Exception as exc:  # noqa: BLE001 - collected for the assertion
+        errors.append(exc)

@@ -202,7 +202,7 @@ class Handoff:
 
     def close(self, error: BaseException | None = None) -> None:
         with self._cond:
-            self.closed, self.error = True, error
+            self.closed, self.error = True, self.error or error  # a failure, once noted, stays
             self._cond.notify_all()
 
     def wait_closed(self) -> None:
@@ -278,6 +278,7 @@ def run_layers_split(job, devices: Devices, streams: list, n_layers: int, advanc
     templates = {d: _to([((None,) + tuple(a[1:]), k) for a, k in first], d) for d in set(devices.names)}
     lock = threading.Lock()
 
+    @failing_stops_all(handoffs)
     def work(slot: int) -> None:
         device = devices.names[slot]
         _select(device)
@@ -320,6 +321,22 @@ def _one_layer(job, i: int, device: str, handoffs: list, template: list, serial:
     return one
 
 
+def failing_stops_all(handoffs: list):
+    """A device's failure closes every hand-off still open, with its error: the layers no thread will
+    now produce must not leave the other devices waiting for them."""
+    def wrap(work):
+        def run(slot: int) -> None:
+            try:
+                work(slot)
+            except BaseException as exc:
+                for h in list(handoffs):
+                    if h is not None:
+                        h.close(exc)
+                raise
+        return run
+    return wrap
+
+
 def _select(device: str) -> None:
     """This thread's current CUDA device (ModelOpt and torch allocate on it where no device is given)."""
     if device.startswith("cuda"):
@@ -342,6 +359,7 @@ def evaluate_layers_split(pair, run: dict, hidden_b: list, hidden_c: list, rope:
     errors: list[list] = [[] for _ in range(n)]
     lock = threading.Lock()
 
+    @failing_stops_all(handoffs)
     def work(slot: int) -> None:
         device = devices.names[slot]
         _select(device)
