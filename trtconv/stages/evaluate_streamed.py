@@ -30,7 +30,7 @@ class LayerStreamedPair:
     """Both models' logits for a fixed set of batches, computed one decoder layer at a time."""
 
     def __init__(self, model_dir: Path, checkpoint_dir: Path, device: str, vocab: int,
-                 baseline_dtype: torch.dtype = torch.float32, park: bool = True):
+                 baseline_dtype: torch.dtype = torch.float32, park: bool = True, devices=None):
         self.model_dir, self.checkpoint_dir, self.device, self.vocab = Path(model_dir), Path(checkpoint_dir), device, vocab
         self.baseline_dtype = baseline_dtype  # the original's dtype: stages/evaluate.py baseline_dtype, as in memory
         self.park = park  # on a GPU, vocabulary matrices wait on the host during the layer loop (the memory plan decides)
@@ -38,6 +38,7 @@ class LayerStreamedPair:
         self.calls: dict[str, list[int]] = {"baseline": [], "candidate": []}  # batch index of each call, per model
         self.errors: list[tuple[str, float]] = []
         self.seconds: dict[str, float] = {}  # setup, layers, heads (compute's laps)
+        self.devices = devices  # trtconv.stages.devices.Devices: several run the layers as a pipeline (None: self.device)
 
     # -- the two passes of a scorer ---------------------------------------------------------
     def _index(self, ids) -> int:
@@ -99,6 +100,10 @@ class LayerStreamedPair:
         parked.candidate(cand)
         laps.lap("setup")  # both models' vocabulary matrices, the first hidden states (and parking)
 
+        if self.devices is not None and self.devices.count > 1:  # layer i on device i mod N (trtconv.stages.devices)
+            run = dict(base=base, layer_cls=layer_cls, config=shell.config, index=index, cand=cand, loader=loader, positions=positions)
+            hidden_b[:], hidden_c[:] = self.devices.evaluate_layers(self, run, hidden_b, hidden_c, rope, advance, weight_errors)
+            positions = []  # nothing left for the one-device loop below
         copies = CopyStream(self.device)
 
         @torch.no_grad()

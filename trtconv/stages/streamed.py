@@ -31,6 +31,7 @@ import copy
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, capture_layer0_inputs, load_layer
@@ -195,13 +196,12 @@ def assemble_config(cfg0: dict, layer_cfg: dict, n_layers: int, shell_quant_cfg:
     return cfg, None
 
 
-def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, root: Path, device: str, reporter):
-    """Calibrate + export layer by layer into root; (ExportResult, calibration record, census)."""
+def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, root: Path, device: str, reporter, devices=None):
+    """Calibrate + export layer by layer into root; (ExportResult, calibration record, census).
+    `devices` (trtconv.stages.devices.Devices): more than one splits the layers over them."""
     import torch
-    from safetensors.torch import save_file
 
     from trtconv.checkpoints.hf_model import compute_dtype
-    from trtconv.checkpoints.safetensors_stream import merge_parts
     from trtconv.checkpoints.trtllm_format import validate_checkpoint
     from trtconv.stages import calibrate, export
 
@@ -244,35 +244,35 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     layer_cfgs: dict = {}
     seconds: dict = {"shell": round(time.monotonic() - t0, 3), "layers": []}  # what a larger model's time scales with
     tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
+    job = LayerJob(cfg, index, layer_cls, shell, hf_config, dtype, export_dtype, decoder_type, ex.tp_size, parts, tmp)
     try:
-        with reporter.progress("calibration layers", total=n_layers) as advance:
-            for i in range(n_layers):
-                t_layer = time.monotonic()
-                layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
-                with quiet_dependency(log):
-                    streams = calibrate_layer(layer, i, cfg, streams)
-                    _merge_census(census, calibrate.quantizer_census(layer), i)
-                    quant_format = _quant_format(layer) if cfg is not None else None
-                    with torch.no_grad():
-                        if i == 0:
-                            outer, cfg0, quant_cfg0 = export_shell(shell, layer, export_dtype, decoder_type, ex.tp_size, tmp)
-                            for r, tensors in enumerate(outer):
-                                save_file(tensors, parts / f"rank{r}" / "outer.safetensors")
-                            del outer
-                        ranks, layer_cfg = export_layer(layer, i, hf_config, export_dtype, quant_format, decoder_type, ex.tp_size)
-                layer_cfgs.update(layer_cfg)
-                for r, tensors in enumerate(ranks):
-                    save_file(tensors, parts / f"rank{r}" / f"layer{i:05d}.safetensors")
-                del layer, ranks
-                if device != "cpu":
-                    torch.cuda.empty_cache()
-                seconds["layers"].append(round(time.monotonic() - t_layer, 3))
-                advance(1)
+        if devices is not None and devices.count > 1:  # the split (trtconv.stages.devices.Devices)
+            with reporter.progress(f"calibration layers ({devices.describe()})", total=n_layers) as advance:
+                with quiet_dependency(log):  # once, around every thread: it swaps sys.stdout and the warning filters
+                    done = devices.calibrate_layers(job, streams, n_layers, advance)
+        else:
+            done = []
+            with reporter.progress("calibration layers", total=n_layers) as advance:
+                for i in range(n_layers):
+                    t_layer = time.monotonic()
+                    layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
+                    with quiet_dependency(log):
+                        streams = calibrate_layer(layer, i, cfg, streams)
+                        done.append(finish_layer(job, layer, i))
+                    del layer
+                    if device != "cpu":
+                        torch.cuda.empty_cache()
+                    done[-1]["seconds"] = round(time.monotonic() - t_layer, 3)
+                    advance(1)
+        for i, one in enumerate(done):  # in layer order, whichever device did the layer
+            _merge_census(census, one["census"], i)
+            layer_cfgs.update(one["layer_cfg"])
+            seconds["layers"].append(one["seconds"])
+        cfg0, quant_cfg0 = job.shell_config
         t_merge = time.monotonic()
         if cfg is not None:
             calibrate.check_census(census, q)
-        for r in range(ex.tp_size):
-            merge_parts(sorted((parts / f"rank{r}").glob("*.safetensors")), checkpoint / f"rank{r}.safetensors")
+        merge_ranks(parts, checkpoint, ex.tp_size, devices.count if devices is not None else 1)
         config, quant_cfg = assemble_config(cfg0, layer_cfgs, n_layers, quant_cfg0)
         (checkpoint / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
         if quant_cfg is not None:
@@ -292,6 +292,66 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     result.seconds = {**seconds, "tokenizer_repair_validation": round(time.monotonic() - t_finish, 3)}
     record = {"quant_config": calibrate._jsonable(cfg) if cfg is not None else {}, "census": census}
     return result, record, log
+
+
+@dataclass
+class LayerJob:
+    """What every layer's calibration and export needs (shared by the one-device loop and the split)."""
+
+    cfg: dict | None
+    index: object  # WeightIndex
+    layer_cls: type
+    shell: object
+    hf_config: object
+    dtype: object
+    export_dtype: object
+    decoder_type: str
+    tp_size: int
+    parts: Path
+    tmp: Path
+    shell_config: tuple = (None, None)  # (config.json, quant_cfg.json) of the shell's export, set by layer 0
+
+
+def finish_layer(job: LayerJob, layer, i: int) -> dict:
+    """After layer i's calibration: its census, its export (layer 0 also exports the shell) and its part
+    files, one per rank. Returns {"census", "layer_cfg"}; the caller merges them in layer order."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trtconv.stages import calibrate
+
+    census = calibrate.quantizer_census(layer)
+    quant_format = _quant_format(layer) if job.cfg is not None else None
+    with torch.no_grad():
+        if i == 0:
+            outer, cfg0, quant_cfg0 = export_shell(job.shell, layer, job.export_dtype, job.decoder_type, job.tp_size, job.tmp)
+            for r, tensors in enumerate(outer):
+                save_file(tensors, job.parts / f"rank{r}" / "outer.safetensors")
+            del outer
+            job.shell_config = (cfg0, quant_cfg0)
+        ranks, layer_cfg = export_layer(layer, i, job.hf_config, job.export_dtype, quant_format, job.decoder_type, job.tp_size)
+    for r, tensors in enumerate(ranks):
+        save_file(tensors, job.parts / f"rank{r}" / f"layer{i:05d}.safetensors")
+    return {"census": census, "layer_cfg": layer_cfg}
+
+
+def merge_ranks(parts: Path, checkpoint: Path, tp_size: int, workers: int = 1) -> None:
+    """Each rank's part files into its rank file; with several devices the ranks are merged at once, on
+    threads (each file's bytes are what the one-at-a-time merge writes: the same parts in the same order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trtconv.checkpoints.safetensors_stream import merge_parts
+
+    def merge(r: int) -> None:
+        merge_parts(sorted((parts / f"rank{r}").glob("*.safetensors")), checkpoint / f"rank{r}.safetensors")
+
+    if workers <= 1 or tp_size == 1:
+        for r in range(tp_size):
+            merge(r)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, tp_size), thread_name_prefix="trtconv-merge") as pool:
+        for f in [pool.submit(merge, r) for r in range(tp_size)]:
+            f.result()
 
 
 def _quant_format(layer) -> str | None:
