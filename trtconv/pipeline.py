@@ -243,8 +243,9 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
         if not passed and recipe.evaluate.sensitivity and recipe.quantization.precision != "none":
             with StageMeter("sensitivity") as m:
-                evaluation = {**evaluation, "advice": advise(recipe, model_dir, calib_tokens, eval_tokens,
-                                                             calib_record, metrics, torch_device, reporter)}
+                evaluation = {**evaluation, "advice": advise(recipe, model_dir, writer.tmp, eval_tokens, metrics, torch_device, reporter,
+                                                             streamed=memory.streamed or memory.evaluate_streamed,
+                                                             export_cached=cached is not None)}
             stages.append(m.record())
         (writer.tmp / RECIPE_NAME).write_text(recipe.to_yaml(), encoding="utf-8")
         manifest = Manifest(
@@ -361,24 +362,45 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, opts: BuildOptions, model_
     return plan
 
 
-def advise(recipe: Recipe, model_dir: Path, calib_tokens, eval_tokens, calib_record: dict, metrics: dict, device: str,
-           reporter: Reporter) -> dict:
-    """A failed gate's way forward (trtconv.gate.sensitivity): the worst layers, an exclude list, other precisions."""
+def advise(recipe: Recipe, model_dir: Path, root: Path, eval_tokens, metrics: dict, device: str, reporter: Reporter,
+           streamed: bool = False, export_cached: bool = False) -> dict:
+    """A failed gate's way forward (trtconv.gate.sensitivity): the worst layers, a measured exclude list, other
+    precisions; read from the checkpoint the gate judged in `root` (no second calibration), layer by layer
+    where the memory plan streamed the build, and layer by layer again if holding the original runs out of memory."""
+    from trtconv.checkpoints.hf_model import release_memory
     from trtconv.gate import sensitivity
+    from trtconv.stages.evaluate import candidate_dir
 
     measured_kl = max(m["mean_kl"]["value"] for m in [metrics, *(metrics.get("packs") or {}).values()])
-    reporter.stage("sensitivity", "a gate failed: measuring which decoder layers cost the most accuracy")
-    built = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
-        update={"awq_group_size": calib_record.get("awq_group_size")})})
+    checkpoint = candidate_dir(recipe, root)
+    reused = {"checkpoint": checkpoint.name, "export": "restored from the stage cache" if export_cached else "built by this run"}
+    how = "layer by layer" if streamed else "the original in memory"
+    reporter.stage("sensitivity", f"a gate failed: measuring which decoder layers cost the most accuracy ({checkpoint.name}/, {how})")
     try:
-        record = sensitivity.run(model_dir, built, calib_tokens, eval_tokens, measured_kl, device, reporter).record()
-    except (UserError, RuntimeError, ValueError, AttributeError) as exc:
+        try:
+            result = sensitivity.run(model_dir, checkpoint, recipe, eval_tokens, measured_kl, device, reporter, streamed, reused)
+        except Exception as exc:
+            if streamed or not _out_of_memory(exc):
+                raise
+            release_memory()
+            reporter.warn("sensitivity: out of GPU memory with the original in memory; measuring layer by layer instead")
+            result = sensitivity.run(model_dir, checkpoint, recipe, eval_tokens, measured_kl, device, reporter, True, reused)
+        record = result.record()
+    except (UserError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
         # Advice is a help, not a stage that can lose the failed artifact and its numbers.
         reporter.warn(f"no layer advice: the sensitivity pass failed ({exc})")
         return {"error": str(exc)}
+    finally:
+        release_memory()
     for line in sensitivity.advice_lines(record, recipe.quantization.exclude, recipe.evaluate.gates.max_kl):
         reporter.stage("advice", line)
     return record
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,

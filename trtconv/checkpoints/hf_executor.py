@@ -285,7 +285,7 @@ class _Loader:
                                       f"{self.arch} needs {list(param.shape)}")
             owner, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(self._cast(stored), requires_grad=False))
-        if tied:
+        if tied and hasattr(model, "get_input_embeddings"):  # not on one decoder layer's container (gate/layer_streams.py)
             model.get_submodule("lm_head").weight = model.get_input_embeddings().weight
             missing = [n for n in missing if n != "lm_head.weight"]
         if missing:
