@@ -369,18 +369,22 @@ def advise(recipe: Recipe, model_dir: Path, root: Path, eval_tokens, metrics: di
     where the memory plan streamed the build, and layer by layer again if holding the original runs out of memory."""
     from trtconv.checkpoints.hf_model import release_memory
     from trtconv.gate import sensitivity
+    from trtconv.gate.layer_streams import can_stream
     from trtconv.stages.evaluate import candidate_dir
 
     measured_kl = max(m["mean_kl"]["value"] for m in [metrics, *(metrics.get("packs") or {}).values()])
+    streamable = can_stream(model_dir, recipe.model.trust_remote_code)
+    streamed = streamed and streamable
     checkpoint = candidate_dir(recipe, root)
     reused = {"checkpoint": checkpoint.name, "export": "restored from the stage cache" if export_cached else "built by this run"}
     how = "layer by layer" if streamed else "the original in memory"
     reporter.stage("sensitivity", f"a gate failed: measuring which decoder layers cost the most accuracy ({checkpoint.name}/, {how})")
+    release_memory()  # what evaluation dropped, before the original is read again
     try:
         try:
             result = sensitivity.run(model_dir, checkpoint, recipe, eval_tokens, measured_kl, device, reporter, streamed, reused)
         except Exception as exc:
-            if streamed or not _out_of_memory(exc):
+            if streamed or not streamable or not _out_of_memory(exc):
                 raise
             release_memory()
             reporter.warn("sensitivity: out of GPU memory with the original in memory; measuring layer by layer instead")

@@ -122,22 +122,26 @@ def test_streamed_advice_equals_the_resident_one(tmp_path, arch, tensorrt_llm, r
     assert resident.candidates[-1]["layers"] == resident.num_layers and resident.candidates[-1]["kl"] == pytest.approx(0, abs=1e-9)
 
 
-@pytest.mark.parametrize("tensorrt_llm", [True, False])
-def test_every_layer_shipped_is_the_gates_candidate(tmp_path, tiny_llama, tensorrt_llm):
+@pytest.mark.parametrize("arch,tensorrt_llm", [("llama", True), ("llama", False), ("gemma2", False), ("mixtral", False)])
+def test_every_layer_shipped_is_the_gates_candidate(tmp_path, arch, tensorrt_llm):
     """The fully shipped stream against the reference executor's whole-model logits on the same rows: the same
-    KL (the tiny model is bf16, so the original's embedding and head are the shipped ones)."""
+    KL (the tiny model is bf16, so the original's embedding and head are the shipped ones). Gemma 2 (eager
+    attention, soft-capped logits) and Mixtral (experts swapped in one layer at a time) on the unified checkpoint."""
+    from tests.factories import make_tiny_model
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.core.ui import Reporter
     from trtconv.gate import sensitivity
     from trtconv.stages.evaluate import candidate_logits
 
-    recipe, checkpoint, rows = _export(tmp_path, tiny_llama, tensorrt_llm)
-    result = sensitivity.run(tiny_llama, checkpoint, recipe, rows, 0.02, "cpu", Reporter(quiet=True))
+    model = make_tiny_model(tmp_path / "model", arch)
+    recipe, checkpoint, rows = _export(tmp_path / "export", model, tensorrt_llm)
+    result = sensitivity.run(model, checkpoint, recipe, rows, 0.02, "cpu", Reporter(quiet=True))
     picked = sensitivity._spread_rows(rows, sensitivity.SENSITIVITY_EVAL_ROWS)
     ids = torch.tensor([rows.rows[i] for i in picked])
     lengths = [rows.lengths[i] for i in picked]
-    original = load_hf_model(tiny_llama, "float32", False, "cpu")
+    original = load_hf_model(model, "float32", False, "cpu")
     with torch.no_grad():
         base = torch.log_softmax(original(input_ids=ids, use_cache=False).logits.float(), -1)
     candidate, _ = candidate_logits(checkpoint, "cpu", vocab=original.config.vocab_size)
+    assert result.full_kl > 0 and all(k > 0 for _, k in result.layers)
     assert result.full_kl == pytest.approx(sensitivity._kl_of(candidate(ids), lengths, base), rel=1e-4)

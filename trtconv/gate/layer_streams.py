@@ -219,6 +219,16 @@ def _place(root: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:
     here.add_module(leaf, module)
 
 
+def can_stream(model_dir: Path, trust_remote_code: bool) -> bool:
+    """Whether the original's decoder layers can be read one at a time (trtconv.checkpoints.hf_layers): not for
+    models with their own code, nor for mixture-of-experts families (transformers 5 fuses their experts, the
+    files keep them apart); those hold the original in memory."""
+    from trtconv.architectures import row_for_folder
+
+    row = row_for_folder(Path(model_dir))
+    return not trust_remote_code and (row is None or row.experts is None)
+
+
 def shipped_layers(checkpoint_dir: Path, device: str):
     from trtconv.stages.evaluate import is_hf_checkpoint
 
@@ -275,7 +285,8 @@ class Streams:
             base = self._original(original, i, base)
 
         self._pass(step)
-        self.base_logp = [self._logp(j, base) for j in range(len(self.lengths))]
+        # On the host: a large vocabulary's log-probabilities (8B: 0.8 GB for 6 x 256 tokens) need not stay on the GPU.
+        self.base_logp = [self._logp(j, base).cpu() for j in range(len(self.lengths))]
         return [self.kl(h) for h in variants], self.kl(full)
 
     def with_original(self, keep: list[set[int]]) -> list[float]:
@@ -298,7 +309,8 @@ class Streams:
         """Mean KL(original || this stream) per predicted token, row by row (one row's logits at a time)."""
         total, n = 0.0, 0
         for j, length in enumerate(self.lengths):
-            b, c = self.base_logp[j], self._logp(j, hidden)
+            c = self._logp(j, hidden)
+            b = self.base_logp[j].to(c.device)
             total += (b.exp() * (b - c)).sum(-1).clamp_min(0).sum().item()
             n += length - 1
         return total / max(n, 1)
