@@ -4,7 +4,8 @@
 #   bash scripts/gpu_streaming.sh 8b     # llama3-8b-shaped: fp8 and int4_awq, uncapped vs --max-gpu-memory 8
 #   bash scripts/gpu_streaming.sh 70b    # llama3-70b-shaped cut to 8 layers under --max-gpu-memory 16: fp8 (evaluation on), int4_awq
 #   bash scripts/gpu_streaming.sh advice # llama3-8b-shaped fp8, evaluation and the failed gate's advice on (random weights
-#                                        # fail the gate): uncapped (advice in memory) and --max-gpu-memory 8 (advice streamed)
+#                                        # fail the gate): uncapped (advice in memory) and --max-gpu-memory 8 (advice streamed);
+#                                        # advice-full / advice-cap8 run one of the two
 # Writes one JSON line per run (digest, stage times, peaks, the plan's prediction) to $OUT/runs.jsonl.
 set -uo pipefail
 WHAT=${1:-8b}
@@ -75,10 +76,10 @@ if [ "$WHAT" = 8b ]; then
   run fp8_cap8 /tmp/m8 --precision fp8 --max-gpu-memory 8
   run awq_cap8 /tmp/m8 --precision int4_awq --max-gpu-memory 8
   run awq_full /tmp/m8 --precision int4_awq
-elif [ "$WHAT" = advice ]; then
-  python3 scripts/shaped_model.py llama3-8b /tmp/m8 2>&1 | tail -1
-  ADVICE=1 RUN_TIMEOUT=${RUN_TIMEOUT:-540} run fp8_advice_full /tmp/m8 --precision fp8
-  ADVICE=1 RUN_TIMEOUT=${RUN_TIMEOUT:-540} run fp8_advice_cap8 /tmp/m8 --precision fp8 --max-gpu-memory 8
+elif [ "${WHAT%%-*}" = advice ]; then  # advice, or advice-full / advice-cap8 alone (one call each under a 10-minute limit)
+  [ -f /tmp/m8/config.json ] || python3 scripts/shaped_model.py llama3-8b /tmp/m8 2>&1 | tail -1
+  [ "$WHAT" = advice-cap8 ] || ADVICE=1 RUN_TIMEOUT=${RUN_TIMEOUT:-540} run fp8_advice_full /tmp/m8 --precision fp8
+  [ "$WHAT" = advice-full ] || ADVICE=1 RUN_TIMEOUT=${RUN_TIMEOUT:-540} run fp8_advice_cap8 /tmp/m8 --precision fp8 --max-gpu-memory 8
 else
   # 70B shapes cut to 8 layers, the default 64 calibration rows; fp8 with the default (streamed) evaluation.
   export NUM_SAMPLES=64

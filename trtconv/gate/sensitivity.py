@@ -213,6 +213,14 @@ def run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, devi
     """The sensitivity pass (see the module docstring) over the shipped checkpoint in `checkpoint_dir`;
     `measured_kl` is the gate's KL (the worst pack's) that the suggestion must bring down; `streamed`
     reads the original's decoder layers one at a time (the memory plan's choice)."""
+    from trtconv.stages.evaluate import gpu_matmuls
+
+    with gpu_matmuls(device):  # the shipped layers' float32 products as the gate computes them
+        return _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl, device, reporter, streamed, reused)
+
+
+def _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, device: str, reporter, streamed: bool,
+         reused: dict | None) -> Sensitivity:
     from trtconv.checkpoints.hf_model import compute_dtype
     from trtconv.gate.layer_streams import OriginalLayers, Streams, shipped_layers
 
