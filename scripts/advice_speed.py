@@ -4,7 +4,7 @@ The failed gate's advice before and after issue 21 item 4, side by side on one a
 process, one after the other): OLD_SENSITIVITY.py is gate/sensitivity.py of an earlier commit (e.g.
 `git show 03446dc:trtconv/gate/sensitivity.py > old.py`), which calibrated the original again in
 float32; the current one reads the artifact's shipped checkpoint. Prints one JSON line: each one's
-wall time, its ranking's top layers and suggestion.
+wall time and CPU time (process_time: comparable on a loaded host), its ranking's top layers and suggestion.
 """
 import importlib.util
 import json
@@ -35,12 +35,12 @@ tokens = samples.evaluation_rows(samples.builtin_packs("evaluation"), tok, e.num
 metrics = m["metrics"]
 measured = max(x["mean_kl"]["value"] for x in [metrics, *(metrics.get("packs") or {}).values()])
 out = {"precision": recipe.quantization.precision, "gate_kl": measured}
-t = time.monotonic()
+t, cpu = time.monotonic(), time.process_time()
 before = old.run(model_dir, recipe, calib, tokens, measured, "cpu", Reporter(quiet=True)).record()
-out["before_s"] = round(time.monotonic() - t, 1)
-t = time.monotonic()
+out["before_s"], out["before_cpu_s"] = round(time.monotonic() - t, 1), round(time.process_time() - cpu, 1)
+t, cpu = time.monotonic(), time.process_time()
 after = new.run(model_dir, candidate_dir(recipe, art), recipe, tokens, measured, "cpu", Reporter(quiet=True)).record()
-out["after_s"] = round(time.monotonic() - t, 1)
+out["after_s"], out["after_cpu_s"] = round(time.monotonic() - t, 1), round(time.process_time() - cpu, 1)
 out["after_seconds"] = after["seconds"]
 for name, rec in (("before", before), ("after", after)):
     out[name] = {"top5": [(d["layer"], round(d["kl"], 5)) for d in rec["layers"][:5]], "full_kl": rec["full_kl"],

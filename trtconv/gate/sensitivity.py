@@ -224,7 +224,7 @@ def _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, dev
     from trtconv.checkpoints.hf_model import compute_dtype
     from trtconv.gate.layer_streams import OriginalLayers, Streams, shipped_layers
 
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()  # CPU seconds too: on a shared host they do not grow with its load
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     picked = _spread_rows(eval_tokens, SENSITIVITY_EVAL_ROWS)
@@ -253,6 +253,7 @@ def _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, dev
         scale = measured_kl / full_kl if full_kl > 0 else 0.0
         candidates = [{"layers": k, "kl": kl, "estimated_gate_kl": kl * scale} for k, kl in zip(sizes, measured)]
     seconds["exclude_lists"] = round(time.monotonic() - t0 - sum(seconds.values()), 2)
+    seconds["cpu"] = round(time.process_time() - cpu0, 1)
     chosen, passes = choose(candidates, target, max_kl)
     worst = [name for name, _ in per_layer[: chosen["layers"]]] if chosen else []
     return Sensitivity(
