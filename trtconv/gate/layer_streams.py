@@ -18,7 +18,7 @@ through it (the rows are few: SENSITIVITY_EVAL_ROWS):
   and one stream per layer i, started at layer i from the original stream's state (layers before i
   compute exactly the original's) — N(N+1)/2 layer forwards, N layer loads, instead of N^2;
 - pass 2: one stream per candidate exclude list (its layers original, all others shipped), so the
-  suggestion is measured, never only estimated.
+  suggestion is measured, never only estimated; streams that have not parted yet share their work.
 The original's decoder layers are either resident (the whole model in its compute dtype, as
 calibration held it) or read one at a time from the memory-mapped safetensors (`streamed`: the memory
 plan's choice, as for calibration and evaluation); the shipped layer is always read one at a time.
@@ -295,8 +295,12 @@ class Streams:
         hidden = [h0 for _ in keep]
 
         def step(i, original, shipped):
+            inputs, done = list(hidden), {}  # streams not yet apart (the same tensor) that choose alike are computed once
             for k, layers in enumerate(keep):
-                hidden[k] = self._original(original, i, hidden[k]) if i in layers else shipped(hidden[k])
+                key = (id(inputs[k]), i in layers)
+                if key not in done:
+                    done[key] = self._original(original, i, inputs[k]) if i in layers else shipped(inputs[k])
+                hidden[k] = done[key]
 
         self._pass(step)
         return [self.kl(h) for h in hidden]

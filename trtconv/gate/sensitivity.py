@@ -247,9 +247,11 @@ def _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, dev
     candidates = []
     if sizes:
         order = [prefixes.index(name) for name, _ in per_layer]
+        partial = [k for k in sizes if k < n]  # with every layer original the stream is the original: KL 0, not computed
         with reporter.progress("sensitivity: exclude lists measured", total=n) as advance:
             streams.progress = advance
-            measured = streams.with_original([set(order[:k]) for k in sizes])
+            measured = streams.with_original([set(order[:k]) for k in partial]) if partial else []
+        measured += [0.0] * (len(sizes) - len(partial))
         scale = measured_kl / full_kl if full_kl > 0 else 0.0
         candidates = [{"layers": k, "kl": kl, "estimated_gate_kl": kl * scale} for k, kl in zip(sizes, measured)]
     seconds["exclude_lists"] = round(time.monotonic() - t0 - sum(seconds.values()), 2)
