@@ -76,25 +76,25 @@ def test_the_advice_works_from_a_cached_export(cli, tiny_llama, tmp_path, monkey
     assert advice["reused"]["export"] == "restored from the stage cache" and advice["layers"]
 
 
-def _recipe(model: Path, tensorrt_llm: bool):
+def _recipe(model: Path, tensorrt_llm: bool, precision: str = "fp8"):
     from trtconv.recipe.schema import recipe_from_dict
 
     return recipe_from_dict({
         "name": "advice-test", "model": {"path": str(model), "dtype": "bfloat16"},
-        "quantization": {"precision": "fp8", "kv_cache": "fp8"},
+        "quantization": {"precision": precision, "kv_cache": "fp8"},
         "export": {"tensorrt_llm_checkpoint": tensorrt_llm, "hf_checkpoint": not tensorrt_llm},
         "evaluate": {"num_samples": 8, "seq_len": 48, "gates": {"max_kl": 0.0000001}},
     }).resolved()
 
 
-def _export(tmp_path: Path, model: Path, tensorrt_llm: bool):
+def _export(tmp_path: Path, model: Path, tensorrt_llm: bool, precision: str = "fp8"):
     from trtconv.checkpoints.hf_model import load_tokenizer
     from trtconv.core.ui import Reporter
     from trtconv.data.packs import builtin_pack
     from trtconv.data.samples import calibration_rows, evaluation_rows
     from trtconv.pipeline import run_calibrate_and_export
 
-    recipe = _recipe(model, tensorrt_llm)
+    recipe = _recipe(model, tensorrt_llm, precision)
     tok = load_tokenizer(model, False)
     calib = calibration_rows(builtin_pack("calib"), tok, 4, 64, 0)
     rows = evaluation_rows(builtin_pack("eval"), tok, 8, 48, 0)
@@ -103,13 +103,14 @@ def _export(tmp_path: Path, model: Path, tensorrt_llm: bool):
     return recipe, exported.checkpoint_dir if tensorrt_llm else exported.hf_checkpoint_dir, rows
 
 
-@pytest.mark.parametrize("arch,tensorrt_llm", [("llama", True), ("llama", False), ("qwen2", True)])
-def test_streamed_advice_equals_the_resident_one(tmp_path, arch, tensorrt_llm, request):
+@pytest.mark.parametrize("arch,tensorrt_llm,precision", [("llama", True, "fp8"), ("llama", False, "fp8"), ("qwen2", True, "fp8"),
+                                                         ("llama", True, "int4_awq"), ("llama", False, "int4_awq")])
+def test_streamed_advice_equals_the_resident_one(tmp_path, arch, tensorrt_llm, precision, request):
     from trtconv.core.ui import Reporter
     from trtconv.gate import sensitivity
 
     model = request.getfixturevalue(f"tiny_{arch}")
-    recipe, checkpoint, rows = _export(tmp_path, model, tensorrt_llm)
+    recipe, checkpoint, rows = _export(tmp_path, model, tensorrt_llm, precision)
     runs = {streamed: sensitivity.run(model, checkpoint, recipe, rows, 0.02, "cpu", Reporter(quiet=True), streamed=streamed)
             for streamed in (False, True)}
     resident, streamed = runs[False], runs[True]
