@@ -31,6 +31,7 @@ import copy
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, capture_layer0_inputs, load_layer
@@ -42,18 +43,10 @@ PARTS_DIR = ".layer-parts"
 
 
 def check_supported(recipe) -> None:
-    """What the streamed path cannot do yet, named before any work."""
+    """What the streamed path cannot do yet, named before any work (plan, doctor and build call this)."""
     if recipe.export.pp_size != 1:
         raise UserError(f"calibration.streaming: export.pp_size {recipe.export.pp_size} is not supported by the layer-streamed "
                         "path (pp_size 1 only; tp_size may be any); set calibration.streaming: never or export.pp_size: 1")
-    if recipe.export.hf_checkpoint and not recipe.export.tensorrt_llm_checkpoint:
-        raise UserError("calibration.streaming: the layer-streamed path writes only the TensorRT-LLM checkpoint, and this "
-                        "recipe exports the unified HF checkpoint alone (the families without a legacy checkpoint, "
-                        "docs/support.md): a GPU memory cap below the whole model is not supported for it yet; raise "
-                        "--max-gpu-memory or set calibration.streaming: never")
-    if recipe.export.hf_checkpoint:
-        raise UserError("calibration.streaming: export.hf_checkpoint is not written by the layer-streamed path; "
-                        "set export.hf_checkpoint: false or calibration.streaming: never")
     if recipe.model.trust_remote_code:
         raise UserError("calibration.streaming: models with their own code (model.trust_remote_code) are not streamed; "
                         "set calibration.streaming: never")
@@ -80,9 +73,14 @@ def quantize_layer(root, cfg: dict, forward_loop) -> None:
     mtq.calibrate(root, cfg.get("algorithm"), forward_loop=forward_loop)
 
 
-def calibrate_layer(layer, i: int, cfg: dict | None, streams: list) -> list:
-    """Calibrate layer i on the cached inputs; the inputs of layer i+1 (one list per stream)."""
+def calibrate_layer(layer, i: int, cfg: dict | None, streams: list, kwargs: list | None = None) -> list:
+    """Calibrate layer i on the cached inputs; the inputs of layer i+1 (one list per stream).
+    `kwargs`: the (args, kwargs) layer i's type gets per batch (mask, rope tables), when they differ
+    from the stream's (Gemma's sliding and full layers)."""
     import torch
+
+    if kwargs is not None:
+        streams = [[((a[0],) + t[0][1:], t[1]) for (a, _), t in zip(stream, kwargs)] for stream in streams]
 
     if cfg is None:  # nothing to calibrate: just run the layer
         with torch.no_grad():
@@ -197,17 +195,14 @@ def assemble_config(cfg0: dict, layer_cfg: dict, n_layers: int, shell_quant_cfg:
 
 def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, root: Path, device: str, reporter):
     """Calibrate + export layer by layer into root; (ExportResult, calibration record, census)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from trtconv.checkpoints.hf_model import compute_dtype
-    from trtconv.checkpoints.safetensors_stream import merge_parts
-    from trtconv.checkpoints.trtllm_format import validate_checkpoint
-    from trtconv.stages import calibrate, export
-
     import time
 
+    import torch
+
+    from trtconv.checkpoints.hf_layers import LayerInputs
+    from trtconv.checkpoints.hf_model import compute_dtype
     from trtconv.core.imports import import_modelopt
+    from trtconv.stages import calibrate
 
     check_supported(recipe)
     import_modelopt()  # first, on its own thread: see trtconv.core.imports
@@ -220,10 +215,8 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     index = WeightIndex(model_dir)
     shell, layer_cls, hf_config = build_shell(model_dir, index, dtype, device)
     n_layers = hf_config.num_hidden_layers
-    from modelopt.torch.export.model_utils import get_model_type
     from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
 
-    decoder_type = get_model_type(shell)
     with quiet_dependency(log):
         if cfg is not None:
             # KV-cache quantizers need the HF attention class registered, which ModelOpt only does for a
@@ -233,37 +226,27 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
             quantize_layer(shell, {**copy.deepcopy(cfg), "algorithm": None}, None)
     rows = torch.tensor(calib_tokens.rows, dtype=torch.long)
     batches = [rows[s : s + recipe.calibration.batch_size].to(device) for s in range(0, len(rows), recipe.calibration.batch_size)]
-    streams = [capture_layer0_inputs(shell, batches)]
+    inputs = LayerInputs(shell, batches)
+    streams = [inputs.first()]
     reporter.stage("calibrate", f"layer-streamed: {n_layers} layers of {index.layer_bytes(0) / 2**20:.0f} MiB, "
                    f"{len(batches)} cached batches")
-    checkpoint = root / export.CHECKPOINT_DIR
-    parts = checkpoint / PARTS_DIR
-    for r in range(ex.tp_size):
-        (parts / f"rank{r}").mkdir(parents=True, exist_ok=True)
+    writers = _writers(recipe, shell, hf_config, architecture, root, export_dtype, dtype)
     census: dict = {"enabled": {}, "invalid_amax": []}
-    layer_cfgs: dict = {}
+    experts = _ExpertCounts()
     seconds: dict = {"shell": round(time.monotonic() - t0, 3), "layers": []}  # what a larger model's time scales with
-    tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
     try:
         with reporter.progress("calibration layers", total=n_layers) as advance:
             for i in range(n_layers):
                 t_layer = time.monotonic()
                 layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
                 with quiet_dependency(log):
-                    streams = calibrate_layer(layer, i, cfg, streams)
+                    with experts.counting(layer, i, hf_config, cfg is not None):
+                        streams = calibrate_layer(layer, i, cfg, streams, inputs.for_layer(i))
                     _merge_census(census, calibrate.quantizer_census(layer), i)
-                    quant_format = _quant_format(layer) if cfg is not None else None
                     with torch.no_grad():
-                        if i == 0:
-                            outer, cfg0, quant_cfg0 = export_shell(shell, layer, export_dtype, decoder_type, ex.tp_size, tmp)
-                            for r, tensors in enumerate(outer):
-                                save_file(tensors, parts / f"rank{r}" / "outer.safetensors")
-                            del outer
-                        ranks, layer_cfg = export_layer(layer, i, hf_config, export_dtype, quant_format, decoder_type, ex.tp_size)
-                layer_cfgs.update(layer_cfg)
-                for r, tensors in enumerate(ranks):
-                    save_file(tensors, parts / f"rank{r}" / f"layer{i:05d}.safetensors")
-                del layer, ranks
+                        for w in writers:  # the TensorRT-LLM export reads the layer; the HF export changes it
+                            w.add(layer, i)
+                del layer
                 if device != "cpu":
                     torch.cuda.empty_cache()
                 seconds["layers"].append(round(time.monotonic() - t_layer, 3))
@@ -271,27 +254,141 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
         t_merge = time.monotonic()
         if cfg is not None:
             calibrate.check_census(census, q)
-        for r in range(ex.tp_size):
-            merge_parts(sorted((parts / f"rank{r}").glob("*.safetensors")), checkpoint / f"rank{r}.safetensors")
-        config, quant_cfg = assemble_config(cfg0, layer_cfgs, n_layers, quant_cfg0)
-        (checkpoint / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
-        if quant_cfg is not None:
-            (checkpoint / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=4), encoding="utf-8")
+            experts.check()
+        for w in writers:
+            w.finish()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(parts, ignore_errors=True)
+        for w in writers:
+            w.cleanup()
     seconds["merge"] = round(time.monotonic() - t_merge, 3)
     t_finish = time.monotonic()
-    tok_dir = root / export.TOKENIZER_DIR
-    export.save_tokenizer(tokenizer, tok_dir)
-    repairs = export.finish_trtllm_config(checkpoint, hf_config, architecture, q)
-    report = validate_checkpoint(checkpoint)
-    raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
-    result = export.ExportResult(checkpoint_dir=checkpoint, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, repairs=repairs,
-                                 validation=json.loads(json.dumps(raw, default=str)), dependency_warnings=log)
+    result = _result(recipe, writers, hf_config, architecture, tokenizer, root, log)
     result.seconds = {**seconds, "tokenizer_repair_validation": round(time.monotonic() - t_finish, 3)}
     record = {"quant_config": calibrate._jsonable(cfg) if cfg is not None else {}, "census": census}
+    if experts.record() is not None and cfg is not None:
+        record["experts"] = experts.record()
+        if experts.without_tokens():
+            reporter.warn(f"{len(experts.without_tokens())} experts received no calibration token "
+                          f"({', '.join(experts.without_tokens()[:4])}); their weight scales come from their own weights, "
+                          "their input scale is their layer's (manifest: calibrate.experts)")
     return result, record, log
+
+
+def _writers(recipe, shell, hf_config, architecture: str, root: Path, export_dtype, dtype) -> list:
+    from trtconv.stages import export
+    from trtconv.stages.streamed_hf import HFLayerWriter
+
+    out = []
+    if recipe.export.tensorrt_llm_checkpoint:
+        out.append(TrtllmLayerWriter(shell, hf_config, root / export.CHECKPOINT_DIR, export_dtype, recipe.export.tp_size,
+                                     recipe.quantization.quantizes))
+    if recipe.export.hf_checkpoint:
+        out.append(HFLayerWriter(shell, hf_config, root / export.HF_CHECKPOINT_DIR, export_dtype,
+                                 quantized=recipe.quantization.quantizes))
+    return out
+
+
+def _result(recipe, writers, hf_config, architecture: str, tokenizer, root: Path, log: list):
+    from trtconv.checkpoints.trtllm_format import validate_checkpoint
+    from trtconv.stages import export
+
+    q, ex = recipe.quantization, recipe.export
+    tok_dir = root / export.TOKENIZER_DIR
+    export.save_tokenizer(tokenizer, tok_dir)
+    result = export.ExportResult(checkpoint_dir=None, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, dependency_warnings=log)
+    if ex.hf_checkpoint:
+        result.hf_checkpoint_dir = root / export.HF_CHECKPOINT_DIR
+        result.repairs += export.finish_hf_checkpoint(result.hf_checkpoint_dir, tokenizer, ex)
+        result.validation.update(export.hf_validation(result.hf_checkpoint_dir, q))
+    if ex.tensorrt_llm_checkpoint:
+        result.checkpoint_dir = root / export.CHECKPOINT_DIR
+        result.repairs += export.finish_trtllm_config(result.checkpoint_dir, hf_config, architecture, q)
+        report = validate_checkpoint(result.checkpoint_dir)
+        raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
+        result.validation.update(json.loads(json.dumps(raw, default=str)))
+    return result
+
+
+class TrtllmLayerWriter:
+    """The legacy TensorRT-LLM checkpoint, one layer at a time (export_layer, export_shell, assemble_config)."""
+
+    def __init__(self, shell, hf_config, out: Path, dtype, tp_size: int, quantized: bool):
+        from modelopt.torch.export.model_utils import get_model_type
+
+        self.shell, self.hf_config, self.out, self.dtype, self.tp_size = shell, hf_config, Path(out), dtype, tp_size
+        self.quantized = quantized
+        self.decoder_type = get_model_type(shell)
+        self.parts = self.out / PARTS_DIR
+        for r in range(tp_size):
+            (self.parts / f"rank{r}").mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
+        self.layer_cfgs: dict = {}
+        self.n_layers = 0
+
+    def add(self, layer, i: int) -> None:
+        from safetensors.torch import save_file
+
+        quant_format = _quant_format(layer) if self.quantized else None
+        if i == 0:
+            outer, self.cfg0, self.quant_cfg0 = export_shell(self.shell, layer, self.dtype, self.decoder_type, self.tp_size, self.tmp)
+            for r, tensors in enumerate(outer):
+                save_file(tensors, self.parts / f"rank{r}" / "outer.safetensors")
+        ranks, layer_cfg = export_layer(layer, i, self.hf_config, self.dtype, quant_format, self.decoder_type, self.tp_size)
+        self.layer_cfgs.update(layer_cfg)
+        for r, tensors in enumerate(ranks):
+            save_file(tensors, self.parts / f"rank{r}" / f"layer{i:05d}.safetensors")
+        self.n_layers = i + 1
+
+    def finish(self) -> None:
+        from trtconv.checkpoints.safetensors_stream import merge_parts
+
+        for r in range(self.tp_size):
+            merge_parts(sorted((self.parts / f"rank{r}").glob("*.safetensors")), self.out / f"rank{r}.safetensors")
+        config, quant_cfg = assemble_config(self.cfg0, self.layer_cfgs, self.n_layers, self.quant_cfg0)
+        (self.out / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
+        if quant_cfg is not None:
+            (self.out / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=4), encoding="utf-8")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+
+class _ExpertCounts:
+    """calibrate.ExpertTokens over the layers: each layer's routers counted while it calibrates, the
+    uncalibrated experts refused as in memory (calibrate.check_experts)."""
+
+    def __init__(self):
+        self.counts: dict = {}
+        self.moe = None
+        self.bad: list[str] = []
+
+    @contextmanager
+    def counting(self, layer, i: int, hf_config, quantized: bool):
+        from trtconv.stages.calibrate import ExpertTokens, uncalibrated_experts
+
+        root = named_root(layer, i)
+        root.config = hf_config
+        with ExpertTokens(root) as tokens:
+            self.moe = tokens.moe
+            yield
+        self.counts.update(tokens.counts)
+        if quantized:
+            self.bad += uncalibrated_experts(root, tokens)
+
+    def without_tokens(self) -> list[str]:
+        return [f"{b}.experts.{e}" for b, c in self.counts.items() for e in (c == 0).nonzero().flatten().tolist()]
+
+    def check(self) -> None:
+        from trtconv.stages.calibrate import refuse_uncalibrated
+
+        refuse_uncalibrated(self.bad, self.counts)
+
+    def record(self) -> dict | None:
+        if self.moe is None:
+            return None
+        return {"tokens": {b: c.tolist() for b, c in self.counts.items()}, "without_tokens": self.without_tokens(),
+                "method_without_tokens": "weight amax from the expert's own weights (data-free), input scale of the layer's experts"}
 
 
 def _quant_format(layer) -> str | None:
