@@ -48,7 +48,18 @@ def assert_same_folder(a: Path, b: Path) -> None:
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
     for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs: {_differing(a / name, b / name)}"
+
+
+def _differing(a: Path, b: Path) -> list[str] | str:
+    """The tensors (or the JSON text) that differ, for the failure message."""
+    if a.suffix != ".safetensors":
+        return a.read_text()[:2000] + " <> " + b.read_text()[:2000]
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return sorted(set(x) ^ set(y)) + [k for k in sorted(set(x) & set(y)) if not torch.equal(x[k].float(), y[k].float())]
 
 
 @pytest.mark.parametrize("arch,precision,kv", [("qwen3", "fp8", "fp8"), ("gemma3", "fp8", "fp8"), ("llama", "fp8", "none"),
@@ -61,3 +72,49 @@ def test_streamed_hf_equals_in_memory(tmp_path, arch, precision, kv):
     assert [r.__dict__ for r in a.repairs] == [r.__dict__ for r in b.repairs]
     assert a.validation == b.validation
     assert ra["census"] == rb["census"] and rb["path"] == "streamed"
+
+
+@pytest.mark.parametrize("arch,kv", [("gemma2", "none"), ("phi3", "fp8")])
+def test_streamed_hf_equals_in_memory_other_families(tmp_path, arch, kv):
+    model = make_tiny_model(tmp_path / "m", arch)
+    runs = _both_paths(tmp_path, _recipe(model, "fp8", kv))
+    assert_same_folder(runs[False][0].hf_checkpoint_dir, runs[True][0].hf_checkpoint_dir)
+
+
+@pytest.mark.parametrize("arch,kv", [("mixtral", "fp8"), ("qwen3_moe", "none")])
+def test_streamed_hf_equals_in_memory_moe(tmp_path, arch, kv):
+    """Experts: transformers 5's fused experts, exported per expert under the hub names; tokens per expert recorded."""
+    model = make_tiny_model(tmp_path / "m", arch)
+    runs = _both_paths(tmp_path, _recipe(model, "fp8", kv, samples=16))
+    (a, ra, _), (b, rb, _) = runs[False], runs[True]
+    assert_same_folder(a.hf_checkpoint_dir, b.hf_checkpoint_dir)
+    assert ra["experts"] == rb["experts"]
+    assert sum(sum(c) for c in rb["experts"]["tokens"].values()) > 0
+
+
+def test_streamed_hf_shards_like_save_pretrained(tmp_path, monkeypatch):
+    """Several shards and the index: the same split as save_pretrained's (a small max_shard_size on both paths)."""
+    from modelopt.torch.export import unified_export_hf
+
+    from trtconv.stages import streamed_hf
+
+    fn = unified_export_hf.export_hf_checkpoint
+    defaults = list(fn.__defaults__)
+    defaults[defaults.index("10GB")] = "150KB"
+    monkeypatch.setattr(fn, "__defaults__", tuple(defaults))
+    monkeypatch.setattr(streamed_hf, "MAX_SHARD_SIZE", "150KB")
+    model = make_tiny_model(tmp_path / "m", "qwen3", num_hidden_layers=3)
+    runs = _both_paths(tmp_path, _recipe(model, "fp8", "fp8"))
+    a, b = runs[False][0].hf_checkpoint_dir, runs[True][0].hf_checkpoint_dir
+    assert len(list(a.glob("model-*.safetensors"))) > 2 and (a / "model.safetensors.index.json").is_file()
+    assert_same_folder(a, b)
+
+
+def test_streamed_both_checkpoints(tmp_path, tiny_llama):
+    """Both exports from one streamed run: the TensorRT-LLM checkpoint reads the layer before the HF export changes it."""
+    from tests.contract.test_streaming import _assert_same_checkpoint
+
+    runs = _both_paths(tmp_path, _recipe(tiny_llama, "fp8", "fp8", trtllm=True))
+    (a, _, _), (b, _, _) = runs[False], runs[True]
+    assert_same_folder(a.hf_checkpoint_dir, b.hf_checkpoint_dir)
+    _assert_same_checkpoint(a.checkpoint_dir, b.checkpoint_dir)

@@ -147,8 +147,10 @@ def build_shell(model_dir: Path, index: WeightIndex, dtype, device: str):
 
     # Parameters on meta, buffers real: the non-persistent ones (rope tables, Gemma's embed_scale) are made
     # by the modules' own code, as from_pretrained makes them.
-    with init_empty_weights(include_buffers=False):
-        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    from trtconv.checkpoints.hf_model import family_attention
+
+    with init_empty_weights(include_buffers=False):  # the family's attention, as load_hf_model picks it (Gemma 2: eager)
+        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **family_attention(model_dir))
     layer_cls = type(shell.model.layers[0])
     shell.load_state_dict(index.outer(dtype, device), strict=False, assign=True)
     if shell.config.tie_word_embeddings:

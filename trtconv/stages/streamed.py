@@ -244,7 +244,7 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
                         streams = calibrate_layer(layer, i, cfg, streams, inputs.for_layer(i))
                     _merge_census(census, calibrate.quantizer_census(layer), i)
                     with torch.no_grad():
-                        for w in writers:  # the TensorRT-LLM export reads the layer; the HF export changes it
+                        for w in writers:
                             w.add(layer, i)
                 del layer
                 if device != "cpu":
@@ -279,12 +279,14 @@ def _writers(recipe, shell, hf_config, architecture: str, root: Path, export_dty
     from trtconv.stages.streamed_hf import HFLayerWriter
 
     out = []
+    # As in memory (export.export_hf): the HF export first, on a copy of the layer when the TensorRT-LLM
+    # export follows (each export folds scales into the modules it is given).
+    if recipe.export.hf_checkpoint:
+        out.append(HFLayerWriter(shell, hf_config, root / export.HF_CHECKPOINT_DIR, export_dtype,
+                                 quantized=recipe.quantization.quantizes, copy_layer=recipe.export.tensorrt_llm_checkpoint))
     if recipe.export.tensorrt_llm_checkpoint:
         out.append(TrtllmLayerWriter(shell, hf_config, root / export.CHECKPOINT_DIR, export_dtype, recipe.export.tp_size,
                                      recipe.quantization.quantizes))
-    if recipe.export.hf_checkpoint:
-        out.append(HFLayerWriter(shell, hf_config, root / export.HF_CHECKPOINT_DIR, export_dtype,
-                                 quantized=recipe.quantization.quantizes))
     return out
 
 

@@ -207,9 +207,9 @@ def write_configs(shell, full_config, hf_quant_config: dict | None, out: Path) -
 class HFLayerWriter:
     """Collects each exported layer (part files) and writes the checkpoint at the end."""
 
-    def __init__(self, shell, full_config, out: Path, dtype, quantized: bool = True):
+    def __init__(self, shell, full_config, out: Path, dtype, quantized: bool = True, copy_layer: bool = False):
         self.shell, self.full_config, self.out, self.dtype = shell, full_config, Path(out), dtype
-        self.quantized = quantized
+        self.quantized, self.copy_layer = quantized, copy_layer  # copy: another export reads the layer after this one
         self.parts_dir = self.out / ".layer-parts"
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         self.parts: list[Path] = []
@@ -221,6 +221,10 @@ class HFLayerWriter:
         self.parameters = 0
 
     def add(self, layer, i: int) -> None:
+        import copy
+
+        if self.copy_layer:
+            layer = copy.deepcopy(layer)
         done = export_layer(self.shell, layer, i, self.dtype) if self.quantized else plain_layer(self.shell, layer, i)
         if i == 0:
             self.plan.add_outer(done.outer, done.outer_before)
