@@ -103,7 +103,7 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.gate import stats as evaluate
 
-    if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
+    if streamed and not (engine_record and engine_record.get("status") == "built"):
         return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors, park)
     dtype = baseline_dtype(device, recipe.model.dtype)
     engine_built = bool(engine_record and engine_record.get("status") == "built")
@@ -243,7 +243,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     errors = pair.errors
-    record = evaluation_record(tokens, stats, errors, executor_candidate("TensorRT-LLM checkpoint", device),
+    record = evaluation_record(tokens, stats, errors, candidate_description(checkpoint_dir, device),
                                f"original HF checkpoint (transformers, {dtype})", "streamed")
     if task_correct is not None:
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
@@ -299,6 +299,17 @@ def task_gates(recipe: Recipe, task_correct: dict | None, summary: dict) -> list
     return [task_gate(summary["task"], threshold, recipe.evaluate.allow_inconclusive)]
 
 
+def candidate_description(checkpoint_dir: Path, device: str) -> str:
+    """The manifest's candidate line of a checkpoint judged by the executor (either evaluation path)."""
+    if is_hf_checkpoint(checkpoint_dir):
+        from trtconv.checkpoints.hf_reader import _read_json, check_hf_architecture
+
+        config = checkpoint_dir / "config.json"
+        arch = check_hf_architecture(_read_json(config), config)
+        return executor_candidate(f"unified HF checkpoint ({arch} from transformers, shipped tensors)", device)
+    return executor_candidate("TensorRT-LLM checkpoint", device)
+
+
 def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
     """The artifact as a function input_ids -> logits, and a description of what it is.
 
@@ -310,12 +321,11 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
         from trtconv.checkpoints.hf_executor import load_shipped_model
 
         model = load_shipped_model(checkpoint_dir, device=device)
-        description = executor_candidate(f"unified HF checkpoint ({model.arch} from transformers, shipped tensors)", device)
     else:
         from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
         model = load_checkpoint_model(checkpoint_dir, device=device)
-        description = executor_candidate("TensorRT-LLM checkpoint", device)
+    description = candidate_description(checkpoint_dir, device)
 
     def logits(ids):
         # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
