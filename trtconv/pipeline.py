@@ -348,12 +348,10 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, opts: BuildOptions, model_
     layer_bytes = WeightIndex(model_dir).layer_bytes(0) if recipe.calibration.streaming != "never" else None
     disk = disk_here(opts.out, cache.root if cache is not None else opts.out)
     plan = plan_for_build(recipe, hf_cfg, device, opts.max_gpu_memory_gib, layer_bytes, disk)
-    if plan.streamed:
+    if plan.streamed:  # what the streamed path cannot do was refused by plan_for_build (memory_plan.streamed_refusals)
         from trtconv.memory_plan import calibration_reason
-        from trtconv.stages.streamed import check_supported
 
         reporter.stage("load", f"memory plan: layer-streamed calibration ({calibration_reason(plan)})")
-        check_supported(recipe)  # what the streamed path cannot do, before any work
     elif plan.evaluate_streamed:
         from trtconv.memory_plan import evaluation_reason
 

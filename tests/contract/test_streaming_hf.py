@@ -151,3 +151,30 @@ def test_streamed_hf_gate_equals_in_memory(tmp_path, monkeypatch, arch, kv, park
         np.testing.assert_array_equal(getattr(a.stats, name), getattr(b.stats, name), err_msg=name)  # the same operations
     assert [(g.metric, g.value, g.verdict) for g in a.gates] == [(g.metric, g.value, g.verdict) for g in b.gates]
     assert a.weight_errors == b.weight_errors and a.weight_errors
+
+
+def test_streamed_experts_counted_and_uncalibrated_refused(tmp_path, monkeypatch):
+    """Streamed, a never-routed expert is counted per expert as in memory (0 tokens, data-free scales, recorded);
+    with its amax gone the build stops naming it (UncalibratedExperts: a UserError, exit 2)."""
+    from tests.factories import make_moe_with_unrouted_expert
+    from trtconv.core.errors import UncalibratedExperts, UserError
+    from trtconv.stages import streamed
+
+    model = make_moe_with_unrouted_expert(tmp_path / "m")
+    runs = _both_paths(tmp_path / "ok", _recipe(model, "fp8", "none"))
+    a, b = runs[False][1]["experts"], runs[True][1]["experts"]
+    assert a == b and b["without_tokens"] == ["model.layers.0.mlp.experts.4"] and b["tokens"]["model.layers.0.mlp"][4] == 0
+    assert_same_folder(runs[False][0].hf_checkpoint_dir, runs[True][0].hf_checkpoint_dir)
+
+    calibrate_layer = streamed.calibrate_layer
+
+    def losing_an_amax(layer, i, *args, **kwargs):
+        out = calibrate_layer(layer, i, *args, **kwargs)
+        if i == 0:
+            layer.mlp.experts.down_proj_weight_quantizers[4].reset_amax()
+        return out
+
+    monkeypatch.setattr(streamed, "calibrate_layer", losing_an_amax)
+    with pytest.raises(UncalibratedExperts, match=r"model\.layers\.0\.mlp\.experts\.4") as caught:
+        _both_paths(tmp_path / "bad", _recipe(model, "fp8", "none"))
+    assert isinstance(caught.value, UserError)
