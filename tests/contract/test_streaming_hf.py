@@ -16,10 +16,11 @@ from trtconv.core.ui import Reporter
 from trtconv.recipe.schema import recipe_from_dict
 
 
-def _recipe(model: Path, precision: str, kv: str = "none", trtllm: bool = False, samples: int = 8):
+def _recipe(model: Path, precision: str, kv: str = "none", trtllm: bool = False, samples: int = 8, exclude=None):
     return recipe_from_dict({
         "name": "stream-hf-test", "model": {"path": str(model), "dtype": "bfloat16"},
-        "quantization": {"precision": precision, "kv_cache": kv, "awq_group_size": 64},
+        "quantization": {"precision": precision, "kv_cache": kv, "awq_group_size": 64,
+                         **({"exclude": exclude} if exclude else {})},
         "calibration": {"num_samples": samples, "seq_len": 32, "batch_size": 4},
         "export": {"hf_checkpoint": True, "tensorrt_llm_checkpoint": trtllm},
     }).resolved()
@@ -178,3 +179,15 @@ def test_streamed_experts_counted_and_uncalibrated_refused(tmp_path, monkeypatch
     with pytest.raises(UncalibratedExperts, match=r"model\.layers\.0\.mlp\.experts\.4") as caught:
         _both_paths(tmp_path / "bad", _recipe(model, "fp8", "none"))
     assert isinstance(caught.value, UserError)
+
+
+@pytest.mark.parametrize("exclude,named", [(["*layers.0.*"], "model.layers.0"), (["*layers.1.mlp*"], "model.layers.1.mlp")])
+def test_streamed_hf_excluded_layers(tmp_path, exclude, named):
+    """The failed gate's advice (layers kept unquantized): exclude_modules as the whole model's export writes it,
+    also when the excluded layer is the one the shell exports with (layer 0)."""
+    model = make_tiny_model(tmp_path / "m", "qwen3", num_hidden_layers=3)
+    runs = _both_paths(tmp_path, _recipe(model, "fp8", "fp8", exclude=exclude))
+    a, b = runs[False][0].hf_checkpoint_dir, runs[True][0].hf_checkpoint_dir
+    assert_same_folder(a, b)
+    excluded = json.loads((b / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert "lm_head" in excluded and any(m.startswith(named) for m in excluded), excluded
