@@ -22,7 +22,8 @@ import torch
 from tests.contract.test_hf_checkpoint_executor import export_hf, rewrite_hf_tensor
 from tests.exports import _one_thread, copy_checkpoint, hf_logits, make_model, quantize, rel_error, token_batches  # noqa: F401
 from tests.factories import MOE_FAMILIES
-from trtconv.checkpoints.hf_executor import ShippedExperts, ShippedLinear, load_shipped_model, shipped_weight_errors
+from trtconv.checkpoints.hf_executor import (ShippedExperts, ShippedLinear, load_shipped_model, original_weights,
+                                             shipped_weight_errors)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,23 @@ def test_executor_agrees_with_modelopt_fake_quant(moe_models, tmp_path, arch, kv
     for e in range(experts):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             assert 0 < errors[f"model.layers.0.mlp.experts.{e}.{proj}"] < 0.1, errors
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_weight_errors_from_the_original_files_name_every_expert(moe_models, tmp_path, arch):
+    """The GPU's sequential evaluation reads the original weights from the model's files, where experts keep
+    the family's hub names (Mixtral: block_sparse_moe.experts.<e>.w1/w3/w2): the errors equal the ones
+    against the model object, experts included."""
+    model = moe_models[arch]
+    model.save_pretrained(tmp_path / "original")
+    shipped = load_shipped_model(export_hf(quantize(model, "fp8"), tmp_path / "hf"))
+    from_model = dict(shipped_weight_errors(shipped, model))
+    from_files = dict(shipped_weight_errors(shipped, original_weights(tmp_path / "original")))
+    count = model.config.num_local_experts if arch == "mixtral" else model.config.num_experts
+    assert {f"model.layers.0.mlp.experts.{e}.{p}" for e in range(count) for p in ("gate_proj", "up_proj", "down_proj")} <= from_model.keys()
+    assert from_files.keys() == from_model.keys()
+    for name, error in from_model.items():
+        assert from_files[name] == pytest.approx(error, rel=1e-5), name
 
 
 def test_one_activation_scale_for_all_experts(moe_models, tmp_path):

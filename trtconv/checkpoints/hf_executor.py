@@ -445,7 +445,7 @@ def linear_errors(linears: list[ShippedLinear], weight_of, device) -> list[tuple
         reference = weight_of(lin.name)
         if reference is None:
             continue
-        ref = reference.detach().float().to(device)
+        ref = reference.detach().to(device).float()  # moved as stored (bf16: half the bytes), upcast there
         errors.append((lin.name, _rel_error(lin.effective_weight().float().to(ref.device), ref)))
     return errors
 
@@ -456,9 +456,36 @@ def _module_weights(model: torch.nn.Module):
 
 def original_weights(model_dir: Path):
     """Module name -> the original checkpoint's weight, read from its safetensors (no model on any device).
-    Experts are not matched here (their file names differ by family): the weight errors then skip them."""
+
+    An expert's module name (transformers 5: ``<block>.experts.<e>.gate_proj``) is read under the
+    family's file names (architectures.Experts: Mixtral's ``block_sparse_moe.experts.<e>.w1``), so the
+    weight errors of a sequential (GPU) evaluation name every expert, as the in-memory one does."""
+    from trtconv.architectures import row_for_folder
+
     files = HFTensors(Path(model_dir))
-    return lambda name: files.get_optional(f"{name}.weight")
+    row = row_for_folder(model_dir)
+    experts = row.experts if row is not None else None
+
+    def weight(name: str):
+        found = files.get_optional(f"{name}.weight")
+        if found is not None or experts is None:
+            return found
+        return files.get_optional(f"{expert_file_name(name, experts)}.weight")
+
+    return weight
+
+
+def expert_file_name(name: str, experts) -> str:
+    """One expert's linear under the family's file names (Experts.file_block, file_leaves); other names unchanged."""
+    match = _EXPERT.match(name)
+    if match is None:
+        return name
+    fused = match["fused"]
+    block = f".{experts.module_block}.experts"
+    if fused.endswith(block):
+        fused = fused[: -len(block)] + f".{experts.file_block}.experts"
+    leaf = experts.file_leaves[("gate_proj", "up_proj", "down_proj").index(match["proj"])]
+    return f"{fused}.{match['e']}.{leaf}"
 
 
 _EXPERT = re.compile(r"^(?P<fused>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")

@@ -147,9 +147,13 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
     return EvalOutcome(summary, gates, record, stats, errors)
 
 
-def baseline_logits_bytes(tokens, vocab: int) -> int:
-    """Host memory the original's float32 logits over every evaluation row take (evaluate_sequential)."""
-    return len(tokens.rows) * max(len(r) for r in tokens.rows) * vocab * 4 if tokens.rows else 0
+def baseline_logits_bytes(tokens, vocab: int, dtype: str) -> int:
+    """Host memory the original's logits over every evaluation row take (evaluate_sequential): kept in the
+    dtype the model computes them in (record_baseline)."""
+    from trtconv.checkpoints.hf_model import torch_dtype
+
+    per_value = torch_dtype(dtype).itemsize
+    return len(tokens.rows) * max(len(r) for r in tokens.rows) * vocab * per_value if tokens.rows else 0
 
 
 def sequential_here(recipe: Recipe, checkpoint_dir: Path, tokens, device: str) -> bool:
@@ -163,13 +167,15 @@ def sequential_here(recipe: Recipe, checkpoint_dir: Path, tokens, device: str) -
     if device == "cpu" or not is_hf_checkpoint(checkpoint_dir) or recipe.evaluate.multiple_choice:
         return False
     available = host_available_bytes()
-    need = baseline_logits_bytes(tokens, read_hf_config(checkpoint_dir)["vocab_size"])  # the export's vocabulary (>= the original's)
+    vocab = read_hf_config(checkpoint_dir)["vocab_size"]  # the export's vocabulary (>= the original's)
+    need = baseline_logits_bytes(tokens, vocab, baseline_dtype(device, recipe.model.dtype))
     return available is None or need <= available // 2
 
 
 @dataclass
 class RecordedLogits:
-    """The original's logits of each evaluation batch, in the order per_document_stats asks for them, on the host."""
+    """The original's logits of each evaluation batch, in the order per_document_stats asks for them, on the host
+    (in the model's own dtype: per_document_stats upcasts them on the device, the same numbers as in memory)."""
 
     batches: list
     device: str
@@ -182,18 +188,28 @@ class RecordedLogits:
 
 
 def record_baseline(recipe: Recipe, model_dir: Path, tokens, device: str, dtype: str, reporter: Reporter) -> RecordedLogits:
-    """Run the original over every evaluation batch once, keep its logits on the host, and free it."""
+    """Run the original over every evaluation batch once, keep its logits on the host, and free it.
+
+    The logits stay in the dtype the model computed them in (bf16 for a bf16 model: upcasting is exact, so
+    per_document_stats gets the same numbers) and go to page-locked memory: an 8B model's 96 x 256 rows at
+    Qwen3's 151936 vocabulary are 7.5 GB in bf16, which a pageable float32 copy moved at about 1 GB/s
+    (14 s of a 67 s conversion on an H100)."""
     import torch
 
     from trtconv.checkpoints.hf_model import load_hf_model, release_memory
 
     baseline = load_hf_model(model_dir, dtype, recipe.model.trust_remote_code, device)
     rows, size = torch.tensor(tokens.rows, dtype=torch.long), recipe.evaluate.batch_size
+    pinned = torch.device(device).type == "cuda"
     batches = []
     with torch.no_grad(), reporter.progress("original model batches", total=-(-len(rows) // size)) as advance:
         for start in range(0, len(rows), size):
-            batches.append(baseline(input_ids=rows[start:start + size].to(device), use_cache=False).logits.float().cpu())
+            logits = baseline(input_ids=rows[start:start + size].to(device), use_cache=False).logits
+            host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=pinned)
+            batches.append(host.copy_(logits, non_blocking=pinned))
             advance(1)
+    if pinned:
+        torch.cuda.synchronize()  # every copy has landed before the model's memory goes
     del baseline
     release_memory()
     return RecordedLogits(batches, device)
