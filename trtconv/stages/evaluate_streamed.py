@@ -13,7 +13,10 @@ first against recorders that note which batches they ask for (returning placehol
 after both models have been run over all noted batches layer by layer, against replayers that
 return the real logits in the same order. Every operation is the one the in-memory path runs, in
 the same order on the same shapes, so the statistics and the verdicts are the same
-(tests/contract/test_streaming.py compares them).
+(tests/contract/test_streaming.py and test_streaming_hf.py compare them). The checkpoint side is a
+candidate per format: the TensorRT-LLM checkpoint through trtconv's hand-written forward
+(TrtllmCandidate), the unified HF checkpoint through its family's own decoder layers with the
+in-memory gate's shipped numerics swapped in (HFCandidate, checkpoints.hf_executor.ShippedLayers).
 """
 
 from __future__ import annotations

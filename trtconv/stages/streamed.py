@@ -8,21 +8,25 @@ ModelOpt per layer, as llm-compressor and AutoAWQ do, and proves it gives the sa
 1. A one-layer "shell" of the model (meta device) holds the real embeddings, final norm and lm_head,
    read from the memory-mapped safetensors. It runs the calibration batches up to decoder layer 0,
    whose inputs (hidden states and the keyword arguments the model passes: rotary cos/sin, mask,
-   positions) are cached on the device.
+   positions) are cached on the device; the keyword arguments once per kind of layer (Gemma's sliding
+   and full layers get their own mask and rope tables: hf_layers.LayerInputs).
 2. Layer i is built from its tensors alone, quantized with ModelOpt's own modes under the name
    `model.layers.{i}` (so recipe exclude patterns match the same quantizers), and calibrated by a
    forward loop that replays the cached inputs. ModelOpt runs that loop once for max/SmoothQuant
    and twice for AWQ (statistics, then search); pass p's outputs become layer i+1's pass-p inputs,
    exactly what layer i+1 sees inside the whole model. (With an FP8 KV cache AWQ's second pass
    sees quantized attention, so two input streams are kept.)
-3. The layer is exported with ModelOpt's own per-layer export steps (the ones
-   `torch_to_tensorrt_llm_checkpoint` runs for every layer), its tensors renamed to layer i and
-   written to a part file per rank; then it is freed. Embeddings/lm_head come from exporting the
-   shell once, with layer 0 swapped in.
-4. The part files are merged into rank files byte-identical to `save_file` (checkpoints.
-   safetensors_stream), and config.json is assembled the way ModelOpt assembles it.
+3. The layer is exported by each checkpoint's writer, then freed. The TensorRT-LLM checkpoint
+   (TrtllmLayerWriter): ModelOpt's own per-layer export steps (the ones `torch_to_tensorrt_llm_checkpoint`
+   runs for every layer), tensors renamed to layer i and written to a part file per rank; embeddings/
+   lm_head from exporting the shell once, with layer 0 swapped in. The unified HF checkpoint
+   (stages/streamed_hf.py): ModelOpt's in-memory unified export on the shell with layer i swapped in.
+   A MoE layer's expert tokens are counted while it calibrates (calibrate.ExpertTokens, per layer).
+4. The part files are merged into files byte-identical to `save_file` / `save_pretrained` (checkpoints.
+   safetensors_stream), and the configs are assembled the way ModelOpt assembles them.
 
-tests/test_streaming.py compares the result with the in-memory path byte for byte.
+tests/contract/test_streaming.py and test_streaming_hf.py compare the results with the in-memory path
+byte for byte.
 """
 
 from __future__ import annotations
