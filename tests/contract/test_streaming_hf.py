@@ -93,8 +93,10 @@ def test_streamed_hf_equals_in_memory_moe(tmp_path, arch, kv):
     assert sum(sum(c) for c in rb["experts"]["tokens"].values()) > 0
 
 
-def test_streamed_hf_shards_like_save_pretrained(tmp_path, monkeypatch):
-    """Several shards and the index: the same split as save_pretrained's (a small max_shard_size on both paths)."""
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_streamed_hf_shards_like_save_pretrained(tmp_path, monkeypatch, arch):
+    """Several shards and the index (its total_parameters too): the same split as save_pretrained's (a small
+    max_shard_size on both paths)."""
     from modelopt.torch.export import unified_export_hf
 
     from trtconv.stages import streamed_hf
@@ -104,8 +106,8 @@ def test_streamed_hf_shards_like_save_pretrained(tmp_path, monkeypatch):
     defaults[defaults.index("10GB")] = "150KB"
     monkeypatch.setattr(fn, "__defaults__", tuple(defaults))
     monkeypatch.setattr(streamed_hf, "MAX_SHARD_SIZE", "150KB")
-    model = make_tiny_model(tmp_path / "m", "qwen3", num_hidden_layers=3)
-    runs = _both_paths(tmp_path, _recipe(model, "fp8", "fp8"))
+    model = make_tiny_model(tmp_path / "m", arch, num_hidden_layers=3)
+    runs = _both_paths(tmp_path, _recipe(model, "fp8", "fp8", samples=16))
     a, b = runs[False][0].hf_checkpoint_dir, runs[True][0].hf_checkpoint_dir
     assert len(list(a.glob("model-*.safetensors"))) > 2 and (a / "model.safetensors.index.json").is_file()
     assert_same_folder(a, b)
