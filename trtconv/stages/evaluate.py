@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
+from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR, is_hf_checkpoint
 from trtconv.artifact.manifest import InputRecord, Manifest, StageRecord, read_manifest
 from trtconv.artifact.writer import sha256_file
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
@@ -364,8 +364,6 @@ def weight_errors_of(checkpoint_dir: Path, baseline, candidate) -> list[tuple[st
     return shipped_weight_errors(model, baseline) if isinstance(model, ShippedModel) else []
 
 
-def is_hf_checkpoint(folder: Path) -> bool:
-    return not (folder / "rank0.safetensors").is_file() and (folder / "config.json").is_file()
 
 
 def candidate_dir(recipe: Recipe, root: Path) -> Path:

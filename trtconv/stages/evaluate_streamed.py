@@ -150,7 +150,7 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 def candidate_for(checkpoint_dir: Path, device: str | None, model_dir: Path | None = None):
     """The streamed candidate of a checkpoint folder: the unified HF checkpoint or the TensorRT-LLM one
     (model_dir: the original, whose weights the shipped ones are compared with)."""
-    from trtconv.stages.evaluate import is_hf_checkpoint
+    from trtconv.artifact.layout import is_hf_checkpoint
 
     return (HFCandidate if is_hf_checkpoint(checkpoint_dir) else TrtllmCandidate)(checkpoint_dir, device, model_dir)
 
