@@ -33,7 +33,7 @@ class LayerStreamedPair:
     """Both models' logits for a fixed set of batches, computed one decoder layer at a time."""
 
     def __init__(self, model_dir: Path, checkpoint_dir: Path, device: str, vocab: int,
-                 baseline_dtype: torch.dtype = torch.float32, park: bool = True):
+                 baseline_dtype: torch.dtype = torch.float32, park: bool = True, devices=None):
         self.model_dir, self.checkpoint_dir, self.device, self.vocab = Path(model_dir), Path(checkpoint_dir), device, vocab
         self.baseline_dtype = baseline_dtype  # the original's dtype: stages/evaluate.py baseline_dtype, as in memory
         self.park = park  # on a GPU, vocabulary matrices wait on the host during the layer loop (the memory plan decides)
@@ -41,6 +41,7 @@ class LayerStreamedPair:
         self.calls: dict[str, list[int]] = {"baseline": [], "candidate": []}  # batch index of each call, per model
         self.errors: list[tuple[str, float]] = []
         self.seconds: dict[str, float] = {}  # setup, layers, heads (compute's laps)
+        self.devices = devices  # trtconv.stages.devices.Devices: several run the layers as a pipeline (None: self.device)
 
     # -- the two passes of a scorer ---------------------------------------------------------
     def _index(self, ids) -> int:
@@ -96,6 +97,14 @@ class LayerStreamedPair:
         parked.candidate(cand)
         laps.lap("setup")  # both models' vocabulary matrices, the first hidden states (and parking)
 
+        n_layers = cand.num_layers()
+        if self.devices is not None and self.devices.count > 1:  # layer i on device i mod N (trtconv.stages.devices)
+            if not isinstance(cand, TrtllmCandidate):  # the plan refuses it first (streamed.check_supported)
+                raise RuntimeError("the split over several devices judges the TensorRT-LLM checkpoint only")
+            run = dict(base=base.first(), layer_cls=layer_cls, config=shell.config, index=index, cand=cand.model,
+                       loader=cand.loader, positions=cand.positions)
+            hidden_b[:], hidden_c[:] = self.devices.evaluate_layers(self, run, hidden_b, hidden_c, cand.rope, advance, weight_errors)
+            n_layers = 0  # nothing left for the one-device loop below
         copies = CopyStream(self.device)
 
         @torch.no_grad()
@@ -104,7 +113,7 @@ class LayerStreamedPair:
                 return load_layer(layer_cls, shell.config, index, i, self.baseline_dtype, self.device), cand.load(i)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtconv-eval-prefetch") as pool:
-            for i, (original, quantized) in enumerate(prefetched(pool, load, cand.num_layers())):
+            for i, (original, quantized) in enumerate(prefetched(pool, load, n_layers)):
                 for k, (args, kwargs) in enumerate(base.for_layer(i)):
                     out = original(hidden_b[k], *args[1:], **kwargs)
                     hidden_b[k] = out[0] if isinstance(out, (tuple, list)) else out

@@ -36,6 +36,7 @@ import json
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, capture_layer0_inputs, load_layer
@@ -46,8 +47,12 @@ from trtconv.core.ui import quiet_dependency
 PARTS_DIR = ".layer-parts"
 
 
-def check_supported(recipe) -> None:
-    """What the streamed path cannot do yet, named before any work (plan, doctor and build call this)."""
+def check_supported(recipe, devices: int = 1) -> None:
+    """What the streamed path cannot do yet, named before any work (plan, doctor and build call this through
+    memory_plan.streamed_refusals); `devices`: the GPUs the layers are split over (--gpus)."""
+    if devices > 1 and recipe.export.hf_checkpoint:
+        raise UserError(f"--gpus {devices}: the unified HF checkpoint (export.hf_checkpoint) is written layer by layer on one "
+                        "device only (its export runs on the model's one-layer shell); use --gpus 1")
     if recipe.export.pp_size != 1:
         raise UserError(f"calibration.streaming: export.pp_size {recipe.export.pp_size} is not supported by the layer-streamed "
                         "path (pp_size 1 only; tp_size may be any); set calibration.streaming: never or export.pp_size: 1")
@@ -197,8 +202,9 @@ def assemble_config(cfg0: dict, layer_cfg: dict, n_layers: int, shell_quant_cfg:
     return cfg, None
 
 
-def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, root: Path, device: str, reporter):
-    """Calibrate + export layer by layer into root; (ExportResult, calibration record, census)."""
+def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, root: Path, device: str, reporter, devices=None):
+    """Calibrate + export layer by layer into root; (ExportResult, calibration record, census).
+    `devices` (trtconv.stages.devices.Devices): more than one splits the layers over them."""
     import time
 
     import torch
@@ -206,9 +212,10 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     from trtconv.checkpoints.hf_layers import LayerInputs
     from trtconv.checkpoints.hf_model import compute_dtype
     from trtconv.core.imports import import_modelopt
-    from trtconv.stages import calibrate
+    from trtconv.stages import calibrate, export
 
-    check_supported(recipe)
+    split = devices is not None and devices.count > 1
+    check_supported(recipe, devices.count if split else 1)
     import_modelopt()  # first, on its own thread: see trtconv.core.imports
     t0 = time.monotonic()
     q, ex = recipe.quantization, recipe.export
@@ -219,8 +226,10 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     index = WeightIndex(model_dir)
     shell, layer_cls, hf_config = build_shell(model_dir, index, dtype, device)
     n_layers = hf_config.num_hidden_layers
+    from modelopt.torch.export.model_utils import get_model_type
     from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
 
+    decoder_type = get_model_type(shell)
     with quiet_dependency(log):
         if cfg is not None:
             # KV-cache quantizers need the HF attention class registered, which ModelOpt only does for a
@@ -234,39 +243,62 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     streams = [inputs.first()]
     reporter.stage("calibrate", f"layer-streamed: {n_layers} layers of {index.layer_bytes(0) / 2**20:.0f} MiB, "
                    f"{len(batches)} cached batches")
-    writers = _writers(recipe, shell, hf_config, architecture, root, export_dtype, dtype)
+    checkpoint = root / export.CHECKPOINT_DIR
+    parts = checkpoint / PARTS_DIR
+    for r in range(ex.tp_size if ex.tensorrt_llm_checkpoint else 0):
+        (parts / f"rank{r}").mkdir(parents=True, exist_ok=True)
     census: dict = {"enabled": {}, "invalid_amax": []}
+    layer_cfgs: dict = {}
     experts = _ExpertCounts()
     seconds: dict = {"shell": round(time.monotonic() - t0, 3), "layers": []}  # what a larger model's time scales with
+    tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
+    job = LayerJob(cfg, index, layer_cls, shell, hf_config, dtype, export_dtype, decoder_type, ex.tp_size, parts, tmp,
+                   hf=_hf_writer(recipe, shell, hf_config, root, export_dtype), trtllm=ex.tensorrt_llm_checkpoint)
     try:
-        with reporter.progress("calibration layers", total=n_layers) as advance:
-            for i in range(n_layers):
-                t_layer = time.monotonic()
-                layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
-                with quiet_dependency(log):
-                    with experts.counting(layer, i, hf_config, cfg is not None):
-                        streams = calibrate_layer(layer, i, cfg, streams, inputs.for_layer(i))
-                    _merge_census(census, calibrate.quantizer_census(layer), i)
-                    with torch.no_grad():
-                        for w in writers:
-                            w.add(layer, i)
-                del layer
-                if device != "cpu":
-                    torch.cuda.empty_cache()
-                seconds["layers"].append(round(time.monotonic() - t_layer, 3))
-                advance(1)
+        if split:  # the split (trtconv.stages.devices.Devices)
+            with reporter.progress(f"calibration layers ({devices.describe()})", total=n_layers) as advance:
+                with quiet_dependency(log):  # once, around every thread: it swaps sys.stdout and the warning filters
+                    done = devices.calibrate_layers(job, streams, n_layers, advance)
+        else:
+            done = []
+            with reporter.progress("calibration layers", total=n_layers) as advance:
+                for i in range(n_layers):
+                    t_layer = time.monotonic()
+                    layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
+                    with quiet_dependency(log):
+                        with experts.counting(layer, i, hf_config, cfg is not None):
+                            streams = calibrate_layer(layer, i, cfg, streams, inputs.for_layer(i))
+                        done.append(finish_layer(job, layer, i))
+                    del layer
+                    if device != "cpu":
+                        torch.cuda.empty_cache()
+                    done[-1]["seconds"] = round(time.monotonic() - t_layer, 3)
+                    advance(1)
+        for i, one in enumerate(done):  # in layer order, whichever device did the layer
+            _merge_census(census, one["census"], i)
+            layer_cfgs.update(one["layer_cfg"])
+            seconds["layers"].append(one["seconds"])
         t_merge = time.monotonic()
         if cfg is not None:
             calibrate.check_census(census, q)
             experts.check()
-        for w in writers:
-            w.finish()
+        if job.hf is not None:
+            job.hf.finish()
+        if ex.tensorrt_llm_checkpoint:
+            cfg0, quant_cfg0 = job.shell_config
+            merge_ranks(parts, checkpoint, ex.tp_size, devices.count if devices is not None else 1)
+            config, quant_cfg = assemble_config(cfg0, layer_cfgs, n_layers, quant_cfg0)
+            (checkpoint / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
+            if quant_cfg is not None:
+                (checkpoint / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=4), encoding="utf-8")
     finally:
-        for w in writers:
-            w.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts, ignore_errors=True)
+        if job.hf is not None:
+            job.hf.cleanup()
     seconds["merge"] = round(time.monotonic() - t_merge, 3)
     t_finish = time.monotonic()
-    result = _result(recipe, writers, hf_config, architecture, tokenizer, root, log)
+    result = _result(recipe, hf_config, architecture, tokenizer, root, log)
     result.seconds = {**seconds, "tokenizer_repair_validation": round(time.monotonic() - t_finish, 3)}
     record = {"quant_config": calibrate._jsonable(cfg) if cfg is not None else {}, "census": census}
     if experts.record() is not None and cfg is not None:
@@ -278,23 +310,18 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
     return result, record, log
 
 
-def _writers(recipe, shell, hf_config, architecture: str, root: Path, export_dtype, dtype) -> list:
+def _hf_writer(recipe, shell, hf_config, root: Path, export_dtype):
+    """The unified HF checkpoint's layer writer (stages/streamed_hf.py), or None when it is not exported."""
     from trtconv.stages import export
     from trtconv.stages.streamed_hf import HFLayerWriter
 
-    out = []
-    # As in memory (export.export_hf): the HF export first, on a copy of the layer when the TensorRT-LLM
-    # export follows (each export folds scales into the modules it is given).
-    if recipe.export.hf_checkpoint:
-        out.append(HFLayerWriter(shell, hf_config, root / export.HF_CHECKPOINT_DIR, export_dtype,
-                                 quantized=recipe.quantization.quantizes, copy_layer=recipe.export.tensorrt_llm_checkpoint))
-    if recipe.export.tensorrt_llm_checkpoint:
-        out.append(TrtllmLayerWriter(shell, hf_config, root / export.CHECKPOINT_DIR, export_dtype, recipe.export.tp_size,
-                                     recipe.quantization.quantizes))
-    return out
+    if not recipe.export.hf_checkpoint:
+        return None
+    return HFLayerWriter(shell, hf_config, root / export.HF_CHECKPOINT_DIR, export_dtype,
+                         quantized=recipe.quantization.quantizes, copy_layer=recipe.export.tensorrt_llm_checkpoint)
 
 
-def _result(recipe, writers, hf_config, architecture: str, tokenizer, root: Path, log: list):
+def _result(recipe, hf_config, architecture: str, tokenizer, root: Path, log: list):
     from trtconv.checkpoints.trtllm_format import validate_checkpoint
     from trtconv.stages import export
 
@@ -313,51 +340,6 @@ def _result(recipe, writers, hf_config, architecture: str, tokenizer, root: Path
         raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
         result.validation.update(json.loads(json.dumps(raw, default=str)))
     return result
-
-
-class TrtllmLayerWriter:
-    """The legacy TensorRT-LLM checkpoint, one layer at a time (export_layer, export_shell, assemble_config)."""
-
-    def __init__(self, shell, hf_config, out: Path, dtype, tp_size: int, quantized: bool):
-        from modelopt.torch.export.model_utils import get_model_type
-
-        self.shell, self.hf_config, self.out, self.dtype, self.tp_size = shell, hf_config, Path(out), dtype, tp_size
-        self.quantized = quantized
-        self.decoder_type = get_model_type(shell)
-        self.parts = self.out / PARTS_DIR
-        for r in range(tp_size):
-            (self.parts / f"rank{r}").mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
-        self.layer_cfgs: dict = {}
-        self.n_layers = 0
-
-    def add(self, layer, i: int) -> None:
-        from safetensors.torch import save_file
-
-        quant_format = _quant_format(layer) if self.quantized else None
-        if i == 0:
-            outer, self.cfg0, self.quant_cfg0 = export_shell(self.shell, layer, self.dtype, self.decoder_type, self.tp_size, self.tmp)
-            for r, tensors in enumerate(outer):
-                save_file(tensors, self.parts / f"rank{r}" / "outer.safetensors")
-        ranks, layer_cfg = export_layer(layer, i, self.hf_config, self.dtype, quant_format, self.decoder_type, self.tp_size)
-        self.layer_cfgs.update(layer_cfg)
-        for r, tensors in enumerate(ranks):
-            save_file(tensors, self.parts / f"rank{r}" / f"layer{i:05d}.safetensors")
-        self.n_layers = i + 1
-
-    def finish(self) -> None:
-        from trtconv.checkpoints.safetensors_stream import merge_parts
-
-        for r in range(self.tp_size):
-            merge_parts(sorted((self.parts / f"rank{r}").glob("*.safetensors")), self.out / f"rank{r}.safetensors")
-        config, quant_cfg = assemble_config(self.cfg0, self.layer_cfgs, self.n_layers, self.quant_cfg0)
-        (self.out / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
-        if quant_cfg is not None:
-            (self.out / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=4), encoding="utf-8")
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        shutil.rmtree(self.parts, ignore_errors=True)
 
 
 class _ExpertCounts:
@@ -395,6 +377,74 @@ class _ExpertCounts:
             return None
         return {"tokens": {b: c.tolist() for b, c in self.counts.items()}, "without_tokens": self.without_tokens(),
                 "method_without_tokens": "weight amax from the expert's own weights (data-free), input scale of the layer's experts"}
+
+
+@dataclass
+class LayerJob:
+    """What every layer's calibration and export needs (shared by the one-device loop and the split)."""
+
+    cfg: dict | None
+    index: object  # WeightIndex
+    layer_cls: type
+    shell: object
+    hf_config: object
+    dtype: object
+    export_dtype: object
+    decoder_type: str
+    tp_size: int
+    parts: Path
+    tmp: Path
+    shell_config: tuple = (None, None)  # (config.json, quant_cfg.json) of the shell's export, set by layer 0
+    hf: object = None  # streamed_hf.HFLayerWriter when the unified HF checkpoint is exported (one device)
+    trtllm: bool = True  # whether the TensorRT-LLM checkpoint is exported
+
+
+def finish_layer(job: LayerJob, layer, i: int) -> dict:
+    """After layer i's calibration: its census, its export (layer 0 also exports the shell) and its part
+    files, one per rank; the unified HF checkpoint's layer (job.hf) before them. Returns {"census", "layer_cfg"};
+    the caller merges them in layer order."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trtconv.stages import calibrate
+
+    census = calibrate.quantizer_census(layer)
+    if job.hf is not None:  # first, as in memory (export.export_hf); on a copy when the TensorRT-LLM export follows
+        with torch.no_grad():
+            job.hf.add(layer, i)
+    if not job.trtllm:
+        return {"census": census, "layer_cfg": {}}
+    quant_format = _quant_format(layer) if job.cfg is not None else None
+    with torch.no_grad():
+        if i == 0:
+            outer, cfg0, quant_cfg0 = export_shell(job.shell, layer, job.export_dtype, job.decoder_type, job.tp_size, job.tmp)
+            for r, tensors in enumerate(outer):
+                save_file(tensors, job.parts / f"rank{r}" / "outer.safetensors")
+            del outer
+            job.shell_config = (cfg0, quant_cfg0)
+        ranks, layer_cfg = export_layer(layer, i, job.hf_config, job.export_dtype, quant_format, job.decoder_type, job.tp_size)
+    for r, tensors in enumerate(ranks):
+        save_file(tensors, job.parts / f"rank{r}" / f"layer{i:05d}.safetensors")
+    return {"census": census, "layer_cfg": layer_cfg}
+
+
+def merge_ranks(parts: Path, checkpoint: Path, tp_size: int, workers: int = 1) -> None:
+    """Each rank's part files into its rank file; with several devices the ranks are merged at once, on
+    threads (each file's bytes are what the one-at-a-time merge writes: the same parts in the same order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trtconv.checkpoints.safetensors_stream import merge_parts
+
+    def merge(r: int) -> None:
+        merge_parts(sorted((parts / f"rank{r}").glob("*.safetensors")), checkpoint / f"rank{r}.safetensors")
+
+    if workers <= 1 or tp_size == 1:
+        for r in range(tp_size):
+            merge(r)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, tp_size), thread_name_prefix="trtconv-merge") as pool:
+        for f in [pool.submit(merge, r) for r in range(tp_size)]:
+            f.result()
 
 
 def _quant_format(layer) -> str | None:
