@@ -539,3 +539,14 @@ def test_what_the_streamed_path_cannot_do_is_one_refusal(cli, tmp_path):
 
     with pytest.raises(UserError, match="export.pp_size 2"):
         plan_for_build(r, QWEN3_30B_A3B, catalogue_device(resolve_gpu("h100-80gb")), None)
+
+
+def test_the_split_over_gpus_refuses_the_unified_checkpoint(tmp_path):
+    """--gpus 2 with export.hf_checkpoint: the layer-streamed unified export runs on one device; the refusal is the
+    streamed check's (plan, doctor and build)."""
+    from trtconv.memory_plan import streamed_refusals
+    from trtconv.recipe.schema import load_recipe
+
+    r = load_recipe(str(_recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True)))[0].resolved()
+    assert streamed_refusals(r, 1) == []
+    assert "--gpus 2: the unified HF checkpoint" in streamed_refusals(r, 2)[0]
