@@ -73,6 +73,10 @@ AWQ_EXTRA_LAYERS = 1.0
 # one extra (plus about two layers of temporaries) when exporting the whole model.
 SHELL_EXPORT_OUTER_COPIES = 2
 MODEL_EXPORT_OUTER_COPIES = 1
+# The streamed unified HF export (stages/streamed_hf.py) quantizes the layer in place, module by module (for
+# fused experts, every expert of the layer at once): one exported layer beside it at most; with the
+# TensorRT-LLM export as well it exports a copy of the layer (export.export_hf's reason), one layer more.
+HF_EXPORT_LAYER_COPIES = 1
 
 # Bytes per quantized Linear weight element: the precision's row (trtconv.precisions.linear_bytes).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -243,6 +247,8 @@ class MemoryPlan:
     # What build's pre-flight refuses on this device (engine.plan.preflight_warnings), and its warnings.
     refusals: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    devices: int = 1  # devices the conversion is split over (build --gpus; trtconv.stages.devices)
+    time_s: dict = field(default_factory=dict)  # predicted seconds of the layer-streamed path (predict_time)
 
     @property
     def fits(self) -> bool:
@@ -342,12 +348,13 @@ def _sm_check(plan: MemoryPlan, recipe, serve: Gpu) -> None:
 
 def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus: int = 1,
                 host_bytes: int | None = None, disk: Disk | None = None, context_bytes: int = CUDA_CONTEXT,
-                on_gpu: bool = True, serve: Gpu | None = None) -> MemoryPlan:
+                on_gpu: bool = True, serve: Gpu | None = None, split: int = 1) -> MemoryPlan:
     """Every stage's peak GPU/host memory and disk, both paths of calibration and of evaluation, and
     the serving memory. `context_bytes`: the CUDA context allowance (0 when the "GPU" is a cap on a
     CPU run); `on_gpu`: whether the stages compute on a CUDA device (False: a CPU run); `serve`: the
     GPU serving is planned for (its memory and SM; None: the conversion's memory, SM not checked);
-    `disk`: free space where the artifact and the stage cache go (None: not checked)."""
+    `disk`: free space where the artifact and the stage cache go (None: not checked); `split`: the
+    devices the conversion is split over (each GPU's row is per GPU; the split path is the streamed one)."""
     shape = Shape.from_config(hf_cfg)
     q, ex = recipe.quantization, recipe.export
     load_b = DTYPE_BYTES[recipe.model.dtype]
@@ -357,23 +364,42 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
                       export_bytes=_export_bytes(shape, q.precision, DTYPE_BYTES[ex.dtype]),
                       kv_bytes_per_token=shape.kv_bytes_per_token(1 if q.kv_cache == "fp8" else DTYPE_BYTES[ex.dtype]),
                       streaming=streaming, streamed=streaming == "always", serve_gpu=serve.name if serve else gpu_name,
-                      on_gpu=on_gpu)
+                      on_gpu=on_gpu, devices=split)
     _calibration_checks(plan, shape, recipe, context_bytes, host_bytes)
     if recipe.evaluate.enabled:
         _evaluation_checks(plan, shape, recipe, context_bytes, on_gpu)
+    if split > 1:
+        _split_checks(plan, shape, recipe, on_gpu)
     plan.checks += disk_checks(plan.export_bytes, streaming != "never", disk)
     _serving_checks(plan, shape, recipe, int(serve.memory_gib * GIB) if serve else gpu_memory_bytes, gpus)
     if serve is not None:
         _sm_check(plan, recipe, serve)
     _choose_paths(plan, recipe, on_gpu)
+    if plan.streamed:
+        plan.refusals += streamed_refusals(recipe, split)
     _advise(plan, shape, recipe)
+    if plan.streamed:
+        plan.time_s = predict_time(shape, recipe, plan.export_bytes, split)
     return plan
 
 
+def streamed_refusals(recipe, split: int = 1) -> list[str]:
+    """What the layer-streamed path cannot do for this recipe (stages.streamed.check_supported): the one
+    check `plan` shows as a refusal and `build` and `doctor` refuse (plan_for_build), whenever the plan streams."""
+    from trtconv.stages.streamed import check_supported
+
+    try:
+        check_supported(recipe, split)
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
 def evaluation_streams_alone(recipe) -> bool:
-    """Whether evaluation can stream while calibration runs in memory: the streamed evaluator reads a
-    TensorRT-LLM checkpoint (not the unified HF one) and builds the original from transformers'
-    own classes (not a model's remote code)."""
+    """Whether evaluation streams while calibration runs in memory (on a GPU): where the TensorRT-LLM
+    checkpoint is judged, from transformers' own classes (not a model's remote code). The unified HF
+    checkpoint streams its evaluation with calibration (under a cap); alone, on a GPU, it is judged
+    sequentially (stages/evaluate.sequential_here: the measured path for it)."""
     judged_trtllm = recipe.engine.target != "pytorch" and recipe.export.tensorrt_llm_checkpoint
     return bool(judged_trtllm and not recipe.model.trust_remote_code)
 
@@ -389,7 +415,8 @@ def _choose_paths(plan: MemoryPlan, recipe, on_gpu: bool) -> None:
     in_memory = {c.stage: c for c in plan.checks if c.where == "gpu" and "(in memory)" in c.stage}
     if plan.streaming == "auto":
         gpu_fits = all(c.fits for stage, c in in_memory.items() if not (alone and stage.startswith("evaluate")))
-        plan.streamed = not (gpu_fits and host_fits(plan, "calibrate (in memory)"))
+        # Only the layer-streamed path is split over several devices (trtconv.stages.devices).
+        plan.streamed = plan.devices > 1 or not (gpu_fits and host_fits(plan, "calibrate (in memory)"))
     plan.evaluate_streamed = plan.streamed or (alone and "evaluate (in memory)" in in_memory)
 
 
@@ -422,7 +449,10 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
     # Streamed: embeddings/lm_head (and the shell export's copies of them), one layer with ModelOpt's
     # temporaries, the activation cache and one batch's forward.
     margin = STREAM_MARGIN + (AWQ_EXTRA_LAYERS if "awq" in q.precision else 0.0)
-    stream_gpu = (context_bytes + (1 + SHELL_EXPORT_OUTER_COPIES) * outer_bytes + int(layer_bytes * margin)
+    hf_export = (shape.layer_linear_params() * linear_bytes(q.precision, DTYPE_BYTES[ex.dtype]) * HF_EXPORT_LAYER_COPIES
+                 + (layer_bytes if ex.tensorrt_llm_checkpoint else 0)) if ex.hf_checkpoint else 0
+    outer_copies = SHELL_EXPORT_OUTER_COPIES if ex.tensorrt_llm_checkpoint else 0  # the HF export copies no outer tensor
+    stream_gpu = (context_bytes + (1 + outer_copies) * outer_bytes + int(layer_bytes * margin) + int(hf_export)
                   + act_cache + fwd_layer)
     add(Check("calibrate (streamed)", "gpu", stream_gpu, gpu, "embeddings/lm_head (+ export copies) + one layer + cache"))
     add(Check("calibrate (streamed)", "host", PROCESS_RSS + outer_bytes + 3 * layer_bytes, host_bytes,
@@ -465,6 +495,67 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
     else:
         plan.checks.append(Check("evaluate (streamed)", "gpu", resident, gpu,
                                  "two layers of each + embeddings/lm_head + hidden states"))
+
+
+def _split_checks(plan: MemoryPlan, shape: Shape, recipe, on_gpu: bool) -> None:
+    """Per GPU of a split run (trtconv.stages.devices), replacing the streamed rows. The first device
+    holds what one device holds (the shell, its layer, the activations handed in and out); the split
+    adds, for AWQ, its second pass's outputs (kept for the next layer even where they equal the
+    first's) and, in evaluation, the first hidden states (kept while the last device's come back)."""
+    q, cal, ev = recipe.quantization, recipe.calibration, recipe.evaluate
+    by = {c.stage: c for c in plan.checks if c.where == "gpu"}
+    load_b = DTYPE_BYTES[recipe.model.dtype]
+    extra = cal.num_samples * cal.seq_len * shape.hidden * load_b if "awq" in q.precision and q.kv_cache == "none" else 0
+    for stage, add, note in (
+            ("calibrate (streamed)", extra, "per GPU: the first holds the shell"),
+            ("evaluate (streamed)", ev.num_samples * ev.seq_len * shape.hidden * ((DTYPE_BYTES[recipe.model.dtype] if on_gpu else 4) + 4),
+             "per GPU: the first holds the vocabulary matrices and the first hidden states")):
+        c = by.get(stage)
+        if c is not None:
+            c.need_bytes += add
+            c.note = f"{c.note}; {note} ({plan.devices} devices)"
+
+
+# Rates of the layer-streamed path, measured on one H200 with the Llama-3-70B shapes cut to 8 layers
+# (docs/performance.md, "Models larger than the GPU"; one decoder layer 1.59 GiB in bf16, 64 x 256
+# calibration rows): seconds per GiB of a bf16 layer, and of the exported checkpoint for the merge.
+TIME_FIXED_CALIBRATE_S = 23.0  # the shell, layer 0's inputs, first-use costs
+TIME_LAYER_S_PER_GIB = {"max": 1.65 / 1.59, "awq": 3.2 / 1.59}  # calibrate + export a layer
+TIME_MERGE_S_PER_GIB = 20.4 / 9.2  # part files into rank files (disk-bound)
+TIME_FIXED_EVALUATE_S = 9.4  # both models' vocabulary matrices and first hidden states
+TIME_EVAL_LAYER_S_PER_GIB = 1.3 / 1.59
+
+
+def predict_time(shape: Shape, recipe, export_bytes: int, devices: int = 1) -> dict:
+    """Seconds of calibrate + export + evaluate, layer-streamed, on one device and on `devices`.
+
+    Split (trtconv.stages.devices): the layers run as a pipeline, so the layer time divides by N,
+    except what one device at a time does (AWQ's calibration: its excess over max calibration's
+    per-layer time), plus filling the pipeline (N-1 layers' share of one batch); the rank files merge
+    in parallel (min(N, tp) at once). Assumes the devices share no bottleneck (reading the memory-
+    mapped checkpoint, the disk the parts go to): not measured, multi-GPU hosts were withheld."""
+    cal, ev = recipe.calibration, recipe.evaluate
+    layer_gib = shape.layer_params() * DTYPE_BYTES[recipe.model.dtype] / GIB
+    awq = "awq" in recipe.quantization.precision
+    t = layer_gib * TIME_LAYER_S_PER_GIB["awq" if awq else "max"]
+    serial = layer_gib * (TIME_LAYER_S_PER_GIB["awq"] - TIME_LAYER_S_PER_GIB["max"]) if awq else 0.0
+    batches = max(1, -(-cal.num_samples // cal.batch_size))
+    merge = export_bytes / GIB * TIME_MERGE_S_PER_GIB
+    t_eval = layer_gib * TIME_EVAL_LAYER_S_PER_GIB
+    eval_batches = max(1, -(-ev.num_samples // ev.batch_size))
+
+    def total(n: int) -> dict:
+        fill = (n - 1) * t / batches
+        calib = TIME_FIXED_CALIBRATE_S + shape.layers * max(serial, t / n) + fill + merge / min(n, recipe.export.tp_size)
+        evaluate = (TIME_FIXED_EVALUATE_S + shape.layers * t_eval / n + (n - 1) * t_eval / eval_batches) if ev.enabled else 0.0
+        return {"calibrate_export_s": round(calib, 1), "evaluate_s": round(evaluate, 1), "total_s": round(calib + evaluate, 1)}
+
+    one = total(1)
+    out = {"devices": 1, **one, "basis": "rates measured on one H200 (docs/performance.md), scaled by the layer's bytes"}
+    if devices > 1:
+        split = total(devices)
+        out["split"] = {"devices": devices, **split, "speedup": round(one["total_s"] / split["total_s"], 2)}
+    return out
 
 
 def _serving_checks(plan: MemoryPlan, shape: Shape, recipe, gpu: int, gpus: int) -> None:
@@ -572,13 +663,13 @@ def conversion_memory(device, max_gpu_memory_gib: float | None) -> tuple[int, st
 
 
 def plan_for_device(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, *, host_bytes: int | None = None,
-                    disk: Disk | None = None, serve: Gpu | None = None, gpus: int | None = None) -> MemoryPlan:
+                    disk: Disk | None = None, serve: Gpu | None = None, gpus: int | None = None, split: int = 1) -> MemoryPlan:
     """The plan of a conversion on `device` exactly as `build` sizes it there (conversion_memory; on a
     CPU no CUDA context and float32 compute), with serving planned for `serve`."""
     on_gpu = device.kind == "cuda"
     mem, name = conversion_memory(device, max_gpu_memory_gib)
     return plan_memory(recipe, hf_cfg, mem, name, gpus=gpus or max(1, device.count if on_gpu else 1), host_bytes=host_bytes,
-                       disk=disk, context_bytes=CUDA_CONTEXT if on_gpu else 0, on_gpu=on_gpu, serve=serve)
+                       disk=disk, context_bytes=CUDA_CONTEXT if on_gpu else 0, on_gpu=on_gpu, serve=serve, split=split)
 
 
 def plan_for_gpu(recipe, hf_cfg: dict, gpu: str = "h100-80gb", gpus: int = 1, max_gpu_memory_gib: float | None = None,
@@ -615,6 +706,22 @@ def describe(plan: MemoryPlan) -> list[str]:
              f"evaluation path: {plan.evaluation_path}{evaluation_reason(plan)}"]
     if plan.serve_gpu != plan.gpu:
         lines.append(f"serving planned on {plan.serve_gpu} (--gpu picks another)")
+    lines += time_lines(plan)
+    return lines
+
+
+def time_lines(plan: MemoryPlan) -> list[str]:
+    """The predicted time of the layer-streamed path (predict_time), one device and the split."""
+    t = plan.time_s
+    if not t:
+        return []
+    lines = [f"predicted time, layer-streamed on one GPU: calibrate + export {t['calibrate_export_s']:.0f} s, "
+             f"evaluate {t['evaluate_s']:.0f} s ({t['basis']})"]
+    if "split" in t:
+        s = t["split"]
+        lines.append(f"predicted time split over {s['devices']} GPUs (--gpus): calibrate + export {s['calibrate_export_s']:.0f} s, "
+                     f"evaluate {s['evaluate_s']:.0f} s: {s['speedup']:.2f}x; per-GPU peak in the streamed rows "
+                     "(not measured: multi-GPU hosts were withheld)")
     return lines
 
 
@@ -656,15 +763,17 @@ def host_available_bytes() -> int | None:
 
 
 def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | None, layer_bytes: int | None = None,
-                   disk: Disk | None = None) -> MemoryPlan:
+                   disk: Disk | None = None, split: int = 1) -> MemoryPlan:
     """The plan `build` runs first: against the GPU in use (or the cap), or on CPU against the cap or
     the host's available memory. Refuses (UserError, exit 2) a run whose chosen paths (calibration's,
     evaluation's) cannot fit, or whose export does not fit the free disk."""
     on_gpu = device.kind == "cuda"
     # On a GPU the host is checked too (on a CPU the "GPU" figure already is the host's memory).
     plan = plan_for_device(recipe, hf_cfg, device, max_gpu_memory_gib, host_bytes=host_available_bytes() if on_gpu else None,
-                           disk=disk)
+                           disk=disk, split=split)
     cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else plan.gpu
+    if plan.refusals:  # the streamed path's (streamed_refusals): named before any work
+        raise UserError(plan.refusals[0])
     _refuse_calibration(plan, recipe, cap, layer_bytes)
     _refuse_evaluation(plan, cap)
     _refuse_disk(plan)

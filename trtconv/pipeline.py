@@ -32,6 +32,7 @@ from trtconv.core.ui import Reporter
 from trtconv.stages import engine as engine_stage
 from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import Laps, StageMeter
+from trtconv.stages.devices import check_gpus, check_split
 from trtconv.stages.load import all_inputs, check_recipe_against_model, data_packs
 from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
 
@@ -50,6 +51,7 @@ class BuildOptions:
     no_cache: bool = False  # neither read nor write the stage cache
     repro_check: bool = False  # calibrate + export a second time and compare every tensor
     max_gpu_memory_gib: float | None = None  # cap on GPU memory (CUDA: enforced; CPU: drives the memory plan)
+    gpus: int = 1  # devices of this host the layer-streamed path splits over (trtconv.stages.devices)
 
 
 @dataclass
@@ -141,6 +143,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
     if opts.junit:
         check_junit_path(opts.junit)  # written at the very end: a bad path must not cost the whole run
     engine_stage.check_required(recipe, opts.require_engine)
+    devices = check_gpus(opts.gpus, device)  # a bad --gpus costs nothing
     check_cuda_forward(PRECISIONS[recipe.quantization.precision], device.kind)  # before a reference model trains
     started = time.monotonic()
     run_key = whole_run_key(recipe, opts, device, reporter) if cache is not None and not opts.repro_check else None
@@ -159,6 +162,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         check_recipe_against_model(recipe, hf_cfg, model_dir)
         check_engine(recipe, hf_cfg, device, reporter)
         memory = memory_plan(recipe, hf_cfg, device, opts, model_dir, cache, reporter)
+        check_split(devices.count, memory.streamed)
         calib_packs = data_packs(recipe.calibration.data, "calibration")
         eval_packs = data_packs(recipe.evaluate.data, "evaluation")
         tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
@@ -206,7 +210,8 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         else:
             model, preloaded = preloaded, None  # handed over: the unit drops the last reference when done
             exported, calib_record, unit_stages = run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, writer.tmp,
-                                                                           torch_device, reporter, model=model, streamed=memory.streamed)
+                                                                           torch_device, reporter, model=model, streamed=memory.streamed,
+                                                                           devices=devices)
             del model
             release_memory()  # the calibrated model goes before evaluation loads the original
             stages += unit_stages
@@ -234,7 +239,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
                                           engine_files=[(f.path, f.sha256) for f in engine_files])
             outcome_eval, eval_meter = evaluate_stage.run(recipe, model_dir, eval_tokens, eval_key, cache, writer, torch_device,
                                                           reporter, engine_record=engine_record, streamed=memory.evaluate_streamed,
-                                                          park=memory.evaluate_parks)
+                                                          park=memory.evaluate_parks, devices=devices)
             stages.append(eval_meter)
         metrics = outcome_eval.summary if outcome_eval else {}
         gates = outcome_eval.gates if outcome_eval else []
@@ -348,13 +353,11 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, opts: BuildOptions, model_
 
     layer_bytes = WeightIndex(model_dir).layer_bytes(0) if recipe.calibration.streaming != "never" else None
     disk = disk_here(opts.out, cache.root if cache is not None else opts.out)
-    plan = plan_for_build(recipe, hf_cfg, device, opts.max_gpu_memory_gib, layer_bytes, disk)
-    if plan.streamed:
+    plan = plan_for_build(recipe, hf_cfg, device, opts.max_gpu_memory_gib, layer_bytes, disk, split=opts.gpus)
+    if plan.streamed:  # what the streamed path cannot do was refused by plan_for_build (memory_plan.streamed_refusals)
         from trtconv.memory_plan import calibration_reason
-        from trtconv.stages.streamed import check_supported
 
         reporter.stage("load", f"memory plan: layer-streamed calibration ({calibration_reason(plan)})")
-        check_supported(recipe)  # what the streamed path cannot do, before any work
     elif plan.evaluate_streamed:
         from trtconv.memory_plan import evaluation_reason
 
@@ -408,14 +411,14 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,
-                             reporter: Reporter, model=None, streamed: bool = False):
+                             reporter: Reporter, model=None, streamed: bool = False, devices=None):
     """The expensive unit: load the model (unless the load stage already did), calibrate it,
     export it into root. Returns its records."""
     from trtconv.checkpoints.hf_model import compute_dtype, load_hf_model
     from trtconv.stages import calibrate, export
 
     if streamed:
-        return run_streamed(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
+        return run_streamed(recipe, model_dir, arch, tokenizer, calib_tokens, root, device, reporter, devices)
     stages = []
     with StageMeter("calibrate") as m:
         dtype = compute_dtype(recipe.model.dtype, device)
@@ -448,8 +451,10 @@ def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokeniz
                       "path": "in_memory", **experts}, stages
 
 
-def run_streamed(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str, reporter: Reporter):
-    """The same unit, one decoder layer at a time (calibrate and export interleave: one meter for both)."""
+def run_streamed(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str, reporter: Reporter,
+                 devices=None):
+    """The same unit, one decoder layer at a time (calibrate and export interleave: one meter for both);
+    with several `devices` the layers are split over them (trtconv.stages.devices)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -465,10 +470,11 @@ def run_streamed(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_to
         if group.note:
             reporter.stage("calibrate", group.note)
         chosen = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"awq_group_size": group.size})})
-        exported, record, log = streamed.run(chosen, model_dir, arch, tokenizer, calib_tokens, root, device, reporter)
+        exported, record, log = streamed.run(chosen, model_dir, arch, tokenizer, calib_tokens, root, device, reporter, devices)
     dtype = compute_dtype(recipe.model.dtype, device)
+    split = {"devices": devices.record()} if devices is not None and devices.count > 1 else {}
     stage = m.record(status="ok", quantizers=record["census"], modelopt_output=log, path="streamed",
-                     repairs=len(exported.repairs), compute_dtype=dtype, seconds=exported.seconds)
+                     repairs=len(exported.repairs), compute_dtype=dtype, seconds=exported.seconds, **split)
     return exported, {**record, "compute_dtype": dtype, **group.record(), "path": "streamed"}, [stage]
 
 

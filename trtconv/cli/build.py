@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, JsonOpt, JunitOpt, MaxGpuMemOpt, NoCacheOpt, OutOpt,
+from trtconv.cli.options import (DeviceOpt, DryRunOpt, ForceOpt, GpusOpt, JsonOpt, JunitOpt, MaxGpuMemOpt, NoCacheOpt, OutOpt,
                                  QuietOpt, ReproOpt, RequireEngineOpt, SetOpt, fail)
 from trtconv.cli.render import print_result
 from trtconv.core import interrupts
@@ -18,7 +18,7 @@ from trtconv.recipe.schema import CalibrationSection
 
 
 def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str, json_mode: bool, quiet: bool, junit=None,
-               no_cache: bool = False, repro_check: bool = False, max_gpu_memory: float | None = None) -> None:
+               no_cache: bool = False, repro_check: bool = False, max_gpu_memory: float | None = None, gpus: int = 1) -> None:
     import os
 
     from trtconv.core.ui import Reporter
@@ -34,7 +34,7 @@ def _run_build(recipe, out: Path, force: bool, require_engine: bool, device: str
     opts = BuildOptions(
         out=out, force=force, require_engine=require_engine, device=device, command=["trtconv", *sys.argv[1:]], junit=junit,
         no_cache=no_cache or os.environ.get("TRTCONV_NO_CACHE", "").lower() in ("1", "true", "yes"),
-        repro_check=repro_check, max_gpu_memory_gib=max_gpu_memory,
+        repro_check=repro_check, max_gpu_memory_gib=max_gpu_memory, gpus=gpus,
     )
     try:
         outcome = build(recipe, opts, reporter)
@@ -68,6 +68,7 @@ def build(
     no_cache: NoCacheOpt = False,
     repro_check: ReproOpt = False,
     max_gpu_memory: MaxGpuMemOpt = None,
+    gpus: GpusOpt = 1,
 ) -> None:
     """Run the whole pipeline from a recipe; exit 0 only if every stage ran and every gate passed.
 
@@ -86,7 +87,7 @@ def build(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check, max_gpu_memory)
+    _run_build(r, output, force, require_engine, device, json_mode, quiet, junit, no_cache, repro_check, max_gpu_memory, gpus)
 
 
 def _family_exports(model: Path) -> dict:
@@ -122,6 +123,7 @@ def calibrate(
     junit: JunitOpt = None,
     no_cache: NoCacheOpt = False,
     max_gpu_memory: MaxGpuMemOpt = None,
+    gpus: GpusOpt = 1,
 ) -> None:
     """Calibrate + export + evaluate with flags instead of a recipe (a recipe is built internally).
 
@@ -149,6 +151,6 @@ def calibrate(
     if dry_run:
         print(r.resolved().to_yaml(), end="")
         return
-    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache, max_gpu_memory=max_gpu_memory)
+    _run_build(r, output, force, False, device, json_mode, quiet, junit, no_cache, max_gpu_memory=max_gpu_memory, gpus=gpus)
 
 

@@ -32,6 +32,7 @@ def run_doctor(recipe_ref: str | None = None) -> tuple[bool, dict]:
         checks.append(_check("gpu", "ok", f"{device.name}, SM {device.sm}, {device.count} visible, {device.memory_gib} GiB, CUDA {device.cuda}"))
     else:
         checks.append(_check("gpu", "warn", f"no CUDA GPU visible; calibration and export run on CPU ({device.name}, {device.count} threads)"))
+    checks.append(_gpus_check(device, UserError))
     try:
         import modelopt.torch.quantization  # noqa: F401
 
@@ -50,6 +51,18 @@ def run_doctor(recipe_ref: str | None = None) -> tuple[bool, dict]:
         checks.extend(_recipe_checks(recipe_ref, device, UserError))
     ok = all(c["status"] != "fail" for c in checks)
     return ok, {"device": device.to_dict(), "versions": versions, "checks": checks}
+
+
+def _gpus_check(device, UserError) -> dict:
+    """What `build --gpus N` accepts here: the same check build and plan run (trtconv.stages.devices)."""
+    from trtconv.stages.devices import allowed_gpus
+
+    try:
+        most, why = allowed_gpus(device)
+    except UserError as exc:  # a bad TRTCONV_SIMULATED_DEVICES
+        return _check("gpus", "fail", str(exc))
+    split = "the layer-streamed conversion splits over them" if most > 1 else "no split over several devices here"
+    return _check("gpus", "ok", f"build --gpus 1 to {most}: {why}; {split}")
 
 
 def _cache_status() -> tuple[str, str]:

@@ -22,6 +22,10 @@ NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor 
 MaxGpuMemOpt = Annotated[Optional[float], typer.Option(
     "--max-gpu-memory", min=0.01,
     help="Cap on GPU memory in GiB: enforced on CUDA; decides layer streaming (calibration.streaming: auto) everywhere.")]
+GpusOpt = Annotated[int, typer.Option(
+    "--gpus", min=1,
+    help="GPUs of this host to split the layer-streamed calibration, export and evaluation over (the artifact's bytes "
+         "are those of --gpus 1; see docs/performance.md, 'Several GPUs').")]
 JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write each accuracy gate as a JUnit test case to this file.")]
 
 

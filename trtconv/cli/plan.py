@@ -14,7 +14,9 @@ from trtconv.core.errors import UserError
 GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="A GPU of the catalogue (e.g. h100-80gb, h200-141gb, a100-80gb, "
                                                              "l40s-48gb) to convert and serve on; default: this machine as "
                                                              "`build` uses it, serving on the nearest catalogue GPU (else h100-80gb).")]
-GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="GPUs available to serve the engine.")]
+GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="GPUs of the host: the conversion is planned split over "
+                                                               "them as `build --gpus N` runs it (per-GPU peak, predicted "
+                                                               "time), and the engine is served on them.")]
 
 
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Where `build -o` will write the artifact: the disk rows "
@@ -81,19 +83,20 @@ def plan_recipe(recipe_ref: str, sets: list[str], gpu: str | None, gpus: int, ca
     serve = serve or nearest_gpu(device)
     here = gpu is None and device.kind == "cuda"  # this machine's GPU: its host memory is the build's too
     result = plan_for_device(r, hf_cfg, device, cap_gib, host_bytes=host_available_bytes() if here else None,
-                             disk=disk_here(out, cache_root()), serve=serve, gpus=gpus)
+                             disk=disk_here(out, cache_root()), serve=serve, gpus=gpus, split=gpus)
+    from trtconv.stages.devices import check_gpus, check_split
+
+    try:
+        if gpu is None:  # this machine: build's own check of --gpus against the visible devices
+            check_gpus(gpus, device)
+        check_split(gpus, result.streamed)
+    except UserError as exc:
+        result.refusals.append(str(exc))
     try:
         result.warnings = preflight_warnings(r, hf_cfg, device)
     except UserError as exc:
         result.refusals.append(str(exc))
-    if result.streamed:  # what the streamed path cannot do, refused by build too (pipeline.memory_plan)
-        from trtconv.stages.streamed import check_supported
-
-        try:
-            check_supported(r)
-        except UserError as exc:
-            result.refusals.append(str(exc))
-    return result
+    return result  # the streamed path's refusals are the plan's own (memory_plan.streamed_refusals), as build's
 
 
 def _render(result, header: list[str]) -> None:

@@ -76,8 +76,9 @@ class StageMeter:
         interrupts.check(f"{self.name}:start")  # a stage boundary; before any thread starts
 
         self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+        if self.cuda:  # every visible device: a split run (--gpus) computes on several
+            for idx in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(idx)
         self.peak_rss = _rss_mib() or 0.0
         self._take()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -95,7 +96,9 @@ class StageMeter:
         self._stop.set()
         self._thread.join()
         self._take()
-        self.peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+        # The per-GPU peak: the largest device's (one entry per device when several were used).
+        self.peak_gpus = [torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())] if self.cuda else []
+        self.peak_gpu = max(self.peak_gpus) if self.peak_gpus else None
         if exc[0] is None:
             interrupts.check(f"{self.name}:end")  # a stage boundary (an exception already unwinding goes on)
 
@@ -106,7 +109,9 @@ class StageMeter:
             wall_s=round(self.wall_s, 3),
             peak_rss_mib=round(self.peak_rss, 1),
             peak_gpu_mib=round(self.peak_gpu, 1) if self.peak_gpu is not None else None,
-            details={**details, **({"peak_rss_anon_mib": round(self.peak_anon, 1)} if self.peak_anon is not None else {})},
+            details={**details, **({"peak_rss_anon_mib": round(self.peak_anon, 1)} if self.peak_anon is not None else {}),
+                     **({"peak_gpu_mib_per_device": [round(g, 1) for g in self.peak_gpus]}
+                        if sum(g > 0 for g in getattr(self, "peak_gpus", [])) > 1 else {})},
         )
 
 

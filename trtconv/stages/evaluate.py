@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
+from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR, is_hf_checkpoint
 from trtconv.artifact.manifest import InputRecord, Manifest, StageRecord, read_manifest
 from trtconv.artifact.writer import sha256_file
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
@@ -46,7 +46,8 @@ class EvalOutcome:
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
                         weight_errors: bool = True, artifact_root: Path | None = None,
-                        engine_record: dict | None = None, streamed: bool = False, park: bool = True) -> EvalOutcome:
+                        engine_record: dict | None = None, streamed: bool = False, park: bool = True,
+                        devices=None) -> EvalOutcome:
     """The original model (fresh from disk; float32 on a CPU, see baseline_dtype) against the artifact, gated.
 
     The candidate is the built engine through TensorRT-LLM's own API where that runs here (and the
@@ -56,7 +57,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
     """
     with gpu_matmuls(device):
         return _evaluate_checkpoint(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors,
-                                    artifact_root, engine_record, streamed, park)
+                                    artifact_root, engine_record, streamed, park, devices)
 
 
 # What the reference executor's float32 matrix products run in on a GPU (gpu_matmuls); full float32 on a CPU.
@@ -99,12 +100,12 @@ def executor_candidate(checkpoint: str, device: str) -> str:
 
 def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
                          weight_errors: bool, artifact_root: Path | None, engine_record: dict | None,
-                         streamed: bool, park: bool) -> EvalOutcome:
+                         streamed: bool, park: bool, devices=None) -> EvalOutcome:
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.gate import stats as evaluate
 
-    if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
-        return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors, park)
+    if streamed and not (engine_record and engine_record.get("status") == "built"):
+        return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors, park, devices)
     dtype = baseline_dtype(device, recipe.model.dtype)
     engine_built = bool(engine_record and engine_record.get("status") == "built")
     if not engine_built and sequential_here(recipe, checkpoint_dir, tokens, device):
@@ -238,28 +239,31 @@ def evaluate_sequential(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, t
 
 
 def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tokens, device: str, reporter: Reporter,
-                      weight_errors: bool = True, park: bool = True) -> EvalOutcome:
-    """evaluate_checkpoint with at most two decoder layers of each model in memory (stages/evaluate_streamed.py)."""
+                      weight_errors: bool = True, park: bool = True, devices=None) -> EvalOutcome:
+    """evaluate_checkpoint with at most two decoder layers of each model in memory (stages/evaluate_streamed.py);
+    several `devices` (trtconv.stages.devices) run its layers as a pipeline."""
     from trtconv.checkpoints.hf_model import read_hf_config, torch_dtype
     from trtconv.gate import stats as evaluate
     from trtconv.stages.evaluate_streamed import LayerStreamedPair, run_scorers
 
     dtype = baseline_dtype(device, recipe.model.dtype)  # as in memory: the same baseline numerics per layer
-    pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"], torch_dtype(dtype), park)
+    pair = LayerStreamedPair(model_dir, checkpoint_dir, device, read_hf_config(model_dir)["vocab_size"], torch_dtype(dtype), park,
+                             devices)
 
     def scorer(baseline_logits, candidate):
         stats = evaluate.per_document_stats(tokens, baseline_logits, candidate, recipe.evaluate.batch_size, device, lambda n=1: None)
         task = score_task(recipe, model_dir, baseline_logits, candidate, device, reporter) if recipe.evaluate.multiple_choice else None
         return stats, task
 
-    reporter.stage("evaluate", "layer-streamed: the original and the checkpoint one layer at a time")
+    split = f", layers split over {devices.describe()}" if devices is not None and devices.count > 1 else ""
+    reporter.stage("evaluate", f"layer-streamed: the original and the checkpoint one layer at a time{split}")
     started = time.monotonic()
     stats, task_correct = run_scorers(pair, scorer, reporter, weight_errors)
     seconds = {**pair.seconds, "scoring": round(time.monotonic() - started - sum(pair.seconds.values()), 3)}
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     errors = pair.errors
-    record = evaluation_record(tokens, stats, errors, executor_candidate("TensorRT-LLM checkpoint", device),
+    record = evaluation_record(tokens, stats, errors, candidate_description(checkpoint_dir, device),
                                f"original HF checkpoint (transformers, {dtype})", "streamed")
     if task_correct is not None:
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
@@ -315,6 +319,17 @@ def task_gates(recipe: Recipe, task_correct: dict | None, summary: dict) -> list
     return [task_gate(summary["task"], threshold, recipe.evaluate.allow_inconclusive)]
 
 
+def candidate_description(checkpoint_dir: Path, device: str) -> str:
+    """The manifest's candidate line of a checkpoint judged by the executor (either evaluation path)."""
+    if is_hf_checkpoint(checkpoint_dir):
+        from trtconv.checkpoints.hf_reader import _read_json, check_hf_architecture
+
+        config = checkpoint_dir / "config.json"
+        arch = check_hf_architecture(_read_json(config), config)
+        return executor_candidate(f"unified HF checkpoint ({arch} from transformers, shipped tensors)", device)
+    return executor_candidate("TensorRT-LLM checkpoint", device)
+
+
 def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
     """The artifact as a function input_ids -> logits, and a description of what it is.
 
@@ -326,12 +341,11 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
         from trtconv.checkpoints.hf_executor import load_shipped_model
 
         model = load_shipped_model(checkpoint_dir, device=device)
-        description = executor_candidate(f"unified HF checkpoint ({model.arch} from transformers, shipped tensors)", device)
     else:
         from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
         model = load_checkpoint_model(checkpoint_dir, device=device)
-        description = executor_candidate("TensorRT-LLM checkpoint", device)
+    description = candidate_description(checkpoint_dir, device)
 
     def logits(ids):
         # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
@@ -354,8 +368,6 @@ def weight_errors_of(checkpoint_dir: Path, baseline, candidate) -> list[tuple[st
     return shipped_weight_errors(model, baseline) if isinstance(model, ShippedModel) else []
 
 
-def is_hf_checkpoint(folder: Path) -> bool:
-    return not (folder / "rank0.safetensors").is_file() and (folder / "config.json").is_file()
 
 
 def candidate_dir(recipe: Recipe, root: Path) -> Path:
@@ -381,7 +393,8 @@ def report_gates(gates, reporter: Reporter) -> None:
 
 
 def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device: str, reporter: Reporter,
-        engine_record: dict | None = None, streamed: bool = False, park: bool = True) -> tuple[EvalOutcome, StageRecord]:
+        engine_record: dict | None = None, streamed: bool = False, park: bool = True,
+        devices=None) -> tuple[EvalOutcome, StageRecord]:
     """The evaluate stage, its statistics reused from the cache under `key` when there; gates always recomputed."""
     from trtconv.gate import stats as evaluate
 
@@ -402,11 +415,14 @@ def run(recipe: Recipe, model_dir: Path, tokens, key: str, cache, writer, device
             reporter.stage("evaluate", f"the original model against the artifact on {len(tokens.rows)} held-out documents "
                            f"(up to {recipe.evaluate.seq_len} tokens each)")
             outcome = evaluate_checkpoint(recipe, model_dir, candidate_dir(recipe, writer.tmp), tokens, device, reporter,
-                                          artifact_root=writer.tmp, engine_record=engine_record, streamed=streamed, park=park)
+                                          artifact_root=writer.tmp, engine_record=engine_record, streamed=streamed, park=park,
+                                          devices=devices)
         if cache:
             store_evaluation(cache, key, outcome.stats, outcome.weight_errors, {"record": outcome.record, "wall_s": m.wall_s},
                                    scratch, reporter)
-        return outcome, m.record(candidate=outcome.record.get("candidate"), **({"seconds": outcome.seconds} if outcome.seconds else {}))
+        split = {"devices": devices.record()} if devices is not None and devices.count > 1 and streamed else {}
+        return outcome, m.record(candidate=outcome.record.get("candidate"), **({"seconds": outcome.seconds} if outcome.seconds else {}),
+                                 **split)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
