@@ -27,7 +27,10 @@ Made for the GPU host (see docs/performance.md for results and the exact command
 
 `--precisions` takes fp8, int8_sq, int4_awq, w4a8_awq and fp8_kv (fp8 weights + fp8 KV cache), and
 fp8_streamed: trtconv alone, fp8 through the layer-streamed path (`calibration.streaming: always`), to set
-beside fp8's bare run.
+beside fp8's bare run; fp8_cap / fp8_kv_cap: trtconv alone under `--max-gpu-memory $BENCH_CAP` (default 8 GiB),
+beside the uncapped fp8 / fp8_kv bare run. With BENCH_EXPORT=hf the bare side writes ModelOpt's unified HF
+checkpoint (`export_hf_checkpoint`), what trtconv writes for the families without a legacy one (Qwen3, Gemma,
+Qwen3-MoE); `--layers N` cuts a made model to N decoder layers (a MoE shape on the host's 64 GB disk).
 The child modes (`_bare`, `_compile`) are internal.
 """
 
@@ -53,8 +56,12 @@ PRECISIONS = {  # name -> (trtconv --precision, --kv-cache)
     "fp8_kv": ("fp8", "fp8"),
 }
 # trtconv-only variants: name -> (the PRECISIONS row whose bare run they are compared with, extra trtconv arguments)
+CAP_GIB = os.environ.get("BENCH_CAP", "8")  # --max-gpu-memory of the *_cap variants
 VARIANTS = {
     "fp8_streamed": ("fp8", ["--set", "calibration.streaming=always"]),  # the layer-streamed path on the same model
+    # Under a GPU memory cap below the whole model (calibration.streaming auto): what a user with a smaller GPU runs.
+    "fp8_cap": ("fp8", ["--max-gpu-memory", CAP_GIB]),
+    "fp8_kv_cap": ("fp8_kv", ["--max-gpu-memory", CAP_GIB]),
 }
 CALIB = {"num_samples": 64, "seq_len": 256, "batch_size": 4, "seed": 1234}  # trtconv calibrate's defaults
 
@@ -339,9 +346,11 @@ def main_parent(args) -> None:
         if args.skip_model:
             raise SystemExit(f"--skip-model: {args.model} has no config.json")
         t0 = time.monotonic()
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "shaped_model.py"), args.shape, str(args.model)], check=True, env=env)
+        layers = ["--layers", str(args.layers)] if args.layers else []
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "shaped_model.py"), args.shape, str(args.model), *layers],
+                       check=True, env=env)
         report["model_made_s"] = time.monotonic() - t0
-    report["model"] = {"path": str(args.model), "shape": args.shape,
+    report["model"] = {"path": str(args.model), "shape": args.shape, "layers": args.layers,
                        "bytes": sum(p.stat().st_size for p in args.model.glob("*.safetensors"))}
     log = args.work / "compile.log"
     compile_times = {}
@@ -398,6 +407,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="Use this checkpoint (default WORK/model, made if missing).")
     ap.add_argument("--shape", default="llama3-8b", help="shaped_model.py shape when the model is made.")
     ap.add_argument("--skip-model", action="store_true", help="Never make the model; fail if it is missing.")
+    ap.add_argument("--layers", type=int, help="Decoder layers of the made model (default: the shape's own).")
     ap.add_argument("--precisions", default="fp8,int4_awq", help=f"Comma list of {', '.join(PRECISIONS)}.")
     ap.add_argument("--warm", default="fp8", help="Comma list of precisions to run a second time (cache hit); '' for none.")
     ap.add_argument("--keep-extensions", action="store_true", help="Do not empty TORCH_EXTENSIONS_DIR before the cold compile.")

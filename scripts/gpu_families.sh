@@ -3,6 +3,9 @@
 # `trtconv calibrate` on a Qwen3-8B-shaped and a Gemma-3-4B-shaped (text) checkpoint, random bf16 weights.
 # From the repo root with .whl carried (bash ../shared/gpu-host/wheels.sh):
 #   bash scripts/gpu_families.sh "qwen3-8b:fp8 gemma3-4b:fp8"
+# A run is SHAPE[@LAYERS]:PRECISIONS (bench_scale.py's names; fp8_cap / fp8_kv_cap: trtconv under
+# --max-gpu-memory $BENCH_CAP, default 8, beside the uncapped bare export), e.g. issue 19/20's layer streaming:
+#   BENCH_CAP=8 bash scripts/gpu_families.sh "qwen3-8b:fp8,fp8_cap qwen3-30b-a3b@16:fp8,fp8_cap"
 # Each shape's model is made in /tmp/fam-SHAPE, measured, and removed (the host's 64 GB disk).
 set -uo pipefail
 RUNS=${1:-"qwen3-8b:fp8 gemma3-4b:fp8"}
@@ -15,9 +18,11 @@ fi
 KEEP=()
 for run in $RUNS; do
   shape=${run%%:*}; precisions=${run#*:}
+  LAYERS=()
+  if [[ $shape == *@* ]]; then LAYERS=(--layers "${shape#*@}"); shape=${shape%%@*}; fi
   work=/tmp/fam-$shape
   timeout "${BENCH_TIMEOUT:-500}" python3 scripts/bench_scale.py --work "$work" --shape "$shape" --precisions "$precisions" \
-    --warm '' --skip-warm-compile "${KEEP[@]}"
+    --warm '' --skip-warm-compile "${LAYERS[@]}" "${KEEP[@]}"
   echo "bench $shape exit $?"
   KEEP=(--keep-extensions)  # compiled once, in the shared TRTCONV_CACHE
   cp "$work/bench.json" "$OUT/$shape.json"; cp "$work/bench.md" "$OUT/$shape.md"

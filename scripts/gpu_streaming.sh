@@ -3,6 +3,9 @@
 # "Models larger than the GPU"). Run from the repo root with .whl carried:
 #   bash scripts/gpu_streaming.sh 8b     # llama3-8b-shaped: fp8 and int4_awq, uncapped vs --max-gpu-memory 8
 #   bash scripts/gpu_streaming.sh 70b    # llama3-70b-shaped cut to 8 layers under --max-gpu-memory 16: fp8 (evaluation on), int4_awq
+#   bash scripts/gpu_streaming.sh advice # llama3-8b-shaped fp8, evaluation and the failed gate's advice on (random weights
+#                                        # fail the gate): uncapped (advice in memory) and --max-gpu-memory 8 (advice streamed);
+#                                        # advice-full / advice-cap8 run one of the two
 # Writes one JSON line per run (digest, stage times, peaks, the plan's prediction) to $OUT/runs.jsonl.
 set -uo pipefail
 WHAT=${1:-8b}
@@ -26,6 +29,7 @@ run() {  # run NAME MODEL RECIPE-ARGS...
   local t0=$(date +%s.%N)
   local evaluation=(--set evaluate.enabled=false)
   [ "${EVAL:-0}" = 1 ] && evaluation=(--set evaluate.sensitivity=false)  # random weights fail the gate: no advice pass
+  [ "${ADVICE:-0}" = 1 ] && evaluation=(--set evaluate.num_samples=24)  # the gate fails: the advice pass runs
   timeout ${RUN_TIMEOUT:-240} python3 -m trtconv calibrate --model "$model" --device cuda --no-cache -o "$art" \
       "${evaluation[@]}" --num-samples ${NUM_SAMPLES:-32} "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
   local rc=$? t1=$(date +%s.%N)
@@ -43,6 +47,8 @@ if m.is_file():
     rec["digest"] = man["artifact_digest"]
     rec["path"] = man["calibration"].get("path")
     rec["stages"] = [{k: s.get(k) for k in ("name", "wall_s", "peak_rss_mib", "peak_gpu_mib")} for s in man["stages"]]
+    advice = man["evaluation"].get("advice") or {}
+    rec["advice"] = {k: advice.get(k) for k in ("path", "wall_s", "seconds", "peak_gpu_mib", "reused", "error", "suggested_exclude")}
 # The plan's prediction for the same recipe and cap
 from trtconv.recipe.schema import recipe_from_dict
 from trtconv.memory_plan import plan_memory, GIB, CUDA_CONTEXT
@@ -53,7 +59,7 @@ cap = float(args[args.index("--max-gpu-memory") + 1]) if "--max-gpu-memory" in a
 import os
 r = recipe_from_dict({"name": "p", "model": {"path": model}, "quantization": {"precision": prec},
                       "calibration": {"num_samples": int(os.environ.get("NUM_SAMPLES", 32)), "batch_size": 4},
-                      "evaluate": {"enabled": os.environ.get("EVAL") == "1", "sensitivity": False}}).resolved()
+                      "evaluate": {"enabled": "1" in (os.environ.get("EVAL"), os.environ.get("ADVICE")), "sensitivity": False}}).resolved()
 total = torch.cuda.get_device_properties(0).total_memory
 plan = plan_memory(r, cfg, int(cap * GIB) if cap else total, "cuda")
 rec["plan"] = {"streamed": plan.streamed, "evaluate_streamed": plan.evaluate_streamed,
@@ -70,6 +76,10 @@ if [ "$WHAT" = 8b ]; then
   run fp8_cap8 /tmp/m8 --precision fp8 --max-gpu-memory 8
   run awq_cap8 /tmp/m8 --precision int4_awq --max-gpu-memory 8
   run awq_full /tmp/m8 --precision int4_awq
+elif [ "${WHAT%%-*}" = advice ]; then  # advice, or advice-full / advice-cap8 alone (one call each under a 10-minute limit)
+  [ -f /tmp/m8/config.json ] || python3 scripts/shaped_model.py llama3-8b /tmp/m8 2>&1 | tail -1
+  [ "$WHAT" = advice-cap8 ] || ADVICE=1 RUN_TIMEOUT=${RUN_TIMEOUT:-540} run fp8_advice_full /tmp/m8 --precision fp8
+  [ "$WHAT" = advice-full ] || ADVICE=1 RUN_TIMEOUT=${RUN_TIMEOUT:-540} run fp8_advice_cap8 /tmp/m8 --precision fp8 --max-gpu-memory 8
 else
   # 70B shapes cut to 8 layers, the default 64 calibration rows; fp8 with the default (streamed) evaluation.
   export NUM_SAMPLES=64

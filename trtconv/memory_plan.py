@@ -73,6 +73,10 @@ AWQ_EXTRA_LAYERS = 1.0
 # one extra (plus about two layers of temporaries) when exporting the whole model.
 SHELL_EXPORT_OUTER_COPIES = 2
 MODEL_EXPORT_OUTER_COPIES = 1
+# The streamed unified HF export (stages/streamed_hf.py) quantizes the layer in place, module by module (for
+# fused experts, every expert of the layer at once): one exported layer beside it at most; with the
+# TensorRT-LLM export as well it exports a copy of the layer (export.export_hf's reason), one layer more.
+HF_EXPORT_LAYER_COPIES = 1
 
 # Bytes per quantized Linear weight element: the precision's row (trtconv.precisions.linear_bytes).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -373,16 +377,31 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
     if serve is not None:
         _sm_check(plan, recipe, serve)
     _choose_paths(plan, recipe, on_gpu)
+    if plan.streamed:
+        plan.refusals += streamed_refusals(recipe, split)
     _advise(plan, shape, recipe)
     if plan.streamed:
         plan.time_s = predict_time(shape, recipe, plan.export_bytes, split)
     return plan
 
 
+def streamed_refusals(recipe, split: int = 1) -> list[str]:
+    """What the layer-streamed path cannot do for this recipe (stages.streamed.check_supported): the one
+    check `plan` shows as a refusal and `build` and `doctor` refuse (plan_for_build), whenever the plan streams."""
+    from trtconv.stages.streamed import check_supported
+
+    try:
+        check_supported(recipe, split)
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
 def evaluation_streams_alone(recipe) -> bool:
-    """Whether evaluation can stream while calibration runs in memory: the streamed evaluator reads a
-    TensorRT-LLM checkpoint (not the unified HF one) and builds the original from transformers'
-    own classes (not a model's remote code)."""
+    """Whether evaluation streams while calibration runs in memory (on a GPU): where the TensorRT-LLM
+    checkpoint is judged, from transformers' own classes (not a model's remote code). The unified HF
+    checkpoint streams its evaluation with calibration (under a cap); alone, on a GPU, it is judged
+    sequentially (stages/evaluate.sequential_here: the measured path for it)."""
     judged_trtllm = recipe.engine.target != "pytorch" and recipe.export.tensorrt_llm_checkpoint
     return bool(judged_trtllm and not recipe.model.trust_remote_code)
 
@@ -432,7 +451,10 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
     # Streamed: embeddings/lm_head (and the shell export's copies of them), one layer with ModelOpt's
     # temporaries, the activation cache and one batch's forward.
     margin = STREAM_MARGIN + (AWQ_EXTRA_LAYERS if any("awq" in p for p in q.precisions_used) else 0.0)
-    stream_gpu = (context_bytes + (1 + SHELL_EXPORT_OUTER_COPIES) * outer_bytes + int(layer_bytes * margin)
+    hf_export = (shape.layer_linear_params() * linear_bytes(q.plan_precision, DTYPE_BYTES[ex.dtype]) * HF_EXPORT_LAYER_COPIES
+                 + (layer_bytes if ex.tensorrt_llm_checkpoint else 0)) if ex.hf_checkpoint else 0
+    outer_copies = SHELL_EXPORT_OUTER_COPIES if ex.tensorrt_llm_checkpoint else 0  # the HF export copies no outer tensor
+    stream_gpu = (context_bytes + (1 + outer_copies) * outer_bytes + int(layer_bytes * margin) + int(hf_export)
                   + act_cache + fwd_layer)
     add(Check("calibrate (streamed)", "gpu", stream_gpu, gpu, "embeddings/lm_head (+ export copies) + one layer + cache"))
     add(Check("calibrate (streamed)", "host", PROCESS_RSS + outer_bytes + 3 * layer_bytes, host_bytes,
@@ -752,6 +774,8 @@ def plan_for_build(recipe, hf_cfg: dict, device, max_gpu_memory_gib: float | Non
     plan = plan_for_device(recipe, hf_cfg, device, max_gpu_memory_gib, host_bytes=host_available_bytes() if on_gpu else None,
                            disk=disk, split=split)
     cap = f"--max-gpu-memory {max_gpu_memory_gib:g} GiB" if max_gpu_memory_gib is not None else plan.gpu
+    if plan.refusals:  # the streamed path's (streamed_refusals): named before any work
+        raise UserError(plan.refusals[0])
     _refuse_calibration(plan, recipe, cap, layer_bytes)
     _refuse_evaluation(plan, cap)
     _refuse_disk(plan)

@@ -249,8 +249,9 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         passed = evaluate.gates_passed(gates, recipe.evaluate.allow_inconclusive)
         if not passed and recipe.evaluate.sensitivity and recipe.quantization.precision not in ("none", "auto"):
             with StageMeter("sensitivity") as m:
-                evaluation = {**evaluation, "advice": advise(recipe, model_dir, calib_tokens, eval_tokens,
-                                                             calib_record, metrics, torch_device, reporter)}
+                evaluation = {**evaluation, "advice": advise(recipe, model_dir, writer.tmp, eval_tokens, metrics, torch_device, reporter,
+                                                             streamed=memory.streamed or memory.evaluate_streamed,
+                                                             export_cached=cached is not None)}
             stages.append(m.record())
         (writer.tmp / RECIPE_NAME).write_text(recipe.to_yaml(), encoding="utf-8")
         manifest = Manifest(
@@ -363,12 +364,10 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, opts: BuildOptions, model_
     layer_bytes = WeightIndex(model_dir).layer_bytes(0) if recipe.calibration.streaming != "never" else None
     disk = disk_here(opts.out, cache.root if cache is not None else opts.out)
     plan = plan_for_build(recipe, hf_cfg, device, opts.max_gpu_memory_gib, layer_bytes, disk, split=opts.gpus)
-    if plan.streamed:
+    if plan.streamed:  # what the streamed path cannot do was refused by plan_for_build (memory_plan.streamed_refusals)
         from trtconv.memory_plan import calibration_reason
-        from trtconv.stages.streamed import check_supported
 
         reporter.stage("load", f"memory plan: layer-streamed calibration ({calibration_reason(plan)})")
-        check_supported(recipe)  # what the streamed path cannot do, before any work
     elif plan.evaluate_streamed:
         from trtconv.memory_plan import evaluation_reason
 
@@ -376,24 +375,49 @@ def memory_plan(recipe: Recipe, hf_cfg: dict, device, opts: BuildOptions, model_
     return plan
 
 
-def advise(recipe: Recipe, model_dir: Path, calib_tokens, eval_tokens, calib_record: dict, metrics: dict, device: str,
-           reporter: Reporter) -> dict:
-    """A failed gate's way forward (trtconv.gate.sensitivity): the worst layers, an exclude list, other precisions."""
+def advise(recipe: Recipe, model_dir: Path, root: Path, eval_tokens, metrics: dict, device: str, reporter: Reporter,
+           streamed: bool = False, export_cached: bool = False) -> dict:
+    """A failed gate's way forward (trtconv.gate.sensitivity): the worst layers, a measured exclude list, other
+    precisions; read from the checkpoint the gate judged in `root` (no second calibration), layer by layer
+    where the memory plan streamed the build, and layer by layer again if holding the original runs out of memory."""
+    from trtconv.checkpoints.hf_model import release_memory
     from trtconv.gate import sensitivity
+    from trtconv.gate.layer_streams import can_stream
+    from trtconv.stages.evaluate import candidate_dir
 
     measured_kl = max(m["mean_kl"]["value"] for m in [metrics, *(metrics.get("packs") or {}).values()])
-    reporter.stage("sensitivity", "a gate failed: measuring which decoder layers cost the most accuracy")
-    built = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(
-        update={"awq_group_size": calib_record.get("awq_group_size")})})
+    streamable = can_stream(model_dir, recipe.model.trust_remote_code)
+    streamed = streamed and streamable
+    checkpoint = candidate_dir(recipe, root)
+    reused = {"checkpoint": checkpoint.name, "export": "restored from the stage cache" if export_cached else "built by this run"}
+    how = "layer by layer" if streamed else "the original in memory"
+    reporter.stage("sensitivity", f"a gate failed: measuring which decoder layers cost the most accuracy ({checkpoint.name}/, {how})")
+    release_memory()  # what evaluation dropped, before the original is read again
     try:
-        record = sensitivity.run(model_dir, built, calib_tokens, eval_tokens, measured_kl, device, reporter).record()
-    except (UserError, RuntimeError, ValueError, AttributeError) as exc:
+        try:
+            result = sensitivity.run(model_dir, checkpoint, recipe, eval_tokens, measured_kl, device, reporter, streamed, reused)
+        except Exception as exc:
+            if streamed or not streamable or not _out_of_memory(exc):
+                raise
+            release_memory()
+            reporter.warn("sensitivity: out of GPU memory with the original in memory; measuring layer by layer instead")
+            result = sensitivity.run(model_dir, checkpoint, recipe, eval_tokens, measured_kl, device, reporter, True, reused)
+        record = result.record()
+    except (UserError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
         # Advice is a help, not a stage that can lose the failed artifact and its numbers.
         reporter.warn(f"no layer advice: the sensitivity pass failed ({exc})")
         return {"error": str(exc)}
+    finally:
+        release_memory()
     for line in sensitivity.advice_lines(record, recipe.quantization.exclude, recipe.evaluate.gates.max_kl):
         reporter.stage("advice", line)
     return record
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def run_calibrate_and_export(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tokens, root: Path, device: str,

@@ -86,16 +86,34 @@ def test_nothing_exported_is_refused(cli, tmp_path):
     assert res.exit_code == 2 and "nothing would be exported" in res.output, res.output
 
 
-def test_plan_refuses_a_cap_the_unified_only_build_cannot_stream(cli, tmp_path):
-    """A cap below the whole model means layer streaming, which does not write the unified checkpoint: plan says
-    so as build does (never "fits" for what build refuses)."""
-    model = make_tiny_model(tmp_path / "gemma3", "gemma3")
-    recipe = tmp_path / "unified.yaml"
-    recipe.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n"
+CAP = "0.045"  # GiB
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe"])
+def test_a_cap_streams_the_unified_only_build(cli, tmp_path, family):
+    """A cap below the whole model: plan says the unified-only family streams and fits; build streams calibration,
+    the unified HF export and evaluation, and ships the uncapped run's artifact (same digest) and metrics."""
+    model = make_tiny_model(tmp_path / family, family, hidden_size=512, intermediate_size=1024, num_hidden_layers=4)
+    recipe = tmp_path / "unified.yaml"  # FAST's sizes: in-memory evaluation needs 54-69 MiB, streamed 42-44 MiB
+    recipe.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8, kv_cache: fp8}}\n"
+                      "calibration: {num_samples: 4, seq_len: 64, batch_size: 4}\nevaluate: {num_samples: 8, seq_len: 64}\n"
                       "export: {tensorrt_llm_checkpoint: false, hf_checkpoint: true}\n")
-    res = cli("plan", recipe, "--gpu", "h100-80gb", "--max-gpu-memory", "0.02", "-o", tmp_path / "out")
-    assert res.exit_code == 4, res.output
-    assert "a GPU memory cap below the whole model is not supported" in res.output
+    res = cli("plan", recipe, "--max-gpu-memory", CAP, "-o", tmp_path / "out", "--json")
+    plan = json.loads(res.stdout)
+    assert res.exit_code == 0 and plan["streamed"] and plan["fits"] and not plan["refusals"], res.output
+    runs = {}
+    for name, extra in (("uncapped", []), ("capped", ["--max-gpu-memory", CAP])):
+        res = cli("calibrate", "--model", model, "--precision", "fp8", "--kv-cache", "fp8", "-o", tmp_path / name, "--json",
+                  "-q", *extra, *FAST)
+        assert res.exit_code == 0, res.output
+        runs[name] = json.loads(res.stdout)
+        runs[name]["manifest"] = json.loads((tmp_path / name / "manifest.json").read_text())
+    capped = runs["capped"]["manifest"]
+    assert capped["calibration"]["path"] == "streamed" and capped["evaluation"]["path"] == "streamed"
+    assert runs["uncapped"]["manifest"]["calibration"]["path"] == "in_memory"
+    assert runs["capped"]["artifact_digest"] == runs["uncapped"]["artifact_digest"]
+    assert runs["capped"]["metrics"] == runs["uncapped"]["metrics"]
+    assert capped["calibration"].get("experts") == runs["uncapped"]["manifest"]["calibration"].get("experts")
 
 
 def test_cpu_build_ships_unquantized_weights_in_export_dtype(cli, tmp_path):

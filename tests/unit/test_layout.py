@@ -14,8 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "trtconv"
 PARTS = {"cli", "recipe", "stages", "engine", "checkpoints", "gate", "data", "cache", "artifact", "core"}
 STAGES = ("load", "calibrate", "export", "engine", "evaluate")
 # Modules in stages/ that are one stage's other half, and the stages whose helpers they may use:
-# the layer-by-layer path of the calibrate + export unit, and the layer-by-layer evaluation.
-STAGE_HALVES = {"streamed": {"calibrate", "export"}, "evaluate_streamed": set(),
+# the layer-by-layer path of the calibrate + export unit (its unified HF writer in streamed_hf), and the
+# layer-by-layer evaluation.
+STAGE_HALVES = {"streamed": {"calibrate", "export", "streamed_hf"}, "streamed_hf": set(), "evaluate_streamed": set(),
                 # the split over several devices (--gpus), driving the two layer-streamed halves
                 "devices": {"streamed", "evaluate_streamed"}}
 ALLOWED_STAGE_IMPORTS = {"evaluate": {"evaluate_streamed"}, **STAGE_HALVES}

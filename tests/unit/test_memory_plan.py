@@ -510,11 +510,43 @@ def test_moe_plan_counts_every_expert(cli, tmp_path, config, billions):
     assert 0.9 * linear < plan["export_bytes"] < 1.1 * linear + 4 * config["vocab_size"] * config["hidden_size"]
 
 
-def test_plan_refuses_streaming_what_the_streamed_path_cannot_write(cli, tmp_path):
-    """Qwen3-30B-A3B (57 GiB in bf16) on one H100: in-memory evaluation does not fit, so calibration would stream,
-    and the layer-streamed path writes no unified HF checkpoint, the only one a MoE family gets: build refuses
-    that before any work, and plan says so instead of "fits"."""
+def test_plan_streams_a_moe_family_on_one_gpu(cli, tmp_path):
+    """Qwen3-30B-A3B (57 GiB in bf16) on one H100: in-memory evaluation does not fit, so calibration, the unified
+    HF export and evaluation stream layer by layer; every expert's bytes are in the layer the streamed rows count."""
     recipe = _recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True)
     code, plan = _plan(cli, recipe, "--gpu", "h100-80gb")
+    assert code == 0 and plan["streamed"] and plan["evaluate_streamed"] and plan["fits"] and not plan["refusals"], plan
+    experts = 48 * 128 * 3 * 2048 * 768 * 2  # bf16 expert weights of every layer
+    assert 0.95 * experts < 48 * plan["layer_bytes"] < 1.1 * experts
+    streamed = next(c for c in plan["checks"] if c["stage"] == "calibrate (streamed)" and c["where"] == "gpu")
+    assert streamed["need_bytes"] > plan["layer_bytes"] * 1.25  # the layer, its exported copy and ModelOpt's temporaries
+
+
+def test_what_the_streamed_path_cannot_do_is_one_refusal(cli, tmp_path):
+    """pp_size 2 under a cap that streams: plan refuses it by name (exit 4), as build does (stages.streamed.check_supported,
+    through memory_plan.streamed_refusals, the one function plan, doctor and build call)."""
+    from trtconv.core.errors import UserError
+    from trtconv.memory_plan import plan_for_gpu, plan_for_build
+    from trtconv.recipe.schema import load_recipe
+
+    recipe = _recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True, pp_size=2)
+    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb")
     assert plan["streamed"] and not plan["fits"], plan
-    assert any("a GPU memory cap below the whole model is not supported" in r for r in plan["refusals"]), plan
+    assert any("export.pp_size 2 is not supported by the layer-streamed path" in r for r in plan["refusals"]), plan
+    r = load_recipe(str(recipe))[0].resolved()
+    assert plan_for_gpu(r, QWEN3_30B_A3B, "h100-80gb").refusals == plan["refusals"]
+    from trtconv.memory_plan import catalogue_device, resolve_gpu
+
+    with pytest.raises(UserError, match="export.pp_size 2"):
+        plan_for_build(r, QWEN3_30B_A3B, catalogue_device(resolve_gpu("h100-80gb")), None)
+
+
+def test_the_split_over_gpus_refuses_the_unified_checkpoint(tmp_path):
+    """--gpus 2 with export.hf_checkpoint: the layer-streamed unified export runs on one device; the refusal is the
+    streamed check's (plan, doctor and build)."""
+    from trtconv.memory_plan import streamed_refusals
+    from trtconv.recipe.schema import load_recipe
+
+    r = load_recipe(str(_recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True)))[0].resolved()
+    assert streamed_refusals(r, 1) == []
+    assert "--gpus 2: the unified HF checkpoint" in streamed_refusals(r, 2)[0]

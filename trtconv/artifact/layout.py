@@ -18,6 +18,8 @@ the artifact digest.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 MANIFEST_NAME = "manifest.json"
 RECIPE_NAME = "recipe.yaml"
 REPORT_NAME = "report.md"
@@ -39,3 +41,8 @@ PAYLOAD_DIRS: tuple[str, ...] = (CHECKPOINT_DIR, HF_CHECKPOINT_DIR, ENGINE_DIR, 
 # Run records: listed and verified like every file, but left out of the digest, because they hold
 # wall times and dates that differ between two runs that produced the same artifact.
 RUN_RECORDS: frozenset[str] = frozenset({REPORT_NAME})
+
+
+def is_hf_checkpoint(folder: Path) -> bool:
+    """A folder holding the unified HF checkpoint (config.json, no TensorRT-LLM rank files)."""
+    return not (folder / "rank0.safetensors").is_file() and (folder / "config.json").is_file()

@@ -164,6 +164,11 @@ def build_shell(cls, config, dtype: torch.dtype, where: Path) -> torch.nn.Module
     return model.to(dtype).eval()
 
 
+def everywhere(_name: str) -> bool:
+    """Every module name (the whole model); a layer-streamed load passes one layer's names instead."""
+    return True
+
+
 class _Loader:
     def __init__(self, hf_dir: Path, device: torch.device, dtype: torch.dtype, kv_cache_scales: KVCacheScales,
                  keep_stored: bool | None = None):
@@ -181,10 +186,10 @@ class _Loader:
     def vocab_rows(self) -> int:
         return int(self.files.get("model.embed_tokens.weight").shape[0])
 
-    def linear_groups(self, model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Linear]]]:
+    def linear_groups(self, model: torch.nn.Module, within=everywhere) -> list[list[tuple[str, torch.nn.Linear]]]:
         """Every nn.Linear the checkpoint holds, in fused GEMMs (the row's fused_groups) or alone."""
         tied = bool(self.config.get("tie_word_embeddings"))  # runtimes take the embedding then, whatever the file holds
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        linears = [(n, m) for n, m in model.named_modules() if within(n) and isinstance(m, torch.nn.Linear)
                    and self.files.has(f"{n}.weight") and not (tied and n == "lm_head")]
         by_name = dict(linears)
         groups, seen = [], set()
@@ -199,8 +204,8 @@ class _Loader:
             groups.append([(n, by_name[n]) for n in group])
         return groups
 
-    def swap_linears(self, model: torch.nn.Module) -> None:
-        for group in self.linear_groups(model):
+    def swap_linears(self, model: torch.nn.Module, within=everywhere) -> None:
+        for group in self.linear_groups(model, within):
             stored = [read_linear(self.files, self.quant, n, m.bias is not None) for n, m in group]
             for (name, meta), lin in zip(group, self._emulated(stored)):
                 self._check_shape(name, dense(lin.weight), meta)
@@ -225,16 +230,17 @@ class _Loader:
             return name
         return name.replace(f".{moe.module_block}.", f".{moe.file_block}.")
 
-    def fused_experts(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    def fused_experts(self, model: torch.nn.Module, within=everywhere) -> list[tuple[str, torch.nn.Module]]:
         moe = self.row.experts
         if moe is None:
             return []
-        return [(n, m) for n, m in model.named_modules() if n.endswith(f".{moe.module_block}.experts") and hasattr(m, "gate_up_proj")]
+        return [(n, m) for n, m in model.named_modules()
+                if within(n) and n.endswith(f".{moe.module_block}.experts") and hasattr(m, "gate_up_proj")]
 
-    def swap_experts(self, model: torch.nn.Module) -> None:
+    def swap_experts(self, model: torch.nn.Module, within=everywhere) -> None:
         """Each fused experts module -> ShippedExperts, from the per-expert tensors of the files."""
         leaves = self.row.experts.file_leaves if self.row.experts else ()
-        for name, fused in self.fused_experts(model):
+        for name, fused in self.fused_experts(model, within):
             prefix = self.file_name(name)
             stored = [[read_linear(self.files, self.quant, f"{prefix}.{e}.{leaf}", False) for leaf in leaves]
                       for e in range(fused.num_experts)]
@@ -266,12 +272,12 @@ class _Loader:
         act = lin.activation_quant.to(self.device) if lin.activation_quant is not None else None
         return EmulatedLinear(self._cast(dense(lin.weight)), self._cast(lin.bias), self._cast(lin.prequant_scale), act)
 
-    def load_rest(self, model: torch.nn.Module) -> None:
+    def load_rest(self, model: torch.nn.Module, within=everywhere) -> None:
         """Every parameter still on the meta device, from the checkpoint as stored (tied heads tied)."""
         tied = bool(self.config.get("tie_word_embeddings"))
         missing = []
         for name, param in list(model.named_parameters()):
-            if not param.is_meta:
+            if not param.is_meta or not within(name):
                 continue
             stored_name = self.file_name(name)
             if not self.files.has(stored_name):
@@ -285,18 +291,19 @@ class _Loader:
                                       f"{self.arch} needs {list(param.shape)}")
             owner, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(self._cast(stored), requires_grad=False))
-        if tied:
+        # Not on one decoder layer's container (gate/layer_streams.py), which has no embedding to tie to.
+        if tied and within("lm_head.weight") and hasattr(model, "get_input_embeddings"):
             model.get_submodule("lm_head").weight = model.get_input_embeddings().weight
             missing = [n for n in missing if n != "lm_head.weight"]
         if missing:
             raise CheckpointError(f"{self.where}: tensors missing for {self.arch}: {', '.join(missing[:5])}")
 
-    def attach_kv_scales(self, model: torch.nn.Module) -> None:
+    def attach_kv_scales(self, model: torch.nn.Module, within=everywhere) -> None:
         """k_scale / v_scale onto the attention modules (ModelOpt writes them under k_proj / v_proj, or qkv_proj)."""
         if self.quant.kv_cache_quant_algo != "FP8":
             return
         for name, module in model.named_modules():
-            if not name.endswith(self.row.attention_module):
+            if not within(name) or not name.endswith(self.row.attention_module):
                 continue
             setattr(module, _KV_SCALES, (self._scale(name, "k_scale"), self._scale(name, "v_scale")))
 
@@ -309,16 +316,84 @@ class _Loader:
             raise CheckpointError(f"{self.where}: kv_cache_quant_algo FP8 but no {candidates[0]} (nor {candidates[1]})")
         return self.files.get(found).float().to(self.device)
 
-    def model(self) -> "ShippedModel":
+    def empty_model(self) -> torch.nn.Module:
+        """The family's model from config.json, every parameter on the meta device."""
         where = self.hf_dir / "config.json"
         cls = model_class(self.arch, self.config, where)
-        model = build_shell(cls, transformers_config(cls, self.config, self.vocab_rows(), where), self.dtype, where)
+        return build_shell(cls, transformers_config(cls, self.config, self.vocab_rows(), where), self.dtype, where)
+
+    def load_part(self, model: torch.nn.Module, within) -> None:
+        """The shipped numerics swapped in and the rest loaded, for the modules `within` names (one decoder
+        layer, or everything around the layers), placed on the device."""
+        self.swap_experts(model, within)
+        self.swap_linears(model, within)
+        self.load_rest(model, within)
+        place(model, self.device, within)
+        self.attach_kv_scales(model, within)
+
+    def model(self) -> "ShippedModel":
+        model = self.empty_model()
         self.swap_experts(model)
         self.swap_linears(model)
         self.load_rest(model)
         model.to(self.device)
         self.attach_kv_scales(model)
         return ShippedModel(model, self.arch, self.device)
+
+
+def place(model: torch.nn.Module, device: torch.device, within) -> None:
+    """The real (non-meta) parameters and buffers of the modules `within` names, moved to the device."""
+    for name, module in model.named_modules():
+        if not within(name):
+            continue
+        for key, t in module._parameters.items():
+            if t is not None and not t.is_meta and t.device != device:
+                module._parameters[key] = torch.nn.Parameter(t.to(device), requires_grad=False)
+        for key, t in module._buffers.items():
+            if t is not None and not t.is_meta and t.device != device:
+                module._buffers[key] = t.to(device)
+
+
+class ShippedLayers:
+    """The checkpoint as its family's model, one decoder layer at a time (layer-streamed evaluation):
+    the modules around the layers are loaded once; `layer(i)` swaps layer i's shipped numerics in and
+    loads it (the same ShippedLinear / ShippedExperts / FP8-KV attention as the whole ShippedModel),
+    `drop(i)` frees it. `logits(hidden)` runs the family's own tail (final norm, lm_head, Gemma 2's
+    soft-capping) on the last layer's output."""
+
+    def __init__(self, hf_dir: str | Path, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
+                 keep_stored: bool | None = None):
+        self.loader = _Loader(Path(hf_dir), torch.device(device), compute_dtype, "checkpoint", keep_stored)
+        self.model = self.loader.empty_model()
+        self.device = self.loader.device
+        self.tied = bool(self.loader.config.get("tie_word_embeddings"))
+        self.loader.load_part(self.model, lambda n: not n.startswith("model.layers."))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def layer(self, i: int) -> torch.nn.Module:
+        prefix = f"model.layers.{i}."
+        self.loader.load_part(self.model, lambda n: n.startswith(prefix))
+        return self.model.model.layers[i]
+
+    def drop(self, i: int) -> None:
+        self.model.model.layers[i] = torch.nn.Identity()
+
+    def linears(self, i: int | None = None) -> list[ShippedLinear]:
+        """Layer i's shipped linears, or (None) the ones around the layers (an untied lm_head)."""
+        root = self.model.model.layers[i] if i is not None else self.model.lm_head
+        return [m for m in root.modules() if isinstance(m, ShippedLinear)]
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the whole model's forward makes of the last decoder layer's output (float32 [B, T, rows])."""
+        layers, self.model.model.layers = self.model.model.layers, torch.nn.ModuleList()
+        try:
+            return self.model(inputs_embeds=hidden, use_cache=False).logits.float()
+        finally:
+            self.model.model.layers = layers
 
 
 class ShippedModel:
@@ -356,17 +431,24 @@ def shipped_weight_errors(shipped: ShippedModel, original) -> list[tuple[str, fl
     folded back (effective_weight). ``original`` is the unquantized model, or a function from a
     module name to its original weight (None where there is none, e.g. a tied lm_head): original_weights.
     """
-    from trtconv.checkpoints.trtllm_reader import _rel_error, read_errors
+    from trtconv.checkpoints.trtllm_reader import read_errors
 
     weight_of = original if callable(original) and not isinstance(original, torch.nn.Module) else _module_weights(original)
+    return read_errors(linear_errors(shipped.linears(), weight_of, shipped.device))
+
+
+def linear_errors(linears: list[ShippedLinear], weight_of, device) -> list[tuple[str, torch.Tensor]]:
+    """(name, relative error as a 0-d tensor) of each shipped linear that has an original weight."""
+    from trtconv.checkpoints.trtllm_reader import _rel_error
+
     errors = []
-    for lin in shipped.linears():
+    for lin in linears:
         reference = weight_of(lin.name)
         if reference is None:
             continue
-        ref = reference.detach().to(shipped.device).float()  # moved as stored (bf16: half the bytes), upcast there
+        ref = reference.detach().to(device).float()  # moved as stored (bf16: half the bytes), upcast there
         errors.append((lin.name, _rel_error(lin.effective_weight().float().to(ref.device), ref)))
-    return read_errors(errors)
+    return errors
 
 
 def _module_weights(model: torch.nn.Module):

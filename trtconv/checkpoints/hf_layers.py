@@ -143,19 +143,31 @@ def build_shell(model_dir: Path, index: WeightIndex, dtype, device: str):
     full = AutoConfig.from_pretrained(model_dir)
     cfg = copy.deepcopy(full)
     cfg.num_hidden_layers = 1
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    from accelerate import init_empty_weights
+
+    # Parameters on meta, buffers real: the non-persistent ones (rope tables, Gemma's embed_scale) are made
+    # by the modules' own code, as from_pretrained makes them.
+    from trtconv.checkpoints.hf_model import family_attention
+
+    with init_empty_weights(include_buffers=False):  # the family's attention, as load_hf_model picks it (Gemma 2: eager)
+        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **family_attention(model_dir))
     layer_cls = type(shell.model.layers[0])
     shell.load_state_dict(index.outer(dtype, device), strict=False, assign=True)
     if shell.config.tie_word_embeddings:
         shell.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) were made on meta: rebuild them on the device.
-    shell.model.rotary_emb = type(shell.model.rotary_emb)(shell.config).to(device)
+    for module in shell.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                module._buffers[key] = buf.to(device)
     return shell.eval(), layer_cls, full
 
 
-def capture_layer0_inputs(shell, batches) -> list[tuple[tuple, dict]]:
-    """Layer 0's positional and keyword arguments for every batch, as the model passes them."""
+def capture_layer0_inputs(shell, batches, layer_type=None) -> list[tuple[tuple, dict]]:
+    """Layer 0's positional and keyword arguments for every batch, as the model passes them.
+
+    `layer_type`: the arguments a layer of that type gets (Gemma 2/3, Qwen3 with windows: the model
+    picks each layer's mask and rope tables by config.layer_types[i]; the shell's one layer is i = 0,
+    so its entry is set to the type asked for while the batches run)."""
     import torch
 
     cached = []
@@ -164,6 +176,9 @@ def capture_layer0_inputs(shell, batches) -> list[tuple[tuple, dict]]:
         cached.append((args, dict(kwargs)))
         raise _Stop
 
+    types = getattr(shell.config, "layer_types", None)
+    if layer_type is not None and types:
+        shell.config.layer_types = [layer_type, *types[1:]]
     handle = shell.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -174,7 +189,34 @@ def capture_layer0_inputs(shell, batches) -> list[tuple[tuple, dict]]:
                     pass
     finally:
         handle.remove()
+        if types:
+            shell.config.layer_types = types
     return cached
+
+
+def layer_type(config, i: int):
+    """config.layer_types[i] (the kind of attention layer i runs: full or sliding), or None."""
+    types = getattr(config, "layer_types", None)
+    return types[i] if types else None
+
+
+class LayerInputs:
+    """The keyword arguments (mask, rope tables, positions) each batch gives a layer of each type, captured
+    once per type on the shell: a layer's inputs are the previous layer's hidden states and these."""
+
+    def __init__(self, shell, batches):
+        self.shell, self.batches, self.by_type = shell, batches, {}
+        first = layer_type(shell.config, 0)
+        self.by_type[first] = capture_layer0_inputs(shell, batches, first)
+
+    def first(self) -> list[tuple[tuple, dict]]:
+        return self.by_type[layer_type(self.shell.config, 0)]
+
+    def for_layer(self, i: int) -> list[tuple[tuple, dict]]:
+        kind = layer_type(self.shell.config, i)
+        if kind not in self.by_type:
+            self.by_type[kind] = capture_layer0_inputs(self.shell, self.batches, kind)
+        return self.by_type[kind]
 
 
 def load_layer(layer_cls, config, index: WeightIndex, i: int, dtype, device: str):
@@ -182,5 +224,35 @@ def load_layer(layer_cls, config, index: WeightIndex, i: int, dtype, device: str
 
     with torch.device("meta"):
         layer = layer_cls(config, layer_idx=i)
-    layer.load_state_dict(index.layer(i, dtype, device), strict=True, assign=True)
+    layer.load_state_dict(fold_layer_experts(index.layer(i, dtype, device), config), strict=True, assign=True)
     return layer.eval()
+
+
+def fold_layer_experts(tensors: dict, config) -> dict:
+    """One layer's tensors as transformers 5's modules hold them: a MoE family's per-expert files
+    (Mixtral `block_sparse_moe.experts.3.w1`) stacked into the fused experts (`mlp.experts.gate_up_proj`
+    [E, 2I, H]: gate rows, then up; `down_proj` [E, H, I]), the block renamed; what from_pretrained's
+    conversion does for the whole model (trtconv.architectures.Experts, stages/load.fold_experts)."""
+    import torch
+
+    from trtconv.architectures import by_hf_name
+
+    row = by_hf_name((getattr(config, "architectures", None) or [None])[0])
+    moe = row.experts if row is not None else None
+    if moe is None:
+        return tensors
+    gate, up, down = moe.file_leaves
+    per_expert, out = {}, {}
+    prefix = f"{moe.file_block}.experts."
+    for name, t in tensors.items():
+        if name.startswith(prefix) and name.endswith(".weight"):
+            e, leaf = name[len(prefix):-len(".weight")].split(".", 1)
+            per_expert[(int(e), leaf)] = t
+        else:
+            out[name.replace(f"{moe.file_block}.", f"{moe.module_block}.", 1)] = t
+    if per_expert:
+        count = 1 + max(e for e, _ in per_expert)
+        fused = f"{moe.module_block}.experts"
+        out[f"{fused}.gate_up_proj"] = torch.stack([torch.cat([per_expert[(e, gate)], per_expert[(e, up)]]) for e in range(count)])
+        out[f"{fused}.down_proj"] = torch.stack([per_expert[(e, down)] for e in range(count)])
+    return out

@@ -42,9 +42,10 @@ def library_order(dtypes: dict[str, str]) -> list[str]:
     return [k for k in json.loads(blob[8 : 8 + n]) if k != "__metadata__"]
 
 
-def _write_header(f, order: list[str], infos: dict[str, tuple[str, list[int], int]]) -> None:
-    """save_file's header for tensors written in `order`; infos: name -> (dtype, shape, byte size)."""
-    header, offset = {}, 0
+def _write_header(f, order: list[str], infos: dict[str, tuple[str, list[int], int]], metadata: dict | None = None) -> None:
+    """save_file's header for tensors written in `order`; infos: name -> (dtype, shape, byte size).
+    save_file(..., metadata=...) puts `__metadata__` first."""
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
     for name in order:
         dtype, shape, size = infos[name]
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
@@ -54,13 +55,15 @@ def _write_header(f, order: list[str], infos: dict[str, tuple[str, list[int], in
     f.write(struct.pack("<Q", len(raw)) + raw)
 
 
-def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK) -> None:
-    """Write `out` as save_file(union of the parts' tensors) would, copying bytes part by part."""
+def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK, names: set[str] | None = None,
+                metadata: dict[str, str] | None = None) -> None:
+    """Write `out` as save_file(union of the parts' tensors, metadata=metadata) would, copying bytes part
+    by part; `names`: only these tensors (one shard of several)."""
     src: dict[str, tuple[Path, int, dict]] = {}
     for p in parts:
         start, header = read_header(p)
         for name, info in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or (names is not None and name not in names):
                 continue
             if name in src:
                 raise ValueError(f"tensor {name} is in both {src[name][0]} and {p}")
@@ -69,7 +72,7 @@ def merge_parts(parts: list[Path], out: Path, chunk: int = COPY_CHUNK) -> None:
     infos = {k: (v[2]["dtype"], v[2]["shape"], v[2]["data_offsets"][1] - v[2]["data_offsets"][0]) for k, v in src.items()}
     with ExitStack() as stack, open(out, "wb") as f:
         handles = {p: stack.enter_context(open(p, "rb")) for p in parts}  # each part opened once
-        _write_header(f, order, infos)
+        _write_header(f, order, infos, metadata)
         for name in order:
             path, start, info = src[name]
             a, b = info["data_offsets"]

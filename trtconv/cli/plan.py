@@ -96,14 +96,7 @@ def plan_recipe(recipe_ref: str, sets: list[str], gpu: str | None, gpus: int, ca
         result.warnings = preflight_warnings(r, hf_cfg, device)
     except UserError as exc:
         result.refusals.append(str(exc))
-    if result.streamed:  # what the streamed path cannot do, refused by build too (pipeline.memory_plan)
-        from trtconv.stages.streamed import check_supported
-
-        try:
-            check_supported(r)
-        except UserError as exc:
-            result.refusals.append(str(exc))
-    return result
+    return result  # the streamed path's refusals are the plan's own (memory_plan.streamed_refusals), as build's
 
 
 def _render(result, header: list[str]) -> None:

@@ -1,29 +1,34 @@
 """A failed gate comes with a way forward: which decoder layers hurt most, and what to exclude.
 
-When a gate fails, a FAILED verdict alone leaves the user guessing. This pass measures, with
-ModelOpt itself, how much each decoder layer contributes to the damage: the original model is
-calibrated once with the recipe's own quantization config (on the first SENSITIVITY_CALIB_ROWS
-calibration rows: the ranking needs scales of the right size, not the build's exact ones), then
-every quantizer is switched off except one layer's, and the KL(original || quantized) is measured
-on a few evaluation rows (SENSITIVITY_EVAL_ROWS, spread over the packs). Layers are ranked by that
-KL; the smallest set of the worst layers whose removal brings the estimated KL under the gate
-becomes the suggested `quantization.exclude`, and that suggestion is then measured for real (all
-other quantizers on). The cost is one small calibration plus, per layer, a short forward from
-that layer on (LayerInputs: about half a forward on average), and it is recorded; it runs only
-when a gate failed and `evaluate.sensitivity` is on.
+When a gate fails, a FAILED verdict alone leaves the user guessing. This pass measures how much each
+decoder layer contributes to the damage, from the checkpoint that ships: with only layer i's shipped
+tensors (the rest original) the KL(original || mixed) is measured on a few evaluation rows
+(SENSITIVITY_EVAL_ROWS, spread over the packs). Nothing is calibrated again: the build's calibration is
+in the shipped files, read by the gate's reference executors (gate/layer_streams.py says why this and
+not ModelOpt's in-memory quantizer state, and how the layers are run: resident or layer-streamed,
+each layer loaded once per pass, several small hidden-state streams through it). Layers are ranked
+by that KL; the fewest worst layers whose removal brings the estimated gate KL under TARGET_FRACTION x
+the gate become the first candidate `quantization.exclude`, and that candidate and a few larger and
+smaller ones are then measured for real (those layers original, all others shipped); the smallest
+one measured to reach the target is suggested, and when none does the advice says so. It runs only
+when a gate failed and `evaluate.sensitivity` is on; its time, peak memory and what it reused are
+recorded.
 
-Per-layer KLs add up only approximately (layers interact), which is why the suggestion is measured
+Per-layer KLs add up only approximately (layers interact), which is why the candidates are measured
 and why the report states both numbers. Precisions with more bits are named as the other way out.
+LayerInputs and the quantizer switches below are the earlier in-memory method (ModelOpt quantizers
+turned on one layer at a time), kept for scripts/sensitivity_speed.py and other callers.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-SENSITIVITY_CALIB_ROWS = 16
 SENSITIVITY_EVAL_ROWS = 6
 # Aim below the gate, not at it: the estimate is from few rows and per-layer KLs only roughly add.
 TARGET_FRACTION = 0.7
@@ -31,10 +36,10 @@ TARGET_FRACTION = 0.7
 
 @dataclass
 class Sensitivity:
-    layers: list[tuple[str, float]]  # (decoder layer, KL with only it quantized), worst first
-    full_kl: float  # every quantizer on, on the same rows
+    layers: list[tuple[str, float]]  # (decoder layer, KL with only it shipped quantized), worst first
+    full_kl: float  # every decoder layer shipped, on the same rows
     gate_kl: float  # what the gate measured (the worst pack's mean KL)
-    estimated_kl: float  # the gate's KL expected with the suggestion applied
+    estimated_kl: float  # the gate's KL expected with the suggestion applied (scaled from its measurement)
     exclude: list[str]  # suggested additions to quantization.exclude
     kl_with_exclude: float | None  # measured with the suggestion applied
     num_layers: int
@@ -42,19 +47,32 @@ class Sensitivity:
     tokens: int
     wall_s: float
     precisions_to_try: list[str] = field(default_factory=list)
+    candidates: list[dict] = field(default_factory=list)  # every exclude list measured: layers, kl, estimated_gate_kl
+    passes: bool | None = None  # the suggestion's estimated gate KL is within the KL gate (None: nothing suggested)
+    path: str = "in_memory"  # in_memory | streamed: how the original's decoder layers were held
+    checkpoint: str = ""  # which shipped checkpoint the layers were read from
+    reused: dict = field(default_factory=dict)  # what the pass took from the build instead of computing it again
+    peak_gpu_mib: float | None = None
+    seconds: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         return {
-            "method": f"ModelOpt: calibrate on {SENSITIVITY_CALIB_ROWS} rows, then one decoder layer's quantizers on at a "
-                      f"time; KL(original || quantized) on {self.rows} evaluation rows ({self.tokens} tokens)",
+            "method": f"the shipped checkpoint's decoder layers one at a time, the rest original (no calibration: "
+                      f"{self.checkpoint}); KL(original || mixed) on {self.rows} evaluation rows ({self.tokens} tokens)",
             "full_kl": self.full_kl,
             "gate_kl": self.gate_kl,
             "estimated_gate_kl_with_suggested_exclude": self.estimated_kl,
             "layers": [{"layer": n, "kl": k} for n, k in self.layers],
             "suggested_exclude": self.exclude,
             "kl_with_suggested_exclude": self.kl_with_exclude,
+            "suggestion_passes_kl_gate": self.passes,
+            "exclude_candidates": self.candidates,
             "num_layers": self.num_layers,
             "precisions_to_try": self.precisions_to_try,
+            "path": self.path,
+            "reused": self.reused,
+            "peak_gpu_mib": self.peak_gpu_mib,
+            "seconds": self.seconds,
             "wall_s": round(self.wall_s, 1),
         }
 
@@ -167,45 +185,86 @@ def higher_precisions(precision: str) -> list[str]:
     return [p.name for p in sorted(PRECISIONS.values(), key=lambda p: p.ladder_rung) if p.ladder_rung > rung]
 
 
-def run(model_dir, recipe, calib_tokens, eval_tokens, measured_kl: float, device: str, reporter) -> Sensitivity:
-    """The sensitivity pass (see the module docstring); `recipe` is the resolved recipe with the build's
-    group size, `measured_kl` the gate's KL (the worst pack's) that the suggestion must bring down."""
-    from trtconv.checkpoints.hf_model import load_hf_model
-    from trtconv.data.samples import TokenSet
-    from trtconv.stages import calibrate
+def candidate_sizes(first: int, n: int) -> list[int]:
+    """How many of the worst layers each measured exclude list keeps original: the estimate's `first`,
+    two smaller (the additive estimate can be pessimistic) and three larger up to all n (it can be optimistic)."""
+    if first <= 0:
+        return []
+    smaller = {max(1, round(first * f)) for f in (0.5, 0.75)}
+    larger = {min(n, first + math.ceil((n - first) * f)) for f in (1 / 3, 2 / 3, 1.0)}
+    return sorted(smaller | {first} | larger)
 
-    t0 = time.monotonic()
-    model = load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, device)
+
+def choose(candidates: list[dict], target: float, max_kl: float | None) -> tuple[dict | None, bool | None]:
+    """The smallest measured candidate whose estimated gate KL reaches the target, else the smallest within
+    the KL gate, else the best measured one (which then does not pass: the advice says so)."""
+    if not candidates:
+        return None, None
+    limit = max_kl if max_kl is not None else target
+    for bound in (target, limit):
+        within = [c for c in candidates if c["estimated_gate_kl"] <= bound]
+        if within:
+            return min(within, key=lambda c: c["layers"]), True
+    return min(candidates, key=lambda c: (c["estimated_gate_kl"], c["layers"])), False
+
+
+def run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, device: str, reporter,
+        streamed: bool = False, reused: dict | None = None) -> Sensitivity:
+    """The sensitivity pass (see the module docstring) over the shipped checkpoint in `checkpoint_dir`;
+    `measured_kl` is the gate's KL (the worst pack's) that the suggestion must bring down; `streamed`
+    reads the original's decoder layers one at a time (the memory plan's choice)."""
+    from trtconv.stages.evaluate import gpu_matmuls
+
+    with gpu_matmuls(device):  # the shipped layers' float32 products as the gate computes them
+        return _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl, device, reporter, streamed, reused)
+
+
+def _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, device: str, reporter, streamed: bool,
+         reused: dict | None) -> Sensitivity:
+    from trtconv.checkpoints.hf_model import compute_dtype
+    from trtconv.gate.layer_streams import OriginalLayers, Streams, shipped_layers
+
+    t0, cpu0 = time.monotonic(), time.process_time()  # CPU seconds too: on a shared host they do not grow with its load
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
     picked = _spread_rows(eval_tokens, SENSITIVITY_EVAL_ROWS)
-    rows = torch.tensor([eval_tokens.rows[i] for i in picked], dtype=torch.long, device=device)
+    ids = torch.tensor([eval_tokens.rows[i] for i in picked], dtype=torch.long, device=device)
     lengths = [eval_tokens.lengths[i] for i in picked]
-    with torch.no_grad():
-        base_logp = torch.log_softmax(model(input_ids=rows, use_cache=False).logits.float(), -1)
-    small = TokenSet(calib_tokens.rows[:SENSITIVITY_CALIB_ROWS], calib_tokens.lengths[:SENSITIVITY_CALIB_ROWS],
-                     calib_tokens.doc_ids, calib_tokens.data_path, calib_tokens.data_sha256, calib_tokens.seed)
-    calibrate.run(model, recipe.quantization, small, recipe.calibration.batch_size, device, reporter)
-    enabled_at_start = _enabled_quantizers(model)
-    full_kl = _kl(model, rows, lengths, base_logp)
-    prefixes = layer_prefixes(model)
-    _set_quantizers(model, lambda n: False)
-    inputs = LayerInputs(model, rows)
-    per_layer = []
-    with reporter.progress("sensitivity: layers", total=len(prefixes)) as advance:
-        for i, prefix in enumerate(prefixes):
-            _set_quantizers(model, lambda n, p=prefix: n in enabled_at_start and n.startswith(p + "."))
-            per_layer.append((prefix, inputs.kl_from(i, lengths, base_logp)))
-            advance(1)
-    del inputs
-    per_layer.sort(key=lambda x: -x[1])
-    chosen, estimate = suggest(per_layer, full_kl, recipe.evaluate.gates.max_kl or measured_kl, measured_kl)
-    kl_with = None
-    if chosen:
-        _set_quantizers(model, lambda n: n in enabled_at_start and not any(n.startswith(p + ".") for p in chosen))
-        kl_with = _kl(model, rows, lengths, base_logp)
+    original = OriginalLayers(model_dir, compute_dtype(recipe.model.dtype, device), device, streamed, recipe.model.trust_remote_code)
+    shipped = shipped_layers(checkpoint_dir, device)
+    prefixes = layer_prefixes(original.model)
+    n = len(prefixes)
+    seconds = {"load": round(time.monotonic() - t0, 2)}
+    with reporter.progress("sensitivity: layers (one layer of the checkpoint at a time)", total=n) as advance:
+        streams = Streams(original, shipped, ids, lengths, advance)
+        kls, full_kl = streams.per_layer()
+    seconds["per_layer"] = round(time.monotonic() - t0 - seconds["load"], 2)
+    per_layer = sorted(zip(prefixes, kls), key=lambda x: -x[1])
+    max_kl = recipe.evaluate.gates.max_kl
+    first, estimate = suggest(per_layer, full_kl, max_kl or measured_kl, measured_kl)
+    target = min(TARGET_FRACTION * (max_kl or measured_kl), 0.5 * measured_kl)
+    sizes = candidate_sizes(len(first), n)
+    candidates = []
+    if sizes:
+        order = [prefixes.index(name) for name, _ in per_layer]
+        partial = [k for k in sizes if k < n]  # with every layer original the stream is the original: KL 0, not computed
+        with reporter.progress("sensitivity: exclude lists measured", total=n) as advance:
+            streams.progress = advance
+            measured = streams.with_original([set(order[:k]) for k in partial]) if partial else []
+        measured += [0.0] * (len(sizes) - len(partial))
+        scale = measured_kl / full_kl if full_kl > 0 else 0.0
+        candidates = [{"layers": k, "kl": kl, "estimated_gate_kl": kl * scale} for k, kl in zip(sizes, measured)]
+    seconds["exclude_lists"] = round(time.monotonic() - t0 - sum(seconds.values()), 2)
+    seconds["cpu"] = round(time.process_time() - cpu0, 1)
+    chosen, passes = choose(candidates, target, max_kl)
+    worst = [name for name, _ in per_layer[: chosen["layers"]]] if chosen else []
     return Sensitivity(
-        layers=per_layer, full_kl=full_kl, gate_kl=measured_kl, estimated_kl=estimate, exclude=[exclude_pattern(p) for p in chosen], kl_with_exclude=kl_with,
-        num_layers=len(prefixes), rows=len(picked), tokens=int(sum(lengths) - len(lengths)),
-        wall_s=time.monotonic() - t0, precisions_to_try=higher_precisions(recipe.quantization.precision),
+        layers=per_layer, full_kl=full_kl, gate_kl=measured_kl, estimated_kl=chosen["estimated_gate_kl"] if chosen else estimate,
+        exclude=[exclude_pattern(p) for p in worst], kl_with_exclude=chosen["kl"] if chosen else None,
+        num_layers=n, rows=len(picked), tokens=int(sum(lengths) - len(lengths)), wall_s=time.monotonic() - t0,
+        precisions_to_try=higher_precisions(recipe.quantization.precision), candidates=candidates, passes=passes,
+        path="streamed" if streamed else "in_memory", checkpoint=Path(checkpoint_dir).name, reused=reused or {},
+        peak_gpu_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if device != "cpu" else None, seconds=seconds,
     )
 
 
@@ -221,19 +280,23 @@ def advice_lines(record: dict, recipe_exclude: list[str], max_kl: float) -> list
     lines = [f"most sensitive decoder layers ({record['method']}; full model KL {record['full_kl']:.3g}): {worst}"]
     if record["suggested_exclude"]:
         exclude = list(recipe_exclude) + record["suggested_exclude"]
-        share = len(record["suggested_exclude"]) / max(record["num_layers"], 1)
-        measured = record["kl_with_suggested_exclude"]
-        lines.append(
-            f"try quantization.exclude: {exclude} — keeps {len(record['suggested_exclude'])} of {record['num_layers']} "
-            f"decoder layers ({share:.0%} of their weights) in 16-bit; gate KL {record['gate_kl']:.3g} -> about "
-            f"{record['estimated_gate_kl_with_suggested_exclude']:.3g} estimated (gate {max_kl:g}); measured on the "
-            f"sensitivity rows {record['full_kl']:.3g} -> {measured:.3g}"
-        )
+        k, n = len(record["suggested_exclude"]), record["num_layers"]
+        measured = (f"measured on the sensitivity rows {record['full_kl']:.3g} -> {record['kl_with_suggested_exclude']:.3g}, "
+                    f"so the gate's KL {record['gate_kl']:.3g} -> about {record['estimated_gate_kl_with_suggested_exclude']:.3g} "
+                    f"(gate {max_kl:g})")
+        if record.get("suggestion_passes_kl_gate") is False:
+            lines.append(f"no exclude list measured reaches the KL gate: even quantization.exclude: {exclude}, keeping {k} of {n} "
+                         f"decoder layers in 16-bit, is still above it ({measured})")
+        else:
+            lines.append(f"try quantization.exclude: {exclude} — keeps {k} of {n} decoder layers ({k / max(n, 1):.0%} of their "
+                         f"weights) in 16-bit; {measured}")
     if record["num_layers"] and len(record["suggested_exclude"]) > record["num_layers"] // 2:
         lines.append("the damage is spread over most layers, not a few: excluding them gives back most of the "
                      "size saving, so a precision with more bits (or a larger model) is the better way")
     if record["precisions_to_try"]:
         lines.append(f"or a precision with more bits: {', '.join(record['precisions_to_try'])} "
                      "(see docs/accuracy.md for what each costs and measured)")
-    lines.append(f"(this advice took {record['wall_s']:.0f} s; turn it off with evaluate.sensitivity: false)")
+    reused = record.get("reused") or {}
+    reused = f"; no calibration: it read the shipped {reused['checkpoint']}/, {reused['export']}" if reused else ""
+    lines.append(f"(this advice took {record['wall_s']:.0f} s{reused}; turn it off with evaluate.sensitivity: false)")
     return lines

@@ -306,6 +306,11 @@ class ExpertTokens:
 def check_experts(model, experts: ExpertTokens) -> None:
     """Every expert that received no calibration token has usable weight and input amaxes, or the build stops
     naming it (the method: module docstring)."""
+    refuse_uncalibrated(uncalibrated_experts(model, experts), experts.counts)
+
+
+def uncalibrated_experts(model, experts: ExpertTokens) -> list[str]:
+    """The experts without a calibration token whose enabled quantizers have no usable amax."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     bad = []
@@ -315,8 +320,12 @@ def check_experts(model, experts: ExpertTokens) -> None:
                       and m.is_enabled and (n.endswith(f"quantizers.{e}") or n.endswith("input_quantizer"))]
         if any(not _usable(q) for q in quantizers):  # none enabled (KV-cache-only): nothing to calibrate
             bad.append(expert)
+    return bad
+
+
+def refuse_uncalibrated(bad: list[str], counts: dict) -> None:
     if bad:
-        tokens = {b: c.tolist() for b, c in experts.counts.items()}
+        tokens = {b: c.tolist() for b, c in counts.items()}
         raise UncalibratedExperts(
             f"calibration left {len(bad)} experts without a usable scale (they received no calibration token and "
             f"ModelOpt gave them no amax): {', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}; tokens per expert: "

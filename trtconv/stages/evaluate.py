@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR
+from trtconv.artifact.layout import CHECKPOINT_DIR, HF_CHECKPOINT_DIR, TOKENIZER_DIR, is_hf_checkpoint
 from trtconv.artifact.manifest import InputRecord, Manifest, StageRecord, read_manifest
 from trtconv.artifact.writer import sha256_file
 from trtconv.cache.store import StageCache, stage_key, versions_for_key
@@ -104,7 +104,7 @@ def _evaluate_checkpoint(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, 
     from trtconv.checkpoints.hf_model import load_hf_model
     from trtconv.gate import stats as evaluate
 
-    if streamed and not (engine_record and engine_record.get("status") == "built") and not is_hf_checkpoint(checkpoint_dir):
+    if streamed and not (engine_record and engine_record.get("status") == "built"):
         return evaluate_streamed(recipe, model_dir, checkpoint_dir, tokens, device, reporter, weight_errors, park, devices)
     dtype = baseline_dtype(device, recipe.model.dtype)
     engine_built = bool(engine_record and engine_record.get("status") == "built")
@@ -263,7 +263,7 @@ def evaluate_streamed(recipe: Recipe, model_dir: Path, checkpoint_dir: Path, tok
     summary = evaluate.summarize(stats, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = evaluate.apply_gates(summary, recipe.evaluate) + task_gates(recipe, task_correct, summary)
     errors = pair.errors
-    record = evaluation_record(tokens, stats, errors, executor_candidate("TensorRT-LLM checkpoint", device),
+    record = evaluation_record(tokens, stats, errors, candidate_description(checkpoint_dir, device),
                                f"original HF checkpoint (transformers, {dtype})", "streamed")
     if task_correct is not None:
         record["task_correct"] = {k: v.astype(int).tolist() for k, v in task_correct.items()}
@@ -319,6 +319,17 @@ def task_gates(recipe: Recipe, task_correct: dict | None, summary: dict) -> list
     return [task_gate(summary["task"], threshold, recipe.evaluate.allow_inconclusive)]
 
 
+def candidate_description(checkpoint_dir: Path, device: str) -> str:
+    """The manifest's candidate line of a checkpoint judged by the executor (either evaluation path)."""
+    if is_hf_checkpoint(checkpoint_dir):
+        from trtconv.checkpoints.hf_reader import _read_json, check_hf_architecture
+
+        config = checkpoint_dir / "config.json"
+        arch = check_hf_architecture(_read_json(config), config)
+        return executor_candidate(f"unified HF checkpoint ({arch} from transformers, shipped tensors)", device)
+    return executor_candidate("TensorRT-LLM checkpoint", device)
+
+
 def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
     """The artifact as a function input_ids -> logits, and a description of what it is.
 
@@ -330,12 +341,11 @@ def candidate_logits(checkpoint_dir: Path, device: str, vocab: int):
         from trtconv.checkpoints.hf_executor import load_shipped_model
 
         model = load_shipped_model(checkpoint_dir, device=device)
-        description = executor_candidate(f"unified HF checkpoint ({model.arch} from transformers, shipped tensors)", device)
     else:
         from trtconv.checkpoints.trtllm_reader import load_checkpoint_model
 
         model = load_checkpoint_model(checkpoint_dir, device=device)
-        description = executor_candidate("TensorRT-LLM checkpoint", device)
+    description = candidate_description(checkpoint_dir, device)
 
     def logits(ids):
         # ModelOpt's AWQ export pads the vocabulary (embedding, lm_head and config vocab_size) to a
@@ -358,8 +368,6 @@ def weight_errors_of(checkpoint_dir: Path, baseline, candidate) -> list[tuple[st
     return shipped_weight_errors(model, baseline) if isinstance(model, ShippedModel) else []
 
 
-def is_hf_checkpoint(folder: Path) -> bool:
-    return not (folder / "rank0.safetensors").is_file() and (folder / "config.json").is_file()
 
 
 def candidate_dir(recipe: Recipe, root: Path) -> Path:

@@ -13,7 +13,10 @@ first against recorders that note which batches they ask for (returning placehol
 after both models have been run over all noted batches layer by layer, against replayers that
 return the real logits in the same order. Every operation is the one the in-memory path runs, in
 the same order on the same shapes, so the statistics and the verdicts are the same
-(tests/contract/test_streaming.py compares them).
+(tests/contract/test_streaming.py and test_streaming_hf.py compare them). The checkpoint side is a
+candidate per format: the TensorRT-LLM checkpoint through trtconv's hand-written forward
+(TrtllmCandidate), the unified HF checkpoint through its family's own decoder layers with the
+in-memory gate's shipped numerics swapped in (HFCandidate, checkpoints.hf_executor.ShippedLayers).
 """
 
 from __future__ import annotations
@@ -72,15 +75,12 @@ class LayerStreamedPair:
             return fn
 
         return (replayer("baseline", lambda k: self.baseline_head(self.baseline_hidden[k])),
-                replayer("candidate", lambda k: self.candidate_model.head(self.candidate_hidden[k])[..., : self.vocab]))
+                replayer("candidate", lambda k: self.candidate.logits(self.candidate_hidden[k])[..., : self.vocab]))
 
     # -- the layer-by-layer run ---------------------------------------------------------------
     @torch.no_grad()
     def compute(self, advance=lambda n=1: None, weight_errors: bool = True) -> None:
-        from trtconv.checkpoints.hf_layers import WeightIndex
-        from trtconv.checkpoints.trtllm_format import read_config
-        from trtconv.checkpoints.trtllm_reader import _Loader, layer_weight_errors, read_errors
-        from trtconv.checkpoints.hf_layers import build_shell, capture_layer0_inputs, load_layer
+        from trtconv.checkpoints.hf_layers import LayerInputs, WeightIndex, build_shell, load_layer
         from trtconv.stages.base import Laps
 
         laps = Laps()
@@ -88,54 +88,198 @@ class LayerStreamedPair:
         batches = [b.to(self.device) for b in self.batches]
         # One model's vocabulary matrices at a time: the original's are parked before the checkpoint's load.
         shell, layer_cls, _full = build_shell(self.model_dir, index, self.baseline_dtype, self.device)
-        base = capture_layer0_inputs(shell, batches)  # [(args, kwargs)] per batch
-        hidden_b = [a[0] for a, _ in base]
+        base = LayerInputs(shell, batches)  # [(args, kwargs)] per batch, per kind of layer
+        hidden_b = [a[0] for a, _ in base.first()]
         parked = park_vocab_matrices(self.device, park=self.park)
         parked.original(shell)
-        loader = _Loader(self.checkpoint_dir, read_config(self.checkpoint_dir), torch.device(self.device), torch.float32)
-        cand = loader.model(with_layers=False)
-        hidden_c = [cand.embedding[ids] for ids in batches]
-        rope = [cand.rope_tables(ids.shape[1]) for ids in batches]
-        positions = loader.layer_positions()
+        cand = candidate_for(self.checkpoint_dir, self.device, self.model_dir)
+        hidden_c = cand.start(batches)
         parked.candidate(cand)
         laps.lap("setup")  # both models' vocabulary matrices, the first hidden states (and parking)
 
+        n_layers = cand.num_layers()
         if self.devices is not None and self.devices.count > 1:  # layer i on device i mod N (trtconv.stages.devices)
-            run = dict(base=base, layer_cls=layer_cls, config=shell.config, index=index, cand=cand, loader=loader, positions=positions)
-            hidden_b[:], hidden_c[:] = self.devices.evaluate_layers(self, run, hidden_b, hidden_c, rope, advance, weight_errors)
-            positions = []  # nothing left for the one-device loop below
+            if not isinstance(cand, TrtllmCandidate):  # the plan refuses it first (streamed.check_supported)
+                raise RuntimeError("the split over several devices judges the TensorRT-LLM checkpoint only")
+            run = dict(base=base.first(), layer_cls=layer_cls, config=shell.config, index=index, cand=cand.model,
+                       loader=cand.loader, positions=cand.positions)
+            hidden_b[:], hidden_c[:] = self.devices.evaluate_layers(self, run, hidden_b, hidden_c, cand.rope, advance, weight_errors)
+            n_layers = 0  # nothing left for the one-device loop below
         copies = CopyStream(self.device)
 
         @torch.no_grad()
         def load(i: int):  # on the worker thread: reads and places layer i of both models
-            pp, local = positions[i]
             with copies.loading(i):
-                return load_layer(layer_cls, shell.config, index, i, self.baseline_dtype, self.device), loader.layer(pp, local)
+                return load_layer(layer_cls, shell.config, index, i, self.baseline_dtype, self.device), cand.load(i)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtconv-eval-prefetch") as pool:
-            for i, (original, quantized) in enumerate(prefetched(pool, load, len(positions))):
-                for k, (args, kwargs) in enumerate(base):
+            for i, (original, quantized) in enumerate(prefetched(pool, load, n_layers)):
+                for k, (args, kwargs) in enumerate(base.for_layer(i)):
                     out = original(hidden_b[k], *args[1:], **kwargs)
                     hidden_b[k] = out[0] if isinstance(out, (tuple, list)) else out
-                    hidden_c[k] = cand.layer_forward(quantized, hidden_c[k], *rope[k])
+                    hidden_c[k] = cand.forward(quantized, i, k, hidden_c[k])
                 if weight_errors:
-                    self.errors += layer_weight_errors(i, quantized, original, cand.shape)
+                    self.errors += cand.weight_errors(i, quantized, original)
                 copies.used(i)
+                cand.drop(i)
                 del original, quantized  # before layer i + 2 is read: two layers of each at most
                 advance(1)
-        self.errors = read_errors(self.errors)  # one wait for the device, not one per linear
         laps.lap("layers")
         parked.restore()
-        self.baseline_hidden = [shell.model.norm(h) for h in hidden_b]
-        self.baseline_head = lambda h: shell.lm_head(h)
+        if weight_errors:
+            self.errors += cand.outer_weight_errors()
+        self.errors = read_errors(self.errors)  # one wait for the device, not one per linear
+        self.baseline_hidden = hidden_b
+        self.baseline_head = lambda h: head_logits(shell, h)
         self.candidate_hidden = [cand.final_hidden(h) for h in hidden_c]
-        self.candidate_model = cand
+        self.candidate = cand
         self.seconds = laps.lap("heads")
+
+    def num_layers(self) -> int:
+        return candidate_for(self.checkpoint_dir, None).num_layers()
+
+
+def read_errors(errors: list) -> list[tuple[str, float]]:
+    from trtconv.checkpoints.trtllm_reader import read_errors as read
+
+    return read(errors)
+
+
+@torch.no_grad()
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The original's logits from its last decoder layer's output: the family's own tail (final norm,
+    lm_head, Gemma 2's soft-capping), run by its forward with no decoder layer (as the whole model's)."""
+    layers, model.model.layers = model.model.layers, torch.nn.ModuleList()
+    try:
+        return model(inputs_embeds=hidden, use_cache=False).logits
+    finally:
+        model.model.layers = layers
+
+
+def candidate_for(checkpoint_dir: Path, device: str | None, model_dir: Path | None = None):
+    """The streamed candidate of a checkpoint folder: the unified HF checkpoint or the TensorRT-LLM one
+    (model_dir: the original, whose weights the shipped ones are compared with)."""
+    from trtconv.artifact.layout import is_hf_checkpoint
+
+    return (HFCandidate if is_hf_checkpoint(checkpoint_dir) else TrtllmCandidate)(checkpoint_dir, device, model_dir)
+
+
+class TrtllmCandidate:
+    """The TensorRT-LLM checkpoint one layer at a time: trtconv's hand-written forward (trtllm_reader)."""
+
+    def __init__(self, checkpoint_dir: Path, device: str | None, model_dir: Path | None = None):
+        self.checkpoint_dir, self.device, self.model_dir = Path(checkpoint_dir), device, model_dir
 
     def num_layers(self) -> int:
         from trtconv.checkpoints.trtllm_format import read_config
 
         return int(read_config(self.checkpoint_dir)["num_hidden_layers"])
+
+    def start(self, batches: list) -> list:
+        from trtconv.checkpoints.trtllm_format import read_config
+        from trtconv.checkpoints.trtllm_reader import _Loader
+
+        self.loader = _Loader(self.checkpoint_dir, read_config(self.checkpoint_dir), torch.device(self.device), torch.float32)
+        self.model = self.loader.model(with_layers=False)
+        self.rope = [self.model.rope_tables(ids.shape[1]) for ids in batches]
+        self.positions = self.loader.layer_positions()
+        return [self.model.embedding[ids] for ids in batches]
+
+    def park(self) -> None:
+        self.model.embedding = None
+        self.model.lm_head = self.model.lm_head.to("cpu")
+
+    def restore(self) -> None:
+        self.model.lm_head = self.model.lm_head.to(self.device)
+
+    def load(self, i: int):
+        return self.loader.layer(*self.positions[i])
+
+    def forward(self, layer, i: int, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self.model.layer_forward(layer, h, *self.rope[k])
+
+    def weight_errors(self, i: int, layer, original) -> list:
+        from trtconv.checkpoints.trtllm_reader import layer_weight_errors
+
+        return layer_weight_errors(i, layer, original, self.model.shape)
+
+    def outer_weight_errors(self) -> list:
+        return []
+
+    def drop(self, i: int) -> None:
+        pass
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.final_hidden(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.head(h)
+
+
+class HFCandidate:
+    """The unified HF checkpoint one layer at a time: the family's own decoder layer with the shipped numerics
+    (checkpoints.hf_executor.ShippedLayers: the in-memory gate's ShippedLinear / ShippedExperts / FP8-KV attention),
+    each layer given its kind's mask and rope tables (Gemma's sliding and full layers) as the whole model gives them."""
+
+    def __init__(self, checkpoint_dir: Path, device: str | None, model_dir: Path | None = None):
+        self.checkpoint_dir, self.device, self.model_dir = Path(checkpoint_dir), device, model_dir
+
+    def num_layers(self) -> int:
+        from trtconv.checkpoints.hf_reader import _read_json
+
+        return int(_read_json(self.checkpoint_dir / "config.json")["num_hidden_layers"])
+
+    def start(self, batches: list) -> list:
+        from trtconv.checkpoints.hf_executor import ShippedLayers
+        from trtconv.checkpoints.hf_layers import LayerInputs
+
+        self.shipped = ShippedLayers(self.checkpoint_dir, self.device)
+        self.inputs = LayerInputs(self.shipped.model, batches)
+        return [a[0] for a, _ in self.inputs.first()]
+
+    def park(self) -> None:
+        """The embedding is not needed after the first hidden states; lm_head (the embedding when tied) waits on the host."""
+        model = self.shipped.model
+        embed = model.get_input_embeddings()
+        if self.shipped.tied:
+            embed.to("cpu")
+            model.lm_head.weight = embed.weight
+        else:
+            embed.to("meta")
+            model.lm_head.to("cpu")
+
+    def restore(self) -> None:
+        self.shipped.model.lm_head.to(self.device)
+
+    def load(self, i: int):
+        return self.shipped.layer(i)
+
+    def forward(self, layer, i: int, k: int, h: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.inputs.for_layer(i)[k]
+        out = layer(h, *args[1:], **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def weight_errors(self, i: int, layer, original) -> list:
+        return self._errors(self.shipped.linears(i))
+
+    def outer_weight_errors(self) -> list:
+        return self._errors(self.shipped.linears(None))
+
+    def _errors(self, linears: list) -> list:
+        from trtconv.checkpoints.hf_executor import linear_errors, original_weights
+
+        if not hasattr(self, "_weights"):
+            self._weights = original_weights(self.model_dir)
+        return linear_errors(linears, self._weights, self.shipped.device)
+
+    def drop(self, i: int) -> None:
+        self.shipped.drop(i)
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.shipped.logits(h)
 
 
 class park_vocab_matrices:
@@ -161,8 +305,7 @@ class park_vocab_matrices:
     def candidate(self, cand) -> None:
         self.cand = cand
         if self.active:
-            cand.embedding = None
-            cand.lm_head = cand.lm_head.to("cpu")
+            cand.park()
             self._release()
 
     def _release(self) -> None:
@@ -172,7 +315,7 @@ class park_vocab_matrices:
     def restore(self) -> None:
         if self.active:
             self.shell.lm_head.to(self.device)
-            self.cand.lm_head = self.cand.lm_head.to(self.device)
+            self.cand.restore()
 
 
 class CopyStream:

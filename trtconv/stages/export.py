@@ -215,10 +215,25 @@ def export_hf(model, tokenizer, section: ExportSection, quant: QuantizationSecti
             # export still needs the calibrated model; otherwise nothing reads it afterwards, and a copy
             # doubled the export's GPU peak (Qwen3-8B on an H100: 30.6 GiB against bare ModelOpt's 15.6).
             export_hf_checkpoint(copy.deepcopy(model) if section.tensorrt_llm_checkpoint else model, dtype=dtype, export_dir=out)
+    return finish_hf_checkpoint(out, tokenizer, section)
+
+
+def finish_hf_checkpoint(out: Path, tokenizer, section: ExportSection) -> list[Repair]:
+    """What follows the unified HF export on either path (in memory, layer-streamed): the repairs made."""
     repairs = cast_float32_weights(out, section.dtype)
     save_tokenizer(tokenizer, out)  # ModelOpt writes no tokenizer; runtimes need one beside the weights
     make_readable(out)
     return repairs
+
+
+def hf_validation(out: Path, quant: QuantizationSection) -> dict:
+    """The unified checkpoint's size check (export_bits): its record for the manifest's validation."""
+    if quant.is_auto:  # a per-layer mix (trtconv.stages.search): each linear against its own format
+        from trtconv.checkpoints.export_bits import mixed_weight_bits
+
+        return {"hf_checkpoint_weight_bits": mixed_weight_bits(out).record()}
+    bits = check_quantized_size(out, quant.precision, PRECISIONS[quant.precision].linear_weight_bytes)
+    return {"hf_checkpoint_weight_bits": bits.record()} if bits is not None else {}
 
 
 # Tensors the unified checkpoint keeps in float32 whatever the model dtype: the quantization scales.
@@ -304,14 +319,7 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
     if section.hf_checkpoint:
         result.hf_checkpoint_dir = root / HF_CHECKPOINT_DIR
         result.repairs += export_hf(model, tokenizer, section, quant, result.hf_checkpoint_dir, warns)
-        if quant.is_auto:  # a per-layer mix (trtconv.stages.search): each linear against its own format
-            from trtconv.checkpoints.export_bits import mixed_weight_bits
-
-            bits = mixed_weight_bits(result.hf_checkpoint_dir)
-        else:
-            bits = check_quantized_size(result.hf_checkpoint_dir, quant.precision, PRECISIONS[quant.precision].linear_weight_bytes)
-        if bits is not None:
-            result.validation["hf_checkpoint_weight_bits"] = bits.record()
+        result.validation.update(hf_validation(result.hf_checkpoint_dir, quant))
         clock.lap("hf_checkpoint")
     if section.tensorrt_llm_checkpoint:
         result.checkpoint_dir = root / CHECKPOINT_DIR

@@ -8,21 +8,25 @@ ModelOpt per layer, as llm-compressor and AutoAWQ do, and proves it gives the sa
 1. A one-layer "shell" of the model (meta device) holds the real embeddings, final norm and lm_head,
    read from the memory-mapped safetensors. It runs the calibration batches up to decoder layer 0,
    whose inputs (hidden states and the keyword arguments the model passes: rotary cos/sin, mask,
-   positions) are cached on the device.
+   positions) are cached on the device; the keyword arguments once per kind of layer (Gemma's sliding
+   and full layers get their own mask and rope tables: hf_layers.LayerInputs).
 2. Layer i is built from its tensors alone, quantized with ModelOpt's own modes under the name
    `model.layers.{i}` (so recipe exclude patterns match the same quantizers), and calibrated by a
    forward loop that replays the cached inputs. ModelOpt runs that loop once for max/SmoothQuant
    and twice for AWQ (statistics, then search); pass p's outputs become layer i+1's pass-p inputs,
    exactly what layer i+1 sees inside the whole model. (With an FP8 KV cache AWQ's second pass
    sees quantized attention, so two input streams are kept.)
-3. The layer is exported with ModelOpt's own per-layer export steps (the ones
-   `torch_to_tensorrt_llm_checkpoint` runs for every layer), its tensors renamed to layer i and
-   written to a part file per rank; then it is freed. Embeddings/lm_head come from exporting the
-   shell once, with layer 0 swapped in.
-4. The part files are merged into rank files byte-identical to `save_file` (checkpoints.
-   safetensors_stream), and config.json is assembled the way ModelOpt assembles it.
+3. The layer is exported by each checkpoint's writer, then freed. The TensorRT-LLM checkpoint
+   (TrtllmLayerWriter): ModelOpt's own per-layer export steps (the ones `torch_to_tensorrt_llm_checkpoint`
+   runs for every layer), tensors renamed to layer i and written to a part file per rank; embeddings/
+   lm_head from exporting the shell once, with layer 0 swapped in. The unified HF checkpoint
+   (stages/streamed_hf.py): ModelOpt's in-memory unified export on the shell with layer i swapped in.
+   A MoE layer's expert tokens are counted while it calibrates (calibrate.ExpertTokens, per layer).
+4. The part files are merged into files byte-identical to `save_file` / `save_pretrained` (checkpoints.
+   safetensors_stream), and the configs are assembled the way ModelOpt assembles them.
 
-tests/test_streaming.py compares the result with the in-memory path byte for byte.
+tests/contract/test_streaming.py and test_streaming_hf.py compare the results with the in-memory path
+byte for byte.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import copy
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,19 +47,15 @@ from trtconv.core.ui import quiet_dependency
 PARTS_DIR = ".layer-parts"
 
 
-def check_supported(recipe) -> None:
-    """What the streamed path cannot do yet, named before any work."""
+def check_supported(recipe, devices: int = 1) -> None:
+    """What the streamed path cannot do yet, named before any work (plan, doctor and build call this through
+    memory_plan.streamed_refusals); `devices`: the GPUs the layers are split over (--gpus)."""
+    if devices > 1 and recipe.export.hf_checkpoint:
+        raise UserError(f"--gpus {devices}: the unified HF checkpoint (export.hf_checkpoint) is written layer by layer on one "
+                        "device only (its export runs on the model's one-layer shell); use --gpus 1")
     if recipe.export.pp_size != 1:
         raise UserError(f"calibration.streaming: export.pp_size {recipe.export.pp_size} is not supported by the layer-streamed "
                         "path (pp_size 1 only; tp_size may be any); set calibration.streaming: never or export.pp_size: 1")
-    if recipe.export.hf_checkpoint and not recipe.export.tensorrt_llm_checkpoint:
-        raise UserError("calibration.streaming: the layer-streamed path writes only the TensorRT-LLM checkpoint, and this "
-                        "recipe exports the unified HF checkpoint alone (the families without a legacy checkpoint, "
-                        "docs/support.md): a GPU memory cap below the whole model is not supported for it yet; raise "
-                        "--max-gpu-memory or set calibration.streaming: never")
-    if recipe.export.hf_checkpoint:
-        raise UserError("calibration.streaming: export.hf_checkpoint is not written by the layer-streamed path; "
-                        "set export.hf_checkpoint: false or calibration.streaming: never")
     if recipe.model.trust_remote_code:
         raise UserError("calibration.streaming: models with their own code (model.trust_remote_code) are not streamed; "
                         "set calibration.streaming: never")
@@ -81,9 +82,14 @@ def quantize_layer(root, cfg: dict, forward_loop) -> None:
     mtq.calibrate(root, cfg.get("algorithm"), forward_loop=forward_loop)
 
 
-def calibrate_layer(layer, i: int, cfg: dict | None, streams: list) -> list:
-    """Calibrate layer i on the cached inputs; the inputs of layer i+1 (one list per stream)."""
+def calibrate_layer(layer, i: int, cfg: dict | None, streams: list, kwargs: list | None = None) -> list:
+    """Calibrate layer i on the cached inputs; the inputs of layer i+1 (one list per stream).
+    `kwargs`: the (args, kwargs) layer i's type gets per batch (mask, rope tables), when they differ
+    from the stream's (Gemma's sliding and full layers)."""
     import torch
+
+    if kwargs is not None:
+        streams = [[((a[0],) + t[0][1:], t[1]) for (a, _), t in zip(stream, kwargs)] for stream in streams]
 
     if cfg is None:  # nothing to calibrate: just run the layer
         with torch.no_grad():
@@ -199,17 +205,17 @@ def assemble_config(cfg0: dict, layer_cfg: dict, n_layers: int, shell_quant_cfg:
 def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, root: Path, device: str, reporter, devices=None):
     """Calibrate + export layer by layer into root; (ExportResult, calibration record, census).
     `devices` (trtconv.stages.devices.Devices): more than one splits the layers over them."""
-    import torch
-
-    from trtconv.checkpoints.hf_model import compute_dtype
-    from trtconv.checkpoints.trtllm_format import validate_checkpoint
-    from trtconv.stages import calibrate, export
-
     import time
 
-    from trtconv.core.imports import import_modelopt
+    import torch
 
-    check_supported(recipe)
+    from trtconv.checkpoints.hf_layers import LayerInputs
+    from trtconv.checkpoints.hf_model import compute_dtype
+    from trtconv.core.imports import import_modelopt
+    from trtconv.stages import calibrate, export
+
+    split = devices is not None and devices.count > 1
+    check_supported(recipe, devices.count if split else 1)
     import_modelopt()  # first, on its own thread: see trtconv.core.imports
     t0 = time.monotonic()
     q, ex = recipe.quantization, recipe.export
@@ -233,20 +239,23 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
             quantize_layer(shell, {**copy.deepcopy(cfg), "algorithm": None}, None)
     rows = torch.tensor(calib_tokens.rows, dtype=torch.long)
     batches = [rows[s : s + recipe.calibration.batch_size].to(device) for s in range(0, len(rows), recipe.calibration.batch_size)]
-    streams = [capture_layer0_inputs(shell, batches)]
+    inputs = LayerInputs(shell, batches)
+    streams = [inputs.first()]
     reporter.stage("calibrate", f"layer-streamed: {n_layers} layers of {index.layer_bytes(0) / 2**20:.0f} MiB, "
                    f"{len(batches)} cached batches")
     checkpoint = root / export.CHECKPOINT_DIR
     parts = checkpoint / PARTS_DIR
-    for r in range(ex.tp_size):
+    for r in range(ex.tp_size if ex.tensorrt_llm_checkpoint else 0):
         (parts / f"rank{r}").mkdir(parents=True, exist_ok=True)
     census: dict = {"enabled": {}, "invalid_amax": []}
     layer_cfgs: dict = {}
+    experts = _ExpertCounts()
     seconds: dict = {"shell": round(time.monotonic() - t0, 3), "layers": []}  # what a larger model's time scales with
     tmp = Path(tempfile.mkdtemp(prefix="trtconv-shell-"))
-    job = LayerJob(cfg, index, layer_cls, shell, hf_config, dtype, export_dtype, decoder_type, ex.tp_size, parts, tmp)
+    job = LayerJob(cfg, index, layer_cls, shell, hf_config, dtype, export_dtype, decoder_type, ex.tp_size, parts, tmp,
+                   hf=_hf_writer(recipe, shell, hf_config, root, export_dtype), trtllm=ex.tensorrt_llm_checkpoint)
     try:
-        if devices is not None and devices.count > 1:  # the split (trtconv.stages.devices.Devices)
+        if split:  # the split (trtconv.stages.devices.Devices)
             with reporter.progress(f"calibration layers ({devices.describe()})", total=n_layers) as advance:
                 with quiet_dependency(log):  # once, around every thread: it swaps sys.stdout and the warning filters
                     done = devices.calibrate_layers(job, streams, n_layers, advance)
@@ -257,7 +266,8 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
                     t_layer = time.monotonic()
                     layer = load_layer(layer_cls, shell.config, index, i, dtype, device)
                     with quiet_dependency(log):
-                        streams = calibrate_layer(layer, i, cfg, streams)
+                        with experts.counting(layer, i, hf_config, cfg is not None):
+                            streams = calibrate_layer(layer, i, cfg, streams, inputs.for_layer(i))
                         done.append(finish_layer(job, layer, i))
                     del layer
                     if device != "cpu":
@@ -268,30 +278,105 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
             _merge_census(census, one["census"], i)
             layer_cfgs.update(one["layer_cfg"])
             seconds["layers"].append(one["seconds"])
-        cfg0, quant_cfg0 = job.shell_config
         t_merge = time.monotonic()
         if cfg is not None:
             calibrate.check_census(census, q)
-        merge_ranks(parts, checkpoint, ex.tp_size, devices.count if devices is not None else 1)
-        config, quant_cfg = assemble_config(cfg0, layer_cfgs, n_layers, quant_cfg0)
-        (checkpoint / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
-        if quant_cfg is not None:
-            (checkpoint / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=4), encoding="utf-8")
+            experts.check()
+        if job.hf is not None:
+            job.hf.finish()
+        if ex.tensorrt_llm_checkpoint:
+            cfg0, quant_cfg0 = job.shell_config
+            merge_ranks(parts, checkpoint, ex.tp_size, devices.count if devices is not None else 1)
+            config, quant_cfg = assemble_config(cfg0, layer_cfgs, n_layers, quant_cfg0)
+            (checkpoint / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
+            if quant_cfg is not None:
+                (checkpoint / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=4), encoding="utf-8")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(parts, ignore_errors=True)
+        if job.hf is not None:
+            job.hf.cleanup()
     seconds["merge"] = round(time.monotonic() - t_merge, 3)
     t_finish = time.monotonic()
-    tok_dir = root / export.TOKENIZER_DIR
-    export.save_tokenizer(tokenizer, tok_dir)
-    repairs = export.finish_trtllm_config(checkpoint, hf_config, architecture, q)
-    report = validate_checkpoint(checkpoint)
-    raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
-    result = export.ExportResult(checkpoint_dir=checkpoint, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, repairs=repairs,
-                                 validation=json.loads(json.dumps(raw, default=str)), dependency_warnings=log)
+    result = _result(recipe, hf_config, architecture, tokenizer, root, log)
     result.seconds = {**seconds, "tokenizer_repair_validation": round(time.monotonic() - t_finish, 3)}
     record = {"quant_config": calibrate._jsonable(cfg) if cfg is not None else {}, "census": census}
+    if experts.record() is not None and cfg is not None:
+        record["experts"] = experts.record()
+        if experts.without_tokens():
+            reporter.warn(f"{len(experts.without_tokens())} experts received no calibration token "
+                          f"({', '.join(experts.without_tokens()[:4])}); their weight scales come from their own weights, "
+                          "their input scale is their layer's (manifest: calibrate.experts)")
     return result, record, log
+
+
+def _hf_writer(recipe, shell, hf_config, root: Path, export_dtype):
+    """The unified HF checkpoint's layer writer (stages/streamed_hf.py), or None when it is not exported."""
+    from trtconv.stages import export
+    from trtconv.stages.streamed_hf import HFLayerWriter
+
+    if not recipe.export.hf_checkpoint:
+        return None
+    return HFLayerWriter(shell, hf_config, root / export.HF_CHECKPOINT_DIR, export_dtype,
+                         quantized=recipe.quantization.quantizes, copy_layer=recipe.export.tensorrt_llm_checkpoint)
+
+
+def _result(recipe, hf_config, architecture: str, tokenizer, root: Path, log: list):
+    from trtconv.checkpoints.trtllm_format import validate_checkpoint
+    from trtconv.stages import export
+
+    q, ex = recipe.quantization, recipe.export
+    tok_dir = root / export.TOKENIZER_DIR
+    export.save_tokenizer(tokenizer, tok_dir)
+    result = export.ExportResult(checkpoint_dir=None, hf_checkpoint_dir=None, tokenizer_dir=tok_dir, dependency_warnings=log)
+    if ex.hf_checkpoint:
+        result.hf_checkpoint_dir = root / export.HF_CHECKPOINT_DIR
+        result.repairs += export.finish_hf_checkpoint(result.hf_checkpoint_dir, tokenizer, ex)
+        result.validation.update(export.hf_validation(result.hf_checkpoint_dir, q))
+    if ex.tensorrt_llm_checkpoint:
+        result.checkpoint_dir = root / export.CHECKPOINT_DIR
+        result.repairs += export.finish_trtllm_config(result.checkpoint_dir, hf_config, architecture, q)
+        report = validate_checkpoint(result.checkpoint_dir)
+        raw = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
+        result.validation.update(json.loads(json.dumps(raw, default=str)))
+    return result
+
+
+class _ExpertCounts:
+    """calibrate.ExpertTokens over the layers: each layer's routers counted while it calibrates, the
+    uncalibrated experts refused as in memory (calibrate.check_experts)."""
+
+    def __init__(self):
+        self.counts: dict = {}
+        self.moe = None
+        self.bad: list[str] = []
+
+    @contextmanager
+    def counting(self, layer, i: int, hf_config, quantized: bool):
+        from trtconv.stages.calibrate import ExpertTokens, uncalibrated_experts
+
+        root = named_root(layer, i)
+        root.config = hf_config
+        with ExpertTokens(root) as tokens:
+            self.moe = tokens.moe
+            yield
+        self.counts.update(tokens.counts)
+        if quantized:
+            self.bad += uncalibrated_experts(root, tokens)
+
+    def without_tokens(self) -> list[str]:
+        return [f"{b}.experts.{e}" for b, c in self.counts.items() for e in (c == 0).nonzero().flatten().tolist()]
+
+    def check(self) -> None:
+        from trtconv.stages.calibrate import refuse_uncalibrated
+
+        refuse_uncalibrated(self.bad, self.counts)
+
+    def record(self) -> dict | None:
+        if self.moe is None:
+            return None
+        return {"tokens": {b: c.tolist() for b, c in self.counts.items()}, "without_tokens": self.without_tokens(),
+                "method_without_tokens": "weight amax from the expert's own weights (data-free), input scale of the layer's experts"}
 
 
 @dataclass
@@ -310,17 +395,25 @@ class LayerJob:
     parts: Path
     tmp: Path
     shell_config: tuple = (None, None)  # (config.json, quant_cfg.json) of the shell's export, set by layer 0
+    hf: object = None  # streamed_hf.HFLayerWriter when the unified HF checkpoint is exported (one device)
+    trtllm: bool = True  # whether the TensorRT-LLM checkpoint is exported
 
 
 def finish_layer(job: LayerJob, layer, i: int) -> dict:
     """After layer i's calibration: its census, its export (layer 0 also exports the shell) and its part
-    files, one per rank. Returns {"census", "layer_cfg"}; the caller merges them in layer order."""
+    files, one per rank; the unified HF checkpoint's layer (job.hf) before them. Returns {"census", "layer_cfg"};
+    the caller merges them in layer order."""
     import torch
     from safetensors.torch import save_file
 
     from trtconv.stages import calibrate
 
     census = calibrate.quantizer_census(layer)
+    if job.hf is not None:  # first, as in memory (export.export_hf); on a copy when the TensorRT-LLM export follows
+        with torch.no_grad():
+            job.hf.add(layer, i)
+    if not job.trtllm:
+        return {"census": census, "layer_cfg": {}}
     quant_format = _quant_format(layer) if job.cfg is not None else None
     with torch.no_grad():
         if i == 0:
