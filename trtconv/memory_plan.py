@@ -390,6 +390,10 @@ def streamed_refusals(recipe, split: int = 1) -> list[str]:
     check `plan` shows as a refusal and `build` and `doctor` refuse (plan_for_build), whenever the plan streams."""
     from trtconv.stages.streamed import check_supported
 
+    if recipe.quantization.is_auto:
+        return ["quantization.precision auto calibrates one model copy per candidate in memory; the layer-streamed path "
+                "(calibration.streaming, or a model larger than the GPU) does not search: raise --max-gpu-memory, set "
+                "calibration.streaming: never, or pick one precision"]
     try:
         check_supported(recipe, split)
     except UserError as exc:
