@@ -104,6 +104,11 @@ def mixed_weight_bits(hf_dir: Path) -> WeightBits:
     path = hf_dir / "hf_quant_config.json"  # absent when the search kept every layer in 16 bits
     quant = (json.loads(path.read_text(encoding="utf-8")).get("quantization") or {}) if path.is_file() else {}
     layers = quant.get("quantized_layers") or {}
+    one, excluded = quant.get("quant_algo"), quant.get("exclude_modules") or []
+    if one not in (None, "MIXED_PRECISION"):  # the mix was one format (plus `none`): ModelOpt writes that format
+        algo_of = lambda m: None if any(fnmatch.fnmatchcase(m, p) for p in excluded) else one  # noqa: E731
+    else:
+        algo_of = lambda m: (layers.get(m) or {}).get("quant_algo")  # noqa: E731
     stored = logical = 0
     count, wider = 0, []
     for path in sorted(hf_dir.glob("*.safetensors")):
@@ -111,7 +116,7 @@ def mixed_weight_bits(hf_dir: Path) -> WeightBits:
             module = name.removesuffix(".weight")
             if module == name or ".layers." not in name or len(info["shape"]) != 2:
                 continue
-            limit = ALGO_BITS.get((layers.get(module) or {}).get("quant_algo"), 16)
+            limit = ALGO_BITS.get(algo_of(module), 16)
             bits = DTYPE_BITS.get(info["dtype"], 16)
             numel = info["shape"][0] * info["shape"][1]
             packed = 2 if limit < 8 and info["dtype"] in ("U8", "I8") else 1
