@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, capture_layer0_inputs, load_layer
+from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, load_layer
 from trtconv.checkpoints.hf_model import torch_dtype
 from trtconv.core.errors import UserError
 from trtconv.core.ui import quiet_dependency
