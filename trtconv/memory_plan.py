@@ -391,8 +391,11 @@ def streamed_refusals(recipe, split: int = 1) -> list[str]:
     from trtconv.stages.streamed import check_supported
 
     if recipe.quantization.is_auto:
-        return ["quantization.precision auto calibrates one model copy per candidate in memory; the layer-streamed path "
-                "(calibration.streaming, or a model larger than the GPU) does not search: raise --max-gpu-memory, set "
+        if split > 1:
+            return [f"--gpus {split}: quantization.precision auto searches on one device, in memory; use --gpus 1"]
+        return ["quantization.precision auto calibrates one model copy per candidate in memory (the original + one per "
+                "candidate must fit the GPU); the layer-streamed path (calibration.streaming, or a model larger than "
+                "that) does not search: raise --max-gpu-memory, name fewer quantization.search.candidates, set "
                 "calibration.streaming: never, or pick one precision"]
     try:
         check_supported(recipe, split)
@@ -445,8 +448,11 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
     add = plan.checks.append
     # In memory: the whole model on the GPU (one batch, then ModelOpt's export copies); loaded via the host.
     export_extra = MODEL_EXPORT_OUTER_COPIES * outer_bytes + 2 * layer_bytes
-    add(Check("calibrate (in memory)", "gpu", context_bytes + plan.load_bytes + max(fwd, export_extra), gpu,
-              "whole model + one batch or the export's copies"))
+    # precision auto calibrates one copy of the model per candidate beside the original (stages/search.py).
+    copies = 1 + len(q.precisions_used) if q.is_auto else 1
+    add(Check("calibrate (in memory)", "gpu", context_bytes + copies * plan.load_bytes + max(fwd, export_extra), gpu,
+              "whole model + one batch or the export's copies" if copies == 1 else
+              f"the original + {copies - 1} candidate copies (precision auto) + one batch or the export's copies"))
     # Host: ModelOpt's export holds a whole rank in host memory (pack_linear_weights moves every packed
     # weight there; measured 9.6 GiB anonymous for the 8B fp8 rank on the H200). The load reads the
     # memory-mapped checkpoint straight to the GPU: page cache, which the kernel can reclaim.

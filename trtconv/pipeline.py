@@ -34,7 +34,7 @@ from trtconv.stages import evaluate as evaluate_stage
 from trtconv.stages.base import Laps, StageMeter
 from trtconv.stages.devices import check_gpus, check_split
 from trtconv.stages.load import all_inputs, check_recipe_against_model, data_packs
-from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, RECIPE_NAME
+from trtconv.artifact.layout import CHECKPOINT_DIR, ENGINE_DIR, HF_CHECKPOINT_DIR, RECIPE_NAME
 
 
 DEVICE_MEMO = "host-device.json"  # in the cache folder: core.environment.detect_device's memo
@@ -218,7 +218,10 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             stages += unit_stages
             if export_key is None:
                 inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
-            if cache:
+            if cache and time_bound(calib_record):
+                reporter.warn("not cached: precision auto stopped on search.time_budget_s, so which trial was exported "
+                              "depends on this host's speed and load (a rerun searches again)")
+            elif cache:
                 meta = {"export": exported.manifest_record(), "calibration": calib_record,
                         "stages": [r.model_dump(mode="json") for r in unit_stages]}
                 storing = export.BackgroundStore(cache, export_key, writer.tmp, meta)  # overlaps evaluation
@@ -288,12 +291,18 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             manifest.outputs = hash_tree(writer.tmp, reuse_noted=True)
             manifest.artifact_digest = artifact_digest(manifest.outputs)
             laps.lap("outputs_hashed")
-            if cache is not None and not opts.repro_check:  # the inputs' hashes are all known now
-                key = runs.run_key(recipe, manifest.inputs, device, opts.require_engine, opts.max_gpu_memory_gib)
+            if cache is not None and not opts.repro_check and not time_bound(calib_record):  # the inputs' hashes are all known now
+                key = runs.run_key(recipe, manifest.inputs, device, opts.require_engine, opts.max_gpu_memory_gib, opts.gpus)
                 runs.store(cache, key, writer.tmp, manifest, reporter)
             laps.lap("run_cached")
         manifest.stages.append(m.record(seconds=laps.seconds))  # after the report and the run's cache entry: neither lists it
         return _finish(manifest, writer, opts, reporter)
+
+
+def time_bound(calib_record: dict) -> bool:
+    """precision auto stopped on its time budget: the exported trial depends on the host's speed and load,
+    not only on the inputs, so neither cache keeps it (the same inputs must give the same bytes)."""
+    return str((calib_record.get("search") or {}).get("stop_reason", "")).startswith("search.time_budget_s")
 
 
 def search_note(record: dict) -> str:
@@ -332,7 +341,7 @@ def whole_run_key(recipe: Recipe, opts: BuildOptions, device, reporter: Reporter
         return None
     inputs = all_inputs(model_inputs, recipe, data_packs(recipe.calibration.data, "calibration"),
                         data_packs(recipe.evaluate.data, "evaluation"))
-    return runs.run_key(recipe, inputs, device, opts.require_engine, opts.max_gpu_memory_gib)
+    return runs.run_key(recipe, inputs, device, opts.require_engine, opts.max_gpu_memory_gib, opts.gpus)
 
 
 def _keys(recipe: Recipe, model_dir: Path, weights: list[Path], hashing, calib_packs, device) -> tuple[list, str]:
@@ -502,21 +511,33 @@ def repro_check(recipe: Recipe, model_dir: Path, arch: str, tokenizer, calib_tok
     try:
         run_calibrate_and_export(recipe, model_dir, arch, tokenizer, calib_tokens, second, device, reporter)
         differing, compared = [], 0
-        for first_file in sorted((writer.tmp / CHECKPOINT_DIR).glob("*.safetensors")):
-            with safe_open(first_file, "pt") as a, safe_open(second / CHECKPOINT_DIR / first_file.name, "pt") as b:
+        # Both checkpoints the unit writes (an HF-only recipe, precision auto included, has only the second).
+        firsts = [f for folder in (CHECKPOINT_DIR, HF_CHECKPOINT_DIR) for f in sorted((writer.tmp / folder).glob("*.safetensors"))]
+        for first_file in firsts:
+            other = second / first_file.relative_to(writer.tmp)
+            if not other.is_file():
+                differing.append({"file": str(first_file.relative_to(writer.tmp)), "tensor": "(file missing in the second run)",
+                                  "max_abs_diff": float("inf")})
+                continue
+            with safe_open(first_file, "pt") as a, safe_open(other, "pt") as b:
                 for name in a.keys():
                     compared += 1
                     x, y = a.get_tensor(name), b.get_tensor(name)
                     if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
                         diff = (x.float() - y.float()).abs().max().item() if x.shape == y.shape else float("inf")
-                        differing.append({"file": first_file.name, "tensor": name, "max_abs_diff": diff})
+                        differing.append({"file": str(first_file.relative_to(writer.tmp)), "tensor": name, "max_abs_diff": diff})
         differing.sort(key=lambda d: -d["max_abs_diff"])
-        verdict = "identical" if not differing else f"{len(differing)} of {compared} tensors differ (largest {differing[0]['max_abs_diff']:.3g} in {differing[0]['tensor']})"
-        if differing:
+        if not compared and not differing:
+            verdict = "nothing compared: the run wrote no checkpoint tensors"
+        elif not differing:
+            verdict = "identical"
+        else:
+            verdict = f"{len(differing)} of {compared} tensors differ (largest {differing[0]['max_abs_diff']:.3g} in {differing[0]['tensor']})"
+        if differing or not compared:
             reporter.warn(f"repro-check: {verdict}")
         else:
             reporter.stage("repro-check", verdict)
-        return {"tensors_compared": compared, "identical": not differing, "differing": differing[:50]}
+        return {"tensors_compared": compared, "identical": bool(compared) and not differing, "differing": differing[:50]}
     finally:
         shutil.rmtree(second, ignore_errors=True)
 

@@ -131,3 +131,15 @@ def _catch(fn, arg, errors: list) -> None:
         fn(arg)
     except Exception as exc:  # noqa: BLE001 - collected for the assertion
         errors.append(exc)
+
+
+def test_the_whole_run_key_holds_gpus_above_one():
+    """The whole-run entry is restored before the build's checks: a --gpus 2 run must not find a --gpus 1
+    entry (nor the reverse), and one device keeps the key it always had."""
+    from trtconv.cache import runs
+    from trtconv.recipe.schema import load_recipe
+
+    recipe = load_recipe("llama-ref-fp8")[0].resolved()
+    one = runs.run_key(recipe, [], TWO_H100, False, None)
+    assert runs.run_key(recipe, [], TWO_H100, False, None, gpus=1) == one
+    assert len({one, runs.run_key(recipe, [], TWO_H100, False, None, gpus=2), runs.run_key(recipe, [], TWO_H100, False, None, gpus=4)}) == 3

@@ -41,6 +41,7 @@ def test_auto_with_the_legacy_checkpoint_is_refused_naming_the_keys(tmp_path):
     ("{precision: auto, search: {candidates: [fp16]}}", "int4_awq"),
     ("{precision: auto, search: {max_trials: 0}}", "max_trials"),
     ("{precision: auto, search: {time_budget_s: -1}}", "time_budget_s"),
+    ("{precision: auto, search: {time_budget_s: .inf}}", "time_budget_s"),  # was accepted, then crashed when resolved
     ("{precision: auto, search: {candidates: []}}", "candidates"),
 ])
 def test_bad_search_settings_are_named(tmp_path, quantization, needle):
@@ -69,6 +70,46 @@ def test_plan_answers_for_auto(cli, tmp_path):
     res = cli("plan", recipe, "--gpu", "a100-80gb", "--json")  # SM 8.0: fp8, a candidate, needs 8.9 to serve
     sm = next(c for c in json.loads(res.stdout)["checks"] if c["stage"] == "serve (GPU SM)")
     assert not sm["fits"] and "auto's candidate fp8" in sm["note"] and res.exit_code != 0
+
+
+def _llama8b(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+        "max_position_embeddings": 8192, "tie_word_embeddings": False}))
+    return model
+
+
+def test_the_plan_counts_a_model_copy_per_candidate(cli, tmp_path):
+    """The search holds the original plus one calibrated copy per candidate: three candidates of an 8B model
+    (4 x 15 GiB) fit an H100's 80 GB, the five default ones (6 x 15 GiB) do not, and plan refuses what build would."""
+    model = _llama8b(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto, search: {{candidates: [int4_awq, fp8, none]}}}}\n"
+                      + HF_ONLY)
+    res = cli("plan", recipe, "--gpu", "h100-80gb", "--json")
+    row = next(c for c in json.loads(res.stdout)["checks"] if c["stage"] == "calibrate (in memory)" and c["where"] == "gpu")
+    assert res.exit_code == 0 and row["fits"] and "3 candidate copies" in row["note"] and row["need_bytes"] > 4 * 15e9, res.output
+    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n" + HF_ONLY)
+    res = cli("plan", recipe, "--gpu", "h100-80gb")
+    said = " ".join(res.output.split())  # the console wraps long lines
+    assert res.exit_code == 4 and "one model copy per candidate" in said and "search.candidates" in said, res.output
+
+
+def test_candidates_without_auto_is_refused(cli, tmp_path):
+    res = cli("calibrate", "--model", _llama8b(tmp_path), "--precision", "fp8", "--candidates", "int4_awq", "-o", tmp_path / "out")
+    assert res.exit_code == 2 and "--candidates applies to --precision auto only" in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_result_cut_by_the_time_budget_is_never_cached():
+    from trtconv.pipeline import time_bound
+
+    assert time_bound({"search": {"stop_reason": "search.time_budget_s 3600 s spent"}})
+    assert not time_bound({"search": {"stop_reason": "search.max_trials 8 tried"}})
+    assert not time_bound({"search": {"stop_reason": ""}}) and not time_bound({})
 
 
 def test_greedy_upgrades_the_best_kl_per_bit_first():

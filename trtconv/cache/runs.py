@@ -30,10 +30,14 @@ from trtconv.core.environment import DeviceInfo, host_summary, numeric_environme
 RUN_STAGE = "run"
 CACHE_KEY_COVERS: tuple[str, ...] = ("resolved recipe (every section)", "input file hashes (model, tokenizer, data)",
                                        "versions and trtconv source", "device", "numeric environment",
-                                       "build options: require_engine, max_gpu_memory")
+                                       "build options: require_engine, max_gpu_memory, gpus (above 1)")
 
 
-def run_key(recipe, inputs: list[InputRecord], device: DeviceInfo, require_engine: bool, max_gpu_memory_gib: float | None) -> str:
+def run_key(recipe, inputs: list[InputRecord], device: DeviceInfo, require_engine: bool, max_gpu_memory_gib: float | None,
+            gpus: int = 1) -> str:
+    """The whole run's key. `gpus` above 1 is part of it: the entry is restored before the build's own checks
+    run, so a --gpus N entry must come from a --gpus N run that passed them (and its manifest records N
+    devices). One device keeps the keys it always had."""
     from trtconv.stages.base import device_part
 
     return stage_key(RUN_STAGE, {
@@ -42,7 +46,7 @@ def run_key(recipe, inputs: list[InputRecord], device: DeviceInfo, require_engin
         "versions": versions_for_key(),
         "device": device_part(device),
         "environment": numeric_environment(),
-        "options": {"require_engine": require_engine, "max_gpu_memory_gib": max_gpu_memory_gib},
+        "options": {"require_engine": require_engine, "max_gpu_memory_gib": max_gpu_memory_gib, **({"gpus": gpus} if gpus > 1 else {})},
     })
 
 

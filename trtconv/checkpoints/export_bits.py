@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtconv.core.errors import CheckpointError
+from trtconv.precisions import PRECISIONS
 
 # Bits per stored element of the safetensors dtypes an export holds.
 DTYPE_BITS = {"F8_E4M3": 8, "F8_E5M2": 8, "I8": 8, "U8": 8, "BF16": 16, "F16": 16, "F32": 32, "I32": 32, "F64": 64}
@@ -94,8 +95,9 @@ def check_quantized_size(hf_dir: Path, precision: str, weight_bytes: float | Non
     return found
 
 
-# Stored bits per weight of each quant_algo a mixed checkpoint's `quantized_layers` names (scales not counted).
-ALGO_BITS = {"FP8": 8, "W8A8_SQ_PER_CHANNEL": 8, "W4A16_AWQ": 4, "W4A8_AWQ": 4, "NVFP4": 4}
+# Stored bits per weight of each quant_algo a mixed checkpoint's `quantized_layers` names (scales not counted):
+# from the precisions table (its bytes per weight include the scales, hence the floor).
+ALGO_BITS = {p.quant_algo: int(8 * p.linear_weight_bytes) for p in PRECISIONS.values() if p.quant_algo and p.linear_weight_bytes}
 
 
 def mixed_weight_bits(hf_dir: Path) -> WeightBits:

@@ -136,6 +136,9 @@ def calibrate(
     """
     from trtconv.recipe.schema import recipe_from_dict
 
+    if candidates and precision != "auto":
+        fail(UserError(f"--candidates applies to --precision auto only (the formats its per-layer search mixes); "
+                       f"got --precision {precision}: drop --candidates or use --precision auto"), json_mode)
     data_dict = {
         "name": f"{Path(model).name}-{precision}",
         "description": "built by `trtconv calibrate`",

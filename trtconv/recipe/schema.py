@@ -78,7 +78,7 @@ class SearchSection(Strict):
         description="Formats a decoder layer may take (" + ", ".join(PRECISIONS) + "); null = every precision a CPU or "
         "GPU can calibrate (nvfp4, CUDA-only, must be named).")
     max_trials: PositiveInt = Field(8, description="Mixed candidates measured at most.")
-    time_budget_s: float = Field(3600.0, gt=0, description="Wall seconds of the whole search (calibrations, sensitivity, trials) after which no further trial starts.")
+    time_budget_s: float = Field(3600.0, gt=0, allow_inf_nan=False, description="Wall seconds of the whole search (calibrations, sensitivity, trials) after which no further trial starts.")
 
 
 class QuantizationSection(Strict):

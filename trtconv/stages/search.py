@@ -126,7 +126,7 @@ def calibrate_candidates(model, recipe, candidates: list[str], calib_tokens, dev
     models, group = {}, None
     for precision in candidates:
         m = copy.deepcopy(model)
-        section = _section_for(recipe.quantization, precision, None)
+        section = _section_for(recipe.quantization, precision, recipe.quantization.awq_group_size)  # a pinned size holds
         if PRECISIONS[precision].uses_group_size:
             choice = calibrate.choose_group_size(m, section, recipe.export.tp_size)
             group = choice.size
@@ -344,4 +344,4 @@ def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device
         exported = export.run(result.model, tokenizer, result.model.config, arch, recipe.export, quantization, root)
     stages.append(m.record(repairs=len(exported.repairs), seconds=exported.seconds))
     return exported, {"quant_config": {}, "census": census, "compute_dtype": dtype, "awq_group_size": result.group_size,
-                      "awq_group_size_source": "auto", "path": "in_memory", "search": record}, stages
+                      "awq_group_size_source": "pinned" if recipe.quantization.awq_group_size else "auto", "path": "in_memory", "search": record}, stages
