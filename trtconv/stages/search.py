@@ -218,12 +218,15 @@ def assemble(skeleton, sources: dict[str, list], formats: dict[str, str], prefix
 
 
 def _margined(evaluate):
+    """The document gates (gate.gates table) tightened by SEARCH_MARGIN: an upper bound scaled down, a lower
+    bound on a fraction (top-1 agreement) moved towards 1 by the same share of what it allows to be lost."""
+    from trtconv.gate.gates import gates_from
+
     gates = evaluate.gates.model_copy()
-    for key in ("max_kl", "max_ppl_increase_pct"):
-        if getattr(gates, key, None) is not None:
-            setattr(gates, key, getattr(gates, key) * SEARCH_MARGIN)
-    if gates.min_top1_agreement is not None:
-        gates.min_top1_agreement = 1 - (1 - gates.min_top1_agreement) * SEARCH_MARGIN
+    for gate in gates_from("documents"):
+        t = getattr(gates, gate.key, None)
+        if t is not None:
+            setattr(gates, gate.key, t * SEARCH_MARGIN if gate.comparator == "<=" else 1 - (1 - t) * SEARCH_MARGIN)
     return evaluate.model_copy(update={"gates": gates})
 
 
