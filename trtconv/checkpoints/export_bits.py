@@ -58,10 +58,10 @@ def _excluded(hf_dir: Path) -> list[str]:
     return list((json.loads(path.read_text(encoding="utf-8")).get("quantization") or {}).get("exclude_modules") or [])
 
 
-def linear_weight_bits(hf_dir: Path, weight_bytes: float) -> WeightBits:
-    """The quantized linears' stored bits per weight in a unified HF checkpoint (weight_bytes: the precision's)."""
-    excluded = _excluded(hf_dir)
-    limit = 8 * weight_bytes
+def _tally(hf_dir: Path, limit_of) -> tuple[float, int, list[str]]:
+    """Every decoder-layer linear weight of a unified HF checkpoint against its format's bit limit
+    (limit_of(module) -> bits, or None to skip it): (stored bits per logical weight, count, those stored wider).
+    Packed 4-bit weights (two per byte in U8/I8) count as two logical weights per element."""
     stored = logical = 0
     count, wider = 0, []
     for path in sorted(hf_dir.glob("*.safetensors")):
@@ -69,7 +69,8 @@ def linear_weight_bits(hf_dir: Path, weight_bytes: float) -> WeightBits:
             module = name.removesuffix(".weight")
             if module == name or ".layers." not in name or len(info["shape"]) != 2:
                 continue
-            if any(fnmatch.fnmatchcase(module, p) for p in excluded):
+            limit = limit_of(module)
+            if limit is None:
                 continue
             bits = DTYPE_BITS.get(info["dtype"], 16)
             numel = info["shape"][0] * info["shape"][1]
@@ -77,7 +78,15 @@ def linear_weight_bits(hf_dir: Path, weight_bytes: float) -> WeightBits:
             stored, logical, count = stored + bits * numel, logical + numel * packed, count + 1
             if bits / packed > limit:
                 wider.append(f"{name} ({info['dtype']})")
-    return WeightBits(stored / logical if logical else 0.0, limit, count, tuple(wider))
+    return (stored / logical if logical else 0.0), count, wider
+
+
+def linear_weight_bits(hf_dir: Path, weight_bytes: float) -> WeightBits:
+    """The quantized linears' stored bits per weight in a unified HF checkpoint (weight_bytes: the precision's)."""
+    excluded = _excluded(hf_dir)
+    limit = 8 * weight_bytes
+    bits, count, wider = _tally(hf_dir, lambda m: None if any(fnmatch.fnmatchcase(m, p) for p in excluded) else limit)
+    return WeightBits(bits, limit, count, tuple(wider))
 
 
 def check_quantized_size(hf_dir: Path, precision: str, weight_bytes: float | None) -> WeightBits | None:
@@ -111,21 +120,8 @@ def mixed_weight_bits(hf_dir: Path) -> WeightBits:
         algo_of = lambda m: None if any(fnmatch.fnmatchcase(m, p) for p in excluded) else one  # noqa: E731
     else:
         algo_of = lambda m: (layers.get(m) or {}).get("quant_algo")  # noqa: E731
-    stored = logical = 0
-    count, wider = 0, []
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        for name, info in read_header(path).items():
-            module = name.removesuffix(".weight")
-            if module == name or ".layers." not in name or len(info["shape"]) != 2:
-                continue
-            limit = ALGO_BITS.get(algo_of(module), 16)
-            bits = DTYPE_BITS.get(info["dtype"], 16)
-            numel = info["shape"][0] * info["shape"][1]
-            packed = 2 if limit < 8 and info["dtype"] in ("U8", "I8") else 1
-            stored, logical, count = stored + bits * numel, logical + numel * packed, count + 1
-            if bits / packed > limit:
-                wider.append(f"{name} ({info['dtype']})")
+    bits, count, wider = _tally(hf_dir, lambda m: ALGO_BITS.get(algo_of(m), 16))
     if wider:
         raise CheckpointError(f"{hf_dir}: {len(wider)} decoder-layer linears are stored wider than their quantized_layers "
                               f"format: {', '.join(wider[:5])}; report the export as a ModelOpt bug")
-    return WeightBits(stored / logical if logical else 0.0, 16.0, count, ())
+    return WeightBits(bits, 16.0, count, ())
