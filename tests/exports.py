@@ -203,3 +203,22 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def input_ids(models):
     return token_batches(models["llama"].config.vocab_size, count=1, batch=2, length=24, seed=7)[0]
+
+
+def calibrate_both_ways(tmp_path: Path, recipe) -> dict:
+    """The calibrate + export unit run in memory (False) and layer-streamed (True) on the CPU, each into its own
+    folder under tmp_path: {streamed: (exported, calibration record, stage records)}."""
+    from trtconv.checkpoints.hf_model import load_tokenizer
+    from trtconv.core.ui import Reporter
+    from trtconv.data.packs import builtin_pack
+    from trtconv.data.samples import calibration_rows
+    from trtconv.pipeline import run_calibrate_and_export
+
+    model_dir = Path(recipe.model.path)
+    tok = load_tokenizer(model_dir, False)
+    c = recipe.calibration
+    rows = calibration_rows(builtin_pack("calib"), tok, c.num_samples, c.seq_len, c.seed)
+    arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    return {streamed: run_calibrate_and_export(recipe, model_dir, arch, tok, rows, tmp_path / ("streamed" if streamed else "in_memory"),
+                                               "cpu", Reporter(quiet=True), streamed=streamed)
+            for streamed in (False, True)}

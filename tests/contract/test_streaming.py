@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trtconv.core.ui import Reporter
+from tests.exports import calibrate_both_ways
 from trtconv.recipe.schema import recipe_from_dict
 
 
@@ -25,23 +26,7 @@ def _recipe(model: Path, precision: str, kv: str = "none", tp: int = 1, **calib)
 
 
 def _both_paths(tmp_path: Path, recipe):
-    from trtconv.checkpoints.hf_model import load_tokenizer
-    from trtconv.data.packs import builtin_pack
-    from trtconv.data.samples import calibration_rows
-    from trtconv.pipeline import run_calibrate_and_export
-
-    model_dir = Path(recipe.model.path)
-    tok = load_tokenizer(model_dir, False)
-    c = recipe.calibration
-    rows = calibration_rows(builtin_pack("calib"), tok, c.num_samples, c.seq_len, c.seed)
-    arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
-    out = {}
-    for streamed in (False, True):
-        root = tmp_path / ("streamed" if streamed else "in_memory")
-        exported, record, _ = run_calibrate_and_export(recipe, model_dir, arch, tok, rows, root, "cpu",
-                                                       Reporter(quiet=True), streamed=streamed)
-        out[streamed] = (exported.checkpoint_dir, record)
-    return out
+    return {streamed: (exported.checkpoint_dir, record) for streamed, (exported, record, _) in calibrate_both_ways(tmp_path, recipe).items()}
 
 
 def _assert_same_checkpoint(a: Path, b: Path) -> None:

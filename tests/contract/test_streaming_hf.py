@@ -13,6 +13,7 @@ import pytest
 
 from tests.factories import make_tiny_model
 from trtconv.core.ui import Reporter
+from tests.exports import calibrate_both_ways
 from trtconv.recipe.schema import recipe_from_dict
 
 
@@ -27,22 +28,7 @@ def _recipe(model: Path, precision: str, kv: str = "none", trtllm: bool = False,
 
 
 def _both_paths(tmp_path: Path, recipe):
-    from trtconv.checkpoints.hf_model import load_tokenizer
-    from trtconv.data.packs import builtin_pack
-    from trtconv.data.samples import calibration_rows
-    from trtconv.pipeline import run_calibrate_and_export
-
-    model_dir = Path(recipe.model.path)
-    tok = load_tokenizer(model_dir, False)
-    c = recipe.calibration
-    rows = calibration_rows(builtin_pack("calib"), tok, c.num_samples, c.seq_len, c.seed)
-    arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
-    out = {}
-    for streamed in (False, True):
-        root = tmp_path / ("streamed" if streamed else "in_memory")
-        out[streamed] = run_calibrate_and_export(recipe, model_dir, arch, tok, rows, root, "cpu", Reporter(quiet=True),
-                                                 streamed=streamed)
-    return out
+    return calibrate_both_ways(tmp_path, recipe)
 
 
 def assert_same_folder(a: Path, b: Path) -> None:
