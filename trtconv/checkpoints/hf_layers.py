@@ -135,9 +135,13 @@ class _Stop(Exception):
     pass
 
 
+def first_output(out):
+    """A decoder layer's hidden states: transformers' layers return them alone or first in a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def build_shell(model_dir: Path, index: WeightIndex, dtype, device: str):
     """(one-layer model with the real outer weights, the decoder layer class, the full config)."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     full = AutoConfig.from_pretrained(model_dir)

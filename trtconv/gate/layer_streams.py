@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from trtconv.checkpoints.hf_layers import first_output
+
 
 class _Stop(Exception):
     pass
@@ -46,10 +48,6 @@ class _Stop(Exception):
 
 def decoder_layers(model) -> list:
     return list(model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers)
-
-
-def first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def capture_layer_calls(model, **forward_kwargs) -> list[tuple[tuple, dict]]:
@@ -205,7 +203,7 @@ class ShippedHFLayers:
         root.to(self.device)
         self.loader.attach_kv_scales(root)
         args, kwargs = self.calls[i]
-        return lambda h: first(layer(h.float(), *args[1:], **kwargs))
+        return lambda h: first_output(layer(h.float(), *args[1:], **kwargs))
 
 
 def _place(root: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:
@@ -260,7 +258,7 @@ class Streams:
 
     def _original(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
         args, kwargs = self.calls[i]
-        return first(layer(h.to(self.original.dtype), *args[1:], **kwargs))
+        return first_output(layer(h.to(self.original.dtype), *args[1:], **kwargs))
 
     def _pass(self, step) -> None:
         """step(i, original layer i, shipped layer i) for every layer, each loaded once."""

@@ -244,7 +244,8 @@ def calibrate_layer_handoff(layer, i: int, cfg: dict | None, inbox: Handoff, out
     `template`: every batch's other arguments (rotary tables, mask, positions) on this device."""
     import torch
 
-    from trtconv.stages.streamed import _first, named_root, quantize_layer
+    from trtconv.checkpoints.hf_layers import first_output
+    from trtconv.stages.streamed import named_root, quantize_layer
 
     passes = [0]
 
@@ -255,7 +256,7 @@ def calibrate_layer_handoff(layer, i: int, cfg: dict | None, inbox: Handoff, out
         with torch.no_grad(), one_swap_at_a_time(module):
             for k, (args, kwargs) in enumerate(template):
                 hidden = copies.setdefault(k, _to(inbox.get(p, k), device))
-                outbox.put(p, k, _first(module(hidden, *args[1:], **kwargs)))
+                outbox.put(p, k, first_output(module(hidden, *args[1:], **kwargs)))
 
     if cfg is None:
         run_pass(layer)
@@ -387,7 +388,7 @@ def _evaluate_layers(pair, run: dict, device: str, home: bool, mine: list[int], 
     from trtconv.checkpoints.hf_layers import load_layer
     from trtconv.checkpoints.trtllm_reader import _Loader, layer_weight_errors
     from trtconv.stages.evaluate_streamed import CopyStream, prefetched
-    from trtconv.stages.streamed import _first
+    from trtconv.checkpoints.hf_layers import first_output
 
     loader, cand = run["loader"], run["cand"]
     if not home:  # a reader of its own, placing tensors on this device; the same model around the layers
@@ -412,7 +413,7 @@ def _evaluate_layers(pair, run: dict, device: str, home: bool, mine: list[int], 
             try:
                 for k, (args, kwargs) in enumerate(base):
                     hb, hc = _to(inbox.get(0, k), device)
-                    hb = _first(original(hb, *args[1:], **kwargs))
+                    hb = first_output(original(hb, *args[1:], **kwargs))
                     outbox.put(0, k, (hb, cand.layer_forward(quantized, hc, *rope[k])))
                 errs = layer_weight_errors(i, quantized, original, cand.shape) if weight_errors else []
             except BaseException as exc:

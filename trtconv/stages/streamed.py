@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, load_layer
+from trtconv.checkpoints.hf_layers import WeightIndex, build_shell, first_output, load_layer
 from trtconv.checkpoints.hf_model import torch_dtype
 from trtconv.core.errors import UserError
 from trtconv.core.ui import quiet_dependency
@@ -105,18 +105,14 @@ def calibrate_layer(layer, i: int, cfg: dict | None, streams: list, kwargs: list
     quantize_layer(named_root(layer, i), cfg, forward_loop)
     nxt: list = []
     for outs in recorded:
-        if nxt and all(torch.equal(_first(o), _first(prev[0])) for o, prev in zip(outs, nxt[-1])):
+        if nxt and all(torch.equal(first_output(o), first_output(prev[0])) for o, prev in zip(outs, nxt[-1])):
             continue  # identical to the previous pass (no quantized attention in between): one stream
         nxt.append(_with_outputs(streams[0], outs))
     return nxt
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _with_outputs(template: list, outs: list) -> list:
-    return [((_first(o),) + tuple(a[1:]), k) for o, (a, k) in zip(outs, template)]
+    return [((first_output(o),) + tuple(a[1:]), k) for o, (a, k) in zip(outs, template)]
 
 
 def export_layer(layer, i: int, hf_config, dtype, quantization: str | None, decoder_type: str, tp_size: int):
