@@ -143,3 +143,23 @@ def test_the_whole_run_key_holds_gpus_above_one():
     one = runs.run_key(recipe, [], TWO_H100, False, None)
     assert runs.run_key(recipe, [], TWO_H100, False, None, gpus=1) == one
     assert len({one, runs.run_key(recipe, [], TWO_H100, False, None, gpus=2), runs.run_key(recipe, [], TWO_H100, False, None, gpus=4)}) == 3
+
+
+def test_stage_meter_before_cuda_is_initialised(monkeypatch):
+    """Run G2 (H100): a stage entered before any CUDA call died with "Invalid device argument", because
+    reset_peak_memory_stats(idx) with an explicit index does not initialise CUDA. The meter now resets only an
+    initialised device, and reads a peak of 0 from one that never was."""
+    import torch
+
+    from trtconv.stages.base import StageMeter
+
+    def refuse(idx=None):
+        raise RuntimeError("Invalid device argument")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", refuse)
+    with StageMeter("load") as m:
+        pass
+    assert m.peak_gpu == 0.0 and m.record().peak_gpu_mib == 0.0

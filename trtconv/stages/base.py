@@ -76,7 +76,10 @@ class StageMeter:
         interrupts.check(f"{self.name}:start")  # a stage boundary; before any thread starts
 
         self.cuda = torch.cuda.is_available()
-        if self.cuda:  # every visible device: a split run (--gpus) computes on several
+        # Every visible device: a split run (--gpus) computes on several. Only once CUDA is initialised: before
+        # that nothing was allocated, and an explicit index does not initialise it (torch raises "Invalid device
+        # argument"; run G2, a Gemma run whose first stage came before any CUDA call).
+        if self.cuda and torch.cuda.is_initialized():
             for idx in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(idx)
         self.peak_rss = _rss_mib() or 0.0
