@@ -511,11 +511,14 @@ def test_moe_plan_counts_every_expert(cli, tmp_path, config, billions):
 
 
 def test_plan_streams_a_moe_family_on_one_gpu(cli, tmp_path):
-    """Qwen3-30B-A3B (57 GiB in bf16) on one H100: in-memory evaluation does not fit, so calibration, the unified
-    HF export and evaluation stream layer by layer; every expert's bytes are in the layer the streamed rows count."""
+    """Qwen3-30B-A3B (57 GiB in bf16) on one H100: calibration and the unified HF export fit in memory and evaluation
+    streams layer by layer (on a GPU always); under a 40 GiB cap calibration streams too. Every expert's bytes are in
+    the layer the streamed rows count."""
     recipe = _recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True)
     code, plan = _plan(cli, recipe, "--gpu", "h100-80gb")
-    assert code == 0 and plan["streamed"] and plan["evaluate_streamed"] and plan["fits"] and not plan["refusals"], plan
+    assert code == 0 and not plan["streamed"] and plan["evaluate_streamed"] and plan["fits"] and not plan["refusals"], plan
+    code, capped = _plan(cli, recipe, "--gpu", "h100-80gb", "--max-gpu-memory", "40")
+    assert code == 0 and capped["streamed"] and capped["evaluate_streamed"] and capped["fits"], capped
     experts = 48 * 128 * 3 * 2048 * 768 * 2  # bf16 expert weights of every layer
     assert 0.95 * experts < 48 * plan["layer_bytes"] < 1.1 * experts
     streamed = next(c for c in plan["checks"] if c["stage"] == "calibrate (streamed)" and c["where"] == "gpu")
@@ -530,15 +533,15 @@ def test_what_the_streamed_path_cannot_do_is_one_refusal(cli, tmp_path):
     from trtconv.recipe.schema import load_recipe
 
     recipe = _recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True, pp_size=2)
-    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb")
+    code, plan = _plan(cli, recipe, "--gpu", "h100-80gb", "--max-gpu-memory", "40")
     assert plan["streamed"] and not plan["fits"], plan
     assert any("export.pp_size 2 is not supported by the layer-streamed path" in r for r in plan["refusals"]), plan
     r = load_recipe(str(recipe))[0].resolved()
-    assert plan_for_gpu(r, QWEN3_30B_A3B, "h100-80gb").refusals == plan["refusals"]
+    assert plan_for_gpu(r, QWEN3_30B_A3B, "h100-80gb", max_gpu_memory_gib=40).refusals == plan["refusals"]
     from trtconv.memory_plan import catalogue_device, resolve_gpu
 
     with pytest.raises(UserError, match="export.pp_size 2"):
-        plan_for_build(r, QWEN3_30B_A3B, catalogue_device(resolve_gpu("h100-80gb")), None)
+        plan_for_build(r, QWEN3_30B_A3B, catalogue_device(resolve_gpu("h100-80gb")), 40)
 
 
 def test_the_split_over_gpus_refuses_the_unified_checkpoint(tmp_path):
