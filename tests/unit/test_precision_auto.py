@@ -112,13 +112,35 @@ def test_a_result_cut_by_the_time_budget_is_never_cached():
     assert not time_bound({"search": {"stop_reason": ""}}) and not time_bound({})
 
 
-def test_greedy_upgrades_the_best_kl_per_bit_first():
-    from trtconv.stages.search import allocate
+def test_greedy_path_upgrades_the_best_kl_per_bit_first():
+    from trtconv.stages.search import upgrade_path
 
     sens = {"int4_awq": {"a": 0.010, "b": 0.001}, "fp8": {"a": 0.002, "b": 0.0005}, "none": {"a": 0.0, "b": 0.0}}
     weights = {"a": 100, "b": 100}
-    start = {"a": "int4_awq", "b": "int4_awq"}
-    formats, estimate = allocate(sens, weights, ["int4_awq", "fp8", "none"], 1.0, 0.004, start)
-    assert formats == {"a": "fp8", "b": "int4_awq"} and estimate == pytest.approx(0.003)
-    formats, estimate = allocate(sens, weights, ["int4_awq", "fp8", "none"], 1.0, 0.0, start)
-    assert formats == {"a": "none", "b": "none"} and estimate == 0.0
+    path = upgrade_path(sens, weights, ["int4_awq", "fp8", "none"], {"a": "int4_awq", "b": "int4_awq"})
+    assert path[0] == {"a": "int4_awq", "b": "int4_awq"} and path[1] == {"a": "fp8", "b": "int4_awq"}
+    assert path[-1] == {"a": "none", "b": "none"}
+    bits = [sum(8 * (f == "fp8") + 16 * (f == "none") + 4 * (f == "int4_awq") for f in mix.values()) for mix in path]
+    assert bits == sorted(bits) and len(set(bits)) == len(bits)  # every step adds bits
+
+
+def test_search_bisects_to_the_cheapest_passing_step():
+    """Before a pass: the first step under the target; after one: halfway between the last failure and the pass.
+    Simulated along a path of 9 steps where steps >= 3 pass, the search ends at step 3 (SmolLM2-135M stopped at
+    its first pass, 14.7 bits, before the bisection)."""
+    from trtconv.stages.search import next_step
+
+    path_kl = [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    assert next_step(path_kl, 1.0, 1.5, 0, None) == 7  # the estimate's first step under the target
+    assert next_step(path_kl, 1.0, -1.0, 0, None) == 8  # none under it: the last step
+    assert next_step(path_kl, 1.0, 1.5, 2, 7) == 4
+    failed, passed, step, measured = 0, None, 7, [0]
+    while passed is None or passed - failed > 1:
+        measured.append(step)
+        if step >= 3:
+            passed = step
+        else:
+            failed = step
+        if passed is None or passed - failed > 1:
+            step = next_step(path_kl, 1.0, 1.5 * 0.5 ** len(measured), failed, passed)
+    assert passed == 3 and failed == 2 and len(measured) <= 5

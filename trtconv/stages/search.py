@@ -19,16 +19,24 @@ Why this shape:
 - Per-layer sensitivity per format: KL(original || only that layer at that format), with
   gate.sensitivity's helpers (LayerInputs: the run starts at the layer; the same numbers as a whole
   forward), on SENSITIVITY_EVAL_ROWS calibration rows.
-- Greedy allocation: start with every layer at the cheapest format; upgrade the layer whose move
-  buys the most estimated KL per added bit (bits weighted by the layer's weight count) until the
-  estimate (per-layer KLs summed, scaled to the measured KL of the cheapest mix) is under the
-  target. Each trial is then measured for real: the mixed fake-quant model against the original,
-  with the gate's own statistics and rule (gate.stats) on the calibration rows, gates tightened by
-  SEARCH_MARGIN (the search must not tune on the evaluation documents that judge it, so it sees other
-  text and keeps a margin). A trial that fails halves the target and the next one upgrades further,
-  until one passes, search.max_trials or search.time_budget_s runs out. The shipped files are then
-  judged by the same gate as any build; when no trial passed, the closest one is exported, judged and
-  marked failed (exit 1).
+- Greedy path: from every layer at the cheapest format, the move (a layer to a format with more bits)
+  that removes the most estimated KL per added bit, again and again until every layer is at the most
+  accurate format (bits weighted by the layer's weight count). Each step of this path is a mix with more
+  bits than the one before; the search finds where along it the gates start to pass, with measured
+  trials: the mixed fake-quant model against the original, with the gate's own statistics and rule
+  (gate.stats) on calibration rows, gates tightened by SEARCH_MARGIN (the search must not tune on the
+  evaluation documents that judge it, so it sees other text and keeps a margin).
+  - Trial 1 is the cheapest mix. It also scales the estimate: per-layer KLs summed, times measured over
+    summed.
+  - Until a trial passes, the next is the first step whose estimate is under a target: TARGET_FRACTION x
+    max_kl, then halved after each failure.
+  - Once one passes, the rest bisect between the last failing step and the cheapest passing one. Stopping
+    at the first pass shipped SmolLM2-135M at 14.7 bits, where the estimate (scaled from the all-int4 mix)
+    had overshot.
+  - The search ends when the two are neighbours, or when search.max_trials or search.time_budget_s runs out.
+    The cheapest passing trial is exported.
+  The shipped files are then judged by the same gate as any build; when no trial passed, the closest one
+  is exported, judged and marked failed (exit 1).
 - Memory: one model copy per candidate plus the original (an 8B in bf16 with three candidates is
   about 64 GB on the GPU; scripts/bench_auto.py measures it).
 """
@@ -188,13 +196,12 @@ def effective_bits(formats: dict[str, str], weights: dict[str, int]) -> float:
     return sum(format_bits(f) * weights[p] for p, f in formats.items()) / max(total, 1)
 
 
-def allocate(sens: dict[str, dict[str, float]], weights: dict[str, int], candidates: list[str], scale: float,
-             target: float, start: dict[str, str]) -> tuple[dict[str, str], float]:
-    """Greedy: from `start`, upgrade the layer whose move to a format with more bits removes the most
-    estimated KL per added bit, until the estimate (scale x sum of per-layer KLs) is <= target."""
-    formats = dict(start)
-    estimate = lambda: scale * sum(sens[f][p] for p, f in formats.items())  # noqa: E731
-    while estimate() > target:
+def upgrade_path(sens: dict[str, dict[str, float]], weights: dict[str, int], candidates: list[str],
+                 start: dict[str, str]) -> list[dict[str, str]]:
+    """Every mix the greedy visits, `start` first: each step moves the layer whose move to a format with more
+    bits removes the most estimated KL per added bit, until no move removes any."""
+    formats, path = dict(start), [dict(start)]
+    while True:
         best = None
         for p, f in formats.items():
             for g in candidates:
@@ -203,9 +210,17 @@ def allocate(sens: dict[str, dict[str, float]], weights: dict[str, int], candida
                 if added > 0 and gain > 0 and (best is None or gain / added > best[0]):
                     best = (gain / added, p, g)
         if best is None:
-            break
+            return path
         formats[best[1]] = best[2]
-    return formats, estimate()
+        path.append(dict(formats))
+
+
+def next_step(path_kl: list[float], scale: float, target: float, failed: int, passed: int | None) -> int:
+    """The next step of the path to measure: bisect once one passed; before, the first step past the last
+    failure whose estimate is under the target (the last step when none is)."""
+    if passed is not None:
+        return (failed + passed) // 2
+    return next((k for k in range(failed + 1, len(path_kl)) if scale * path_kl[k] <= target), len(path_kl) - 1)
 
 
 def assemble(skeleton, sources: dict[str, list], formats: dict[str, str], prefixes: list[str]):
@@ -279,36 +294,41 @@ def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
     cheapest = candidates[0]
     skeleton = models[cheapest]
     sources = {f: list(m.get_decoder().layers) for f, m in models.items()}
-    formats = {p: cheapest for p in prefixes}
+    path = upgrade_path(sens, weights, candidates, {p: cheapest for p in prefixes})
+    path_kl = [sum(sens[f][p] for p, f in mix.items()) for mix in path]
     max_kl = recipe.evaluate.gates.max_kl or 0.01
-    target, scale = TARGET_FRACTION * max_kl, None
+    target, scale = TARGET_FRACTION * max_kl, 1.0
+    failed, passed, step = 0, None, 0  # the last failing and the cheapest passing step measured; the next one
     trials: list[Trial] = []
     stop = ""
     for index in range(1, search.max_trials + 1):
         t = time.monotonic()
-        if scale is not None:  # the first trial is the cheapest mix: it calibrates the estimate's scale
-            formats, _ = allocate(sens, weights, candidates, scale, target, formats)
+        formats = path[step]
         mixed = assemble(skeleton, sources, formats, prefixes)
         summary, gates, ok = measure(model, mixed, measured, recipe, device, reporter)
         kl = summary["mean_kl"]["value"]
-        summed = sum(sens[f][p] for p, f in formats.items())
-        if scale is None:
-            scale = kl / summed if summed > 0 else 1.0
-        trial = Trial(index, dict(formats), effective_bits(formats, weights), scale * summed, summary, gates,
+        if index == 1:  # the cheapest mix calibrates the estimate's scale
+            scale = kl / path_kl[0] if path_kl[0] > 0 else 1.0
+        trial = Trial(index, dict(formats), effective_bits(formats, weights), scale * path_kl[step], summary, gates,
                       "pass" if ok else "fail", time.monotonic() - t)
         trials.append(trial)
-        reporter.stage(NAME, f"trial {index}: {trial.effective_bits:.2f} bits, KL {kl:.4g} "
+        reporter.stage(NAME, f"trial {index}: {trial.effective_bits:.2f} bits (step {step} of {len(path) - 1}), KL {kl:.4g} "
                        f"[{summary['mean_kl']['ci_low']:.4g}, {summary['mean_kl']['ci_high']:.4g}], top-1 "
                        f"{summary['top1_agreement']['value']:.3f}: {trial.verdict}")
         if ok:
-            break
-        if all(f == candidates[-1] for f in formats.values()):
-            stop = "every layer is at the most accurate candidate"
+            passed = step
+        else:
+            failed = step
+            target = min(target, scale * path_kl[step]) * 0.5
+        if passed == 0 or (passed is not None and passed - failed <= 1):
+            break  # the cheapest passing step along the path is found
+        if passed is None and step == len(path) - 1:
+            stop = "the path's most accurate mix failed too"
             break
         if time.monotonic() - t0 > search.time_budget_s:
             stop = f"search.time_budget_s {search.time_budget_s:g} s spent"
             break
-        target = min(target, scale * summed) * 0.5
+        step = next_step(path_kl, scale, target, failed, passed)
     else:
         stop = f"search.max_trials {search.max_trials} tried"
     passing = [t for t in trials if t.verdict == "pass"]
@@ -317,7 +337,7 @@ def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
     del sources, models  # the mix holds the layers it took; the other copies go with these
     seconds["trials"] = time.monotonic() - t0 - seconds["calibrate_candidates"] - seconds["sensitivity"]
     return SearchResult(model=mixed, chosen=chosen, passed=bool(passing), trials=trials, sensitivity=sens,
-                        candidates=candidates, group_size=group, seconds=seconds, stop_reason="" if passing else stop)
+                        candidates=candidates, group_size=group, seconds=seconds, stop_reason=stop)
 
 
 def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device: str, reporter, model=None):
