@@ -37,7 +37,7 @@ class Experts:
     under the hub names: ``<file_block>.experts.<e>.<gate|up|down leaf>`` (measured on tiny models).
     """
 
-    count_key: str  # config.json key of the number of experts
+    count_keys: tuple[str, ...]  # config.json keys of the number of experts, the first present counts
     intermediate_key: str  # config.json key of one expert's intermediate size
     file_block: str  # the MoE block's name in the files (the module is "mlp" in transformers 5)
     file_leaves: tuple[str, str, str]  # gate, up, down projection names of one expert in the files
@@ -48,6 +48,9 @@ class Experts:
     router: str = "gate"  # the router module within the block (stays unquantized)
 
 
+# The hub's Qwen3-MoE config.json says num_experts; transformers 5 saves the same attribute as num_local_experts
+# (its attribute_map), so a checkpoint re-saved by transformers (shaped_model.py's, a fine-tune's) has only that.
+_QWEN_MOE_EXPERTS = ("num_experts", "num_local_experts")
 _MOE_WHY = ("ModelOpt 0.47's AWQ fails on transformers 5's fused experts (get_experts_list calls len(module.experts)); "
             "int8 SmoothQuant and NVFP4 experts are not verified against trtconv's executor (NVFP4 needs CUDA as well)")
 
@@ -126,13 +129,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             "MixtralForCausalLM", "MixtralForCausalLM", "mixtral", qkv_bias=False,
             no_trtllm_checkpoint="ModelOpt 0.47's legacy export fails on transformers 5's fused experts (TypeError: "
             "QuantMixtralExperts has no len()) and trtconv's TensorRT-LLM checkpoint reader has no experts; " + _UNIFIED_ONLY,
-            experts=Experts("num_local_experts", "intermediate_size", "block_sparse_moe", ("w1", "w3", "w2"), why_not=_MOE_WHY),
+            experts=Experts(("num_local_experts",), "intermediate_size", "block_sparse_moe", ("w1", "w3", "w2"), why_not=_MOE_WHY),
         ),
         Architecture(
             "Qwen3MoeForCausalLM", "Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False,
             no_trtllm_checkpoint="ModelOpt 0.47's legacy export accepts MoE only for llama/dbrx/phi3/deepseek/qwen decoders "
             "(AssertionError on Qwen3-MoE) and trtconv's TensorRT-LLM checkpoint reader has no experts; " + _UNIFIED_ONLY,
-            experts=Experts("num_experts", "moe_intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj"), why_not=_MOE_WHY),
+            experts=Experts(_QWEN_MOE_EXPERTS, "moe_intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj"), why_not=_MOE_WHY),
         ),
     )
 }

@@ -101,9 +101,10 @@ def _expert_fields(cfg: dict) -> dict:
 
     row = by_hf_name((cfg.get("architectures") or [None])[0])
     moe = row.experts if row is not None else None
-    if moe is None or not cfg.get(moe.count_key):
+    count = next((cfg[k] for k in (moe.count_keys if moe is not None else ()) if cfg.get(k)), None)
+    if count is None:
         return {}
-    return {"experts": int(cfg[moe.count_key]), "expert_intermediate": int(cfg.get(moe.intermediate_key) or cfg["intermediate_size"]),
+    return {"experts": int(count), "expert_intermediate": int(cfg.get(moe.intermediate_key) or cfg["intermediate_size"]),
             "active_experts": int(cfg.get("num_experts_per_tok") or 1)}
 
 

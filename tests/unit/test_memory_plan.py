@@ -510,6 +510,20 @@ def test_moe_plan_counts_every_expert(cli, tmp_path, config, billions):
     assert 0.9 * linear < plan["export_bytes"] < 1.1 * linear + 4 * config["vocab_size"] * config["hidden_size"]
 
 
+def test_experts_count_under_the_key_transformers_saves(cli, tmp_path):
+    """transformers 5 saves Qwen3-MoE's expert count as num_local_experts (the hub's config says num_experts): the plan
+    read only num_experts, so a re-saved Qwen3-30B-A3B (shaped_model.py's, for the GPU runs) counted as 1.1 B dense
+    parameters a layer short of its experts, and "fit in memory" under a 10 GiB cap."""
+    import transformers
+
+    saved = transformers.Qwen3MoeConfig(**{k: v for k, v in QWEN3_30B_A3B.items() if k not in ("architectures", "model_type")})
+    resaved = {**saved.to_dict(), "architectures": ["Qwen3MoeForCausalLM"]}
+    assert "num_experts" not in resaved and resaved["num_local_experts"] == 128
+    plans = [_plan(cli, _recipe(tmp_path / name, cfg, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True), "--gpu", "h100-80gb")[1]
+             for name, cfg in (("hub", QWEN3_30B_A3B), ("resaved", resaved))]
+    assert plans[0]["params"] == plans[1]["params"] and abs(plans[1]["params"] / 1e9 - 30.53) < 1.5
+
+
 def test_plan_streams_a_moe_family_on_one_gpu(cli, tmp_path):
     """Qwen3-30B-A3B (57 GiB in bf16) on one H100: calibration and the unified HF export fit in memory and evaluation
     streams layer by layer (on a GPU always); under a 40 GiB cap calibration streams too. Every expert's bytes are in
