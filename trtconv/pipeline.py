@@ -172,7 +172,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         # unit starts at once and the keys are made when the hashes are in, before anything is stored.
         inputs = export_key = None
         if not hashing.pending:
-            inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
+            inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, eval_packs, device)
         if recipe.quantization.quantizes and not (cache and export_key and export.is_cached(cache, export_key)):
             start_modelopt_import()  # 6-8 s on a thread of its own, under the model load (trtconv.core.imports)
         preloaded = None
@@ -217,7 +217,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
             release_memory()  # the calibrated model goes before evaluation loads the original
             stages += unit_stages
             if export_key is None:
-                inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, device)
+                inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, eval_packs, device)
             if cache and time_bound(calib_record):
                 reporter.warn("not cached: precision auto stopped on search.time_budget_s, so which trial was exported "
                               "depends on this host's speed and load (a rerun searches again)")
@@ -344,13 +344,19 @@ def whole_run_key(recipe: Recipe, opts: BuildOptions, device, reporter: Reporter
     return runs.run_key(recipe, inputs, device, opts.require_engine, opts.max_gpu_memory_gib, opts.gpus)
 
 
-def _keys(recipe: Recipe, model_dir: Path, weights: list[Path], hashing, calib_packs, device) -> tuple[list, str]:
-    """The model's input records (waiting for its hashes) and the export's cache key."""
+def _keys(recipe: Recipe, model_dir: Path, weights: list[Path], hashing, calib_packs, eval_packs, device) -> tuple[list, str]:
+    """The model's input records (waiting for its hashes) and the export's cache key (precision auto: the
+    evaluation packs too, whose unused documents its trials are measured on)."""
     from trtconv.data import samples
     from trtconv.stages import export, load
 
     inputs = load.describe_inputs(model_dir, weights, hashing)
-    return inputs, export.export_key(recipe, inputs, samples.packs_sha256(calib_packs), device)
+    validation = None
+    if recipe.quantization.is_auto:
+        from trtconv.stages.search import validation_key
+
+        validation = {"data_sha256": samples.packs_sha256(eval_packs), **validation_key(recipe)}
+    return inputs, export.export_key(recipe, inputs, samples.packs_sha256(calib_packs), device, validation)
 
 
 def cap_gpu_memory(device, cap_gib: float | None) -> None:

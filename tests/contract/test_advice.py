@@ -145,3 +145,29 @@ def test_every_layer_shipped_is_the_gates_candidate(tmp_path, arch, tensorrt_llm
     candidate, _ = candidate_logits(checkpoint, "cpu", vocab=original.config.vocab_size)
     assert result.full_kl > 0 and all(k > 0 for _, k in result.layers)
     assert result.full_kl == pytest.approx(sensitivity._kl_of(candidate(ids), lengths, base), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_advice_names_the_experts_of_the_worst_layer(tmp_path, arch):
+    """Issue 20: the sensitivity report names experts. The worst layer holding experts has each routed expert shipped
+    alone (the rest original); every token of the rows is routed to top-k experts, so the counts add up."""
+    from tests.factories import make_tiny_model
+    from trtconv.architectures import row_for_folder
+    from trtconv.core.ui import Reporter
+    from trtconv.gate import sensitivity
+
+    model = make_tiny_model(tmp_path / "model", arch)
+    recipe, checkpoint, rows = _export(tmp_path / "export", model, False)
+    result = sensitivity.run(model, checkpoint, recipe, rows, 0.02, "cpu", Reporter(quiet=True))
+    config = json.loads((model / "config.json").read_text())
+    picked = sensitivity._spread_rows(rows, sensitivity.SENSITIVITY_EVAL_ROWS)
+    tokens = len(picked) * max(len(rows.rows[i]) for i in picked)
+    layer = result.experts[0]["layer"]
+    block = row_for_folder(model).experts.file_block
+    assert {d["layer"] for d in result.experts} == {layer} and layer in [n for n, _ in result.layers]
+    assert all(d["expert"].startswith(f"{layer}.{block}.experts.") for d in result.experts)
+    assert sum(d["tokens"] for d in result.experts) == tokens * config["num_experts_per_tok"]
+    assert all(d["kl"] >= 0 for d in result.experts) and max(d["kl"] for d in result.experts) > 0
+    assert [d["kl"] for d in result.experts] == sorted((d["kl"] for d in result.experts), reverse=True)
+    lines = sensitivity.advice_lines(result.record(), [], 0.01)
+    assert any(line.startswith(f"most sensitive experts of {layer}") for line in lines), lines

@@ -16,6 +16,8 @@ class, its own router, and ShippedExperts computing each expert from the shipped
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -134,3 +136,32 @@ def test_experts_kept_as_stored_give_the_same_logits(moe_models, tmp_path):
     ids = _ids(model)
     dense = load_shipped_model(hf_dir, keep_stored=False).logits(ids)
     assert torch.equal(load_shipped_model(hf_dir, keep_stored=True).logits(ids), dense)
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_one_expert_shipped_alone(moe_models, tmp_path, arch):
+    """The per-expert sensitivity's module (gate/layer_streams.OneExpertShipped): the original's fused experts with
+    one expert computed from the shipped tensors. From an unquantized checkpoint every such mix is the original;
+    from an fp8 one, exactly the routed experts change the output, and the tokens counted are the ones routed."""
+    from trtconv.gate.layer_streams import OneExpertShipped
+
+    model = moe_models[arch]
+    model.save_pretrained(tmp_path / "hf")
+    export_hf(quantize(model, "fp8"), tmp_path / "fp8")
+    fused = next(m for n, m in model.named_modules() if n.endswith(".experts") and hasattr(m, "gate_up_proj"))
+    fused = copy.deepcopy(fused).float()  # the stored bf16 weights upcast exactly, as the executor's are
+    h = torch.randn(10, model.config.hidden_size)
+    k = model.config.num_experts_per_tok
+    idx = torch.stack([torch.randperm(fused.num_experts)[:k] for _ in range(10)])
+    w = torch.softmax(torch.randn(10, k), -1)
+    with torch.no_grad():
+        want = fused(h, idx, w)
+        for where, same in (("hf", True), ("fp8", False)):
+            shipped = next(m for m in load_shipped_model(tmp_path / where).model.modules() if isinstance(m, ShippedExperts))
+            for e in range(fused.num_experts):
+                mix = OneExpertShipped(fused, shipped, e)
+                got = mix(h, idx, w)
+                routed = int((idx == e).sum())
+                assert mix.tokens == routed
+                changed = rel_error(got, want) > 1e-4
+                assert (not changed) if (same or routed == 0) else changed, (where, e, routed)

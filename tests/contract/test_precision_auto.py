@@ -110,7 +110,7 @@ def test_nothing_passes_exits_1_with_the_closest_written_and_failed(cli, tmp_pat
     assert res.exit_code == 1, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "failed"
-    assert "precision auto: every layer is at the most accurate candidate" in manifest["status_reason"]
+    assert "precision auto: the path's most accurate mix failed too" in manifest["status_reason"]
     found = manifest["calibration"]["search"]
     assert not found["passed"] and found["trials"][0]["verdict"] == "fail"
     assert (out / "hf_checkpoint" / "model.safetensors").is_file()
@@ -122,11 +122,15 @@ def test_an_unchanged_auto_recipe_reuses_the_search(cli, tmp_path, monkeypatch):
     model = make_tiny_model(tmp_path / "m", "llama")
     args = [*PLUMBING_ARGS, *AUTO, "--candidates", "fp8,none"]  # no AWQ: the cache is what is tested
     assert cli("calibrate", "--model", model, "-o", tmp_path / "a", *args).exit_code == 0
-    res = cli("calibrate", "--model", model, "-o", tmp_path / "b", *args, "--set", "evaluate.num_samples=9")
+    res = cli("calibrate", "--model", model, "-o", tmp_path / "b", *args, "--set", "evaluate.sensitivity=false")
     assert res.exit_code == 0, res.output
     stages = {s["name"]: s["status"] for s in json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]}
     assert stages["search"] == "reused" and stages["export"] == "reused"
-    changed = cli("calibrate", "--model", model, "-o", tmp_path / "c", *args, "--set", "evaluate.gates.max_kl=50")
-    assert changed.exit_code == 0, changed.output
-    stages = {s["name"]: s["status"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["stages"]}
-    assert stages["search"] == "ok"  # the gates the search aims at are part of its key
+    # The gates the search aims at are part of its key, and so is evaluate.num_samples: its trials are measured
+    # on the evaluation packs' documents after the gate's share (search.validation_for).
+    for name, change in (("c", "evaluate.gates.max_kl=50"), ("d", "evaluate.num_samples=9")):
+        changed = cli("calibrate", "--model", model, "-o", tmp_path / name, *args, "--set", change)
+        assert changed.exit_code == 0, changed.output
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert {s["name"]: s["status"] for s in manifest["stages"]}["search"] == "ok", change
+    assert manifest["calibration"]["search"]["measured_on"].startswith("48 evaluation-pack documents the gate does not use")

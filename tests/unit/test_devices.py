@@ -163,3 +163,21 @@ def test_stage_meter_before_cuda_is_initialised(monkeypatch):
     with StageMeter("load") as m:
         pass
     assert m.peak_gpu == 0.0 and m.record().peak_gpu_mib == 0.0
+
+
+def test_weight_error_of_a_large_weight_is_computed_in_blocks():
+    """trtllm_reader._rel_error: above ERROR_CHUNK_VALUES the rows are compared a block at a time (run G3: an 8B
+    evaluation under a 10 GiB cap ran out of memory on the lm_head's float32 copies); the number agrees with the
+    whole computation, and below it is the same to the bit."""
+    import torch
+
+    from trtconv.checkpoints import trtllm_reader as tr
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4100, 4096, generator=g).to(torch.bfloat16)  # 16.8 M values: blocks of 4096 rows
+    cand = (ref.float() + 0.01 * torch.randn(ref.shape, generator=g)).to(torch.bfloat16)
+    assert ref.numel() > tr.ERROR_CHUNK_VALUES
+    exact = ((cand.double() - ref.double()).norm() / ref.double().norm()).item()  # float32's own whole norm is off by 6e-4
+    assert tr._rel_error(cand, ref).item() == pytest.approx(exact, rel=1e-6)
+    small_r, small_c = ref[:64].float(), cand[:64].float()
+    assert tr._rel_error(small_c, small_r).item() == ((small_c - small_r).norm() / small_r.norm()).item()

@@ -19,8 +19,9 @@ STAGES = ("load", "calibrate", "export", "engine", "evaluate")
 STAGE_HALVES = {"streamed": {"calibrate", "export", "streamed_hf"}, "streamed_hf": set(), "evaluate_streamed": set(),
                 # the split over several devices (--gpus), driving the two layer-streamed halves
                 "devices": {"streamed", "evaluate_streamed"},
-                # precision auto's path of the calibrate + export unit: every candidate calibrated, the mix exported
-                "search": {"calibrate", "export"}}
+                # precision auto's path of the calibrate + export unit: every candidate calibrated, the mix exported,
+                # its trials measured on evaluation-pack documents the gate does not use (load's data_packs)
+                "search": {"calibrate", "export", "load"}}
 ALLOWED_STAGE_IMPORTS = {"evaluate": {"evaluate_streamed"}, **STAGE_HALVES}
 
 

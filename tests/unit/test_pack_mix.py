@@ -63,3 +63,19 @@ def test_builtin_mixes_are_docstrings_prose_and_code():
     assert BUILTIN_MIXES == {"calibration": ("calib", "calib-prose", "calib-code"),
                              "evaluation": ("eval", "eval-prose", "eval-code")}
     assert [p.path.name for p in samples.builtin_packs("evaluation")] == ["eval.jsonl", "eval-prose.jsonl", "eval-code.jsonl"]
+
+
+def test_validation_rows_are_the_evaluation_packs_other_documents(tmp_path, tokenizer):
+    """precision auto measures its trials on documents of the evaluation packs that the gate does not use: the ones
+    after the gate's share in the same seeded order (tune on validation, judge on test), per pack."""
+    packs = [pack(tmp_path, "a", "alpha"), pack(tmp_path, "b", "beta")]
+    gate = samples.evaluation_rows(packs, tokenizer, 10, 32, seed=5)
+    val = samples.validation_rows(packs, tokenizer, 8, 32, seed=5, after=10)
+    assert not set(val.doc_ids) & set(gate.doc_ids) and len(set(val.doc_ids)) == 8
+    assert [p["rows"] for p in val.extra["packs"]] == [4, 4] and [p["first_row"] for p in val.extra["packs"]] == [0, 4]
+    assert all(d.startswith("a:") for d in val.doc_ids[:4]) and all(d.startswith("b:") for d in val.doc_ids[4:])
+    longer = samples.evaluation_rows(packs, tokenizer, 18, 32, seed=5)  # the same order continued
+    assert set(val.doc_ids) == set(longer.doc_ids) - set(gate.doc_ids)
+    assert samples.validation_rows(packs, tokenizer, 8, 32, seed=5, after=10).rows == val.rows
+    with pytest.raises(samples.DataError, match="asks for 35"):  # 5 for the gate + 30 beyond it, of a pack's 30 documents
+        samples.validation_rows(packs, tokenizer, 60, 32, seed=5, after=10)

@@ -86,14 +86,22 @@ class ShippedExperts(torch.nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        for e, expert in enumerate(self):
-            token_idx, top_k_pos = torch.where(top_k_index == e)
-            if token_idx.numel() == 0:
-                continue
-            x = hidden_states[token_idx]
-            y = expert["down_proj"](self.act_fn(expert["gate_proj"](x)) * expert["up_proj"](x))
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
+        for e in range(len(self)):
+            self.add_expert(out, e, hidden_states, top_k_index, top_k_weights)
         return out
+
+    def add_expert(self, out: torch.Tensor, e: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> int:
+        """out += expert e's weighted output for the tokens routed to it; returns how many were (the
+        per-expert sensitivity, gate/layer_streams.OneExpertShipped, runs one expert alone)."""
+        token_idx, top_k_pos = torch.where(top_k_index == e)
+        if token_idx.numel() == 0:
+            return 0
+        expert = self[e]
+        x = hidden_states[token_idx]
+        y = expert["down_proj"](self.act_fn(expert["gate_proj"](x)) * expert["up_proj"](x))
+        out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
+        return int(token_idx.numel())
 
 
 def shared_expert_input_scales(stored: list[list[StoredLinear]]) -> list[list[StoredLinear]]:
@@ -446,8 +454,8 @@ def linear_errors(linears: list[ShippedLinear], weight_of, device) -> list[tuple
         reference = weight_of(lin.name)
         if reference is None:
             continue
-        ref = reference.detach().to(device).float()  # moved as stored (bf16: half the bytes), upcast there
-        errors.append((lin.name, _rel_error(lin.effective_weight().float().to(ref.device), ref)))
+        ref = reference.detach().to(device)  # moved as stored (bf16: half the bytes), upcast there by _rel_error
+        errors.append((lin.name, _rel_error(lin.effective_weight().to(ref.device), ref)))
     return errors
 
 

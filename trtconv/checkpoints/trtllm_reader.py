@@ -523,10 +523,27 @@ def _hf_weight(hf_layer: torch.nn.Module, dotted: str, device: torch.device) -> 
     return module.weight.detach().to(device=device, dtype=torch.float32)
 
 
+# Weights larger than this many values are compared a block of rows at a time (_rel_error).
+ERROR_CHUNK_VALUES = 1 << 24
+
+
 def _rel_error(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor on the weights' device: reading it (float()) waits for the device, so callers
-    that loop over layers read them all at the end, not once per linear."""
-    return (candidate - reference).norm() / reference.norm().clamp_min(1e-30)
+    """||candidate - reference|| / ||reference|| in float32, either one in any float dtype, as a 0-d tensor on the
+    weights' device: reading it (float()) waits for the device, so callers that loop over layers read them all at
+    the end, not once per linear. A weight of more than ERROR_CHUNK_VALUES values (an lm_head: Qwen3's 151936 x
+    4096) is upcast and compared a block of rows at a time, the squares summed in float64: whole, the float32
+    copies and their difference took 7 GiB, and the evaluation of an 8B model under a 10 GiB cap ran out of memory
+    (run G3, H100). Smaller weights give the same number as before to the bit."""
+    if reference.dim() < 2 or reference.numel() <= ERROR_CHUNK_VALUES:
+        reference = reference.float()
+        return (candidate.float() - reference).norm() / reference.norm().clamp_min(1e-30)
+    rows = max(1, ERROR_CHUNK_VALUES // reference[0].numel())
+    diff = norm = torch.zeros((), dtype=torch.float64, device=reference.device)
+    for k in range(0, reference.shape[0], rows):
+        r = reference[k:k + rows].float()
+        diff = diff + (candidate[k:k + rows].float() - r).square().sum(dtype=torch.float64)
+        norm = norm + r.square().sum(dtype=torch.float64)
+    return (diff.sqrt() / norm.sqrt().clamp_min(1e-30)).float()
 
 
 def weight_quantization_errors(ckpt_dir: str | Path, hf_model: torch.nn.Module) -> list[tuple[str, float]]:

@@ -253,6 +253,25 @@ def evaluation_rows(data: Path | list[Pack], tokenizer, num_samples: int, seq_le
     )
 
 
+def validation_rows(data: Path | list[Pack], tokenizer, num_samples: int, seq_len: int, seed: int, after: int) -> TokenSet:
+    """Evaluation-pack documents the gate does not use: in each pack, the documents that come after the
+    evaluation's share (`after` = evaluate.num_samples) in the same seeded order, so they are disjoint from the
+    gate's by construction and drawn from the same text. `quantization.precision: auto` tunes on them
+    (tune on validation, judge on test). Packs with one pack's record each, as evaluation_rows gives them."""
+    packs = as_packs(data)
+    rows, lengths, ids, shas, records = [], [], [], [], []
+    for pack, quota, skip in zip(packs, split_evenly(num_samples, len(packs)), split_evenly(after, len(packs))):
+        r, lens, i, sh, _ = _pack_eval_rows(pack, tokenizer, skip + quota, seq_len, seed, len(packs))
+        records.append({"name": pack.name, "data": str(pack.path), "data_sha256": pack_sha256(pack.path),
+                        "first_row": len(rows), "rows": quota})
+        rows, lengths, ids, shas = rows + r[skip:], lengths + lens[skip:], ids + i[skip:], shas + sh[skip:]
+    extra = {"document_sha256": shas, "tokenize_rule": TOKENIZE_RULE, **_prefix_record(row_prefix(tokenizer))}
+    if len(packs) > 1:
+        extra["packs"] = records
+    return TokenSet(rows=rows, lengths=lengths, doc_ids=ids, data_path=", ".join(str(p.path) for p in packs),
+                    data_sha256=packs_sha256(packs), seed=seed, extra=extra)
+
+
 def check_disjoint(calib: TokenSet, evaluation: TokenSet) -> None:
     """Held-out means held out: no evaluation document may have been used for calibration."""
     overlap = set(calib.extra.get("document_sha256", [])) & set(evaluation.extra.get("document_sha256", []))

@@ -203,7 +203,29 @@ class ShippedHFLayers:
         root.to(self.device)
         self.loader.attach_kv_scales(root)
         args, kwargs = self.calls[i]
-        return lambda h: first_output(layer(h.float(), *args[1:], **kwargs))
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            return first_output(layer(h.float(), *args[1:], **kwargs))
+
+        run.module = layer  # per_expert takes the shipped experts from it
+        return run
+
+
+class OneExpertShipped(torch.nn.Module):
+    """The original's fused experts (transformers 5's call: hidden states, top-k indices, top-k weights) with expert
+    `e` alone computed from the shipped tensors: the original module runs with e's routing weights zeroed and the
+    shipped expert (hf_executor.ShippedExperts, in float32 as the gate computes it) adds its own weighted output.
+    `tokens` counts the tokens routed to e."""
+
+    def __init__(self, original: torch.nn.Module, shipped: torch.nn.Module, e: int):
+        super().__init__()
+        self.original, self.shipped, self.e, self.tokens = original, shipped, e, 0
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = self.original(hidden_states, top_k_index, top_k_weights.masked_fill(top_k_index == self.e, 0))
+        own = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        self.tokens = self.shipped.add_expert(own, self.e, hidden_states.float(), top_k_index, top_k_weights.float())
+        return out + own.to(out.dtype)
 
 
 def _place(root: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:
@@ -260,11 +282,13 @@ class Streams:
         args, kwargs = self.calls[i]
         return first_output(layer(h.to(self.original.dtype), *args[1:], **kwargs))
 
-    def _pass(self, step) -> None:
-        """step(i, original layer i, shipped layer i) for every layer, each loaded once."""
+    def _pass(self, step, shipped_at: set[int] | None = None) -> None:
+        """step(i, original layer i, shipped layer i) for every layer, each loaded once (the shipped one only
+        at `shipped_at` when given, else None)."""
         with torch.no_grad():
             for i in range(len(self.original.layers)):
-                original, shipped = self.original.layer(i), self.shipped.layer(i)
+                original = self.original.layer(i)
+                shipped = self.shipped.layer(i) if shipped_at is None or i in shipped_at else None
                 step(i, original, shipped)
                 del original, shipped
                 self.progress(1)
@@ -302,6 +326,36 @@ class Streams:
 
         self._pass(step)
         return [self.kl(h) for h in hidden]
+
+    def per_expert(self, layers: set[int], experts: str) -> list[dict]:
+        """For each decoder layer i in `layers` (after per_layer): KL with only expert e of layer i shipped, every
+        other expert and layer original, for each expert the rows route tokens to (the others change nothing).
+        `experts` is the fused experts module's path inside a decoder layer (mlp.experts). The unified HF
+        checkpoint only: the TensorRT-LLM checkpoint's reader has no per-expert module to swap in."""
+        if self.base_logp is None:
+            raise RuntimeError("sensitivity: per_expert runs after per_layer (it needs the original's log-probabilities)")
+        base, streams, found = self.calls[0][0][0], {}, []
+
+        def step(i, original, shipped):
+            nonlocal base
+            for key in streams:
+                streams[key] = self._original(original, i, streams[key])
+            if i in layers:
+                own, theirs = original.get_submodule(experts), shipped.module.get_submodule(experts)
+                for e in range(len(theirs)):
+                    hybrid = OneExpertShipped(own, theirs, e)
+                    original.set_submodule(experts, hybrid)
+                    try:
+                        h = self._original(original, i, base)
+                    finally:
+                        original.set_submodule(experts, own)
+                    if hybrid.tokens:
+                        streams[(i, e)] = h
+                        found.append((i, e, hybrid.tokens))
+            base = self._original(original, i, base)
+
+        self._pass(step, shipped_at=set(layers))
+        return [{"layer": i, "expert": e, "tokens": t, "kl": self.kl(streams[(i, e)])} for i, e, t in found]
 
     def _logp(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
         logits = logits_of_final(self.original.model, self.ids[j : j + 1], hidden[j : j + 1].to(self.original.dtype))

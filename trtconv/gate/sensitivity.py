@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 
 SENSITIVITY_EVAL_ROWS = 6
+# MoE: how many of the worst layers holding experts get their experts measured one by one (one stream per expert
+# the rows route tokens to: 128 for Qwen3-30B-A3B).
+EXPERT_LAYERS = 1
 # Aim below the gate, not at it: the estimate is from few rows and per-layer KLs only roughly add.
 TARGET_FRACTION = 0.7
 
@@ -54,6 +57,7 @@ class Sensitivity:
     reused: dict = field(default_factory=dict)  # what the pass took from the build instead of computing it again
     peak_gpu_mib: float | None = None
     seconds: dict = field(default_factory=dict)
+    experts: list[dict] = field(default_factory=list)  # MoE: layer, expert, tokens, kl with only it shipped; worst first
 
     def record(self) -> dict:
         return {
@@ -67,6 +71,7 @@ class Sensitivity:
             "kl_with_suggested_exclude": self.kl_with_exclude,
             "suggestion_passes_kl_gate": self.passes,
             "exclude_candidates": self.candidates,
+            "experts": self.experts,
             "num_layers": self.num_layers,
             "precisions_to_try": self.precisions_to_try,
             "path": self.path,
@@ -255,6 +260,9 @@ def _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, dev
         scale = measured_kl / full_kl if full_kl > 0 else 0.0
         candidates = [{"layers": k, "kl": kl, "estimated_gate_kl": kl * scale} for k, kl in zip(sizes, measured)]
     seconds["exclude_lists"] = round(time.monotonic() - t0 - sum(seconds.values()), 2)
+    experts = expert_sensitivity(streams, model_dir, prefixes, per_layer, reporter)
+    if experts:
+        seconds["experts"] = round(time.monotonic() - t0 - sum(seconds.values()), 2)
     seconds["cpu"] = round(time.process_time() - cpu0, 1)
     chosen, passes = choose(candidates, target, max_kl)
     worst = [name for name, _ in per_layer[: chosen["layers"]]] if chosen else []
@@ -265,7 +273,39 @@ def _run(model_dir, checkpoint_dir, recipe, eval_tokens, measured_kl: float, dev
         precisions_to_try=higher_precisions(recipe.quantization.precision), candidates=candidates, passes=passes,
         path="streamed" if streamed else "in_memory", checkpoint=Path(checkpoint_dir).name, reused=reused or {},
         peak_gpu_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if device != "cpu" else None, seconds=seconds,
+        experts=experts,
     )
+
+
+def expert_sensitivity(streams, model_dir, prefixes: list[str], per_layer: list[tuple[str, float]], reporter) -> list[dict]:
+    """MoE families judged from the unified HF checkpoint: the EXPERT_LAYERS worst layers that hold experts, each of
+    their experts shipped alone (gate.layer_streams.Streams.per_expert), worst first, named as the files name them
+    (model.layers.N.mlp.experts.E). Nothing for dense families or the TensorRT-LLM checkpoint."""
+    from trtconv.architectures import row_for_folder
+    from trtconv.gate.layer_streams import ShippedHFLayers
+
+    row = row_for_folder(Path(model_dir))
+    if row is None or row.experts is None or not isinstance(streams.shipped, ShippedHFLayers):
+        return []
+    path = f"{row.experts.module_block}.experts"
+    layers = streams.original.model.get_decoder().layers
+    with_experts = [prefixes.index(name) for name, _ in per_layer if _holds(layers[prefixes.index(name)], path)]
+    chosen = set(with_experts[:EXPERT_LAYERS])
+    if not chosen:
+        return []
+    with reporter.progress("sensitivity: experts of the worst layer, one at a time", total=len(prefixes)) as advance:
+        streams.progress = advance
+        found = streams.per_expert(chosen, path)
+    named = [{**d, "layer": prefixes[d["layer"]], "expert": f"{prefixes[d['layer']]}.{row.experts.file_block}.experts.{d['expert']}"}
+             for d in found]
+    return sorted(named, key=lambda d: -d["kl"])
+
+
+def _holds(layer, path: str) -> bool:
+    try:
+        return hasattr(layer.get_submodule(path), "gate_up_proj")
+    except AttributeError:
+        return False
 
 
 def _enabled_quantizers(model) -> set[str]:
@@ -278,6 +318,10 @@ def advice_lines(record: dict, recipe_exclude: list[str], max_kl: float) -> list
     """What to try, in words, for the console and report.md."""
     worst = ", ".join(f"{d['layer']} (KL {d['kl']:.3g})" for d in record["layers"][:5])
     lines = [f"most sensitive decoder layers ({record['method']}; full model KL {record['full_kl']:.3g}): {worst}"]
+    if record.get("experts"):
+        top = record["experts"][:5]
+        lines.append(f"most sensitive experts of {top[0]['layer']} (each shipped alone, the rest original; tokens routed to it): "
+                     + ", ".join(f"{d['expert'].rsplit('.', 1)[-1]} (KL {d['kl']:.3g}, {d['tokens']} tokens)" for d in top))
     if record["suggested_exclude"]:
         exclude = list(recipe_exclude) + record["suggested_exclude"]
         k, n = len(record["suggested_exclude"]), record["num_layers"]

@@ -337,7 +337,8 @@ def run(model, tokenizer, hf_config, architecture: str, section: ExportSection, 
 EXPORT_STAGE = NAME  # the cache folder of this unit
 
 
-def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, device: DeviceInfo) -> str:
+def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, device: DeviceInfo,
+               validation: dict | None = None) -> str:
     calibration = recipe.calibration.model_dump(mode="json")
     calibration.pop("data")
     return stage_key(
@@ -354,8 +355,10 @@ def export_key(recipe: Recipe, inputs: list[InputRecord], calib_sha256: str, dev
             "device": device_part(device),
             # precision auto: the search judges its trials with the gates (trtconv.stages.search); absent otherwise,
             # so every other recipe's key is unchanged
+            # and measures them on evaluation-pack documents the gate does not use (search.validation_for)
             **({"search_gates": {"gates": recipe.evaluate.gates.model_dump(mode="json"), "seed": recipe.evaluate.seed,
-                                 "allow_inconclusive": recipe.evaluate.allow_inconclusive}}
+                                 "allow_inconclusive": recipe.evaluate.allow_inconclusive},
+                "search_validation": validation}
                if recipe.quantization.is_auto else {}),
         },
     )

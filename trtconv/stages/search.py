@@ -24,8 +24,9 @@ Why this shape:
   accurate format (bits weighted by the layer's weight count). Each step of this path is a mix with more
   bits than the one before; the search finds where along it the gates start to pass, with measured
   trials: the mixed fake-quant model against the original, with the gate's own statistics and rule
-  (gate.stats) on calibration rows, gates tightened by SEARCH_MARGIN (the search must not tune on the
-  evaluation documents that judge it, so it sees other text and keeps a margin).
+  (gate.stats, per pack), gates tightened by SEARCH_MARGIN, on evaluation-pack documents the gate does not
+  use (VALIDATION_ROWS; the search must not tune on the documents that judge it, so it sees other documents
+  of the same text and keeps a margin).
   - Trial 1 is the cheapest mix. It also scales the estimate: per-layer KLs summed, times measured over
     summed.
   - Until a trial passes, the next is the first step whose estimate is under a target: TARGET_FRACTION x
@@ -53,8 +54,12 @@ from trtconv.precisions import PRECISIONS
 
 NAME = "search"
 SENSITIVITY_EVAL_ROWS = 8
-# Calibration rows (spread over the packs) each trial is measured on: enough documents for the gate's
-# bootstrap intervals, few enough that a trial costs two forwards of a few batches, not a whole evaluation.
+# Each trial is measured on VALIDATION_ROWS evaluation-pack documents the gate does not use (samples.validation_rows:
+# the same text as the gate's, other documents), judged per pack as the gate judges: enough documents for the
+# bootstrap intervals, few enough that a trial costs two forwards of a few batches. Measured on 16 calibration rows
+# instead, SmolLM2-135M's chosen mix read KL 0.0064 there and 0.011 on the gate's "eval" pack (it failed).
+# Where the packs hold no documents beyond the gate's, MEASURE_ROWS calibration rows (recorded as such).
+VALIDATION_ROWS = 48
 MEASURE_ROWS = 16
 # The search judges its trials with gates this much tighter (max gates x, min gates 1 - (1 - t) x).
 SEARCH_MARGIN = 0.8
@@ -101,11 +106,12 @@ class SearchResult:
     group_size: int | None
     seconds: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""
+    measured_on: str = ""  # which rows the trials were measured on (validation_for)
 
     def record(self) -> dict:
         closest = "" if self.passed else f"no trial passed; closest: trial {self.chosen.index} ({self.chosen.effective_bits:.2f} bits)"
         return {"candidates": self.candidates, "method": __doc__.split("\n")[0], "margin": SEARCH_MARGIN,
-                "chosen_trial": self.chosen.index, "passed": self.passed, "stop_reason": self.stop_reason or closest,
+                "measured_on": self.measured_on, "chosen_trial": self.chosen.index, "passed": self.passed, "stop_reason": self.stop_reason or closest,
                 "effective_bits": round(self.chosen.effective_bits, 4), "awq_group_size": self.group_size,
                 "trials": [t.record() for t in self.trials], "sensitivity": self.sensitivity,
                 "seconds": {k: round(v, 1) for k, v in self.seconds.items()}}
@@ -246,15 +252,16 @@ def _margined(evaluate):
 
 
 def measure(original, mixed, tokens, recipe, device: str, reporter) -> tuple[dict, list, bool]:
-    """The gate's statistics and rule (gate.stats), mixed fake-quant model against the original."""
+    """The gate's statistics and rule (gate.stats), per pack where the rows say which pack is whose, mixed
+    fake-quant model against the original."""
     from trtconv.gate import stats
 
     section = _margined(recipe.evaluate)
     fn = lambda m: (lambda ids: m(input_ids=ids, use_cache=False).logits)  # noqa: E731
-    batches = -(-len(tokens.rows) // recipe.calibration.batch_size)
-    with reporter.progress("search: measuring a trial", total=batches) as advance:
-        doc = stats.per_document_stats(tokens, fn(original), fn(mixed), recipe.calibration.batch_size, device, advance)
-    summary = stats.summarize(doc, recipe.evaluate.seed)
+    size = recipe.evaluate.batch_size
+    with reporter.progress("search: measuring a trial", total=-(-len(tokens.rows) // size)) as advance:
+        doc = stats.per_document_stats(tokens, fn(original), fn(mixed), size, device, advance)
+    summary = stats.summarize(doc, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = stats.apply_gates(summary, section)
     return summary, gates, stats.gates_passed(gates, recipe.evaluate.allow_inconclusive)
 
@@ -266,8 +273,30 @@ def _subset(tokens, picked: list[int]):
                     tokens.data_sha256, tokens.seed)
 
 
-def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
-    """The search (module docstring); `model` is the original, loaded; returns the chosen mix."""
+def validation_for(recipe, tokenizer) -> tuple[object | None, str]:
+    """The rows trials are measured on (VALIDATION_ROWS), or None and why not (then calibration rows)."""
+    from trtconv.core.errors import DataError
+    from trtconv.data import samples
+    from trtconv.stages.load import data_packs
+
+    ev = recipe.evaluate
+    try:
+        rows = samples.validation_rows(data_packs(ev.data, "evaluation"), tokenizer, VALIDATION_ROWS, ev.seq_len, ev.seed, ev.num_samples)
+    except DataError as exc:
+        return None, f"{MEASURE_ROWS} calibration rows: the evaluation packs hold too few documents beyond the gate's ({exc})"
+    return rows, (f"{VALIDATION_ROWS} evaluation-pack documents the gate does not use (after its {ev.num_samples} in the "
+                  f"same seeded order), judged per pack")
+
+
+def validation_key(recipe) -> dict:
+    """What the validation rows depend on beyond the evaluation packs' bytes (export.export_key holds it for auto)."""
+    ev = recipe.evaluate
+    return {"rows": VALIDATION_ROWS, "after": ev.num_samples, "seq_len": ev.seq_len, "seed": ev.seed, "batch_size": ev.batch_size}
+
+
+def run(model, recipe, calib_tokens, device: str, reporter, validation=None, measured_on: str = "") -> SearchResult:
+    """The search (module docstring); `model` is the original, loaded; returns the chosen mix. Trials are measured
+    on `validation` (validation_for), else on calibration rows."""
     from trtconv.gate import sensitivity as s
 
     t0 = time.monotonic()
@@ -289,7 +318,7 @@ def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
             sens[f] = layer_sensitivity(models[f], rows, lengths, base_logp) if PRECISIONS[f].modelopt_preset else {p: 0.0 for p in prefixes}
             advance(1)
     seconds["sensitivity"] = time.monotonic() - t0 - seconds["calibrate_candidates"]
-    measured = _subset(calib_tokens, s._spread_rows(calib_tokens, MEASURE_ROWS))
+    measured = validation if validation is not None else _subset(calib_tokens, s._spread_rows(calib_tokens, MEASURE_ROWS))
     weights = layer_weights(model, prefixes)
     cheapest = candidates[0]
     skeleton = models[cheapest]
@@ -337,7 +366,8 @@ def run(model, recipe, calib_tokens, device: str, reporter) -> SearchResult:
     del sources, models  # the mix holds the layers it took; the other copies go with these
     seconds["trials"] = time.monotonic() - t0 - seconds["calibrate_candidates"] - seconds["sensitivity"]
     return SearchResult(model=mixed, chosen=chosen, passed=bool(passing), trials=trials, sensitivity=sens,
-                        candidates=candidates, group_size=group, seconds=seconds, stop_reason=stop)
+                        candidates=candidates, group_size=group, seconds=seconds, stop_reason=stop,
+                        measured_on=measured_on or f"{MEASURE_ROWS} calibration rows")
 
 
 def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device: str, reporter, model=None):
@@ -355,7 +385,10 @@ def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device
         candidates = candidates_of(recipe.quantization)
         reporter.stage(NAME, f"{arch}: precision auto over {', '.join(candidates)} (kv cache {recipe.quantization.kv_cache}), "
                        f"at most {recipe.quantization.search.max_trials} trials or {recipe.quantization.search.time_budget_s:g} s")
-        result = run(model, recipe, calib_tokens, device, reporter)
+        validation, measured_on = validation_for(recipe, tokenizer)
+        if validation is None:
+            reporter.warn(f"precision auto: trials measured on {measured_on}")
+        result = run(model, recipe, calib_tokens, device, reporter, validation, measured_on)
         del model
         census = calibrate.quantizer_census(result.model)
     record = result.record()
