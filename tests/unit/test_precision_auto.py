@@ -144,3 +144,22 @@ def test_search_bisects_to_the_cheapest_passing_step():
         if passed is None or passed - failed > 1:
             step = next_step(path_kl, 1.0, 1.5 * 0.5 ** len(measured), failed, passed)
     assert passed == 3 and failed == 2 and len(measured) <= 5
+
+
+def test_layer_weights_count_fused_experts(tmp_path):
+    """A Qwen3-MoE layer's bits are its experts' too (transformers 5 fuses them into 3-D parameters, no `weight`)."""
+    import torch
+
+    from tests.factories import make_tiny_model
+    from trtconv.checkpoints.hf_model import load_hf_model
+    from trtconv.gate.sensitivity import layer_prefixes
+    from trtconv.stages.search import layer_weights
+
+    model = load_hf_model(make_tiny_model(tmp_path / "m", "qwen3_moe"), "float32", False, "cpu")
+    prefixes = layer_prefixes(model)
+    counts = layer_weights(model, prefixes)
+    for p, layer in zip(prefixes, model.get_decoder().layers):
+        matrices = sum(t.numel() for t in layer.parameters() if t.dim() >= 2)
+        assert counts[p] == matrices, p  # every matrix of the layer, the fused experts included
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
+    assert experts and all(isinstance(m.gate_up_proj, torch.Tensor) and m.gate_up_proj.dim() == 3 for m in experts)

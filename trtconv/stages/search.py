@@ -167,15 +167,18 @@ def _convert_unquantized(model, calib_tokens, device: str) -> None:
 
 
 def layer_weights(model, prefixes: list[str]) -> dict[str, int]:
-    """Weight elements of each decoder layer's Linear modules (what the formats store)."""
+    """Weight elements of each decoder layer's matrices (what the formats store): every module's 2-D weight, and a
+    mixture-of-experts layer's fused experts (transformers 5: gate_up_proj and down_proj, 3-D, no `weight`; left
+    out, a Qwen3-MoE layer counted its attention alone and its bits were a few percent of the truth)."""
     counts = {p: 0 for p in prefixes}
     for name, mod in model.named_modules():
-        weight = getattr(mod, "weight", None)
-        if weight is None or weight.dim() < 2:
-            continue
+        weights = [getattr(mod, "weight", None)]
+        if hasattr(mod, "gate_up_proj"):
+            weights = [mod.gate_up_proj, getattr(mod, "down_proj", None)]
+        size = sum(w.numel() for w in weights if isinstance(w, torch.Tensor) and w.dim() >= 2)
         for p in prefixes:
-            if name.startswith(p + "."):
-                counts[p] += weight.numel()
+            if size and name.startswith(p + "."):
+                counts[p] += size
     return counts
 
 
