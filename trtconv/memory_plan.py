@@ -497,18 +497,28 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
                              f"original ({'load dtype' if on_gpu else 'float32'}) + checkpoint as the executor holds it"))
     hidden = ev.num_samples * ev.seq_len * shape.hidden * (base_b + 4)
     layers = 2 * (shape.layer_params() * base_b + cand_layer)
-    # After the layers, the lm_head's weight error: the original's, moved as stored beside both heads (the
-    # comparison itself runs in blocks, trtllm_reader._rel_error). Uncounted, an 8B run under a 10 GiB cap that
-    # this plan passed ran out of memory there (run G3, H100).
-    head_error = shape.vocab * shape.hidden * base_b
+    # After the layers, the unified HF checkpoint's untied lm_head has a weight error: the original's head, moved
+    # as stored, and the candidate's float32 copy beside both heads (the comparison runs in row blocks,
+    # trtllm_reader._rel_error). Uncounted, an 8B run under a 10 GiB cap that this plan passed ran out of memory
+    # there (run G3, H100). The TensorRT-LLM checkpoint's reader computes no head error, nor does a tied head.
+    from trtconv.artifact.layout import HF_CHECKPOINT_DIR
+    from trtconv.stages.evaluate import candidate_dir
+
+    judged_hf = candidate_dir(recipe, Path(".")).name == HF_CHECKPOINT_DIR
+    head_error = shape.vocab * shape.hidden * (base_b + 4) if judged_hf and not shape.tied else 0
     resident = fixed + outer * (base_b + 4) + layers + hidden + head_error
     if on_gpu and gpu is not None and resident > gpu:
         # Parked: one model's vocabulary matrices at a time, none during the layer loop, then both lm_heads.
         # Moving them costs seconds (8B: about 3 s on the H200), so only where they would not fit.
+        # Phases: the layer loop (two layers of each, a dequantized linear, a batch's temporaries); the tail (both
+        # lm_heads, with a batch's logits of both or the head's weight error); the start (the checkpoint's
+        # vocabulary matrices, float32, while its first states are made).
         plan.evaluate_parks = True
-        heads = shape.vocab * shape.hidden * (base_b + 4) + head_error
-        candidate_outer = outer * 4  # the checkpoint's embedding and lm_head (float32) while its first states are made
-        plan.checks.append(Check("evaluate (streamed)", "gpu", fixed + hidden + max(layers, heads, candidate_outer), gpu,
+        heads = shape.vocab * shape.hidden * (base_b + 4)
+        loop = dequantized + per_batch + layers
+        tail = heads + max(per_batch, head_error)
+        candidate_outer = outer * 4
+        plan.checks.append(Check("evaluate (streamed)", "gpu", context_bytes + hidden + max(loop, tail, candidate_outer), gpu,
                                  "two layers of each, or one model's vocabulary matrices (the others parked) + hidden states"))
     else:
         plan.checks.append(Check("evaluate (streamed)", "gpu", resident, gpu,

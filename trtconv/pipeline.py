@@ -307,10 +307,12 @@ def time_bound(calib_record: dict) -> bool:
 
 def search_note(record: dict) -> str:
     """precision auto's part of a failed build's status_reason (trtconv.stages.search)."""
-    if record["stop_reason"]:
+    if not record["passed"]:
         return f"; precision auto: {record['stop_reason']}"
-    return (f"; precision auto: trial {record['chosen_trial']} passed the search's gates on the calibration rows, "
-            "the shipped files failed the evaluation's")
+    rows = record.get("measured_on") or "its rows"
+    stopped = f" (the search stopped early: {record['stop_reason']})" if record.get("stop_reason") else ""
+    return (f"; precision auto: trial {record['chosen_trial']} passed the search's gates on {rows}, the shipped "
+            f"files failed the evaluation's{stopped}")
 
 
 def _finish(manifest: Manifest, writer: ArtifactWriter, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:

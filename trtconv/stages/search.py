@@ -276,7 +276,7 @@ def _subset(tokens, picked: list[int]):
                     tokens.data_sha256, tokens.seed)
 
 
-def validation_for(recipe, tokenizer) -> tuple[object | None, str]:
+def validation_for(recipe, tokenizer, calib_tokens=None) -> tuple[object | None, str]:
     """The rows trials are measured on (VALIDATION_ROWS), or None and why not (then calibration rows)."""
     from trtconv.core.errors import DataError
     from trtconv.data import samples
@@ -285,8 +285,10 @@ def validation_for(recipe, tokenizer) -> tuple[object | None, str]:
     ev = recipe.evaluate
     try:
         rows = samples.validation_rows(data_packs(ev.data, "evaluation"), tokenizer, VALIDATION_ROWS, ev.seq_len, ev.seed, ev.num_samples)
+        if calib_tokens is not None:
+            samples.check_disjoint(calib_tokens, rows)  # the same file for both: they would be calibration text
     except DataError as exc:
-        return None, f"{MEASURE_ROWS} calibration rows: the evaluation packs hold too few documents beyond the gate's ({exc})"
+        return None, f"{MEASURE_ROWS} calibration rows: no evaluation-pack documents beyond the gate's to use ({exc})"
     return rows, (f"{VALIDATION_ROWS} evaluation-pack documents the gate does not use (after its {ev.num_samples} in the "
                   f"same seeded order), judged per pack")
 
@@ -388,7 +390,7 @@ def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device
         candidates = candidates_of(recipe.quantization)
         reporter.stage(NAME, f"{arch}: precision auto over {', '.join(candidates)} (kv cache {recipe.quantization.kv_cache}), "
                        f"at most {recipe.quantization.search.max_trials} trials or {recipe.quantization.search.time_budget_s:g} s")
-        validation, measured_on = validation_for(recipe, tokenizer)
+        validation, measured_on = validation_for(recipe, tokenizer, calib_tokens)
         if validation is None:
             reporter.warn(f"precision auto: trials measured on {measured_on}")
         result = run(model, recipe, calib_tokens, device, reporter, validation, measured_on)
