@@ -31,7 +31,8 @@ EVIDENCE = {
     "mistral": "CPU: tests/contract (both executors, sliding window), trained windowed reference (tests/e2e)",
     "qwen2": "CPU: tests/e2e (qkv bias, qwen_type repair), trained reference qwen2-ref",
     "qwen3": "CPU: tests/contract/test_families*.py (fp8, int4_awq, fp8 KV vs ModelOpt fake quant; CLI convert + check); "
-             "GPU: Qwen3-8B shapes fp8 beside bare export_hf_checkpoint, H100 run F1",
+             "GPU: Qwen3-8B shapes fp8 beside bare export_hf_checkpoint, H100 runs F1, G1-G3 (G3: 1.10x bare's process, "
+             "the same peak GPU)",
     "gemma3": "CPU: tests/contract/test_families*.py (fp8, int4_awq, fp8 KV; CLI int4_awq convert + check); "
               "GPU: Gemma-3-4B text shapes fp8 and int4_awq beside bare export_hf_checkpoint, H100 run F1",
     "gemma2": "CPU: tests/contract/test_families*.py (fp8, int4_awq, fp8 KV; CLI convert + check)",
@@ -39,8 +40,9 @@ EVIDENCE = {
     "mixtral": "CPU: tests/contract/test_moe*.py (4 experts, top-2: fp8 and fp8 KV vs ModelOpt fake quant, unquantized = "
                "original, CLI fp8 + fp8 KV convert + check, an expert without calibration tokens, refusals)",
     "qwen3_moe": "CPU: tests/contract/test_moe*.py (4 experts, top-2, norm_topk_prob off, a dense layer: fp8 and fp8 KV vs "
-                 "ModelOpt fake quant, unquantized = original, CLI fp8 convert + check); plan: Qwen3-30B-A3B shapes "
-                 "(tests/unit/test_memory_plan.py)",
+                 "ModelOpt fake quant, unquantized = original, CLI fp8 convert + check, per-expert advice); plan: "
+                 "Qwen3-30B-A3B shapes (tests/unit/test_memory_plan.py); GPU: bare ModelOpt only on an 8-layer "
+                 "Qwen3-30B-A3B shape (H100 run G3), trtconv's run not yet measured",
 }
 
 
