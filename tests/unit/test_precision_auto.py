@@ -163,3 +163,17 @@ def test_layer_weights_count_fused_experts(tmp_path):
         assert counts[p] == matrices, p  # every matrix of the layer, the fused experts included
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
     assert experts and all(isinstance(m.gate_up_proj, torch.Tensor) and m.gate_up_proj.dim() == 3 for m in experts)
+
+
+def test_a_failed_auto_build_says_what_the_search_found():
+    """status_reason of an auto build the gate failed: nothing passed (the stop reason), or a trial passed the search
+    on its rows and the shipped files failed (a search that stopped early says so too)."""
+    from trtconv.pipeline import search_note
+
+    assert search_note({"passed": False, "stop_reason": "search.max_trials 8 tried", "chosen_trial": 3}) == \
+        "; precision auto: search.max_trials 8 tried"
+    rows = "48 evaluation-pack documents the gate does not use"
+    note = search_note({"passed": True, "stop_reason": "", "chosen_trial": 8, "measured_on": rows})
+    assert note == f"; precision auto: trial 8 passed the search's gates on {rows}, the shipped files failed the evaluation's"
+    early = search_note({"passed": True, "stop_reason": "search.max_trials 8 tried", "chosen_trial": 7, "measured_on": rows})
+    assert early.endswith("(the search stopped early: search.max_trials 8 tried)")
