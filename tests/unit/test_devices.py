@@ -151,7 +151,10 @@ def test_stage_meter_before_cuda_is_initialised(monkeypatch):
     initialised device, and reads a peak of 0 from one that never was."""
     import torch
 
+    from trtconv.core.ui import Reporter
     from trtconv.stages.base import StageMeter
+
+    Reporter(quiet=True)  # the active reporter the stage's phase prints to (not one an earlier test left behind)
 
     def refuse(idx=None):
         raise RuntimeError("Invalid device argument")
