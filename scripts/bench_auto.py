@@ -29,10 +29,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def model_opt_formats(candidates: list[str]) -> list[dict]:
+    """ModelOpt's config of each quantized candidate, from trtconv's precisions table (its preset names)."""
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    from trtconv.precisions import PRECISIONS
+
+    return [QUANT_CFG_CHOICES[PRECISIONS[c].modelopt_preset] for c in candidates if PRECISIONS[c].modelopt_preset]
+
+
 COMMON = ["--no-cache", "--force", "--hf-checkpoint", "--set", "export.tensorrt_llm_checkpoint=false",
           "--set", "engine.target=none", "--set", "evaluate.sensitivity=false"]
-MODELOPT_CFG = {"int4_awq": "INT4_AWQ_CFG", "fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG",
-                "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
 
 
 def _env() -> dict:
@@ -69,7 +78,7 @@ def auto_quantize_child(model: str, bits: float, candidates: str, out: str, devi
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
     loaded = time.monotonic() - t0
     batches = [torch.tensor(rows[i : i + 4], device=device) for i in range(0, len(rows), 4)]
-    formats = [getattr(mtq, MODELOPT_CFG[c]) for c in candidates.split(",") if c != "none"]
+    formats = model_opt_formats(candidates.split(","))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t1 = time.monotonic()

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
 sys.path.insert(0, str(ROOT))
-MODELOPT_CFG = {"int4_awq": "INT4_AWQ_CFG", "fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG",
-                "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+from bench_auto import model_opt_formats  # noqa: E402  (scripts/, the script's own folder)
 
 
 def _manifest(artifact: Path) -> dict:
@@ -66,7 +66,9 @@ def auto_quantize(recipe, model_dir: Path, calib, bits: float, out: Path, device
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     size = recipe.calibration.batch_size
     batches = [torch.tensor(calib.rows[i:i + size], device=device) for i in range(0, len(calib.rows), size)]
-    formats = [getattr(mtq, MODELOPT_CFG[c]) for c in recipe.quantization.search.candidates or [] if c != "none"]
+    from trtconv.stages.search import candidates_of
+
+    formats = model_opt_formats(candidates_of(recipe.quantization))
     t0 = time.monotonic()
     model, state = mtq.auto_quantize(model, constraints={"effective_bits": bits}, quantization_formats=formats,
                                      data_loader=batches, forward_step=lambda m, b: m(input_ids=b, use_cache=False).logits,
