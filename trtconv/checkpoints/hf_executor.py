@@ -104,6 +104,13 @@ class ShippedExperts(torch.nn.ModuleList):
         return int(token_idx.numel())
 
 
+def is_fused_experts(module: torch.nn.Module) -> bool:
+    """transformers 5's fused experts module: every expert's gate/up projection in one 3-D parameter (Phi-3's MLP
+    has a gate_up_proj too: a Linear, not experts)."""
+    fused = getattr(module, "gate_up_proj", None)
+    return isinstance(fused, torch.Tensor) and fused.dim() == 3
+
+
 def shared_expert_input_scales(stored: list[list[StoredLinear]]) -> list[list[StoredLinear]]:
     """Every expert's [gate, up, down] with one input_scale per layer: the largest over the experts for
     gate/up (one fused GEMM input) and for down, as vLLM's FP8 MoE loads them."""
@@ -243,7 +250,7 @@ class _Loader:
         if moe is None:
             return []
         return [(n, m) for n, m in model.named_modules()
-                if within(n) and n.endswith(f".{moe.module_block}.experts") and hasattr(m, "gate_up_proj")]
+                if within(n) and n.endswith(f".{moe.module_block}.experts") and is_fused_experts(m)]
 
     def swap_experts(self, model: torch.nn.Module, within=everywhere) -> None:
         """Each fused experts module -> ShippedExperts, from the per-expert tensors of the files."""

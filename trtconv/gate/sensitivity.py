@@ -282,6 +282,7 @@ def expert_sensitivity(streams, model_dir, prefixes: list[str], per_layer: list[
     their experts shipped alone (gate.layer_streams.Streams.per_expert), worst first, named as the files name them
     (model.layers.N.mlp.experts.E). Nothing for dense families or the TensorRT-LLM checkpoint."""
     from trtconv.architectures import row_for_folder
+    from trtconv.checkpoints.hf_executor import is_fused_experts
     from trtconv.gate.layer_streams import ShippedHFLayers
 
     row = row_for_folder(Path(model_dir))
@@ -289,7 +290,8 @@ def expert_sensitivity(streams, model_dir, prefixes: list[str], per_layer: list[
         return []
     path = f"{row.experts.module_block}.experts"
     layers = streams.original.model.get_decoder().layers
-    with_experts = [prefixes.index(name) for name, _ in per_layer if _holds(layers[prefixes.index(name)], path)]
+    worst_first = [prefixes.index(name) for name, _ in per_layer]
+    with_experts = [i for i in worst_first if is_fused_experts(_submodule(layers[i], path))]
     chosen = set(with_experts[:EXPERT_LAYERS])
     if not chosen:
         return []
@@ -301,11 +303,12 @@ def expert_sensitivity(streams, model_dir, prefixes: list[str], per_layer: list[
     return sorted(named, key=lambda d: -d["kl"])
 
 
-def _holds(layer, path: str) -> bool:
+def _submodule(layer, path: str):
+    """layer.<path>, or None where the layer has none (Qwen3-MoE's dense layers: mlp_only_layers)."""
     try:
-        return hasattr(layer.get_submodule(path), "gate_up_proj")
+        return layer.get_submodule(path)
     except AttributeError:
-        return False
+        return None
 
 
 def _enabled_quantizers(model) -> set[str]:

@@ -170,11 +170,11 @@ def layer_weights(model, prefixes: list[str]) -> dict[str, int]:
     """Weight elements of each decoder layer's matrices (what the formats store): every module's 2-D weight, and a
     mixture-of-experts layer's fused experts (transformers 5: gate_up_proj and down_proj, 3-D, no `weight`; left
     out, a Qwen3-MoE layer counted its attention alone and its bits were a few percent of the truth)."""
+    from trtconv.checkpoints.hf_executor import is_fused_experts
+
     counts = {p: 0 for p in prefixes}
     for name, mod in model.named_modules():
-        weights = [getattr(mod, "weight", None)]
-        if hasattr(mod, "gate_up_proj"):
-            weights = [mod.gate_up_proj, getattr(mod, "down_proj", None)]
+        weights = [mod.gate_up_proj, mod.down_proj] if is_fused_experts(mod) else [getattr(mod, "weight", None)]
         size = sum(w.numel() for w in weights if isinstance(w, torch.Tensor) and w.dim() >= 2)
         for p in prefixes:
             if size and name.startswith(p + "."):
