@@ -113,10 +113,17 @@ def main() -> None:
     model = a.work / "model"
     if not (a.skip_model and (model / "config.json").is_file()):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "shaped_model.py"), a.shape, str(model)], check=True)
-    result = {"shape": a.shape, "candidates": a.candidates}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_scale import versions  # the card, driver and library versions, as bench_scale records them
+
+    result = {"shape": a.shape, "candidates": a.candidates, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "versions": versions()}
+    record = a.work / "bench_auto.json"  # rewritten after each step: a run cut by a time limit keeps what it measured
     result["fp8"] = trtconv(model, a.work / "fp8", ["--precision", "fp8"], a.device)
+    record.write_text(json.dumps(result, indent=2))
     result["auto"] = trtconv(model, a.work / "auto", ["--precision", "auto", "--candidates", a.candidates], a.device)
     result["ratio_auto_to_fp8"] = round(result["auto"]["wall_s"] / max(result["fp8"]["wall_s"], 1e-9), 2)
+    record.write_text(json.dumps(result, indent=2))
     bits = result["auto"]["search"].get("effective_bits")
     if not a.no_auto_quantize and bits:
         out = a.work / "auto_quantize.json"
@@ -125,7 +132,7 @@ def main() -> None:
                              capture_output=True, text=True, env=_env())
         result["auto_quantize"] = ({**json.loads(out.read_text()), "wall_s": round(time.monotonic() - t0, 1)} if res.returncode == 0
                                    else {"exit_code": res.returncode, "error": res.stderr[-2000:]})
-    (a.work / "bench_auto.json").write_text(json.dumps(result, indent=2))
+    record.write_text(json.dumps(result, indent=2))
     print(f"| run | wall s | exit |\n|---|---|---|\n| trtconv fp8 | {result['fp8']['wall_s']} | {result['fp8']['exit_code']} |\n"
           f"| trtconv auto ({a.candidates}) | {result['auto']['wall_s']} | {result['auto']['exit_code']} |")
     print(f"auto / fp8 = {result['ratio_auto_to_fp8']} (target <= 3); search split: {result['auto']['search'].get('seconds')}")

@@ -6,7 +6,8 @@
 # A run is SHAPE[@LAYERS]:PRECISIONS (bench_scale.py's names; fp8_cap / fp8_kv_cap: trtconv under
 # --max-gpu-memory $BENCH_CAP, default 8, beside the uncapped bare export), e.g. issue 19/20's layer streaming:
 #   BENCH_CAP=8 bash scripts/gpu_families.sh "qwen3-8b:fp8,fp8_cap qwen3-30b-a3b@16:fp8,fp8_cap"
-# Each shape's model is made in /tmp/fam-SHAPE, measured, and removed (the host's 64 GB disk).
+# Each shape's model is made in /tmp/fam-SHAPE, measured, and removed (the host's 64 GB disk); KEEP_MODEL=SHAPE
+# keeps that one's for a next call on the same warm host (e.g. scripts/bench_auto.py --skip-model).
 set -uo pipefail
 RUNS=${1:-"qwen3-8b:fp8 gemma3-4b:fp8"}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,7 +28,8 @@ for run in $RUNS; do
   KEEP=(--keep-extensions)  # compiled once, in the shared TRTCONV_CACHE
   cp "$work/bench.json" "$OUT/$shape.json"; cp "$work/bench.md" "$OUT/$shape.md"
   tar czf "$OUT/$shape-logs.tgz" -C "$work" $(cd "$work" && ls *.log 2>/dev/null)
-  rm -rf "$work/model" "$TRTCONV_CACHE/stages"
+  [[ $shape == "${KEEP_MODEL:-}" ]] || rm -rf "$work/model"
+  rm -rf "$TRTCONV_CACHE/stages"
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 df -h /tmp | tail -1 >> "$OUT/gpu.txt"
