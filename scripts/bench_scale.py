@@ -28,7 +28,8 @@ Made for the GPU host (see docs/performance.md for results and the exact command
 `--precisions` takes fp8, int8_sq, int4_awq, w4a8_awq and fp8_kv (fp8 weights + fp8 KV cache), and
 fp8_streamed: trtconv alone, fp8 through the layer-streamed path (`calibration.streaming: always`), to set
 beside fp8's bare run; fp8_cap / fp8_kv_cap: trtconv alone under `--max-gpu-memory $BENCH_CAP` (default 8 GiB),
-beside the uncapped fp8 / fp8_kv bare run. With BENCH_EXPORT=hf the bare side writes ModelOpt's unified HF
+beside the uncapped fp8 / fp8_kv bare run; fp8_advice / fp8_cap_advice: the same with the failed-gate advice on
+(its path, peak and time recorded). With BENCH_EXPORT=hf the bare side writes ModelOpt's unified HF
 checkpoint (`export_hf_checkpoint`), what trtconv writes for the families without a legacy one (Qwen3, Gemma,
 Qwen3-MoE); `--layers N` cuts a made model to N decoder layers (a MoE shape on the host's 64 GB disk).
 The child modes (`_bare`, `_compile`) are internal.
@@ -62,6 +63,9 @@ VARIANTS = {
     # Under a GPU memory cap below the whole model (calibration.streaming auto): what a user with a smaller GPU runs.
     "fp8_cap": ("fp8", ["--max-gpu-memory", CAP_GIB]),
     "fp8_kv_cap": ("fp8_kv", ["--max-gpu-memory", CAP_GIB]),
+    # The failed-gate advice on (random weights fail the gate): its peak against calibration's, in memory and streamed.
+    "fp8_advice": ("fp8", ["--set", "evaluate.sensitivity=true"]),
+    "fp8_cap_advice": ("fp8", ["--max-gpu-memory", CAP_GIB, "--set", "evaluate.sensitivity=true"]),
 }
 CALIB = {"num_samples": 64, "seq_len": 256, "batch_size": 4, "seed": 1234}  # trtconv calibrate's defaults
 
@@ -220,9 +224,11 @@ def bench_trtconv(args, env, name: str, tag: str) -> dict:
         manifest = json.loads((out / "manifest.json").read_text())
         stages = {s["name"]: s for s in manifest["stages"]}
         digest, status = manifest["artifact_digest"], manifest["status"]
+        advice = (manifest.get("evaluation") or {}).get("advice") or {}
+        advice = {k: advice.get(k) for k in ("path", "reused", "peak_gpu_mib", "seconds", "wall_s", "exclude_candidates") if k in advice}
     except (OSError, ValueError, KeyError):
-        digest, status = None, None
-    return {"rc": rc, "process_s": wall, "peak_rss_mib": rss, "stages": stages, "status": status, "digest": digest,
+        digest, status, advice = None, None, {}
+    return {"rc": rc, "process_s": wall, "peak_rss_mib": rss, "stages": stages, "status": status, "digest": digest, "advice": advice,
             "command": " ".join(cmd[1 + len(sampler):])}
 
 
