@@ -45,7 +45,22 @@ COMMON = ["--no-cache", "--force", "--hf-checkpoint", "--set", "export.tensorrt_
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if "TORCH_EXTENSIONS_DIR" not in env:  # every process loads ModelOpt's extension from the folder trtconv uses
+        code = "from trtconv.cache.store import use_torch_extensions_cache as u; print(u())"
+        env["TORCH_EXTENSIONS_DIR"] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                                     cwd=ROOT, check=True).stdout.strip()
+        os.environ["TORCH_EXTENSIONS_DIR"] = env["TORCH_EXTENSIONS_DIR"]
+    return env
+
+
+def compile_extensions(device: str) -> dict:
+    """ModelOpt's CUDA extensions compiled (or loaded) before anything is timed: a fresh host compiles for minutes."""
+    if device != "cuda":
+        return {}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "_compile"], env=_env(), capture_output=True, text=True)
+    return {"rc": res.returncode, "process_s": round(time.monotonic() - t0, 1)}
 
 
 def trtconv(model: Path, out: Path, args: list[str], device: str) -> dict:
@@ -119,6 +134,7 @@ def main() -> None:
     result = {"shape": a.shape, "candidates": a.candidates, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "versions": versions()}
     record = a.work / "bench_auto.json"  # rewritten after each step: a run cut by a time limit keeps what it measured
+    result["extension_compile"] = compile_extensions(a.device)
     result["fp8"] = trtconv(model, a.work / "fp8", ["--precision", "fp8"], a.device)
     record.write_text(json.dumps(result, indent=2))
     result["auto"] = trtconv(model, a.work / "auto", ["--precision", "auto", "--candidates", a.candidates], a.device)
