@@ -55,8 +55,9 @@ def _rows(recipe, model_dir: Path):
     return calib, evals
 
 
-def auto_quantize(recipe, model_dir: Path, calib, bits: float, out: Path, device: str) -> dict:
-    """ModelOpt's auto_quantize at `bits` over the recipe's candidates, exported as the unified HF checkpoint."""
+def auto_quantize(recipe, model_dir: Path, calib, bits: float, out: Path, device: str, score_batches: int | None = None) -> dict:
+    """ModelOpt's auto_quantize at `bits` over the recipe's candidates, exported as the unified HF checkpoint.
+    Calibrated on every calibration batch; scored on the first `score_batches` (all when None)."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
@@ -72,12 +73,13 @@ def auto_quantize(recipe, model_dir: Path, calib, bits: float, out: Path, device
     t0 = time.monotonic()
     model, state = mtq.auto_quantize(model, constraints={"effective_bits": bits}, quantization_formats=formats,
                                      data_loader=batches, forward_step=lambda m, b: m(input_ids=b, use_cache=False).logits,
-                                     method="kl_div", num_calib_steps=len(batches), num_score_steps=len(batches))
+                                     method="kl_div", num_calib_steps=len(batches), num_score_steps=score_batches or len(batches))
     seconds = time.monotonic() - t0
     if device == "cpu":
         model = model.to(torch.bfloat16)  # what trtconv exports from a CPU run: the checkpoint's own dtype
     export_hf_checkpoint(model, export_dir=str(out))
-    return {"seconds": round(seconds, 1), "effective_bits_target": bits, "best": str(state.get("best", {}).get("constraints"))}
+    return {"seconds": round(seconds, 1), "effective_bits_target": bits, "best": str(state.get("best", {}).get("constraints")),
+            "score_rows": sum(len(b) for b in batches[: score_batches or len(batches)]), "calibration_rows": len(calib.rows)}
 
 
 def judge(recipe, model_dir: Path, hf_dir: Path, evals, device: str) -> dict:
@@ -123,7 +125,9 @@ def main() -> None:
     ap.add_argument("--advice", type=Path)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-auto-quantize", action="store_true",
-                    help="skip mtq.auto_quantize (on the 2-core CPU its kl_div scoring of SmolLM2 took over 35 min)")
+                    help="skip mtq.auto_quantize (on the 2-core CPU its kl_div scoring of SmolLM2 takes about 18 min per batch of 8 rows)")
+    ap.add_argument("--score-batches", type=int, help="calibration batches mtq.auto_quantize scores on (default all); "
+                    "1 = 8 rows, what trtconv's per-layer sensitivity uses (stages.search.SENSITIVITY_EVAL_ROWS)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(a.auto)
@@ -135,7 +139,7 @@ def main() -> None:
     bits = rows["auto (trtconv)"]["bits"]
     if not a.no_auto_quantize:
         aq = a.work / "auto_quantize"
-        meta = auto_quantize(recipe, model_dir, calib, bits, aq, a.device)
+        meta = auto_quantize(recipe, model_dir, calib, bits, aq, a.device, a.score_batches)
         rows["mtq.auto_quantize"] = {**judge(recipe, model_dir, aq, evals, a.device), **meta}
     if a.advice:
         art = advice_run(a.advice, model_dir, a.work / "advice")
