@@ -26,9 +26,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_path):
+# One mix per family kind: the first layer at each candidate, so each format meets each family's rules (Phi-3's
+# fused linears in the files, Gemma 3's local/global layers and scaled embeddings, a MoE layer's experts, which
+# stay with their layer's format; a MoE family converts fp8 and 16-bit only: architectures.Experts.precisions).
+# The tiny Qwen3-MoE's odd layers are dense: its mix gives each kind of layer both formats.
+MIXES = {"llama": ["int4_awq", "fp8", "none", "fp8"], "phi3": ["int4_awq", "fp8", "none", "fp8"],
+         "gemma3": ["int4_awq", "fp8", "none", "fp8"], "qwen3_moe": ["fp8", "none", "none", "fp8"]}
+
+
+@pytest.mark.parametrize("family", list(MIXES))
+def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
+    from trtconv.architectures import ARCHITECTURES
     from trtconv.checkpoints.hf_executor import load_shipped_model
     from trtconv.checkpoints.hf_reader import HFTensors, read_linear, read_quantization
     from trtconv.core.ui import Reporter
@@ -36,39 +46,52 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
     from trtconv.recipe.schema import recipe_from_dict
     from trtconv.stages import export, search
 
+    row = next(a for a in ARCHITECTURES.values() if a.family == family)
     torch.manual_seed(0)
-    cfg = tiny_config("llama", num_hidden_layers=4)
-    cfg.architectures = ["LlamaForCausalLM"]
+    cfg = tiny_config(family, num_hidden_layers=4)
+    cfg.architectures = [row.hf_name]
     original = AutoModelForCausalLM.from_config(cfg).float().eval()
+    candidates = sorted(set(MIXES[family]), key=MIXES[family].index)
+    kv = "none" if row.experts else "fp8"
     recipe = recipe_from_dict({"name": "t", "model": {"path": str(tmp_path)}, "quantization": {
-        "precision": "auto", "kv_cache": "fp8", "search": {"candidates": ["int4_awq", "fp8", "none"]}},
+        "precision": "auto", "kv_cache": kv, "search": {"candidates": candidates}},
         "calibration": {"batch_size": 4}, "export": {"tensorrt_llm_checkpoint": False, "hf_checkpoint": True},
         "engine": {"target": "none"}}, [], source="test").resolved()
     rows = torch.randint(0, cfg.vocab_size, (4, 32)).tolist()
     tokens = TokenSet(rows, [32] * 4, ["d"] * 4, None, "0" * 64, 0)
     reporter = Reporter(quiet=True)
     models, group = search.calibrate_candidates(original, recipe, search.candidates_of(recipe.quantization), tokens, "cpu", reporter)
-    prefixes = [f"model.layers.{i}" for i in range(4)]
-    chosen = dict(zip(prefixes, ["int4_awq", "fp8", "none", "fp8"]))
+    prefixes = [f"model.layers.{i}" for i in range(len(original.get_decoder().layers))]  # a factory may fix the count
+    mix = (MIXES[family] * 2)[: len(prefixes)]
+    chosen = dict(zip(prefixes, mix))
     sources = {f: list(m.get_decoder().layers) for f, m in models.items()}
-    mixed = search.assemble(models["int4_awq"], sources, chosen, prefixes)
+    mixed = search.assemble(models[search.candidates_of(recipe.quantization)[0]], sources, chosen, prefixes)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         fake = mixed(input_ids=ids, use_cache=False).logits
         reference = original(input_ids=ids, use_cache=False).logits
     quant = recipe.quantization.model_copy(update={"awq_group_size": group})
-    exported = export.run(mixed, _Tok(), mixed.config, "LlamaForCausalLM", recipe.export, quant, tmp_path)
+    exported = export.run(mixed, _Tok(), mixed.config, row.hf_name, recipe.export, quant, tmp_path)
     hf_dir = exported.hf_checkpoint_dir
     hf_quant = json.loads((hf_dir / "hf_quant_config.json").read_text())["quantization"]
-    assert hf_quant["quant_algo"] == "MIXED_PRECISION" and hf_quant["kv_cache_quant_algo"] == "FP8"
+    if kv == "fp8":
+        assert hf_quant["kv_cache_quant_algo"] == "FP8"
     files, quantization = HFTensors(hf_dir), read_quantization(hf_dir, json.loads((hf_dir / "config.json").read_text()))
     algo = {"int4_awq": "W4A16_AWQ", "fp8": "FP8", "none": None}
-    for prefix, fmt in chosen.items():
-        for leaf in ("self_attn.q_proj", "mlp.down_proj"):
-            stored = read_linear(files, quantization, f"{prefix}.{leaf}", False)
-            assert stored.algo == algo[fmt], (prefix, leaf)
+    router = f".{row.experts.module_block}.{row.experts.router}" if row.experts else None
+    for prefix, fmt in chosen.items():  # every linear of the layer, in the layer's format (the router stays 16-bit)
+        linears = [n for n, m in original.named_modules() if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)
+                   and not (router and n.endswith(router))]
+        assert linears
+        for name in linears:
+            assert read_linear(files, quantization, name, False).algo == algo[fmt], (prefix, name)
+        if any(n.startswith(prefix + ".") and n.endswith(".experts") for n, _ in original.named_modules()):
+            # and its experts, one linear per expert in the files
+            expert = f"{prefix}.{row.experts.file_block}.experts.0.{row.experts.file_leaves[0]}"
+            assert read_linear(files, quantization, expert, False).algo == algo[fmt], (prefix, expert)
+    int4_share = mix.count("int4_awq") / len(prefixes)  # equal layers; the validation counts no scales
     assert exported.validation["hf_checkpoint_weight_bits"]["bits_per_weight"] == pytest.approx(
-        search.effective_bits(chosen, search.layer_weights(original, prefixes)) - 0.125 / 4, abs=0.01)  # scales not counted
+        search.effective_bits(chosen, search.layer_weights(original, prefixes)) - 0.125 * int4_share, abs=0.01)
     ran = load_shipped_model(hf_dir).logits(ids)
     fake_err, shipped_err = _rel(fake, reference), _rel(ran, reference)
     assert fake_err > 0
@@ -76,6 +99,18 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
     # model by less than the quantization error itself, and are as accurate (tests/contract/test_hf_checkpoint_executor).
     assert _rel(ran, fake) < fake_err
     assert abs(shipped_err - fake_err) < 0.5 * fake_err
+
+
+def test_a_moe_auto_build_searches_what_its_family_converts(cli, tmp_path):
+    """No candidates named: a MoE family's auto build searches fp8 and 16-bit (its row), where the default list
+    (int4_awq, int8_sq, ...) was refused before any work."""
+    model = make_tiny_model(tmp_path / "m", "qwen3_moe")
+    out = tmp_path / "out"
+    res = cli("calibrate", "--model", model, "-o", out, *PLUMBING_ARGS, "--precision", "auto", "--set", "engine.target=none",
+              "--set", "quantization.search.max_trials=2")
+    assert res.exit_code == 0, res.output
+    found = json.loads((out / "manifest.json").read_text())["calibration"]["search"]
+    assert found["candidates"] == ["fp8", "none"] and found["trials"][0]["layers_per_format"] == {"fp8": 2}
 
 
 class _Tok:

@@ -50,6 +50,24 @@ def test_bad_search_settings_are_named(tmp_path, quantization, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("arch, expected", [("Qwen3MoeForCausalLM", ["fp8", "none"]), ("MixtralForCausalLM", ["fp8", "none"]),
+                                            ("Qwen3ForCausalLM", None)])
+def test_default_candidates_are_what_the_family_converts(tmp_path, arch, expected):
+    """A MoE model with precision auto and no candidates named searches over its row's precisions instead of
+    being refused for a default (int4_awq, int8_sq) it never asked for; a named candidate is still checked."""
+    from trtconv.architectures import ARCHITECTURES
+    from trtconv.stages.search import default_candidates
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    p = tmp_path / "r.yaml"
+    p.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n{HF_ONLY}")
+    candidates = load_recipe(p)[0].resolved().quantization.search.candidates
+    assert sorted(candidates) == sorted(expected or default_candidates())
+    assert "int4_awq" in default_candidates() and set(candidates) <= set(ARCHITECTURES[arch].experts.precisions if expected else candidates)
+
+
 def test_a_recipe_without_auto_keeps_its_bytes(tmp_path):
     r = _load(tmp_path, "{precision: fp8}")
     assert "search" not in r.model_dump(mode="json")["quantization"]  # digests and cache keys of every other recipe unchanged
@@ -146,8 +164,10 @@ def test_search_bisects_to_the_cheapest_passing_step():
     assert passed == 3 and failed == 2 and len(measured) <= 5
 
 
-def test_layer_weights_count_fused_experts(tmp_path):
-    """A Qwen3-MoE layer's bits are its experts' too (transformers 5 fuses them into 3-D parameters, no `weight`)."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_layer_weights_count_fused_experts(tmp_path, arch):
+    """A MoE layer's bits are its experts' too (transformers 5 fuses them into 3-D parameters, no `weight`); DeepSeek-V3's
+    latent-attention projections and shared expert are plain linears, its dense layer 0 has no experts."""
     import torch
 
     from tests.factories import make_tiny_model
@@ -155,7 +175,7 @@ def test_layer_weights_count_fused_experts(tmp_path):
     from trtconv.gate.sensitivity import layer_prefixes
     from trtconv.stages.search import layer_weights
 
-    model = load_hf_model(make_tiny_model(tmp_path / "m", "qwen3_moe"), "float32", False, "cpu")
+    model = load_hf_model(make_tiny_model(tmp_path / "m", arch), "float32", False, "cpu")
     prefixes = layer_prefixes(model)
     counts = layer_weights(model, prefixes)
     for p, layer in zip(prefixes, model.get_decoder().layers):

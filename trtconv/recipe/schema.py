@@ -262,7 +262,7 @@ class Recipe(Strict):
         if self.quantization.is_auto and not data["quantization"]["search"].get("candidates"):
             from trtconv.stages.search import default_candidates
 
-            data["quantization"]["search"]["candidates"] = default_candidates()
+            data["quantization"]["search"]["candidates"] = default_candidates(self.model)
         gates = data["evaluate"]["gates"]
         defaults = PRECISIONS[self.quantization.gate_precision].default_gates
         has_task = bool(data["evaluate"]["multiple_choice"])

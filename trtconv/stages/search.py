@@ -123,9 +123,35 @@ def candidates_of(section) -> list[str]:
     return sorted(dict.fromkeys(names), key=lambda p: (format_bits(p), -PRECISIONS[p].ladder_rung))
 
 
-def default_candidates() -> list[str]:
-    """Every precision a build can calibrate on any host (not CUDA-only), 16-bit `none` included."""
-    return [p.name for p in PRECISIONS.values() if not p.needs_cuda]
+def default_candidates(model=None) -> list[str]:
+    """Every precision a build can calibrate on any host (not CUDA-only), 16-bit `none` included. For a family
+    whose row converts only some (a mixture of experts: architectures.Experts.precisions), only those: a MoE model
+    with `precision: auto` and no candidates named searches over what its family converts instead of being refused
+    for a default it never asked for. `model` is the recipe's model section; its row is read where config.json is
+    already on this machine (resolving a recipe downloads nothing and trains no reference model)."""
+    row = _row_of(model) if model is not None else None
+    allowed = row.experts.precisions if row is not None and row.experts is not None else None
+    return [p.name for p in PRECISIONS.values() if not p.needs_cuda and (allowed is None or p.name in allowed)]
+
+
+def _row_of(model):
+    """The architectures row of a model section whose config.json is here: a local folder, or a Hub model's
+    config in the Hugging Face cache; None otherwise (a reference model is a dense Llama)."""
+    from pathlib import Path
+
+    from trtconv.architectures import row_for_folder
+
+    if model.path:
+        return row_for_folder(Path(model.path).expanduser())
+    if model.hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model.hub_id, "config.json", revision=model.revision)
+        except Exception:  # noqa: BLE001 - no cached config: the load stage reads it, and checks the candidates
+            return None
+        return row_for_folder(Path(cached).parent) if isinstance(cached, str) else None
+    return None
 
 
 def _section_for(section, precision: str, group_size: int | None):
