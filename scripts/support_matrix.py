@@ -43,6 +43,11 @@ EVIDENCE = {
                  "ModelOpt fake quant, unquantized = original, CLI fp8 convert + check, per-expert advice); plan: "
                  "Qwen3-30B-A3B shapes (tests/unit/test_memory_plan.py); GPU: bare ModelOpt only on an 8-layer "
                  "Qwen3-30B-A3B shape (H100 run G3), trtconv's run not yet measured",
+    "deepseek_v3": "CPU: tests/contract/test_moe*.py (latent attention, 8 experts in 2 groups, top-2, a shared expert, a dense "
+                   "layer 0, non-zero e_score_correction_bias: fp8 vs ModelOpt fake quant, unquantized = original, the "
+                   "fused_qkv_a_proj scale rule, CLI fp8 convert + check, refusals), streamed = in memory "
+                   "(test_streaming_hf.py, test_families_cli.py), per-expert advice; plan: DeepSeek-V3 shapes, parameters "
+                   "exact (tests/unit/test_memory_plan.py); GPU: not measured",
 }
 
 
@@ -89,8 +94,9 @@ def render() -> str:
     lines += ["", "## Precisions (every dense family)", "", "| precision | quant_algo | needs |", "|---|---|---|"]
     lines += [_precision_line(p) for p in PRECISIONS.values()]
     kv = ", ".join(k.name for k in KV_CACHE_FORMATS.values())
-    lines += ["", f"KV cache formats (every family): {kv}.", "",
-              "## Engine targets", "", "| target | starts from |", "|---|---|"]
+    lines += ["", f"KV cache formats: {kv}; every family but these, which refuse a quantized KV cache (before any work, exit 2):", ""]
+    lines += [f"- {arch.hf_name}: {arch.no_kv_cache_quant}" for arch in ARCHITECTURES.values() if arch.no_kv_cache_quant]
+    lines += ["", "## Engine targets", "", "| target | starts from |", "|---|---|"]
     lines += [f"| {t.name} | {t.source_dir}/ |" for t in ENGINE_TARGETS.values()]
     return "\n".join(lines) + "\n"
 

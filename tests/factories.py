@@ -147,9 +147,36 @@ def _qwen3_moe(common: dict):
     return Qwen3MoeConfig(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **fields)
 
 
+def _deepseek_v3(common: dict):
+    # DeepSeek-V3: MLA attention (q and kv through low-rank projections with their own norms, a decoupled rope
+    # part; q/k head 48, v head 32), layer 0 dense (first_k_dense_replace), layers 1-2 MoE: 8 routed experts of
+    # width 64 in 2 groups, top-2 within the best group (n_group / topk_group: group-limited sigmoid routing with
+    # e_score_correction_bias, made non-zero by make_tiny_model), plus one shared expert.
+    from transformers import DeepseekV3Config
+
+    defaults = {"n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "q_lora_rank": 64, "kv_lora_rank": 32,
+                "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
+                # what the hub's config.json says and vLLM reads (transformers always routes so, whatever they say)
+                "topk_method": "noaux_tc", "scoring_func": "sigmoid"}
+    fields = {**defaults, **common, "num_hidden_layers": 3, "num_key_value_heads": common["num_attention_heads"]}  # MLA: kv heads = heads
+    return DeepseekV3Config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **fields)
+
+
+def _route_bias(model) -> None:
+    """DeepSeek-V3's routers add e_score_correction_bias (a buffer, zero at init) to the scores that pick the
+    experts: a trained model's is not zero, and a reader that leaves it at zero must show."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.2 * torch.randn_like(buffer))
+
+
 NEW_FAMILY_CONFIGS = {"qwen3": _qwen3, "gemma3": _gemma3, "gemma2": _gemma2, "phi3": _phi3,
-                      "mixtral": _mixtral, "qwen3_moe": _qwen3_moe}
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+                      "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
+# What a family's random init leaves unlike a trained model, set after it is made.
+AFTER_INIT = {"deepseek_v3": _route_bias}
 
 # Every architecture family of trtconv.architectures has a tiny factory (tests/test_registries.py checks).
 TINY_ARCHS = ("llama", "qwen2", "mistral", *NEW_FAMILY_CONFIGS)
@@ -164,8 +191,9 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", dtype: torch.dtype = tor
     tok = make_tokenizer(out_dir)
     cfg = tiny_config(arch, vocab_size=len(tok), **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
-    model.save_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_config(cfg)
+    AFTER_INIT.get(arch, lambda m: None)(model)
+    model.to(dtype).save_pretrained(out_dir)
     return out_dir
 
 
@@ -208,9 +236,13 @@ def make_moe_with_unrouted_expert(out_dir: Path, arch: str = "mixtral") -> Path:
 
     Layer 0's MoE input keeps one feature (post-attention norm weight 1 there, 0 elsewhere) and the router
     reads only it with weights [2, 1, -1, -2, 0]: a positive feature ranks experts 0, 1 first, a negative
-    one 3, 2; expert 4 (0) is always third. The other experts and layers are as made."""
+    one 3, 2; expert 4 (0) is always third. The other experts and layers are as made.
+    DeepSeek-V3 (layer 0 dense, 8 experts in 2 groups): layer 1's e_score_correction_bias of expert 4 is -1000;
+    its router picks by score + bias (scores in (0, 1)), so expert 4 is never among the top-k."""
     from transformers import AutoModelForCausalLM
 
+    if arch == "deepseek_v3":
+        return _deepseek_with_unrouted_expert(Path(out_dir))
     key = "num_local_experts" if arch == "mixtral" else "num_experts"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -224,4 +256,14 @@ def make_moe_with_unrouted_expert(out_dir: Path, arch: str = "mixtral") -> Path:
         layer.mlp.gate.weight.zero_()
         layer.mlp.gate.weight[:, 5] = torch.tensor([2.0, 1.0, -1.0, -2.0, 0.0])
     model.to(torch.bfloat16).save_pretrained(out_dir)
+    return out_dir
+
+
+def _deepseek_with_unrouted_expert(out_dir: Path) -> Path:
+    make_tiny_model(out_dir, "deepseek_v3")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"][4] = -1000.0
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir

@@ -46,6 +46,12 @@ class Experts:
     why_not: str = ""
     module_block: str = "mlp"  # the MoE block in transformers 5's modules
     router: str = "gate"  # the router module within the block (stays unquantized)
+    # Experts every token goes through beside the routed ones (DeepSeek-V3: n_shared_experts, one MLP of
+    # n x the expert width, quantized as a dense MLP); None: none.
+    shared_key: str | None = None
+    # config.json key of how many first decoder layers keep a dense MLP (DeepSeek-V3: first_k_dense_replace;
+    # intermediate_size wide); None: every layer holds experts.
+    dense_layers_key: str | None = None
 
 
 # The hub's Qwen3-MoE config.json says num_experts; transformers 5 saves the same attribute as num_local_experts
@@ -53,6 +59,16 @@ class Experts:
 _QWEN_MOE_EXPERTS = ("num_experts", "num_local_experts")
 _MOE_WHY = ("ModelOpt 0.47's AWQ fails on transformers 5's fused experts (get_experts_list calls len(module.experts)); "
             "int8 SmoothQuant and NVFP4 experts are not verified against trtconv's executor (NVFP4 needs CUDA as well)")
+_DEEPSEEK_WHY = ("ModelOpt 0.47's AWQ leaves DeepSeek-V3's fused experts' weight quantizers uncalibrated (amax dynamic) and "
+                 "export_hf_checkpoint then fails on them (IndexError in pack_int4_in_uint8); int8 SmoothQuant and NVFP4 "
+                 "experts are not verified against trtconv's executor (NVFP4 needs CUDA as well)")
+# Multi-head latent attention caches one latent a token (kv_a_proj_with_mqa's output: the normed kv_lora_rank part
+# and the rope part), not k and v; ModelOpt 0.47 calibrates k_scale / v_scale on the decompressed keys and values
+# (after kv_b_proj) and writes them under k_proj / v_proj, modules DeepSeek-V3 does not have.
+_MLA_KV_WHY = ("multi-head latent attention caches a latent, not keys and values: ModelOpt 0.47's FP8 KV-cache scales "
+               "are calibrated on the decompressed keys and values (written as self_attn.k_proj.k_scale / "
+               "v_proj.v_scale, modules this family does not have), not on the latent a runtime stores, and "
+               "trtconv's executor would judge that other tensor")
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,12 @@ class Architecture:
     # tensorrt) is refused for this family; None = it is converted, checked and judged.
     no_trtllm_checkpoint: str | None = None
     experts: Experts | None = None  # a mixture-of-experts family: where its experts are (None: dense)
+    # Multi-head latent attention (DeepSeek-V2/V3's q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+    # v_head_dim): the memory plan counts its projections and its cache (one latent a token and layer).
+    latent_attention: bool = False
+    # Why a quantized KV cache (quantization.kv_cache other than none) is refused for this family, before any
+    # work; None = every KV-cache format (trtconv.precisions.KV_CACHE_FORMATS) is converted and judged.
+    no_kv_cache_quant: str | None = None
 
 
 _UNIFIED_ONLY = "convert it to the unified HF checkpoint (export.tensorrt_llm_checkpoint: false, export.hf_checkpoint: true; engine target pytorch)"
@@ -136,6 +158,22 @@ ARCHITECTURES: dict[str, Architecture] = {
             no_trtllm_checkpoint="ModelOpt 0.47's legacy export accepts MoE only for llama/dbrx/phi3/deepseek/qwen decoders "
             "(AssertionError on Qwen3-MoE) and trtconv's TensorRT-LLM checkpoint reader has no experts; " + _UNIFIED_ONLY,
             experts=Experts(_QWEN_MOE_EXPERTS, "moe_intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj"), why_not=_MOE_WHY),
+        ),
+        # DeepSeek-V3: multi-head latent attention, one shared expert beside the routed ones, dense first layers.
+        # vLLM runs q_a_proj and kv_a_proj_with_mqa (both read the layer input) as one GEMM, fused_qkv_a_proj, where
+        # q_lora_rank is set (model_executor/models/deepseek_v2.py, packed_modules_mapping); ModelOpt writes them
+        # two weight scales (one input scale), so the group is the executor's to apply. The shared experts'
+        # gate/up are one GEMM as a dense MLP's are; the routed experts are the Experts rule.
+        Architecture(
+            "DeepseekV3ForCausalLM", "DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False,
+            fused_groups=(("q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj")),
+            latent_attention=True,
+            no_kv_cache_quant=_MLA_KV_WHY,
+            no_trtllm_checkpoint="ModelOpt 0.47's legacy export has no TensorRT-LLM config for DeepSeek (NotImplementedError: "
+            "'not supported by TensorRT-LLM yet', with or without tensorrt_llm installed) and trtconv's TensorRT-LLM "
+            "checkpoint reader has neither experts nor latent attention; " + _UNIFIED_ONLY,
+            experts=Experts(("n_routed_experts",), "moe_intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                            why_not=_DEEPSEEK_WHY, shared_key="n_shared_experts", dense_layers_key="first_k_dense_replace"),
         ),
     )
 }

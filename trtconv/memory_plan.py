@@ -20,7 +20,8 @@ be the stage that sets a conversion's peak. On a CPU evaluation follows calibrat
 
 Every estimate is parameter arithmetic plus named allowances (the CUDA context, activation
 workspaces); docs/performance.md ("Models larger than the GPU") compares them with measured peaks.
-KV-cache bytes per token = layers x KV heads x head size x KV dtype bytes x 2 (K and V).
+KV-cache bytes per token = layers x KV heads x head size x KV dtype bytes x 2 (K and V); for multi-head
+latent attention (DeepSeek-V3) layers x (kv_lora_rank + qk_rope_head_dim) x KV dtype bytes (one latent).
 """
 
 from __future__ import annotations
@@ -95,17 +96,64 @@ class MemoryPlanError(UserError):
 DIMENSION_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
-def _expert_fields(cfg: dict) -> dict:
-    """A mixture-of-experts family's expert count and width, under the keys its row names (0: dense)."""
+def _row(cfg: dict):
     from trtconv.architectures import by_hf_name
 
-    row = by_hf_name((cfg.get("architectures") or [None])[0])
+    return by_hf_name((cfg.get("architectures") or [None])[0])
+
+
+def _expert_fields(cfg: dict) -> dict:
+    """A mixture-of-experts family's expert count and width, under the keys its row names (0: dense), with its
+    shared experts' width and its dense first layers where the row names those keys."""
+    row = _row(cfg)
     moe = row.experts if row is not None else None
     count = next((cfg[k] for k in (moe.count_keys if moe is not None else ()) if cfg.get(k)), None)
     if count is None:
         return {}
-    return {"experts": int(count), "expert_intermediate": int(cfg.get(moe.intermediate_key) or cfg["intermediate_size"]),
-            "active_experts": int(cfg.get("num_experts_per_tok") or 1)}
+    width = int(cfg.get(moe.intermediate_key) or cfg["intermediate_size"])
+    shared = int(cfg.get(moe.shared_key) or 0) if moe.shared_key else 0
+    dense = int(cfg.get(moe.dense_layers_key) or 0) if moe.dense_layers_key else 0
+    return {"experts": int(count), "expert_intermediate": width, "active_experts": int(cfg.get("num_experts_per_tok") or 1),
+            "shared_intermediate": shared * width, "dense_layers": min(dense, int(cfg["num_hidden_layers"]))}
+
+
+@dataclass(frozen=True)
+class LatentAttention:
+    """Multi-head latent attention's widths (DeepSeek-V2/V3 config keys): q through a q_lora_rank latent (or one
+    q_proj where it is null), k/v through one kv_lora_rank latent plus a shared rope key of qk_rope_head_dim."""
+
+    q_rank: int  # 0: no q latent (q_proj)
+    kv_rank: int
+    nope: int  # qk_nope_head_dim
+    rope: int  # qk_rope_head_dim
+    v: int  # v_head_dim
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> LatentAttention:
+        return cls(q_rank=int(cfg.get("q_lora_rank") or 0), kv_rank=int(cfg["kv_lora_rank"]),
+                   nope=int(cfg["qk_nope_head_dim"]), rope=int(cfg["qk_rope_head_dim"]), v=int(cfg["v_head_dim"]))
+
+    def linear_params(self, hidden: int, heads: int) -> int:
+        q_head = self.nope + self.rope
+        q = hidden * self.q_rank + self.q_rank * heads * q_head if self.q_rank else hidden * heads * q_head
+        kv = hidden * (self.kv_rank + self.rope) + self.kv_rank * heads * (self.nope + self.v)
+        return q + kv + heads * self.v * hidden
+
+    def norm_params(self) -> int:
+        return self.q_rank + self.kv_rank  # q_a_layernorm, kv_a_layernorm
+
+    def cache_width(self) -> int:
+        """Values cached a token and layer: the latent and the rope key (one vector, not a K and a V)."""
+        return self.kv_rank + self.rope
+
+
+def _attention_fields(cfg: dict) -> dict:
+    """Latent attention's widths, and whether the family converts a quantized KV cache (the advice offers fp8 KV)."""
+    row = _row(cfg)
+    if row is None:
+        return {}
+    return {"latent": LatentAttention.from_config(cfg) if row.latent_attention else None,
+            "kv_quant": row.no_kv_cache_quant is None}
 
 
 def check_dimensions(cfg: dict, source) -> None:
@@ -135,11 +183,15 @@ class Shape:
     tied: bool
     qkv_bias: bool
     max_positions: int
-    # Mixture of experts (trtconv.architectures.Experts names the config keys): every layer is counted as
-    # an MoE layer (Mixtral, Qwen3-30B-A3B: all are; a Qwen3-MoE with mlp_only_layers is over-counted a little).
+    # Mixture of experts (trtconv.architectures.Experts names the config keys): every layer holds experts but the
+    # dense first ones (DeepSeek-V3's first_k_dense_replace); a Qwen3-MoE with mlp_only_layers is over-counted a little.
     experts: int = 0  # 0: a dense model
     expert_intermediate: int = 0
     active_experts: int = 0  # experts per token (num_experts_per_tok)
+    shared_intermediate: int = 0  # the shared experts' width together (DeepSeek-V3), beside each MoE layer's routed ones
+    dense_layers: int = 0  # of a MoE family: the first layers with a dense MLP, intermediate wide
+    latent: LatentAttention | None = None  # multi-head latent attention (trtconv.architectures: latent_attention)
+    kv_quant: bool = True  # the family converts a quantized KV cache (trtconv.architectures: no_kv_cache_quant)
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> Shape:
@@ -150,23 +202,54 @@ class Shape:
             kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias")),
-            max_positions=cfg.get("max_position_embeddings") or 4096, **_expert_fields(cfg),
+            max_positions=cfg.get("max_position_embeddings") or 4096, **_expert_fields(cfg), **_attention_fields(cfg),
         )
 
-    def layer_linear_params(self) -> int:
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.experts else 0
+
+    def attention_linear_params(self) -> int:
+        if self.latent is not None:
+            return self.latent.linear_params(self.hidden, self.heads)
         h, d = self.hidden, self.head_dim
-        attn = h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
-        if self.experts:
-            return attn + self.experts * 3 * h * self.expert_intermediate
-        return attn + 3 * h * self.intermediate
+        return h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
+
+    def _dense_layer_linear_params(self) -> int:
+        return self.attention_linear_params() + 3 * self.hidden * self.intermediate
+
+    def layer_linear_params(self) -> int:
+        """The largest decoder layer's linears (what a layer-by-layer pass holds): a MoE layer's where there are any."""
+        if not self.moe_layers:
+            return self._dense_layer_linear_params()
+        return self.attention_linear_params() + 3 * self.hidden * (self.experts * self.expert_intermediate + self.shared_intermediate)
+
+    def linear_params(self) -> int:
+        """Every decoder layer's linears: the MoE layers' and the dense ones'."""
+        dense = self.layers - self.moe_layers
+        return self.moe_layers * self.layer_linear_params() + dense * self._dense_layer_linear_params()
+
+    def _router_params(self) -> int:
+        return self.experts * self.hidden  # unquantized (ModelOpt excludes it); DeepSeek's bias buffer (E values) not counted
+
+    def _norm_bias_params(self) -> int:
+        latent = self.latent.norm_params() if self.latent is not None else 0
+        return 2 * self.hidden + ((self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0) + latent
 
     def layer_other_params(self) -> int:
-        router = self.experts * self.hidden  # unquantized (ModelOpt excludes the router)
-        return 2 * self.hidden + ((self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0) + router
+        """The largest decoder layer's norms, biases and router."""
+        return self._norm_bias_params() + (self._router_params() if self.moe_layers else 0)
+
+    def other_params(self) -> int:
+        """Every decoder layer's norms, biases and routers (the dense layers of a MoE family have no router)."""
+        return self.layers * self._norm_bias_params() + self.moe_layers * self._router_params()
 
     def mlp_width(self) -> int:
-        """The MLP intermediate one token goes through: the dense width, or its experts' together."""
-        return self.active_experts * self.expert_intermediate if self.experts else self.intermediate
+        """The MLP intermediate one token goes through: the dense width, or its experts' together (the wider)."""
+        moe = self.active_experts * self.expert_intermediate + self.shared_intermediate
+        if not self.experts:
+            return self.intermediate
+        return max(moe, self.intermediate) if self.dense_layers else moe
 
     def layer_params(self) -> int:
         return self.layer_linear_params() + self.layer_other_params()
@@ -176,9 +259,11 @@ class Shape:
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
     def params(self) -> int:
-        return self.layers * self.layer_params() + self.outer_params()
+        return self.linear_params() + self.other_params() + self.outer_params()
 
     def kv_bytes_per_token(self, kv_dtype_bytes: int) -> int:
+        if self.latent is not None:
+            return self.layers * self.latent.cache_width() * kv_dtype_bytes
         return self.layers * self.kv_heads * self.head_dim * kv_dtype_bytes * 2
 
 
@@ -283,8 +368,8 @@ def resolve_gpu(name: str) -> Gpu:
 
 def _export_bytes(shape: Shape, precision: str, export_dtype_bytes: int) -> int:
     per = linear_bytes(precision, export_dtype_bytes)
-    linear = shape.layers * shape.layer_linear_params() * per
-    other = (shape.layers * shape.layer_other_params() + shape.outer_params()) * export_dtype_bytes
+    linear = shape.linear_params() * per
+    other = (shape.other_params() + shape.outer_params()) * export_dtype_bytes
     return int(linear + other)
 
 
@@ -492,7 +577,7 @@ def _evaluation_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: in
     per_batch = 2 * tokens * shape.vocab * 4 + _activation_bytes(shape, tokens, 4)  # both models' logits + a layer's temporaries
     fixed = context_bytes + dequantized + per_batch
     gpu, outer = plan.gpu_memory_bytes, shape.outer_params()
-    whole = shape.params() * base_b + shape.layers * cand_layer + outer * 4
+    whole = shape.params() * base_b + int(shape.linear_params() * linear_b) + shape.other_params() * 4 + outer * 4
     plan.checks.append(Check("evaluate (in memory)", "gpu", fixed + whole, gpu,
                              f"original ({'load dtype' if on_gpu else 'float32'}) + checkpoint as the executor holds it"))
     hidden = ev.num_samples * ev.seq_len * shape.hidden * (base_b + 4)
@@ -648,7 +733,7 @@ def _advise(plan: MemoryPlan, shape: Shape, recipe) -> None:
                                f"(needs {tp} GPUs of {gpu_gib:.1f} GiB)")
         elif tp is None:
             plan.advice.append(f"serving: does not fit {gpu_gib:.1f} GiB GPUs at any tp size up to 16; use a smaller precision")
-        if recipe.quantization.kv_cache == "none":
+        if recipe.quantization.kv_cache == "none" and shape.kv_quant:
             plan.advice.append("serving: quantization.kv_cache: fp8 halves the KV cache")
         if recipe.quantization.precision in ("none",):
             plan.advice.append("serving: quantization.precision: fp8 halves the weights")
@@ -659,7 +744,8 @@ def _advise(plan: MemoryPlan, shape: Shape, recipe) -> None:
         if conc < opts.max_batch_size:
             plan.advice.append(f"serving: only {conc} sequences of {plan.max_seq_len} tokens fit in the KV cache at once; "
                                f"max_batch_size {opts.max_batch_size} is reached only with shorter sequences "
-                               f"(set engine.{eng.target}.max_batch_size: {max(1, conc)} to match, or fp8 KV)")
+                               f"(set engine.{eng.target}.max_batch_size: {max(1, conc)} to match"
+                               f"{', or fp8 KV' if shape.kv_quant else ''})")
     gpus_check = by.get(("serve (GPUs)", "gpu"))
     if gpus_check is not None and not gpus_check.fits:
         plan.advice.append(f"serving: the export asks for {gpus_check.need_bytes} GPUs, --gpus is {gpus_check.have_bytes}")

@@ -147,7 +147,7 @@ def test_every_layer_shipped_is_the_gates_candidate(tmp_path, arch, tensorrt_llm
     assert result.full_kl == pytest.approx(sensitivity._kl_of(candidate(ids), lengths, base), rel=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_moe_advice_names_the_experts_of_the_worst_layer(tmp_path, arch):
     """Issue 20: the sensitivity report names experts. The worst layer holding experts has each routed expert shipped
     alone (the rest original); every token of the rows is routed to top-k experts, so the counts add up."""

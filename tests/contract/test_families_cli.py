@@ -94,13 +94,16 @@ def _cap_between(cli, recipe, tmp_path) -> str:
     return f"{(need['evaluate (streamed)'] + need['evaluate (in memory)']) / 2 / 2**30:.4f}"
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe", "deepseek_v3"])
 def test_a_cap_streams_the_unified_only_build(cli, tmp_path, family):
     """A cap below the whole model: plan says the unified-only family streams and fits; build streams calibration,
     the unified HF export and evaluation, and ships the uncapped run's artifact (same digest) and metrics."""
+    from trtconv.architectures import row_for_folder
+
     model = make_tiny_model(tmp_path / family, family, hidden_size=512, intermediate_size=1024, num_hidden_layers=4)
+    kv = "fp8" if row_for_folder(model).no_kv_cache_quant is None else "none"  # DeepSeek-V3: refused (latent attention)
     recipe = tmp_path / "unified.yaml"
-    recipe.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8, kv_cache: fp8}}\n"
+    recipe.write_text(f"name: g\nmodel: {{path: {model}}}\nquantization: {{precision: fp8, kv_cache: {kv}}}\n"
                       "calibration: {num_samples: 4, seq_len: 64, batch_size: 4}\nevaluate: {num_samples: 8, seq_len: 64}\n"
                       "export: {tensorrt_llm_checkpoint: false, hf_checkpoint: true}\n")
     cap = _cap_between(cli, recipe, tmp_path)
@@ -109,7 +112,7 @@ def test_a_cap_streams_the_unified_only_build(cli, tmp_path, family):
     assert res.exit_code == 0 and plan["streamed"] and plan["fits"] and not plan["refusals"], res.output
     runs = {}
     for name, extra in (("uncapped", []), ("capped", ["--max-gpu-memory", cap])):
-        res = cli("calibrate", "--model", model, "--precision", "fp8", "--kv-cache", "fp8", "-o", tmp_path / name, "--json",
+        res = cli("calibrate", "--model", model, "--precision", "fp8", "--kv-cache", kv, "-o", tmp_path / name, "--json",
                   "-q", *extra, *FAST)
         assert res.exit_code == 0, res.output
         runs[name] = json.loads(res.stdout)

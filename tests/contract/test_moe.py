@@ -1,17 +1,20 @@
-"""Mixture-of-experts families (Mixtral, Qwen3-MoE) through ModelOpt's unified HF export and the gate's executor.
+"""Mixture-of-experts families (Mixtral, Qwen3-MoE, DeepSeek-V3) through ModelOpt's unified HF export and the gate's executor.
 
 Tiny random models from transformers' own config classes (tests/factories.py: 4 experts, top-2; Qwen3-MoE
-with norm_topk_prob off and one dense layer), calibrated by ModelOpt 0.47 for real, exported by
+with norm_topk_prob off and one dense layer; DeepSeek-V3 with latent attention, 8 experts in 2 groups, a shared
+expert, a dense layer 0 and a non-zero e_score_correction_bias), calibrated by ModelOpt 0.47 for real, exported by
 ``export_hf_checkpoint`` (one tensor set per expert), run by trtconv's executor: the family's transformers
 class, its own router, and ShippedExperts computing each expert from the shipped tensors. Checked:
 
 - unquantized (transformers' own save_pretrained, which writes the same per-expert names), the executor
   is the original model: the expert layout, the name mapping and the routing are right;
-- quantized (fp8, fp8 + FP8 KV cache), the executor's distance to the original agrees with ModelOpt's
-  own fake-quant forward's (the ratio band of tests/contract/test_families.py);
+- quantized (fp8, fp8 + FP8 KV cache where the family converts it), the executor's distance to the original
+  agrees with ModelOpt's own fake-quant forward's (the ratio band of tests/contract/test_families.py);
 - every expert projection is a ShippedLinear named ``...experts.<e>.<gate|up|down>_proj`` and has a
   weight error against the original's fused expert slice;
-- one activation scale per layer's experts (the largest), as vLLM's FP8 MoE loads them.
+- one activation scale per layer's experts (the largest), as vLLM's FP8 MoE loads them;
+- DeepSeek-V3: the router's e_score_correction_bias (a buffer) is read from the files, and q_a_proj /
+  kv_a_proj_with_mqa are one GEMM (vLLM's fused_qkv_a_proj: one weight scale, the larger).
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ import torch
 from tests.contract.test_hf_checkpoint_executor import export_hf, rewrite_hf_tensor
 from tests.exports import _one_thread, copy_checkpoint, hf_logits, make_model, quantize, rel_error, token_batches  # noqa: F401
 from tests.factories import MOE_FAMILIES
-from trtconv.checkpoints.hf_executor import (ShippedExperts, ShippedLinear, load_shipped_model, original_weights,
-                                             shipped_weight_errors)
+from trtconv.architectures import ARCHITECTURES
+from trtconv.checkpoints.hf_executor import (ShippedExperts, ShippedLinear, is_fused_experts, load_shipped_model,
+                                             original_weights, shipped_weight_errors)
+
+_ROWS = {a.family: a for a in ARCHITECTURES.values()}
+# The FP8 KV cache only where the family's row converts it (DeepSeek-V3's latent attention: refused, see its row).
+KV_CASES = [(arch, kv) for arch in MOE_FAMILIES for kv in (False, True) if not kv or _ROWS[arch].no_kv_cache_quant is None]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +49,12 @@ def _ids(model) -> torch.Tensor:
     return token_batches(model.config.vocab_size, count=1, batch=2, length=24, seed=7)[0]
 
 
+def _first_moe_layer(model) -> tuple[int, torch.nn.Module]:
+    """The first decoder layer holding experts and its fused experts module (DeepSeek-V3's layer 0 is dense)."""
+    return next((i, layer.mlp.experts) for i, layer in enumerate(model.model.layers)
+                if is_fused_experts(getattr(layer.mlp, "experts", torch.nn.Module())))
+
+
 @pytest.mark.parametrize("arch", MOE_FAMILIES)
 def test_unquantized_checkpoint_runs_as_the_original(moe_models, tmp_path, arch):
     model = moe_models[arch]
@@ -51,8 +65,7 @@ def test_unquantized_checkpoint_runs_as_the_original(moe_models, tmp_path, arch)
     assert rel_error(shipped.logits(ids), hf_logits(model, ids)) < 1e-5
 
 
-@pytest.mark.parametrize("kv", [False, True], ids=["fp8", "fp8_kv"])
-@pytest.mark.parametrize("arch", MOE_FAMILIES)
+@pytest.mark.parametrize("arch,kv", KV_CASES, ids=[f"{a}-{'fp8_kv' if kv else 'fp8'}" for a, kv in KV_CASES])
 def test_executor_agrees_with_modelopt_fake_quant(moe_models, tmp_path, arch, kv):
     model = moe_models[arch]
     quantized = quantize(model, "fp8", kv_fp8=kv)
@@ -64,10 +77,10 @@ def test_executor_agrees_with_modelopt_fake_quant(moe_models, tmp_path, arch, kv
     assert fake_quant_error > 0.01  # the quantization is real
     assert 0.75 < executor_error / fake_quant_error < 1.33, (executor_error, fake_quant_error)
     errors = dict(shipped_weight_errors(shipped, model))
-    experts = model.config.num_local_experts if arch == "mixtral" else model.config.num_experts
-    for e in range(experts):
+    layer, fused = _first_moe_layer(model)
+    for e in range(fused.num_experts):
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            assert 0 < errors[f"model.layers.0.mlp.experts.{e}.{proj}"] < 0.1, errors
+            assert 0 < errors[f"model.layers.{layer}.mlp.experts.{e}.{proj}"] < 0.1, errors
 
 
 @pytest.mark.parametrize("arch", MOE_FAMILIES)
@@ -80,8 +93,9 @@ def test_weight_errors_from_the_original_files_name_every_expert(moe_models, tmp
     shipped = load_shipped_model(export_hf(quantize(model, "fp8"), tmp_path / "hf"))
     from_model = dict(shipped_weight_errors(shipped, model))
     from_files = dict(shipped_weight_errors(shipped, original_weights(tmp_path / "original")))
-    count = model.config.num_local_experts if arch == "mixtral" else model.config.num_experts
-    assert {f"model.layers.0.mlp.experts.{e}.{p}" for e in range(count) for p in ("gate_proj", "up_proj", "down_proj")} <= from_model.keys()
+    layer, fused = _first_moe_layer(model)
+    assert {f"model.layers.{layer}.mlp.experts.{e}.{p}" for e in range(fused.num_experts)
+            for p in ("gate_proj", "up_proj", "down_proj")} <= from_model.keys()
     assert from_files.keys() == from_model.keys()
     for name, error in from_model.items():
         assert from_files[name] == pytest.approx(error, rel=1e-5), name
@@ -105,9 +119,12 @@ def test_one_activation_scale_for_all_experts(moe_models, tmp_path):
     assert not torch.equal(after.logits(ids), before.logits(ids))
 
 
-def test_expert_without_calibration_tokens_is_counted_and_checked(tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_expert_without_calibration_tokens_is_counted_and_checked(tmp_path, arch):
     """A never-routed expert: counted (0 tokens), its ModelOpt weight amax is its own max |W| (data-free), so it
-    passes; with that amax gone (as if ModelOpt had left it unset) the build stops naming the expert."""
+    passes; with that amax gone (as if ModelOpt had left it unset) the build stops naming the expert. (DeepSeek-V3:
+    the expert kept out by its router's e_score_correction_bias, in layer 1, the first with experts; its other
+    layers' experts may go without tokens too.)"""
     import modelopt.torch.quantization as mtq
 
     from tests.exports import load_bf16_exact_model, quant_config
@@ -115,17 +132,19 @@ def test_expert_without_calibration_tokens_is_counted_and_checked(tmp_path):
     from trtconv.core.errors import UncalibratedExperts
     from trtconv.stages.calibrate import ExpertTokens, check_experts
 
-    model = load_bf16_exact_model(make_moe_with_unrouted_expert(tmp_path / "m"))
+    model = load_bf16_exact_model(make_moe_with_unrouted_expert(tmp_path / "m", arch))
+    layer, _ = _first_moe_layer(model)
     batches = token_batches(model.config.vocab_size)
     with ExpertTokens(model) as experts, torch.no_grad():
         mtq.quantize(model, quant_config("fp8"), lambda m: [m(ids) for ids in batches])
-    assert experts.without_tokens() == ["model.layers.0.mlp.experts.4"]
-    assert sum(experts.counts["model.layers.0.mlp"].tolist()) == 2 * sum(b.numel() for b in batches)
+    unrouted = f"model.layers.{layer}.mlp.experts.4"
+    assert unrouted in experts.without_tokens() and (arch != "mixtral" or experts.without_tokens() == [unrouted])
+    assert sum(experts.counts[f"model.layers.{layer}.mlp"].tolist()) == 2 * sum(b.numel() for b in batches)
     check_experts(model, experts)
-    fused = model.model.layers[0].mlp.experts
+    fused = model.model.layers[layer].mlp.experts
     assert torch.allclose(fused.gate_up_proj_weight_quantizers[4].amax.float(), fused.gate_up_proj[4].abs().max().float())
     fused.down_proj_weight_quantizers[4].reset_amax()
-    with pytest.raises(UncalibratedExperts, match=r"model\.layers\.0\.mlp\.experts\.4"):
+    with pytest.raises(UncalibratedExperts, match=unrouted.replace(".", r"\.")):
         check_experts(model, experts)
 
 
@@ -148,7 +167,7 @@ def test_one_expert_shipped_alone(moe_models, tmp_path, arch):
     model = moe_models[arch]
     model.save_pretrained(tmp_path / "hf")
     export_hf(quantize(model, "fp8"), tmp_path / "fp8")
-    fused = next(m for n, m in model.named_modules() if n.endswith(".experts") and hasattr(m, "gate_up_proj"))
+    _, fused = _first_moe_layer(model)
     fused = copy.deepcopy(fused).float()  # the stored bf16 weights upcast exactly, as the executor's are
     h = torch.randn(10, model.config.hidden_size)
     k = model.config.num_experts_per_tok
@@ -165,3 +184,30 @@ def test_one_expert_shipped_alone(moe_models, tmp_path, arch):
                 assert mix.tokens == routed
                 changed = rel_error(got, want) > 1e-4
                 assert (not changed) if (same or routed == 0) else changed, (where, e, routed)
+
+
+def test_deepseek_router_bias_comes_from_the_files(moe_models, tmp_path):
+    """DeepSeek-V3's routers add e_score_correction_bias, a persistent buffer the shell builds as zeros: the executor
+    reads it from the files (left at zero, the unquantized checkpoint's logits were 0.35 away from the original's)."""
+    model = moe_models["deepseek_v3"]
+    model.save_pretrained(tmp_path / "hf")
+    shipped = load_shipped_model(tmp_path / "hf")
+    layer, _ = _first_moe_layer(model)
+    name = f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+    want = model.get_buffer(name)
+    assert want.abs().max() > 0 and torch.equal(shipped.model.get_buffer(name), want.float())
+
+
+def test_deepseek_fused_qkv_a_proj_shares_one_weight_scale(moe_models, tmp_path):
+    """vLLM runs q_a_proj and kv_a_proj_with_mqa as one GEMM (fused_qkv_a_proj) with one FP8 weight scale, the larger:
+    ModelOpt writes two, so the row's fused_groups has the executor requantize both. Raising kv_a_proj_with_mqa's
+    weight_scale moves q_a_proj's effective weight (whose own tensors are unchanged); o_proj stays as it was."""
+    model = moe_models["deepseek_v3"]
+    hf_dir = export_hf(quantize(model, "fp8"), tmp_path / "hf")
+    before = load_shipped_model(hf_dir)
+    raised = copy_checkpoint(hf_dir, tmp_path / "raised")
+    rewrite_hf_tensor(raised, "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale", lambda s: s * 8)
+    after = load_shipped_model(raised)
+    weight = lambda m, n: m.model.get_submodule(f"model.layers.0.self_attn.{n}").effective_weight()  # noqa: E731
+    assert not torch.equal(weight(before, "q_a_proj"), weight(after, "q_a_proj"))
+    assert torch.equal(weight(before, "o_proj"), weight(after, "o_proj"))

@@ -17,14 +17,19 @@ from tests.contract.test_families_cli import FAST
 from tests.factories import make_tiny_model
 
 pytestmark = pytest.mark.integration
-HF_CLASS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+HF_CLASS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+# (the first layer holding experts, its expert count): DeepSeek-V3's layer 0 is dense (first_k_dense_replace).
+FIRST_MOE = {"mixtral": (0, 4), "qwen3_moe": (0, 4), "deepseek_v3": (1, 8)}
+# Enabled weight quantizers: q/k/v/o (DeepSeek-V3: q_a, q_b, kv_a, kv_b, o) per layer, gate_up and down per expert,
+# the dense MLP's three (Qwen3-MoE's layer 1, DeepSeek-V3's layer 0) and DeepSeek-V3's shared expert's three.
+WEIGHT_QUANTIZERS = {"mixtral": 2 * (4 + 2 * 4), "qwen3_moe": 4 + 2 * 4 + 4 + 3, "deepseek_v3": 5 + 3 + 2 * (5 + 3 + 2 * 8)}
 
 
 def _stage(manifest: dict, name: str) -> dict:
     return next(s for s in manifest["stages"] if s["name"] == name)
 
 
-@pytest.mark.parametrize("family,kv", [("mixtral", "fp8"), ("qwen3_moe", "none")])
+@pytest.mark.parametrize("family,kv", [("mixtral", "fp8"), ("qwen3_moe", "none"), ("deepseek_v3", "none")])
 def test_moe_family_converts_gates_and_checks(cli, tmp_path, family, kv):
     model = make_tiny_model(tmp_path / family, family)
     out = tmp_path / "out"
@@ -36,11 +41,11 @@ def test_moe_family_converts_gates_and_checks(cli, tmp_path, family, kv):
     assert HF_CLASS[family] in manifest["evaluation"]["candidate"]
     experts = manifest["calibration"]["experts"]
     assert _stage(manifest, "calibrate")["details"]["experts"] == experts
-    layer0 = experts["tokens"]["model.layers.0.mlp"]
-    assert len(layer0) == 4 and sum(layer0) == 2 * 4 * 64  # top-2 of every calibration token
-    # The census covers every expert: q/k/v/o per layer + gate_up and down per expert (Qwen3-MoE's layer 1 is dense).
-    census = _stage(manifest, "calibrate")["details"]["quantizers"]
-    assert census["enabled"]["weight_quantizer"] == {"mixtral": 2 * (4 + 2 * 4), "qwen3_moe": 4 + 2 * 4 + 4 + 3}[family]
+    layer, count = FIRST_MOE[family]
+    tokens = experts["tokens"][f"model.layers.{layer}.mlp"]
+    assert len(tokens) == count and sum(tokens) == 2 * 4 * 64  # top-2 of every calibration token
+    census = _stage(manifest, "calibrate")["details"]["quantizers"]  # covers every expert
+    assert census["enabled"]["weight_quantizer"] == WEIGHT_QUANTIZERS[family]
     assert not census["invalid_amax"]
     quant = json.loads((out / "hf_checkpoint" / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "FP8" and quant.get("kv_cache_quant_algo") == ("FP8" if kv == "fp8" else None)
@@ -57,14 +62,33 @@ def test_awq_on_experts_is_refused_before_work(cli, tmp_path, precision):
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
 
 
-def test_legacy_checkpoint_of_a_moe_family_is_refused_before_work(cli, tmp_path):
-    model = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe")
+@pytest.mark.parametrize("family,why", [("qwen3_moe", "Qwen3-MoE"), ("deepseek_v3", "not supported by TensorRT-LLM yet")])
+def test_legacy_checkpoint_of_a_moe_family_is_refused_before_work(cli, tmp_path, family, why):
+    model = make_tiny_model(tmp_path / family, family)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: q\nmodel: {{path: {model}}}\nquantization: {{precision: fp8}}\n")
     res = cli("build", recipe, "-o", tmp_path / "out")
     assert res.exit_code == 2, res.output
-    assert "export.tensorrt_llm_checkpoint" in res.output and "Qwen3-MoE" in res.output
+    assert "export.tensorrt_llm_checkpoint" in res.output and why in res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("precision,kv,allowed", [("fp8", "fp8", "allowed for DeepseekV3ForCausalLM: none"),
+                                                  ("none", "fp8", "allowed for DeepseekV3ForCausalLM: none"),
+                                                  ("int4_awq", "none", "allowed for DeepseekV3ForCausalLM: none, fp8")])
+def test_deepseek_refuses_before_work(cli, tmp_path, precision, kv, allowed):
+    """DeepSeek-V3: an FP8 KV cache (latent attention caches a latent, not the k/v ModelOpt's scales describe) and
+    AWQ (ModelOpt leaves its fused experts uncalibrated) are refused by the row before any work, as plan refuses them."""
+    model = make_tiny_model(tmp_path / "deepseek_v3", "deepseek_v3")
+    res = cli("calibrate", "--model", model, "--precision", precision, "--kv-cache", kv, "-o", tmp_path / "out", *FAST)
+    assert res.exit_code == 2, res.output
+    assert allowed in res.output and ("latent" in res.output if kv == "fp8" else "AWQ" in res.output)
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: d\nmodel: {{path: {model}}}\nquantization: {{precision: {precision}, kv_cache: {kv}}}\n"
+                      "export: {tensorrt_llm_checkpoint: false, hf_checkpoint: true}\n")
+    planned = cli("plan", recipe)
+    assert planned.exit_code == 2 and allowed in planned.output, planned.output
 
 
 def test_expert_without_calibration_tokens_is_named(cli, tmp_path):

@@ -567,3 +567,50 @@ def test_the_split_over_gpus_refuses_the_unified_checkpoint(tmp_path):
     r = load_recipe(str(_recipe(tmp_path, QWEN3_30B_A3B, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True)))[0].resolved()
     assert streamed_refusals(r, 1) == []
     assert "--gpus 2: the unified HF checkpoint" in streamed_refusals(r, 2)[0]
+
+
+# DeepSeek-V3's config.json as the hub ships it (the keys the plan and transformers read; no head_dim: the plan must
+# not take hidden / heads for its attention).
+DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
+               "intermediate_size": 18432, "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1,
+               "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc",
+               "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_attention_heads": 128,
+               "num_key_value_heads": 128, "num_hidden_layers": 61, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+               "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280,
+               "max_position_embeddings": 163840, "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
+
+
+def test_deepseek_v3_plan_counts_latent_attention_shared_experts_and_dense_layers(cli, tmp_path):
+    """DeepSeek-V3: 671,026,404,352 parameters, what transformers 5 builds from this config (measured on the meta
+    device; the multi-token-prediction layer it does not load is not counted); the KV cache is one latent a token and
+    layer ((kv_lora_rank + qk_rope_head_dim) x 2 bytes, 68.6 KiB over 61 layers), not k and v of 128 heads; the
+    streamed layer is a MoE layer (every expert, the shared one); the advice does not offer the FP8 KV cache the
+    family refuses."""
+    recipe = _recipe(tmp_path, DEEPSEEK_V3, "fp8", tensorrt_llm_checkpoint=False, hf_checkpoint=True, tp_size=8)
+    code, plan = _plan(cli, recipe, "--gpu", "h200-141gb")
+    assert code in (0, 4), plan
+    assert plan["params"] == 671_026_404_352
+    assert plan["kv_bytes_per_token"] == 61 * (512 + 64) * 2
+    moe_linears = 3 * 7168 * 2048 * (256 + 1)  # routed and shared experts
+    attention = 7168 * 1536 + 1536 * 128 * 192 + 7168 * (512 + 64) + 512 * 128 * 256 + 128 * 128 * 7168
+    assert plan["layer_bytes"] == 2 * (moe_linears + attention + 2 * 7168 + 1536 + 512 + 256 * 7168)
+    assert 0.97 * 671e9 < plan["export_bytes"] < 671e9 + 2 * 2 * 129280 * 7168  # one byte per linear weight + the outer
+    assert not any("fp8 KV" in a or "kv_cache: fp8" in a for a in plan["advice"]), plan["advice"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}, {"n_shared_experts": 2, "first_k_dense_replace": 0},
+                                       {"first_k_dense_replace": 3}], ids=["tiny", "no-q-latent", "two-shared-no-dense", "all-dense"])
+def test_deepseek_shape_counts_what_transformers_builds(overrides):
+    """The plan's arithmetic equals the parameter count of the model transformers 5 builds (meta device), for the tiny
+    factory's DeepSeek-V3 and its variants: no q latent (q_proj), two shared experts, no or only dense layers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories import tiny_config
+    from trtconv.memory_plan import Shape
+
+    cfg = tiny_config("deepseek_v3", **overrides)
+    cfg.architectures = ["DeepseekV3ForCausalLM"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert Shape.from_config(json.loads(cfg.to_json_string())).params() == sum(p.numel() for p in model.parameters())

@@ -11,7 +11,8 @@ the family's own class and swaps the numerics in:
   the activation quantizer and smoothing the runtime applies, with the runtime's fused-group rules
   (q/k/v and gate/up share one GEMM: trtconv.checkpoints.hf_reader.fused_linears; the groups are
   the family's row in trtconv.architectures);
-- every other tensor (norms, embeddings, biases) is loaded from the checkpoint as stored;
+- every other tensor (norms, embeddings, biases, persistent buffers such as DeepSeek-V3's router
+  e_score_correction_bias) is loaded from the checkpoint as stored;
 - an FP8 KV cache is the one attention hook: a registered transformers attention function rounds K
   (after rope and any k-norm) and V through FP8 with the checkpoint's k_scale / v_scale, then runs
   the family's own eager attention (which keeps soft-capping and sliding windows exact).
@@ -288,11 +289,12 @@ class _Loader:
         return EmulatedLinear(self._cast(dense(lin.weight)), self._cast(lin.bias), self._cast(lin.prequant_scale), act)
 
     def load_rest(self, model: torch.nn.Module, within=everywhere) -> None:
-        """Every parameter still on the meta device, from the checkpoint as stored (tied heads tied)."""
+        """Every parameter still on the meta device and every persistent buffer (DeepSeek-V3's router
+        e_score_correction_bias: the shell made it zeros), from the checkpoint as stored (tied heads tied)."""
         tied = bool(self.config.get("tie_word_embeddings"))
         missing = []
-        for name, param in list(model.named_parameters()):
-            if not param.is_meta or not within(name):
+        for name, param, is_param in stored_state(model):
+            if not within(name):
                 continue
             stored_name = self.file_name(name)
             if not self.files.has(stored_name):
@@ -305,7 +307,8 @@ class _Loader:
                 raise CheckpointError(f"{self.where}: tensor {name} has shape {list(stored.shape)}; config.json's "
                                       f"{self.arch} needs {list(param.shape)}")
             owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(self._cast(stored), requires_grad=False))
+            value = self._cast(stored)
+            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False) if is_param else value)
         # Not on one decoder layer's container (gate/layer_streams.py), which has no embedding to tie to.
         if tied and within("lm_head.weight") and hasattr(model, "get_input_embeddings"):
             model.get_submodule("lm_head").weight = model.get_input_embeddings().weight
@@ -354,6 +357,15 @@ class _Loader:
         model.to(self.device)
         self.attach_kv_scales(model)
         return ShippedModel(model, self.arch, self.device)
+
+
+def stored_state(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, is a parameter) of what the executor reads from the files as stored: the parameters still on
+    the meta device (not swapped in) and the persistent buffers (the state_dict's; rope tables are not)."""
+    params = [(n, p, True) for n, p in model.named_parameters() if p.is_meta]
+    buffers = [(f"{owner}.{leaf}" if owner else leaf, b, False) for owner, m in model.named_modules()
+               for leaf, b in m._buffers.items() if b is not None and leaf not in m._non_persistent_buffers_set]
+    return params + buffers
 
 
 def place(model: torch.nn.Module, device: torch.device, within) -> None:

@@ -482,6 +482,7 @@ def check_family(recipe: Recipe, arch: str, model_dir: Path) -> None:
     from trtconv.engine.targets import ENGINE_TARGETS
 
     check_expert_precision(recipe, arch, model_dir)
+    check_kv_cache(recipe, arch, model_dir)
     why = ARCHITECTURES[arch].no_trtllm_checkpoint
     target = ENGINE_TARGETS.get(recipe.engine.target)
     if why is None:
@@ -510,6 +511,16 @@ def check_expert_precision(recipe: Recipe, arch: str, model_dir: Path) -> None:
         f"{model_dir / 'config.json'}: {arch} (mixture of experts) with quantization.precision {precision}: not converted "
         f"({experts.why_not}); allowed for {arch}: {', '.join(experts.precisions)}"
     )
+
+
+def check_kv_cache(recipe: Recipe, arch: str, model_dir: Path) -> None:
+    """A family whose row refuses a quantized KV cache (trtconv.architectures.Architecture.no_kv_cache_quant)."""
+    from trtconv.architectures import ARCHITECTURES
+
+    why, kv = ARCHITECTURES[arch].no_kv_cache_quant, recipe.quantization.kv_cache
+    if why is not None and kv != "none":
+        raise UserError(f"{model_dir / 'config.json'}: {arch} with quantization.kv_cache {kv}: not converted ({why}); "
+                        f"allowed for {arch}: none")
 
 
 def check_parallelism(recipe: Recipe, hf_cfg: dict) -> None:
