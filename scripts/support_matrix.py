@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trtconv.architectures import ARCHITECTURES  # noqa: E402
+from trtconv.architectures import ARCHITECTURES, NOT_CONVERTED  # noqa: E402
 from trtconv.artifact.layout import CHECKPOINT_DIR  # noqa: E402
 from trtconv.engine.targets import ENGINE_TARGETS  # noqa: E402
 from trtconv.precisions import KV_CACHE_FORMATS, PRECISIONS  # noqa: E402
@@ -91,6 +91,8 @@ def render() -> str:
     for arch in ARCHITECTURES.values():
         if arch.experts is not None:
             lines.append(f"- {arch.hf_name}: {arch.experts.why_not}")
+    lines += ["", "Asked for, not converted yet (refused at load, exit 2, with this reason):", ""]
+    lines += [f"- {name}: {why}" for name, why in NOT_CONVERTED.items()]
     lines += ["", "## Precisions (every dense family)", "", "| precision | quant_algo | needs |", "|---|---|---|"]
     lines += [_precision_line(p) for p in PRECISIONS.values()]
     kv = ", ".join(k.name for k in KV_CACHE_FORMATS.values())

@@ -178,6 +178,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     )
 }
 
+# Families users ask for that trtconv does not convert yet, with what was measured: the load stage's refusal
+# names the reason instead of only the supported list, and the support matrix lists them.
+NOT_CONVERTED: dict[str, str] = {
+    "GptOssForCausalLM": (
+        "ModelOpt 0.47's unified HF export writes GPT-OSS's experts as fused 3-D FP8 tensors (mlp.experts.gate_up_proj "
+        "[experts, hidden, 2 x intermediate], with biases) under one weight scale and one input scale for all experts of "
+        "a layer (measured on a tiny model, transformers 5.14); trtconv's gate reads one linear per expert"
+    ),
+}
+
 # The names each checkpoint kind carries, in table order (error messages list them).
 HF_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
 # Only the families whose legacy TensorRT-LLM checkpoint trtconv converts and reads.

@@ -357,6 +357,17 @@ def test_an_architecture_build_refuses_is_refused_by_plan_and_doctor(cli, tmp_pa
     assert not ok and any(c["status"] == "fail" and "is not supported" in c["detail"] for c in report["checks"])
 
 
+def test_a_family_asked_for_but_not_converted_is_refused_with_its_reason(cli, tmp_path):
+    """architectures.NOT_CONVERTED: plan (and build, the same load check) names what was measured, not only the list."""
+    from trtconv.architectures import NOT_CONVERTED
+
+    arch, why = next(iter(NOT_CONVERTED.items()))
+    recipe = _recipe(tmp_path, {**LLAMA3_8B, "architectures": [arch], "model_type": arch.lower()}, "fp8")
+    res = cli("plan", recipe, "--gpu", "h100-80gb")
+    assert res.exit_code == 2 and "Traceback" not in res.stderr, res.stdout
+    assert f"architecture ['{arch}'] is not supported ({why}); supported: LlamaForCausalLM" in " ".join(res.stderr.split())
+
+
 def test_plan_refuses_with_the_load_stages_message(cli, tmp_path):
     """One function (stages.load.check_config): plan's message is the one build gives, word for word."""
     from trtconv.core.errors import ModelError

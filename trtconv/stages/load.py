@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtconv.core.errors import ModelError
-from trtconv.architectures import HF_NAMES, check_attention_window
+from trtconv.architectures import HF_NAMES, NOT_CONVERTED, check_attention_window
 from trtconv.artifact.manifest import FileRecord, InputRecord, hash_tree
 from trtconv.core.errors import DataError, UserError
 from trtconv.checkpoints.hf_checks import ALLOWED_WEIGHT_DTYPES, check_dtypes
@@ -119,8 +119,9 @@ def check_architecture(cfg: dict, model_dir: Path) -> str:
         )
     supported = [a for a in archs if a in HF_NAMES]
     if not supported:
+        why = next((f" ({NOT_CONVERTED[a]})" for a in archs if a in NOT_CONVERTED), "")
         raise ModelError(
-            f"{model_dir / 'config.json'}: architecture {archs or cfg.get('model_type')!r} is not supported; "
+            f"{model_dir / 'config.json'}: architecture {archs or cfg.get('model_type')!r} is not supported{why}; "
             f"supported: {', '.join(HF_NAMES)}"
         )
     return supported[0]
