@@ -464,7 +464,7 @@ def plan_memory(recipe, hf_cfg: dict, gpu_memory_bytes: int, gpu_name: str, gpus
         _sm_check(plan, recipe, serve)
     _choose_paths(plan, recipe, on_gpu)
     if plan.streamed:
-        plan.refusals += streamed_refusals(recipe, split)
+        plan.refusals += [r + _auto_fit(plan, recipe) for r in streamed_refusals(recipe, split)]
     _advise(plan, shape, recipe)
     if plan.streamed:
         plan.time_s = predict_time(shape, recipe, plan.export_bytes, split)
@@ -488,6 +488,27 @@ def streamed_refusals(recipe, split: int = 1) -> list[str]:
     except UserError as exc:
         return [str(exc)]
     return []
+
+
+def _auto_fit(plan, recipe) -> str:
+    """For precision auto refused for its copies: how many candidates this memory holds, and a list that fits
+    (the cheapest, the most accurate quantized one, 16-bit: the ends of the search and its gates' format)."""
+    q = recipe.quantization
+    check = next((c for c in plan.checks if c.stage == "calibrate (in memory)" and c.where == "gpu"), None)
+    if not q.is_auto or check is None or check.have_bytes is None or not plan.load_bytes:
+        return ""
+    from trtconv.stages.search import candidates_of
+
+    names = candidates_of(q)
+    fixed = check.need_bytes - (1 + len(names)) * plan.load_bytes  # context and the batch / export copies
+    fit = int((check.have_bytes - fixed) // plan.load_bytes) - 1  # candidate copies beside the original
+    if fit >= len(names):
+        return ""
+    if fit < 2:
+        return f" ({len(names)} candidates need {size_text(check.need_bytes)}; not even two fit {size_text(check.have_bytes)})"
+    keep = list(dict.fromkeys([names[0], q.gate_precision, "none"]))[:fit] if "none" in names else names[:fit]
+    return (f" ({len(names)} candidates need the original + {len(names)} copies, {size_text(check.need_bytes)} of "
+            f"{size_text(check.have_bytes)}; {fit} fit, e.g. quantization.search.candidates: [{', '.join(keep)}])")
 
 
 def evaluation_streams_alone(recipe) -> bool:

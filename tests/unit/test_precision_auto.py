@@ -114,6 +114,12 @@ def test_the_plan_counts_a_model_copy_per_candidate(cli, tmp_path):
     res = cli("plan", recipe, "--gpu", "h100-80gb")
     said = " ".join(res.output.split())  # the console wraps long lines
     assert res.exit_code == 4 and "one model copy per candidate" in said and "search.candidates" in said, res.output
+    # ... and says how many fit and a list that does: plan accepts that list
+    assert "5 candidates need the original + 5 copies" in said and "4 fit, e.g. quantization.search.candidates: [" in said
+    suggested = said.split("e.g. quantization.search.candidates: [")[1].split("]")[0]
+    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto, search: {{candidates: [{suggested}]}}}}\n"
+                      + HF_ONLY)
+    assert cli("plan", recipe, "--gpu", "h100-80gb").exit_code == 0
 
 
 def test_candidates_without_auto_is_refused(cli, tmp_path):
