@@ -61,7 +61,7 @@ def compile_extensions(device: str) -> dict:
         return {}
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "_compile"], env=_env(), capture_output=True, text=True)
-    return {"rc": res.returncode, "process_s": round(time.monotonic() - t0, 1)}
+    return {"rc": res.returncode, "process_s": round(time.monotonic() - t0, 1), **({"error": res.stderr[-2000:]} if res.returncode else {})}
 
 
 def trtconv(model: Path, out: Path, args: list[str], device: str) -> dict:
@@ -136,6 +136,7 @@ def main() -> None:
               "versions": versions()}
     record = a.work / "bench_auto.json"  # rewritten after each step: a run cut by a time limit keeps what it measured
     result["extension_compile"] = compile_extensions(a.device)
+    record.write_text(json.dumps(result, indent=2))
     result["fp8"] = trtconv(model, a.work / "fp8", ["--precision", "fp8"], a.device)
     record.write_text(json.dumps(result, indent=2))
     result["auto"] = trtconv(model, a.work / "auto", ["--precision", "auto", "--candidates", a.candidates], a.device)

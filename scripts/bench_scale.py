@@ -225,7 +225,8 @@ def bench_trtconv(args, env, name: str, tag: str) -> dict:
         stages = {s["name"]: s for s in manifest["stages"]}
         digest, status = manifest["artifact_digest"], manifest["status"]
         advice = (manifest.get("evaluation") or {}).get("advice") or {}
-        advice = {k: advice.get(k) for k in ("path", "reused", "peak_gpu_mib", "seconds", "wall_s", "exclude_candidates") if k in advice}
+        advice = {k: advice.get(k) for k in ("path", "reused", "peak_gpu_mib", "seconds", "wall_s", "exclude_candidates", "error")
+                  if k in advice}
     except (OSError, ValueError, KeyError):
         digest, status, advice = None, None, {}
     return {"rc": rc, "process_s": wall, "peak_rss_mib": rss, "stages": stages, "status": status, "digest": digest, "advice": advice,

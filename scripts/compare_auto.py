@@ -126,8 +126,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-auto-quantize", action="store_true",
                     help="skip mtq.auto_quantize (on the 2-core CPU its kl_div scoring of SmolLM2 takes about 18 min per batch of 8 rows)")
-    ap.add_argument("--score-batches", type=int, help="calibration batches mtq.auto_quantize scores on (default all); "
-                    "1 = 8 rows, what trtconv's per-layer sensitivity uses (stages.search.SENSITIVITY_EVAL_ROWS)")
+    ap.add_argument("--score-batches", type=int, help="calibration batches mtq.auto_quantize scores on (default all): "
+                    "the first N of calibration.batch_size rows each; at batch size 8, 1 = as many rows as trtconv's "
+                    "per-layer sensitivity uses (stages.search.SENSITIVITY_EVAL_ROWS), though not the same rows (it "
+                    "spreads its 8 over the calibration set)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(a.auto)

@@ -17,12 +17,16 @@ if ! python3 -c "import modelopt" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.tar.gz
 fi
 KEEP=()
+DEADLINE=${DEADLINE:-560}  # seconds for the whole script (a device call has 600): a shape gets what is left, up to BENCH_TIMEOUT
 for run in $RUNS; do
+  left=$(( DEADLINE - SECONDS - 15 ))  # 15 s to copy the records out
+  if (( left < 60 )); then echo "bench $run skipped: ${left}s left of DEADLINE ${DEADLINE}"; continue; fi
+  limit=$(( left < ${BENCH_TIMEOUT:-500} ? left : ${BENCH_TIMEOUT:-500} ))
   shape=${run%%:*}; precisions=${run#*:}
   LAYERS=()
   if [[ $shape == *@* ]]; then LAYERS=(--layers "${shape#*@}"); shape=${shape%%@*}; fi
   work=/tmp/fam-$shape
-  timeout "${BENCH_TIMEOUT:-500}" python3 scripts/bench_scale.py --work "$work" --shape "$shape" --precisions "$precisions" \
+  timeout "$limit" python3 scripts/bench_scale.py --work "$work" --shape "$shape" --precisions "$precisions" \
     --warm '' --skip-warm-compile "${LAYERS[@]}" "${KEEP[@]}"
   echo "bench $shape exit $?"
   KEEP=(--keep-extensions)  # compiled once, in the shared TRTCONV_CACHE

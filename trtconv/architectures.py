@@ -201,7 +201,10 @@ def by_hf_name(name: str | None) -> Architecture | None:
 
 def row_for_config(cfg: dict) -> Architecture | None:
     """The row of a Hugging Face config.json: its first `architectures` entry the table has (the load stage's rule)."""
-    return next((ARCHITECTURES[a] for a in cfg.get("architectures") or [] if a in ARCHITECTURES), None)
+    archs = cfg.get("architectures")
+    if not isinstance(archs, list):  # malformed: the load stage's check names it
+        return None
+    return next((ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
 
 
 def row_for_folder(model_dir) -> Architecture | None:

@@ -97,9 +97,23 @@ DIMENSION_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_
 
 
 def _row(cfg: dict):
-    from trtconv.architectures import by_hf_name
+    from trtconv.architectures import row_for_config
 
-    return by_hf_name((cfg.get("architectures") or [None])[0])
+    return row_for_config(cfg)  # the load stage's rule: the first entry the table has
+
+
+def _class_default(cfg: dict, key: str):
+    """A key config.json leaves out, as transformers' config class of its model_type fills it (DeepSeek-V3
+    without kv_lora_rank still builds one of 512): what the model the build loads will have. Only for keys that
+    have no other spelling (an expert count may be under another key: Experts.count_keys)."""
+    if key in cfg:
+        return cfg[key]
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.for_model(cfg.get("model_type")), key, None)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _expert_fields(cfg: dict) -> dict:
@@ -111,8 +125,8 @@ def _expert_fields(cfg: dict) -> dict:
     if count is None:
         return {}
     width = int(cfg.get(moe.intermediate_key) or cfg["intermediate_size"])
-    shared = int(cfg.get(moe.shared_key) or 0) if moe.shared_key else 0
-    dense = int(cfg.get(moe.dense_layers_key) or 0) if moe.dense_layers_key else 0
+    shared = int(_class_default(cfg, moe.shared_key) or 0) if moe.shared_key else 0
+    dense = int(_class_default(cfg, moe.dense_layers_key) or 0) if moe.dense_layers_key else 0
     return {"experts": int(count), "expert_intermediate": width, "active_experts": int(cfg.get("num_experts_per_tok") or 1),
             "shared_intermediate": shared * width, "dense_layers": min(dense, int(cfg["num_hidden_layers"]))}
 
@@ -130,8 +144,16 @@ class LatentAttention:
 
     @classmethod
     def from_config(cls, cfg: dict) -> LatentAttention:
-        return cls(q_rank=int(cfg.get("q_lora_rank") or 0), kv_rank=int(cfg["kv_lora_rank"]),
-                   nope=int(cfg["qk_nope_head_dim"]), rope=int(cfg["qk_rope_head_dim"]), v=int(cfg["v_head_dim"]))
+        """A key left out takes transformers' default (q_lora_rank too: only an explicit null means no q latent);
+        one that is neither given nor defaulted is refused, named."""
+        from trtconv.core.errors import ModelError
+
+        widths = {k: _class_default(cfg, k) for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
+        missing = [k for k, v in widths.items() if v is None and k != "q_lora_rank"]
+        if missing:
+            raise ModelError(f"config.json: {', '.join(missing)} missing; allowed: a positive integer (latent attention's widths)")
+        return cls(q_rank=int(widths["q_lora_rank"] or 0), kv_rank=int(widths["kv_lora_rank"]), nope=int(widths["qk_nope_head_dim"]),
+                   rope=int(widths["qk_rope_head_dim"]), v=int(widths["v_head_dim"]))
 
     def linear_params(self, hidden: int, heads: int) -> int:
         q_head = self.nope + self.rope

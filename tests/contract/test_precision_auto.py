@@ -26,12 +26,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# One mix per family kind: the first layer at each candidate, so each format meets each family's rules (Phi-3's
-# fused linears in the files, Gemma 3's local/global layers and scaled embeddings, a MoE layer's experts, which
-# stay with their layer's format; a MoE family converts fp8 and 16-bit only: architectures.Experts.precisions).
-# The tiny Qwen3-MoE's odd layers are dense: its mix gives each kind of layer both formats.
-MIXES = {"llama": ["int4_awq", "fp8", "none", "fp8"], "phi3": ["int4_awq", "fp8", "none", "fp8"],
-         "gemma3": ["int4_awq", "fp8", "none", "fp8"], "qwen3_moe": ["fp8", "none", "none", "fp8"]}
+# One mix per family kind, each format meeting each family's rules: Phi-3's fused linears in the files; Gemma 3's
+# local layers (0, 1: int4_awq, none) and its global one (2: fp8), scaled embeddings; a MoE family (fp8 and 16-bit
+# only: architectures.Experts.precisions) with its experts taking their layer's format, on MoE layers (0, 2) and
+# dense ones (1, 3) alike. The factory's overrides make those layers.
+MIXES = {"llama": (["int4_awq", "fp8", "none", "fp8"], {"num_hidden_layers": 4}),
+         "phi3": (["int4_awq", "fp8", "none", "fp8"], {"num_hidden_layers": 4}),
+         "gemma3": (["int4_awq", "none", "fp8"], {}),
+         "qwen3_moe": (["fp8", "fp8", "none", "none"], {"num_hidden_layers": 4, "mlp_only_layers": [1, 3]})}
 
 
 @pytest.mark.parametrize("family", list(MIXES))
@@ -48,10 +50,11 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
 
     row = next(a for a in ARCHITECTURES.values() if a.family == family)
     torch.manual_seed(0)
-    cfg = tiny_config(family, num_hidden_layers=4)
+    mix, overrides = MIXES[family]
+    cfg = tiny_config(family, **overrides)
     cfg.architectures = [row.hf_name]
     original = AutoModelForCausalLM.from_config(cfg).float().eval()
-    candidates = sorted(set(MIXES[family]), key=MIXES[family].index)
+    candidates = sorted(set(mix), key=mix.index)
     kv = "none" if row.experts else "fp8"
     recipe = recipe_from_dict({"name": "t", "model": {"path": str(tmp_path)}, "quantization": {
         "precision": "auto", "kv_cache": kv, "search": {"candidates": candidates}},
@@ -61,8 +64,8 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
     tokens = TokenSet(rows, [32] * 4, ["d"] * 4, None, "0" * 64, 0)
     reporter = Reporter(quiet=True)
     models, group = search.calibrate_candidates(original, recipe, search.candidates_of(recipe.quantization), tokens, "cpu", reporter)
-    prefixes = [f"model.layers.{i}" for i in range(len(original.get_decoder().layers))]  # a factory may fix the count
-    mix = (MIXES[family] * 2)[: len(prefixes)]
+    prefixes = [f"model.layers.{i}" for i in range(len(original.get_decoder().layers))]
+    assert len(prefixes) == len(mix)
     chosen = dict(zip(prefixes, mix))
     sources = {f: list(m.get_decoder().layers) for f, m in models.items()}
     mixed = search.assemble(models[search.candidates_of(recipe.quantization)[0]], sources, chosen, prefixes)
@@ -74,10 +77,13 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
     exported = export.run(mixed, _Tok(), mixed.config, row.hf_name, recipe.export, quant, tmp_path)
     hf_dir = exported.hf_checkpoint_dir
     hf_quant = json.loads((hf_dir / "hf_quant_config.json").read_text())["quantization"]
+    quantized = {f for f in mix if f != "none"}
+    algo = {"int4_awq": "W4A16_AWQ", "fp8": "FP8", "none": None}
+    # Two quantized formats: ModelOpt's MIXED_PRECISION; one and 16-bit: that format, the 16-bit layers excluded.
+    assert hf_quant["quant_algo"] == ("MIXED_PRECISION" if len(quantized) > 1 else algo[quantized.pop()]), hf_quant
     if kv == "fp8":
         assert hf_quant["kv_cache_quant_algo"] == "FP8"
     files, quantization = HFTensors(hf_dir), read_quantization(hf_dir, json.loads((hf_dir / "config.json").read_text()))
-    algo = {"int4_awq": "W4A16_AWQ", "fp8": "FP8", "none": None}
     router = f".{row.experts.module_block}.{row.experts.router}" if row.experts else None
     for prefix, fmt in chosen.items():  # every linear of the layer, in the layer's format (the router stays 16-bit)
         linears = [n for n, m in original.named_modules() if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)
@@ -89,7 +95,7 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
             # and its experts, one linear per expert in the files
             expert = f"{prefix}.{row.experts.file_block}.experts.0.{row.experts.file_leaves[0]}"
             assert read_linear(files, quantization, expert, False).algo == algo[fmt], (prefix, expert)
-    int4_share = mix.count("int4_awq") / len(prefixes)  # equal layers; the validation counts no scales
+    int4_share = mix.count("int4_awq") / len(prefixes)  # int4 only on dense families' equal layers; no scales counted
     assert exported.validation["hf_checkpoint_weight_bits"]["bits_per_weight"] == pytest.approx(
         search.effective_bits(chosen, search.layer_weights(original, prefixes)) - 0.125 * int4_share, abs=0.01)
     ran = load_shipped_model(hf_dir).logits(ids)

@@ -625,3 +625,26 @@ def test_deepseek_shape_counts_what_transformers_builds(overrides):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     assert Shape.from_config(json.loads(cfg.to_json_string())).params() == sum(p.numel() for p in model.parameters())
+
+
+def test_deepseek_keys_left_out_are_planned_as_transformers_fills_them():
+    """A DeepSeek-V3 config.json without the latent widths, the shared experts or the dense-layer count builds with
+    transformers' defaults (kv_lora_rank 512, q_lora_rank 1536, one shared expert, three dense layers); the plan counts
+    the same model, where it crashed (KeyError) or counted no q latent, no shared expert and no dense layer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.factories import tiny_config
+    from trtconv.memory_plan import Shape
+
+    cfg = json.loads(tiny_config("deepseek_v3").to_json_string())
+    left_out = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_shared_experts",
+                "first_k_dense_replace", "qk_head_dim", "head_dim")  # the last two: derived ones transformers saves
+    for key in left_out:
+        cfg.pop(key)
+    cfg.update(architectures=["DeepseekV3ForCausalLM"], num_hidden_layers=5)  # 3 dense (the default) and 2 MoE layers
+    built = AutoConfig.for_model(**cfg)
+    assert built.kv_lora_rank == 512 and built.first_k_dense_replace == 3  # transformers' defaults did fill them
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(built)
+    assert Shape.from_config(cfg).params() == sum(p.numel() for p in model.parameters())

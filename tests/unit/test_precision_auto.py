@@ -54,8 +54,7 @@ def test_bad_search_settings_are_named(tmp_path, quantization, needle):
                                             ("Qwen3ForCausalLM", None)])
 def test_default_candidates_are_what_the_family_converts(tmp_path, arch, expected):
     """A MoE model with precision auto and no candidates named searches over its row's precisions instead of
-    being refused for a default (int4_awq, int8_sq) it never asked for; a named candidate is still checked."""
-    from trtconv.architectures import ARCHITECTURES
+    being refused for a default (int4_awq, int8_sq) it never asked for; a dense one keeps every default."""
     from trtconv.stages.search import default_candidates
 
     model = tmp_path / "m"
@@ -64,8 +63,51 @@ def test_default_candidates_are_what_the_family_converts(tmp_path, arch, expecte
     p = tmp_path / "r.yaml"
     p.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n{HF_ONLY}")
     candidates = load_recipe(p)[0].resolved().quantization.search.candidates
+    assert "int4_awq" in default_candidates()
     assert sorted(candidates) == sorted(expected or default_candidates())
-    assert "int4_awq" in default_candidates() and set(candidates) <= set(ARCHITECTURES[arch].experts.precisions if expected else candidates)
+
+
+@pytest.mark.parametrize("config", [None, {"architectures": ["NoSuchForCausalLM"]}, {"architectures": [["MixtralForCausalLM"]]},
+                                    {"architectures": 5}])
+def test_default_candidates_of_a_folder_without_a_known_family_are_the_full_list(tmp_path, config):
+    """No config.json, an unknown or a malformed architectures key: resolving keeps every default and does not
+    crash; the load stage (build, plan, doctor) then names what is wrong with the folder."""
+    from trtconv.stages.search import default_candidates
+
+    model = tmp_path / "m"
+    model.mkdir()
+    if config is not None:
+        (model / "config.json").write_text(json.dumps(config))
+    p = tmp_path / "r.yaml"
+    p.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n{HF_ONLY}")
+    assert load_recipe(p)[0].resolved().quantization.search.candidates == default_candidates()
+
+
+def test_a_named_candidate_the_moe_family_does_not_convert_is_refused(cli, tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "num_hidden_layers": 48, "vocab_size": 151936, "head_dim": 128}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto, search: {{candidates: [int4_awq, fp8, none]}}}}\n"
+                      + HF_ONLY)
+    res = cli("plan", recipe, "--gpu", "h200-141gb")
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "with the candidate int4_awq" in said and "allowed for Qwen3MoeForCausalLM: none, fp8" in said, res.output
+
+
+@pytest.mark.parametrize("architectures", [[["MixtralForCausalLM"]], 5])
+def test_a_malformed_architectures_key_is_named_not_a_traceback(cli, tmp_path, architectures):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": architectures, "hidden_size": 64}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n" + HF_ONLY)
+    res = cli("plan", recipe, "--gpu", "h200-141gb")
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in said and "the key 'architectures' is" in said, res.output
 
 
 def test_a_recipe_without_auto_keeps_its_bytes(tmp_path):

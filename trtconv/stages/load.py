@@ -117,6 +117,9 @@ def check_architecture(cfg: dict, model_dir: Path) -> str:
             + "; it names the model class, one of: " + ", ".join(HF_NAMES)
             + (f" (e.g. \"architectures\": [\"{likely[0]}\"])" if likely else "")
         )
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelError(f"{model_dir / 'config.json'}: the key 'architectures' is {archs!r}; allowed: a list of model class "
+                         f"names, one of: {', '.join(HF_NAMES)}")
     supported = [a for a in archs if a in HF_NAMES]
     if not supported:
         why = next((f" ({NOT_CONVERTED[a]})" for a in archs if a in NOT_CONVERTED), "")

@@ -127,16 +127,18 @@ def default_candidates(model=None) -> list[str]:
     """Every precision a build can calibrate on any host (not CUDA-only), 16-bit `none` included. For a family
     whose row converts only some (a mixture of experts: architectures.Experts.precisions), only those: a MoE model
     with `precision: auto` and no candidates named searches over what its family converts instead of being refused
-    for a default it never asked for. `model` is the recipe's model section; its row is read where config.json is
-    already on this machine (resolving a recipe downloads nothing and trains no reference model)."""
+    for a default it never asked for. `model` is the recipe's model section; its row comes from its config.json
+    (a Hub model's fetched at its pinned revision, as plan and build fetch it: the answer must not depend on what
+    a cache happens to hold; a reference model is trained by nobody here, it is a dense Llama)."""
     row = _row_of(model) if model is not None else None
     allowed = row.experts.precisions if row is not None and row.experts is not None else None
     return [p.name for p in PRECISIONS.values() if not p.needs_cuda and (allowed is None or p.name in allowed)]
 
 
 def _row_of(model):
-    """The architectures row of a model section whose config.json is here: a local folder, or a Hub model's
-    config in the Hugging Face cache; None otherwise (a reference model is a dense Llama)."""
+    """The architectures row of a model section: a local folder's config.json, or a Hub model's fetched at its
+    revision (offline: from the cache); None where there is none to read (then nothing can be built either: the
+    load stage says why) or the section is a reference model (a dense Llama)."""
     from pathlib import Path
 
     from trtconv.architectures import row_for_folder
@@ -145,12 +147,11 @@ def _row_of(model):
         return row_for_folder(Path(model.path).expanduser())
     if model.hub_id:
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import hf_hub_download
 
-            cached = try_to_load_from_cache(model.hub_id, "config.json", revision=model.revision)
-        except Exception:  # noqa: BLE001 - no cached config: the load stage reads it, and checks the candidates
+            return row_for_folder(Path(hf_hub_download(model.hub_id, "config.json", revision=model.revision)).parent)
+        except Exception:  # noqa: BLE001 - unreachable: the load stage fetches the model and names the failure
             return None
-        return row_for_folder(Path(cached).parent) if isinstance(cached, str) else None
     return None
 
 
