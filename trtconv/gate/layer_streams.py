@@ -241,12 +241,11 @@ def _place(root: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:
 
 def can_stream(model_dir: Path, trust_remote_code: bool) -> bool:
     """Whether the original's decoder layers can be read one at a time (trtconv.checkpoints.hf_layers): not for
-    models with their own code, nor for mixture-of-experts families (transformers 5 fuses their experts, the
-    files keep them apart); those hold the original in memory."""
-    from trtconv.architectures import row_for_folder
-
-    row = row_for_folder(Path(model_dir))
-    return not trust_remote_code and (row is None or row.experts is None)
+    models with their own code, which hold the original in memory. A mixture-of-experts family's layer is read as
+    the streamed calibration reads it (its per-expert files folded into transformers 5's fused experts:
+    hf_layers.fold_layer_experts); before that folding existed MoE families held the original in memory too, and a
+    streamed MoE build's advice could only end in "no layer advice" for lack of memory."""
+    return not trust_remote_code
 
 
 def shipped_layers(checkpoint_dir: Path, device: str):
