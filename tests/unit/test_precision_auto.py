@@ -4,6 +4,7 @@ and the search's greedy allocation (trtconv/stages/search.py), without a model."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,21 @@ def test_bad_search_settings_are_named(tmp_path, quantization, needle):
     assert needle in str(e.value)
 
 
+def _folder(tmp_path, config: dict | None) -> Path:
+    """A model folder holding only config.json (none when `config` is None): what resolving and planning read."""
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    if config is not None:
+        (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _auto_recipe(tmp_path, model: Path, quantization: str = "{precision: auto}") -> Path:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {quantization}\n" + HF_ONLY)
+    return recipe
+
+
 @pytest.mark.parametrize("arch, expected", [("Qwen3MoeForCausalLM", ["fp8", "none"]), ("MixtralForCausalLM", ["fp8", "none"]),
                                             ("Qwen3ForCausalLM", None)])
 def test_default_candidates_are_what_the_family_converts(tmp_path, arch, expected):
@@ -57,12 +73,7 @@ def test_default_candidates_are_what_the_family_converts(tmp_path, arch, expecte
     being refused for a default (int4_awq, int8_sq) it never asked for; a dense one keeps every default."""
     from trtconv.stages.search import default_candidates
 
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": [arch]}))
-    p = tmp_path / "r.yaml"
-    p.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n{HF_ONLY}")
-    candidates = load_recipe(p)[0].resolved().quantization.search.candidates
+    candidates = load_recipe(_auto_recipe(tmp_path, _folder(tmp_path, {"architectures": [arch]})))[0].resolved().quantization.search.candidates
     assert "int4_awq" in default_candidates()
     assert sorted(candidates) == sorted(expected or default_candidates())
 
@@ -74,38 +85,23 @@ def test_default_candidates_of_a_folder_without_a_known_family_are_the_full_list
     crash; the load stage (build, plan, doctor) then names what is wrong with the folder."""
     from trtconv.stages.search import default_candidates
 
-    model = tmp_path / "m"
-    model.mkdir()
-    if config is not None:
-        (model / "config.json").write_text(json.dumps(config))
-    p = tmp_path / "r.yaml"
-    p.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n{HF_ONLY}")
-    assert load_recipe(p)[0].resolved().quantization.search.candidates == default_candidates()
+    recipe = _auto_recipe(tmp_path, _folder(tmp_path, config))
+    assert load_recipe(recipe)[0].resolved().quantization.search.candidates == default_candidates()
 
 
 def test_a_named_candidate_the_moe_family_does_not_convert_is_refused(cli, tmp_path):
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
+    model = _folder(tmp_path, {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
         "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "num_attention_heads": 32,
-        "num_key_value_heads": 4, "num_hidden_layers": 48, "vocab_size": 151936, "head_dim": 128}))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto, search: {{candidates: [int4_awq, fp8, none]}}}}\n"
-                      + HF_ONLY)
-    res = cli("plan", recipe, "--gpu", "h200-141gb")
+        "num_key_value_heads": 4, "num_hidden_layers": 48, "vocab_size": 151936, "head_dim": 128})
+    res = cli("plan", _auto_recipe(tmp_path, model, "{precision: auto, search: {candidates: [int4_awq, fp8, none]}}"), "--gpu", "h200-141gb")
     said = " ".join(res.output.split())
     assert res.exit_code == 2 and "with the candidate int4_awq" in said and "allowed for Qwen3MoeForCausalLM: none, fp8" in said, res.output
 
 
 @pytest.mark.parametrize("architectures", [[["MixtralForCausalLM"]], 5])
 def test_a_malformed_architectures_key_is_named_not_a_traceback(cli, tmp_path, architectures):
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": architectures, "hidden_size": 64}))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n" + HF_ONLY)
-    res = cli("plan", recipe, "--gpu", "h200-141gb")
+    res = cli("plan", _auto_recipe(tmp_path, _folder(tmp_path, {"architectures": architectures, "hidden_size": 64})), "--gpu", "h200-141gb")
     said = " ".join(res.output.split())
     assert res.exit_code == 2 and "Traceback" not in said and "the key 'architectures' is" in said, res.output
 
