@@ -136,23 +136,20 @@ def default_candidates(model=None) -> list[str]:
 
 
 def _row_of(model):
-    """The architectures row of a model section: a local folder's config.json, or a Hub model's fetched at its
-    revision (offline: from the cache); None where there is none to read (then nothing can be built either: the
-    load stage says why) or the section is a reference model (a dense Llama)."""
-    from pathlib import Path
+    """The architectures row of a model section, from the config.json plan and build read
+    (memory_plan.model_config: a local folder's, or a Hub model's fetched at its revision; offline from the cache);
+    None where there is none to read (then nothing can be built either: the load stage says why) or the section is
+    a reference model (a dense Llama, not trained here to be looked at)."""
+    from trtconv.architectures import row_for_config
+    from trtconv.core.errors import UserError
+    from trtconv.memory_plan import model_config
 
-    from trtconv.architectures import row_for_folder
-
-    if model.path:
-        return row_for_folder(Path(model.path).expanduser())
-    if model.hub_id:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return row_for_folder(Path(hf_hub_download(model.hub_id, "config.json", revision=model.revision)).parent)
-        except Exception:  # noqa: BLE001 - unreachable: the load stage fetches the model and names the failure
-            return None
-    return None
+    if model.reference is not None:
+        return None
+    try:
+        return row_for_config(model_config(model)[0])
+    except UserError:
+        return None
 
 
 def _section_for(section, precision: str, group_size: int | None):
