@@ -403,7 +403,7 @@ def advise(recipe: Recipe, model_dir: Path, root: Path, eval_tokens, metrics: di
     from trtconv.stages.evaluate import candidate_dir
 
     measured_kl = max(m["mean_kl"]["value"] for m in [metrics, *(metrics.get("packs") or {}).values()])
-    streamable = can_stream(model_dir, recipe.model.trust_remote_code)
+    streamable = can_stream(recipe.model.trust_remote_code)
     streamed = streamed and streamable
     checkpoint = candidate_dir(recipe, root)
     reused = {"checkpoint": checkpoint.name, "export": "restored from the stage cache" if export_cached else "built by this run"}

@@ -166,16 +166,15 @@ def build_shell(model_dir: Path, index: WeightIndex, dtype, device: str):
     return shell.eval(), layer_cls, full
 
 
-def eager_experts(shell, model_dir: Path) -> None:
+def eager_experts(shell, architecture: str) -> None:
     """For calibration: a mixture-of-experts family's layers (built from the shell's config) compute their experts in
     transformers' eager loop, F.linear per expert, which ModelOpt's fused-experts quantizers intercept. ModelOpt forces
     that on a model holding experts (force_eager_experts_impl_on_the_fly); a shell whose one layer is dense
     (DeepSeek-V3's first_k_dense_replace) holds none, and grouped_mm left every MoE layer's input quantizers
     uncalibrated. Not for the gate's original, which runs transformers' default as the in-memory gate's does."""
-    from trtconv.architectures import row_for_folder
+    from trtconv.architectures import ARCHITECTURES
 
-    row = row_for_folder(model_dir)
-    if row is not None and row.experts is not None:
+    if ARCHITECTURES[architecture].experts is not None:
         shell.config._experts_implementation = "eager"
 
 

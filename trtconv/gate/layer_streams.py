@@ -239,7 +239,7 @@ def _place(root: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:
     here.add_module(leaf, module)
 
 
-def can_stream(model_dir: Path, trust_remote_code: bool) -> bool:
+def can_stream(trust_remote_code: bool) -> bool:
     """Whether the original's decoder layers can be read one at a time (trtconv.checkpoints.hf_layers): not for
     models with their own code, which hold the original in memory. A mixture-of-experts family's layer is read as
     the streamed calibration reads it (its per-expert files folded into transformers 5's fused experts:

@@ -232,7 +232,7 @@ def run(recipe, model_dir: Path, architecture: str, tokenizer, calib_tokens, roo
             # PreTrainedModel root; and lm_head must become the same (disabled) QuantLinear as in the whole model.
             # Without mtq.quantize's guard: the shell's one layer may be excluded (the failed gate's advice).
             register_hf_attentions_on_the_fly(shell)
-            eager_experts(shell, model_dir)  # what ModelOpt's plugin does for a whole model holding experts
+            eager_experts(shell, architecture)  # what ModelOpt's plugin does for a whole model holding experts
             quantize_layer(shell, {**copy.deepcopy(cfg), "algorithm": None}, None)
     rows = torch.tensor(calib_tokens.rows, dtype=torch.long)
     batches = [rows[s : s + recipe.calibration.batch_size].to(device) for s in range(0, len(rows), recipe.calibration.batch_size)]
