@@ -26,9 +26,11 @@ latent attention (DeepSeek-V3) layers x (kv_lora_rank + qk_rope_head_dim) x KV d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from trtconv.architectures import row_for_config
 from trtconv.core.errors import UserError
 from trtconv.precisions import PRECISIONS, linear_bytes, min_sm
 
@@ -96,22 +98,20 @@ class MemoryPlanError(UserError):
 DIMENSION_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
-def _row(cfg: dict):
-    from trtconv.architectures import row_for_config
-
-    return row_for_config(cfg)  # the load stage's rule: the first entry the table has
-
-
 def _class_default(cfg: dict, key: str):
     """A key config.json leaves out, as transformers' config class of its model_type fills it (DeepSeek-V3
     without kv_lora_rank still builds one of 512): what the model the build loads will have. Only for keys that
     have no other spelling (an expert count may be under another key: Experts.count_keys)."""
-    if key in cfg:
-        return cfg[key]
+    return cfg[key] if key in cfg else getattr(_config_defaults(cfg.get("model_type")), key, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_defaults(model_type):
+    """transformers' default config of a model_type (None where it has none), built once per type."""
     try:
         from transformers import AutoConfig
 
-        return getattr(AutoConfig.for_model(cfg.get("model_type")), key, None)
+        return AutoConfig.for_model(model_type)
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -119,7 +119,7 @@ def _class_default(cfg: dict, key: str):
 def _expert_fields(cfg: dict) -> dict:
     """A mixture-of-experts family's expert count and width, under the keys its row names (0: dense), with its
     shared experts' width and its dense first layers where the row names those keys."""
-    row = _row(cfg)
+    row = row_for_config(cfg)  # the load stage's rule: the first entry the table has
     moe = row.experts if row is not None else None
     count = next((cfg[k] for k in (moe.count_keys if moe is not None else ()) if cfg.get(k)), None)
     if count is None:
@@ -171,7 +171,7 @@ class LatentAttention:
 
 def _attention_fields(cfg: dict) -> dict:
     """Latent attention's widths, and whether the family converts a quantized KV cache (the advice offers fp8 KV)."""
-    row = _row(cfg)
+    row = row_for_config(cfg)  # the load stage's rule: the first entry the table has
     if row is None:
         return {}
     return {"latent": LatentAttention.from_config(cfg) if row.latent_attention else None,
