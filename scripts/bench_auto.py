@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_scale's helpers (versions, extensions_dir), also when imported
 
 
 def model_opt_formats(candidates: list[str]) -> list[dict]:
@@ -48,10 +49,9 @@ COMMON = ["--no-cache", "--force", "--hf-checkpoint", "--set", "export.tensorrt_
 def _env() -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if "TORCH_EXTENSIONS_DIR" not in env:  # every process loads ModelOpt's extension from the folder trtconv uses
-        code = "from trtconv.cache.store import use_torch_extensions_cache as u; print(u())"
-        env["TORCH_EXTENSIONS_DIR"] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                                     cwd=ROOT, check=True).stdout.strip()
-        os.environ["TORCH_EXTENSIONS_DIR"] = env["TORCH_EXTENSIONS_DIR"]
+        from bench_scale import extensions_dir
+
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir(env)
     return env
 
 
@@ -129,7 +129,6 @@ def main() -> None:
     model = a.work / "model"
     if not (a.skip_model and (model / "config.json").is_file()):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "shaped_model.py"), a.shape, str(model)], check=True)
-    sys.path.insert(0, str(ROOT / "scripts"))
     from bench_scale import versions  # the card, driver and library versions, as bench_scale records them
 
     result = {"shape": a.shape, "candidates": a.candidates, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

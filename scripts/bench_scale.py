@@ -336,6 +336,12 @@ def versions() -> dict:
     return v
 
 
+def extensions_dir(env: dict) -> str:
+    """The folder trtconv compiles and loads ModelOpt's CUDA extensions in (trtconv.cache.store), under env's cache."""
+    code = "from trtconv.cache.store import use_torch_extensions_cache as u; print(u())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+
+
 def main_parent(args) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.model = args.model or args.work / "model"
@@ -343,8 +349,7 @@ def main_parent(args) -> None:
     env.setdefault("TRTCONV_CACHE", str(args.work / "trtconv-cache"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT)) if p)
     # Both sides load ModelOpt's extension from the folder trtconv uses, compiled once, up front.
-    ext_dir = subprocess.run([sys.executable, "-c", "from trtconv.cache.store import use_torch_extensions_cache as u; print(u())"],
-                             env=env, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    ext_dir = extensions_dir(env)
     env["TORCH_EXTENSIONS_DIR"] = ext_dir
     report = {"date_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "versions": versions(), "calibration": CALIB}
