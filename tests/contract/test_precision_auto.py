@@ -1,7 +1,7 @@
 """`quantization.precision: auto` (trtconv/stages/search.py) on tiny models, CPU, real ModelOpt.
 
-What is asserted: a per-layer mix assembled from the candidates' calibrated copies is exported by
-ModelOpt as MIXED_PRECISION, the reference executor reads each linear in its own layer's format and
+What is asserted: a per-unit mix (one fused GEMM, or a MoE block) assembled from the candidates' calibrated
+copies is exported by ModelOpt as MIXED_PRECISION, the reference executor reads each linear in its own unit's format and
 runs it as accurately as ModelOpt's fake-quant forward of the same mix; a whole auto build records its
 trials and is judged by the shipped gate; when no trial passes the build exits 1 with the closest
 candidate written and marked failed; an unchanged recipe reuses the search from the stage cache.
@@ -27,9 +27,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # One mix per family kind, each format meeting each family's rules: Phi-3's fused linears in the files; Gemma 3's
-# local layers (0, 1: int4_awq, none) and its global one (2: fp8), scaled embeddings; a MoE family (fp8 and 16-bit
-# only: architectures.Experts.precisions) with its experts taking their layer's format, on MoE layers (0, 2) and
-# dense ones (1, 3) alike. The factory's overrides make those layers.
+# local layers (0, 1) and its global one (2), scaled embeddings; a MoE family (fp8 and 16-bit only:
+# architectures.Experts.precisions) with a MoE block as one unit, on MoE layers (0, 2) and dense ones (1, 3) alike.
+# Unit k of layer i takes formats[(k + i) % len(formats)]: a layer's attention and MLP differ, and so do its units
+# from one layer to the next. The factory's overrides make those layers.
 MIXES = {"llama": (["int4_awq", "fp8", "none", "fp8"], {"num_hidden_layers": 4}),
          "phi3": (["int4_awq", "fp8", "none", "fp8"], {"num_hidden_layers": 4}),
          "gemma3": (["int4_awq", "none", "fp8"], {}),
@@ -64,11 +65,15 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
     tokens = TokenSet(rows, [32] * 4, ["d"] * 4, None, "0" * 64, 0)
     reporter = Reporter(quiet=True)
     models, group = search.calibrate_candidates(original, recipe, search.candidates_of(recipe.quantization), tokens, "cpu", reporter)
-    prefixes = [f"model.layers.{i}" for i in range(len(original.get_decoder().layers))]
-    assert len(prefixes) == len(mix)
-    chosen = dict(zip(prefixes, mix))
-    sources = {f: list(m.get_decoder().layers) for f, m in models.items()}
-    mixed = search.assemble(models[search.candidates_of(recipe.quantization)[0]], sources, chosen, prefixes)
+    units, fixed = search.search_units(models, row)
+    sources = search.sources_of(models, units)
+    chosen, k = {}, 0
+    for u in units:
+        k = 0 if u.layer != units[max(0, units.index(u) - 1)].layer else k + 1
+        chosen[u.name] = mix[(k + u.layer) % len(mix)]
+    assert {u.layer for u in units} == set(range(len(original.get_decoder().layers)))
+    assert all(len({chosen[u.name] for u in units if u.layer == i}) > 1 for i in range(len(original.get_decoder().layers)))
+    mixed = search.assemble(models[search.candidates_of(recipe.quantization)[0]], sources, chosen, units)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         fake = mixed(input_ids=ids, use_cache=False).logits
@@ -85,19 +90,23 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
         assert hf_quant["kv_cache_quant_algo"] == "FP8"
     files, quantization = HFTensors(hf_dir), read_quantization(hf_dir, json.loads((hf_dir / "config.json").read_text()))
     router = f".{row.experts.module_block}.{row.experts.router}" if row.experts else None
-    for prefix, fmt in chosen.items():  # every linear of the layer, in the layer's format (the router stays 16-bit)
-        linears = [n for n, m in original.named_modules() if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)
-                   and not (router and n.endswith(router))]
-        assert linears
-        for name in linears:
-            assert read_linear(files, quantization, name, False).algo == algo[fmt], (prefix, name)
-        if any(n.startswith(prefix + ".") and n.endswith(".experts") for n, _ in original.named_modules()):
+    linears = [n for n, m in original.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)
+               and not (router and n.endswith(router))]
+    for u in units:  # every linear of the unit, in the unit's format (a MoE block's router stays 16-bit)
+        mine = [n for n in linears if any(n == p or n.startswith(p + ".") for p in u.modules)]
+        block = any(n.startswith(u.modules[0] + ".") and n.endswith(".experts") for n, _ in original.named_modules())
+        assert mine or block, u.name
+        for name in mine:
+            assert read_linear(files, quantization, name, False).algo == algo[chosen[u.name]], (u.name, name)
+        if block:
             # and its experts, one linear per expert in the files
-            expert = f"{prefix}.{row.experts.file_block}.experts.0.{row.experts.file_leaves[0]}"
-            assert read_linear(files, quantization, expert, False).algo == algo[fmt], (prefix, expert)
-    int4_share = mix.count("int4_awq") / len(prefixes)  # int4 only on dense families' equal layers; no scales counted
+            expert = f"model.layers.{u.layer}.{row.experts.file_block}.experts.0.{row.experts.file_leaves[0]}"
+            assert read_linear(files, quantization, expert, False).algo == algo[chosen[u.name]], (u.name, expert)
+    assert sorted(n for n in linears if not any(n == p or n.startswith(p + ".") for u in units for p in u.modules)) == []
+    weights = {u.name: u.weights for u in units}
+    int4_share = sum(w for n, w in weights.items() if chosen[n] == "int4_awq") / (sum(weights.values()) + fixed)  # no scales counted
     assert exported.validation["hf_checkpoint_weight_bits"]["bits_per_weight"] == pytest.approx(
-        search.effective_bits(chosen, search.layer_weights(original, prefixes)) - 0.125 * int4_share, abs=0.01)
+        search.effective_bits(chosen, weights, fixed) - 0.125 * int4_share, abs=0.01)
     ran = load_shipped_model(hf_dir).logits(ids)
     fake_err, shipped_err = _rel(fake, reference), _rel(ran, reference)
     assert fake_err > 0
@@ -116,7 +125,7 @@ def test_a_moe_auto_build_searches_what_its_family_converts(cli, tmp_path):
               "--set", "quantization.search.max_trials=2")
     assert res.exit_code == 0, res.output
     found = json.loads((out / "manifest.json").read_text())["calibration"]["search"]
-    assert found["candidates"] == ["fp8", "none"] and found["trials"][0]["layers_per_format"] == {"fp8": 2}
+    assert found["candidates"] == ["fp8", "none"] and found["trials"][0]["units_per_format"] == {"fp8": 7}  # q/k/v, o; a MoE block or gate/up, down
 
 
 class _Tok:
@@ -137,7 +146,7 @@ def test_auto_build_records_trials_and_passes_the_shipped_gate(cli, tmp_path):
     assert found["candidates"] == ["int4_awq", "fp8", "none"]
     first = found["trials"][0]
     assert first["verdict"] == "pass" and first["effective_bits"] == pytest.approx(4.125)  # relaxed gates: the cheapest passes
-    assert set(first["mean_kl"]) == {"value", "ci_low", "ci_high"} and first["layers_per_format"] == {"int4_awq": 2}
+    assert set(first["mean_kl"]) == {"value", "ci_low", "ci_high"} and first["units_per_format"] == {"int4_awq": 8}
     assert {s["name"] for s in manifest["stages"]} >= {"search", "export", "evaluate"}
     assert "## Precision auto" in (out / "report.md").read_text()
     assert (out / "report_search.png").is_file()

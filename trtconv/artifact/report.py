@@ -247,12 +247,13 @@ def search_figure(found: dict, max_kl: float | None):
 
 def search_lines(found: dict) -> list[str]:
     """The report's section for precision auto: every trial, the chosen one, why the search stopped."""
-    lines = ["## Precision auto: the per-layer search", "",
-             f"Candidates {', '.join(found['candidates'])}; chosen trial {found['chosen_trial']} "
+    unit = found.get("granularity", "decoder layer")  # manifests before the per-GEMM search: whole layers
+    lines = ["## Precision auto: the per-unit search", "",
+             f"Candidates {', '.join(found['candidates'])}; one format per {unit}; chosen trial {found['chosen_trial']} "
              f"({found['effective_bits']:.3f} effective bits)" + ("" if found["passed"] else f"; {found['stop_reason']}") + ".", "",
-             "| trial | effective bits | layers per format | mean KL [95% CI] | top-1 [95% CI] | verdict |", "|---|---|---|---|---|---|"]
+             "| trial | effective bits | units per format | mean KL [95% CI] | top-1 [95% CI] | verdict |", "|---|---|---|---|---|---|"]
     for t in found["trials"]:
-        per = ", ".join(f"{k} {v}" for k, v in t["layers_per_format"].items())
+        per = ", ".join(f"{k} {v}" for k, v in (t.get("units_per_format") or t.get("layers_per_format") or {}).items())
         lines.append(f"| {t['trial']} | {t['effective_bits']:.3f} | {per} | {_fmt_ci(t['mean_kl'])} | {_fmt_ci(t['top1_agreement'])} | {t['verdict']} |")
     return lines + ["", f"![bits against KL]({SEARCH_PLOT})", ""]
 

@@ -1,33 +1,41 @@
-"""`quantization.precision: auto`: the per-layer mix of formats with the fewest weight bits that passes the gates.
+"""`quantization.precision: auto`: the per-GEMM mix of formats with the fewest weight bits that passes the gates.
 
 Why this shape:
-- Granularity is the decoder layer. It is the unit `quantization.exclude` and the failed-gate advice
-  already speak (`model.layers.N.*`, gate.sensitivity.exclude_pattern), a fused GEMM (q/k/v,
-  gate/up) can only share one format, and an MoE layer's experts stay with their layer's format
-  (they are modules of that layer). lm_head and embeddings stay as the recipe says.
+- Granularity is the unit one fused GEMM runs at the runtime (architectures.fused_groups: q/k/v, gate/up;
+  o_proj and down_proj alone; Phi-3 ships q/k/v and gate/up fused already), and a mixture-of-experts block
+  as a whole (its router, experts and shared expert read one input; ModelOpt's export unifies the input
+  scales of linears that share an input, so they must share a format). A unit's linears share an
+  activation quantizer and, in FP8, one weight scale, so they can only share a format. The attention's
+  KV-cache quantizers go with its first unit (q/k/v: the keys and values come out of it). lm_head and
+  embeddings stay as the recipe says. Per decoder layer, the first version of this search shipped
+  SmolLM2-135M at 13.87 bits with KL 0.0065 [0.0061, 0.0068], where ModelOpt's mtq.auto_quantize, which
+  picks per linear group, reached 0.0053 [0.0049, 0.0060] at the same bits (docs/accuracy.md): a layer whose
+  down_proj alone is sensitive cost all of its linears' bits.
 - Every candidate format is calibrated once, with real ModelOpt, on its own copy of the model
   (stages.calibrate.run with that format's config, group size chosen as for any build). A mixed
-  model is then assembled from those copies' decoder layers: layer i of the model calibrated at
-  format f carries f's quantizers with their calibrated state (amax, AWQ pre_quant_scale and the
-  weights AWQ rescaled), so ModelOpt's own export_hf_checkpoint writes it, and writes
-  `quant_algo: MIXED_PRECISION` with `quantized_layers` when layers differ (export/quant_utils.
-  process_layer_quant_config). This is what mtq.auto_quantize does as well (each format calibrated
-  with every layer at that format, then one chosen per layer); its scales of a layer came from inputs
-  of a model quantized throughout at that format, a small mismatch the measured trials absorb.
+  model is then assembled from those copies' units: unit u taken from the model calibrated at format f
+  carries f's quantizers with their calibrated state (amax, AWQ and SmoothQuant's pre_quant_scale and
+  the weights they rescaled, all held by the linear itself), so ModelOpt's own export_hf_checkpoint
+  writes it, and writes `quant_algo: MIXED_PRECISION` with `quantized_layers` when units differ
+  (export/quant_utils.process_layer_quant_config). This is what mtq.auto_quantize does as well (each
+  format calibrated with every layer at that format, then one chosen per group); its scales of a unit came
+  from inputs of a model quantized throughout at that format, a small mismatch the measured trials absorb.
   `none` is a candidate like the others (a copy converted with every weight/activation quantizer off,
-  the KV-cache quantizers as the recipe says).
-- Per-layer sensitivity per format: KL(original || only that layer at that format), with
-  gate.sensitivity's helpers (LayerInputs: the run starts at the layer; the same numbers as a whole
-  forward), on SENSITIVITY_EVAL_ROWS calibration rows.
-- Greedy path: from every layer at the cheapest format, the move (a layer to a format with more bits)
-  that removes the most estimated KL per added bit, again and again until every layer is at the most
-  accurate format (bits weighted by the layer's weight count). Each step of this path is a mix with more
+  the KV-cache quantizers as the recipe says). A linear no candidate quantizes (a router, a
+  quantization.exclude match) is no unit: it stays 16-bit and counts so in the bits.
+- Per-unit sensitivity per format: KL(original || only that unit at that format), with
+  gate.sensitivity's helpers (LayerInputs: the run starts at the unit's layer; the same numbers as a whole
+  forward), on SENSITIVITY_EVAL_ROWS calibration rows. Four units a dense layer: four times the per-layer
+  pass's forwards, each from the unit's layer on.
+- Greedy path: from every unit at the cheapest format, the move (a unit to a format with more bits)
+  that removes the most estimated KL per added bit, again and again until every unit is at the most
+  accurate format (bits weighted by the unit's weight count). Each step of this path is a mix with more
   bits than the one before; the search finds where along it the gates start to pass, with measured
   trials: the mixed fake-quant model against the original, with the gate's own statistics and rule
   (gate.stats, per pack), gates tightened by SEARCH_MARGIN, on evaluation-pack documents the gate does not
   use (VALIDATION_ROWS; the search must not tune on the documents that judge it, so it sees other documents
   of the same text and keeps a margin).
-  - Trial 1 is the cheapest mix. It also scales the estimate: per-layer KLs summed, times measured over
+  - Trial 1 is the cheapest mix. It also scales the estimate: per-unit KLs summed, times measured over
     summed.
   - Until a trial passes, the next is the first step whose estimate is under a target: TARGET_FRACTION x
     max_kl, then halved after each failure.
@@ -65,6 +73,7 @@ MEASURE_ROWS = 16
 SEARCH_MARGIN = 0.8
 TARGET_FRACTION = 0.7  # the first trial aims its estimated KL at this fraction of max_kl
 EXPORT_DTYPE_BITS = 16
+GRANULARITY = "one fused GEMM (q/k/v, o, gate/up, down) or one mixture-of-experts block of a decoder layer"
 
 
 def format_bits(precision: str) -> float:
@@ -76,7 +85,7 @@ def format_bits(precision: str) -> float:
 @dataclass
 class Trial:
     index: int
-    formats: dict[str, str]  # decoder layer -> precision
+    formats: dict[str, str]  # unit (Unit.name) -> precision
     effective_bits: float
     estimated_kl: float
     metrics: dict  # gate.stats summary (mean_kl, top1_agreement, ... with intervals)
@@ -90,7 +99,7 @@ class Trial:
             counts[f] = counts.get(f, 0) + 1
         pick = lambda m: {k: self.metrics[m][k] for k in ("value", "ci_low", "ci_high")}  # noqa: E731
         return {"trial": self.index, "effective_bits": round(self.effective_bits, 4), "estimated_kl": self.estimated_kl,
-                "layers_per_format": dict(sorted(counts.items())), "formats": self.formats,
+                "units_per_format": dict(sorted(counts.items())), "formats": self.formats,
                 "mean_kl": pick("mean_kl"), "top1_agreement": pick("top1_agreement"),
                 "gates": [g.model_dump(mode="json") for g in self.gates], "verdict": self.verdict, "wall_s": round(self.wall_s, 1)}
 
@@ -101,7 +110,7 @@ class SearchResult:
     chosen: Trial
     passed: bool
     trials: list[Trial]
-    sensitivity: dict[str, dict[str, float]]  # format -> layer -> KL
+    sensitivity: dict[str, dict[str, float]]  # format -> unit -> KL
     candidates: list[str]
     group_size: int | None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -110,7 +119,7 @@ class SearchResult:
 
     def record(self) -> dict:
         closest = "" if self.passed else f"no trial passed; closest: trial {self.chosen.index} ({self.chosen.effective_bits:.2f} bits)"
-        return {"candidates": self.candidates, "method": __doc__.split("\n")[0], "margin": SEARCH_MARGIN,
+        return {"candidates": self.candidates, "method": __doc__.split("\n")[0], "granularity": GRANULARITY, "margin": SEARCH_MARGIN,
                 "measured_on": self.measured_on, "chosen_trial": self.chosen.index, "passed": self.passed, "stop_reason": self.stop_reason or closest,
                 "effective_bits": round(self.chosen.effective_bits, 4), "awq_group_size": self.group_size,
                 "trials": [t.record() for t in self.trials], "sensitivity": self.sensitivity,
@@ -206,32 +215,118 @@ def layer_weights(model, prefixes: list[str]) -> dict[str, int]:
     return counts
 
 
-def layer_sensitivity(model, rows, lengths, base_logp) -> dict[str, float]:
-    """KL with only one decoder layer's quantizers on, per layer (gate.sensitivity's LayerInputs)."""
+@dataclass(frozen=True)
+class Unit:
+    """What the search gives one format: linears one fused GEMM runs, or a mixture-of-experts block."""
+
+    name: str  # "model.layers.3.self_attn.q_proj+k_proj+v_proj", "model.layers.3.mlp" (a MoE block)
+    layer: int  # its decoder layer's index (the sensitivity pass starts there)
+    modules: tuple[str, ...]  # module paths moved together from a format's copy
+    quantizers: tuple[str, ...] = ()  # quantizers outside those modules that go with them (the KV cache's)
+    weights: int = 0  # weight elements the format stores
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self.modules + self.quantizers
+
+
+def search_units(models: dict, row) -> tuple[list[Unit], int]:
+    """The units of the candidates' calibrated copies (module docstring), and the weight elements of decoder-layer
+    matrices no unit holds (no candidate quantizes them: a router, an excluded linear; they stay 16-bit)."""
+    from trtconv.gate import sensitivity as s
+
+    some = next(iter(models.values()))
+    enabled = set().union(*(s._enabled_quantizers(m) for m in models.values()))
+    prefixes = s.layer_prefixes(some)
+    units: list[Unit] = []
+    for i, prefix in enumerate(prefixes):
+        units += _layer_units(some.get_submodule(prefix), prefix, i, enabled, row)
+    total = sum(layer_weights(some, prefixes).values())
+    return units, total - sum(u.weights for u in units)
+
+
+def _layer_units(layer, prefix: str, index: int, enabled: set[str], row) -> list[Unit]:
+    """One decoder layer's units, in module order (q/k/v, o, gate/up, down)."""
+    from trtconv.architectures import Architecture
+    from trtconv.checkpoints.hf_executor import is_fused_experts
+
+    groups = (row or Architecture("", "", "")).fused_groups
+    block = row.experts.module_block if row is not None and row.experts is not None else None
+    found: dict[tuple, list[tuple[str, int]]] = {}  # (parent, group) -> [(path, weights)]
+    taken: list[str] = []
+    for name, mod in layer.named_modules():
+        path = f"{prefix}.{name}" if name else prefix
+        if any(path.startswith(t + ".") for t in taken) or not any(q.startswith(path + ".") for q in enabled):
+            continue
+        if (name == block and hasattr(mod, "experts")) or is_fused_experts(getattr(mod, "experts", None)):
+            found[(path, ())] = [(path, _block_weights(mod, path, enabled))]
+            taken.append(path)
+        elif hasattr(mod, "weight_quantizer") and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
+            parent, leaf = path.rsplit(".", 1)
+            group = next((g for g in groups if leaf in g), (leaf,))
+            found.setdefault((parent, group), []).append((path, mod.weight.numel()))
+            taken.append(path)
+    units = [Unit(f"{parent}.{'+'.join(p.rsplit('.', 1)[1] for p, _ in members)}" if group else parent, index,
+                  tuple(p for p, _ in members), (), sum(w for _, w in members)) for (parent, group), members in found.items()]
+    return _with_leftover_quantizers(units, prefix, enabled)
+
+
+def _block_weights(block, path: str, enabled: set[str]) -> int:
+    """A MoE block's stored weights: its fused experts, and each linear a candidate quantizes (not the router)."""
+    from trtconv.checkpoints.hf_executor import is_fused_experts
+
+    count = 0
+    for name, mod in block.named_modules():
+        sub = f"{path}.{name}" if name else path
+        if is_fused_experts(mod):
+            count += mod.gate_up_proj.numel() + mod.down_proj.numel()
+        elif getattr(mod, "weight", None) is not None and mod.weight.dim() == 2 and any(q.startswith(sub + ".") for q in enabled):
+            count += mod.weight.numel()
+    return count
+
+
+def _with_leftover_quantizers(units: list[Unit], prefix: str, enabled: set[str]) -> list[Unit]:
+    """Quantizers of the layer outside every unit (the attention's k/v cache quantizers) join a unit with a module
+    under their nearest parent, the one holding the key projection first (k_proj, Phi-3's qkv_proj: the keys and
+    values come out of it; registration order puts Phi-3's o_proj first), else the layer's first unit."""
+    def nearness(q: str, u: Unit) -> tuple[int, bool]:  # the deepest parent of u's modules that holds q (-1: none)
+        depth = max((len(m) - len(m.rsplit(".", 1)[1]) for m in u.modules if q.startswith(m.rsplit(".", 1)[0] + ".")), default=-1)
+        return depth, any("k" in m.rsplit(".", 1)[1] for m in u.modules)
+
+    extra: dict[int, list[str]] = {}
+    for q in sorted(n for n in enabled if n.startswith(prefix + ".")):
+        if units and not any(q.startswith(m + ".") for u in units for m in u.modules):
+            near = [nearness(q, u) for u in units]
+            extra.setdefault(near.index(max(near)), []).append(q)
+    return [Unit(u.name, u.layer, u.modules, tuple(extra.get(k, ())), u.weights) for k, u in enumerate(units)]
+
+
+def unit_sensitivity(model, units: list[Unit], rows, lengths, base_logp) -> dict[str, float]:
+    """KL with only one unit's quantizers on, per unit (gate.sensitivity's LayerInputs: from the unit's layer on)."""
     from trtconv.gate import sensitivity as s
 
     enabled = s._enabled_quantizers(model)
-    prefixes = s.layer_prefixes(model)
     s._set_quantizers(model, lambda n: False)
     try:
         inputs = s.LayerInputs(model, rows)
         out = {}
-        for i, prefix in enumerate(prefixes):
-            s._set_quantizers(model, lambda n, p=prefix: n in enabled and n.startswith(p + "."))
-            out[prefix] = inputs.kl_from(i, lengths, base_logp)
+        for u in units:
+            s._set_quantizers(model, lambda n, u=u: n in enabled and any(n == p or n.startswith(p + ".") for p in u.paths))
+            out[u.name] = inputs.kl_from(u.layer, lengths, base_logp)
         return out
     finally:
         s._set_quantizers(model, lambda n: n in enabled)
 
 
-def effective_bits(formats: dict[str, str], weights: dict[str, int]) -> float:
-    total = sum(weights.values())
-    return sum(format_bits(f) * weights[p] for p, f in formats.items()) / max(total, 1)
+def effective_bits(formats: dict[str, str], weights: dict[str, int], fixed: int = 0) -> float:
+    """Stored bits per decoder-layer weight: each unit at its format, `fixed` weights (no unit's) at 16 bits."""
+    total = sum(weights.values()) + fixed
+    return (sum(format_bits(f) * weights[p] for p, f in formats.items()) + EXPORT_DTYPE_BITS * fixed) / max(total, 1)
 
 
 def upgrade_path(sens: dict[str, dict[str, float]], weights: dict[str, int], candidates: list[str],
                  start: dict[str, str]) -> list[dict[str, str]]:
-    """Every mix the greedy visits, `start` first: each step moves the layer whose move to a format with more
+    """Every mix the greedy visits, `start` first: each step moves the unit whose move to a format with more
     bits removes the most estimated KL per added bit, until no move removes any."""
     formats, path = dict(start), [dict(start)]
     while True:
@@ -256,12 +351,16 @@ def next_step(path_kl: list[float], scale: float, target: float, failed: int, pa
     return next((k for k in range(failed + 1, len(path_kl)) if scale * path_kl[k] <= target), len(path_kl) - 1)
 
 
-def assemble(skeleton, sources: dict[str, list], formats: dict[str, str], prefixes: list[str]):
-    """The skeleton (the cheapest candidate's model) with each decoder layer i taken from its format's
-    model (`sources`: format -> that model's decoder layers, listed before any was moved)."""
-    layers = skeleton.get_decoder().layers
-    for i, p in enumerate(prefixes):
-        layers[i] = sources[formats[p]][i]
+def sources_of(models: dict, units: list[Unit]) -> dict[str, dict[str, torch.nn.Module]]:
+    """format -> every unit's modules and quantizers in that format's copy (taken before any is moved)."""
+    return {f: {p: m.get_submodule(p) for u in units for p in u.paths} for f, m in models.items()}
+
+
+def assemble(skeleton, sources: dict[str, dict], formats: dict[str, str], units: list[Unit]):
+    """The skeleton (the cheapest candidate's model) with each unit's modules taken from its format's copy."""
+    for u in units:
+        for p in u.paths:
+            skeleton.set_submodule(p, sources[formats[u.name]][p])
     return skeleton
 
 
@@ -326,6 +425,7 @@ def validation_key(recipe) -> dict:
 def run(model, recipe, calib_tokens, device: str, reporter, validation=None, measured_on: str = "") -> SearchResult:
     """The search (module docstring); `model` is the original, loaded; returns the chosen mix. Trials are measured
     on `validation` (validation_for), else on calibration rows."""
+    from trtconv.architectures import by_hf_name
     from trtconv.gate import sensitivity as s
 
     t0 = time.monotonic()
@@ -340,19 +440,19 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
         base_logp = torch.log_softmax(model(input_ids=rows, use_cache=False).logits.float(), -1)
     models, group = calibrate_candidates(model, recipe, candidates, calib_tokens, device, reporter)
     seconds["calibrate_candidates"] = time.monotonic() - t0
-    prefixes = s.layer_prefixes(model)
+    units, fixed = search_units(models, by_hf_name((model.config.architectures or [None])[0]))
     sens = {}
-    with reporter.progress("search: per-layer sensitivity, format x layer", total=len(candidates)) as advance:
+    with reporter.progress(f"search: sensitivity of {len(units)} units, per format", total=len(candidates)) as advance:
         for f in candidates:
-            sens[f] = layer_sensitivity(models[f], rows, lengths, base_logp) if PRECISIONS[f].modelopt_preset else {p: 0.0 for p in prefixes}
+            sens[f] = unit_sensitivity(models[f], units, rows, lengths, base_logp) if PRECISIONS[f].modelopt_preset else {u.name: 0.0 for u in units}
             advance(1)
     seconds["sensitivity"] = time.monotonic() - t0 - seconds["calibrate_candidates"]
     measured = validation if validation is not None else _subset(calib_tokens, s._spread_rows(calib_tokens, MEASURE_ROWS))
-    weights = layer_weights(model, prefixes)
+    weights = {u.name: u.weights for u in units}
     cheapest = candidates[0]
     skeleton = models[cheapest]
-    sources = {f: list(m.get_decoder().layers) for f, m in models.items()}
-    path = upgrade_path(sens, weights, candidates, {p: cheapest for p in prefixes})
+    sources = sources_of(models, units)
+    path = upgrade_path(sens, weights, candidates, {u.name: cheapest for u in units})
     path_kl = [sum(sens[f][p] for p, f in mix.items()) for mix in path]
     max_kl = recipe.evaluate.gates.max_kl or 0.01
     target, scale = TARGET_FRACTION * max_kl, 1.0
@@ -362,12 +462,12 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
     for index in range(1, search.max_trials + 1):
         t = time.monotonic()
         formats = path[step]
-        mixed = assemble(skeleton, sources, formats, prefixes)
+        mixed = assemble(skeleton, sources, formats, units)
         summary, gates, ok = measure(model, mixed, measured, recipe, device, reporter)
         kl = summary["mean_kl"]["value"]
         if index == 1:  # the cheapest mix calibrates the estimate's scale
             scale = kl / path_kl[0] if path_kl[0] > 0 else 1.0
-        trial = Trial(index, dict(formats), effective_bits(formats, weights), scale * path_kl[step], summary, gates,
+        trial = Trial(index, dict(formats), effective_bits(formats, weights, fixed), scale * path_kl[step], summary, gates,
                       "pass" if ok else "fail", time.monotonic() - t)
         trials.append(trial)
         reporter.stage(NAME, f"trial {index}: {trial.effective_bits:.2f} bits (step {step} of {len(path) - 1}), KL {kl:.4g} "
@@ -391,8 +491,8 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
         stop = f"search.max_trials {search.max_trials} tried"
     passing = [t for t in trials if t.verdict == "pass"]
     chosen = min(passing, key=lambda t: t.effective_bits) if passing else min(trials, key=lambda t: t.metrics["mean_kl"]["ci_high"] or 0)
-    mixed = assemble(skeleton, sources, chosen.formats, prefixes)
-    del sources, models  # the mix holds the layers it took; the other copies go with these
+    mixed = assemble(skeleton, sources, chosen.formats, units)
+    del sources, models  # the mix holds the units it took; the other copies go with these
     seconds["trials"] = time.monotonic() - t0 - seconds["calibrate_candidates"] - seconds["sensitivity"]
     return SearchResult(model=mixed, chosen=chosen, passed=bool(passing), trials=trials, sensitivity=sens,
                         candidates=candidates, group_size=group, seconds=seconds, stop_reason=stop,
@@ -425,7 +525,7 @@ def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device
                        effective_bits=round(result.chosen.effective_bits, 4), seconds=record["seconds"], compute_dtype=dtype)]
     quantization = recipe.quantization.model_copy(update={"awq_group_size": result.group_size})
     with StageMeter("export") as m:
-        reporter.stage("export", f"unified HF checkpoint, per-layer mix of trial {result.chosen.index}")
+        reporter.stage("export", f"unified HF checkpoint, per-unit mix of trial {result.chosen.index}")
         exported = export.run(result.model, tokenizer, result.model.config, arch, recipe.export, quantization, root)
     stages.append(m.record(repairs=len(exported.repairs), seconds=exported.seconds))
     return exported, {"quant_config": {}, "census": census, "compute_dtype": dtype, "awq_group_size": result.group_size,
