@@ -501,8 +501,9 @@ def streamed_refusals(recipe, split: int = 1) -> list[str]:
     if recipe.quantization.is_auto:
         if split > 1:
             return [f"--gpus {split}: quantization.precision auto searches on one device, in memory; use --gpus 1"]
-        return ["quantization.precision auto calibrates one model copy per candidate in memory (the original + one per "
-                "candidate must fit the GPU); the layer-streamed path (calibration.streaming, or a model larger than "
+        return ["quantization.precision auto calibrates one model copy per candidate in memory (the original + a copy "
+                "per candidate that rewrites its weights, AWQ and SmoothQuant, must fit the GPU; fp8 and 16-bit share the "
+                "original's); the layer-streamed path (calibration.streaming, or a model larger than "
                 "that) does not search: raise --max-gpu-memory, name fewer quantization.search.candidates, set "
                 "calibration.streaming: never, or pick one precision"]
     try:
@@ -510,6 +511,20 @@ def streamed_refusals(recipe, split: int = 1) -> list[str]:
     except UserError as exc:
         return [str(exc)]
     return []
+
+
+def own_copies(q) -> list[str]:
+    """precision auto's candidates that need their own copy of the weights (precisions.Precision.rewrites_weights)."""
+    from trtconv.stages.search import candidates_of
+
+    return [p for p in candidates_of(q) if PRECISIONS[p].rewrites_weights]
+
+
+def _shared_text(q) -> str:
+    from trtconv.stages.search import candidates_of
+
+    shared = [p for p in candidates_of(q) if not PRECISIONS[p].rewrites_weights]
+    return f"{', '.join(shared)} share the original's weights" if shared else "each rewrites its weights"
 
 
 def _auto_fit(plan, recipe) -> str:
@@ -521,16 +536,18 @@ def _auto_fit(plan, recipe) -> str:
         return ""
     from trtconv.stages.search import candidates_of
 
-    names = candidates_of(q)
-    fixed = check.need_bytes - (1 + len(names)) * plan.load_bytes  # context and the batch / export copies
-    fit = int((check.have_bytes - fixed) // plan.load_bytes) - 1  # candidate copies beside the original
-    if fit >= len(names):
+    names, own = candidates_of(q), own_copies(q)
+    fixed = check.need_bytes - (1 + len(own)) * plan.load_bytes  # context and the batch / export copies
+    fit = int((check.have_bytes - fixed) // plan.load_bytes) - 1  # own copies beside the original
+    if fit >= len(own):
         return ""
-    if fit < 2:
+    priority = list(dict.fromkeys([p for p in (names[0], q.gate_precision) if p in own] + own))  # the cheapest, the gates' format
+    keep = [p for p in names if p not in own or p in priority[:max(fit, 0)]]
+    if len(keep) < 2:
         return f" ({len(names)} candidates need {size_text(check.need_bytes)}; not even two fit {size_text(check.have_bytes)})"
-    keep = list(dict.fromkeys([names[0], q.gate_precision, "none"]))[:fit] if "none" in names else names[:fit]
-    return (f" ({len(names)} candidates need the original + {len(names)} copies, {size_text(check.need_bytes)} of "
-            f"{size_text(check.have_bytes)}; {fit} fit, e.g. quantization.search.candidates: [{', '.join(keep)}])")
+    return (f" ({len(own)} of the {len(names)} candidates rewrite their weights ({', '.join(own)}) and need a copy each: the "
+            f"original + {len(own)} copies, {size_text(check.need_bytes)} of {size_text(check.have_bytes)}; {max(fit, 0)} fit, "
+            f"e.g. quantization.search.candidates: [{', '.join(keep)}])")
 
 
 def evaluation_streams_alone(recipe) -> bool:
@@ -578,11 +595,12 @@ def _calibration_checks(plan: MemoryPlan, shape: Shape, recipe, context_bytes: i
     add = plan.checks.append
     # In memory: the whole model on the GPU (one batch, then ModelOpt's export copies); loaded via the host.
     export_extra = MODEL_EXPORT_OUTER_COPIES * outer_bytes + 2 * layer_bytes
-    # precision auto calibrates one copy of the model per candidate beside the original (stages/search.py).
-    copies = 1 + len(q.precisions_used) if q.is_auto else 1
+    # precision auto calibrates a copy of the model per candidate beside the original; those whose calibration
+    # leaves the weights alone share the original's (stages/search.py, SharedWeights).
+    copies = 1 + len(own_copies(q)) if q.is_auto else 1
     add(Check("calibrate (in memory)", "gpu", context_bytes + copies * plan.load_bytes + max(fwd, export_extra), gpu,
-              "whole model + one batch or the export's copies" if copies == 1 else
-              f"the original + {copies - 1} candidate copies (precision auto) + one batch or the export's copies"))
+              "whole model + one batch or the export's copies" if not q.is_auto else
+              f"the original + {copies - 1} candidate copies (precision auto; {_shared_text(q)}) + one batch or the export's copies"))
     # Host: ModelOpt's export holds a whole rank in host memory (pack_linear_weights moves every packed
     # weight there; measured 9.6 GiB anonymous for the 8B fp8 rank on the H200). The load reads the
     # memory-mapped checkpoint straight to the GPU: page cache, which the kernel can reclaim.

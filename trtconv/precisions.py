@@ -52,6 +52,10 @@ class Precision:
     # "amax must be a CUDA tensor"); the gate's independent check runs that forward, so the
     # pipeline refuses such a precision on a CPU before any work (engine.plan.preflight).
     needs_cuda: bool = False
+    # Calibration rescales the weights themselves (AWQ's and SmoothQuant's per-input-channel scales, folded into
+    # the weight; measured on tiny models of every family: fp8 and none leave every parameter as it was). precision
+    # auto gives such a candidate its own copy of the weights; the others share the original's (stages.search).
+    rewrites_weights: bool = False
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -98,6 +102,7 @@ PRECISIONS: dict[str, Precision] = {
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
             linear_weight_bytes=INT8_SQ_BYTES,
+            rewrites_weights=True,
             ladder_rung=3,
         ),
         Precision(
@@ -113,6 +118,7 @@ PRECISIONS: dict[str, Precision] = {
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
             linear_weight_bytes=INT4_GROUP_BYTES,
+            rewrites_weights=True,
             ladder_rung=1,
         ),
         Precision(
@@ -129,6 +135,7 @@ PRECISIONS: dict[str, Precision] = {
                 "max_task_accuracy_drop_pp": TASK_ACCURACY_DROP_PP,
             },
             linear_weight_bytes=INT4_GROUP_BYTES,
+            rewrites_weights=True,
             ladder_rung=2,
         ),
         Precision(

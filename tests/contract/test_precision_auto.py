@@ -116,6 +116,32 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
     assert abs(shipped_err - fake_err) < 0.5 * fake_err
 
 
+def test_candidates_that_leave_weights_alone_share_the_original(tmp_path):
+    """fp8 and 16-bit copies hold the original's parameters (no second copy of the weights); int4_awq's calibration
+    rescales its linears' weights, so it gets its own copy; the original is left as it was (precisions.rewrites_weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from trtconv.core.ui import Reporter
+    from trtconv.data.samples import TokenSet
+    from trtconv.recipe.schema import recipe_from_dict
+    from trtconv.stages import search
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    original = AutoModelForCausalLM.from_config(cfg).float().eval()
+    before = {n: t.detach().clone() for n, t in original.named_parameters()}
+    recipe = recipe_from_dict({"name": "t", "model": {"path": str(tmp_path)}, "quantization": {
+        "precision": "auto", "kv_cache": "fp8", "search": {"candidates": ["int4_awq", "fp8", "none"]}},
+        "export": {"tensorrt_llm_checkpoint": False, "hf_checkpoint": True}, "engine": {"target": "none"}}, [], source="test").resolved()
+    tokens = TokenSet(torch.randint(0, cfg.vocab_size, (4, 32)).tolist(), [32] * 4, ["d"] * 4, None, "0" * 64, 0)
+    models, _ = search.calibrate_candidates(original, recipe, ["int4_awq", "fp8", "none"], tokens, "cpu", Reporter(quiet=True))
+    name = "model.layers.0.mlp.down_proj.weight"
+    own = dict(original.named_parameters())
+    assert dict(models["fp8"].named_parameters())[name] is own[name] and dict(models["none"].named_parameters())[name] is own[name]
+    assert not torch.equal(dict(models["int4_awq"].named_parameters())[name].detach(), own[name].detach())  # AWQ rescaled its copy
+    assert all(torch.equal(t.detach(), before[n]) for n, t in original.named_parameters())
+
+
 def test_a_moe_auto_build_searches_what_its_family_converts(cli, tmp_path):
     """No candidates named: a MoE family's auto build searches fp8 and 16-bit (its row), where the default list
     (int4_awq, int8_sq, ...) was refused before any work."""

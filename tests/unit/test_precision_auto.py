@@ -138,26 +138,32 @@ def _llama8b(tmp_path):
     return model
 
 
-def test_the_plan_counts_a_model_copy_per_candidate(cli, tmp_path):
-    """The search holds the original plus one calibrated copy per candidate: three candidates of an 8B model
-    (4 x 15 GiB) fit an H100's 80 GB, the five default ones (6 x 15 GiB) do not, and plan refuses what build would."""
+def test_the_plan_counts_a_model_copy_per_candidate_that_rewrites_its_weights(cli, tmp_path):
+    """The search holds the original plus a copy per candidate whose calibration rewrites weights (AWQ, SmoothQuant);
+    fp8 and 16-bit share the original's. int4_awq, fp8, none of an 8B model: the original + 1 copy (2 x 15 GiB). The
+    five defaults: + 3 (4 x 15 GiB) fit an H100's 80 GB (before sharing: 6 x 15, refused), not an L40S's 48 GB;
+    plan refuses what build would, says how many fit and a list that does, and accepts that list."""
     model = _llama8b(tmp_path)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto, search: {{candidates: [int4_awq, fp8, none]}}}}\n"
                       + HF_ONLY)
     res = cli("plan", recipe, "--gpu", "h100-80gb", "--json")
     row = next(c for c in json.loads(res.stdout)["checks"] if c["stage"] == "calibrate (in memory)" and c["where"] == "gpu")
-    assert res.exit_code == 0 and row["fits"] and "3 candidate copies" in row["note"] and row["need_bytes"] > 4 * 15e9, res.output
+    assert res.exit_code == 0 and row["fits"] and "1 candidate copies" in row["note"] and "fp8, none share" in row["note"], res.output
+    assert 2 * 15e9 < row["need_bytes"] < 3 * 15e9
     recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto}}\n" + HF_ONLY)
-    res = cli("plan", recipe, "--gpu", "h100-80gb")
+    res = cli("plan", recipe, "--gpu", "h100-80gb", "--json")
+    row = next(c for c in json.loads(res.stdout)["checks"] if c["stage"] == "calibrate (in memory)" and c["where"] == "gpu")
+    assert res.exit_code == 0 and row["fits"] and "3 candidate copies" in row["note"] and row["need_bytes"] > 4 * 15e9, res.output
+    res = cli("plan", recipe, "--gpu", "l40s-48gb")
     said = " ".join(res.output.split())  # the console wraps long lines
     assert res.exit_code == 4 and "one model copy per candidate" in said and "search.candidates" in said, res.output
-    # ... and says how many fit and a list that does: plan accepts that list
-    assert "5 candidates need the original + 5 copies" in said and "4 fit, e.g. quantization.search.candidates: [" in said
+    assert "3 of the 5 candidates rewrite their weights (w4a8_awq, int4_awq, int8_sq)" in said, said
+    assert "1 fit, e.g. quantization.search.candidates: [w4a8_awq, fp8, none]" in said, said  # the cheapest first
     suggested = said.split("e.g. quantization.search.candidates: [")[1].split("]")[0]
     recipe.write_text(f"name: t\nmodel: {{path: {model}}}\nquantization: {{precision: auto, search: {{candidates: [{suggested}]}}}}\n"
                       + HF_ONLY)
-    assert cli("plan", recipe, "--gpu", "h100-80gb").exit_code == 0
+    assert cli("plan", recipe, "--gpu", "l40s-48gb").exit_code == 0
 
 
 def test_candidates_without_auto_is_refused(cli, tmp_path):
@@ -241,3 +247,23 @@ def test_a_failed_auto_build_says_what_the_search_found():
     assert note == f"; precision auto: trial 8 passed the search's gates on {rows}, the shipped files failed the evaluation's"
     early = search_note({"passed": True, "stop_reason": "search.max_trials 8 tried", "chosen_trial": 7, "measured_on": rows})
     assert early.endswith("(the search stopped early: search.max_trials 8 tried)")
+
+
+@pytest.mark.parametrize("change", ["in_place", "storage"])
+def test_a_copy_that_changes_the_shared_original_is_stopped(change):
+    """fp8 and 16-bit candidate copies hold the original's parameters themselves (search.SharedWeights): a calibration
+    that changed one, in place or by swapping its storage, would change what every trial is measured against."""
+    import torch
+
+    from trtconv.stages.search import SharedWeights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    shared = SharedWeights(model)
+    shared.check("nothing")  # untouched: no error
+    with torch.no_grad():
+        if change == "in_place":
+            model[1].weight.mul_(2)
+        else:
+            model[1].weight.data = model[1].weight.data.clone()
+    with pytest.raises(RuntimeError, match=r"calibrating the candidate fp8 changed the original model's 1\.weight"):
+        shared.check("calibrating the candidate fp8")

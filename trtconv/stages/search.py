@@ -46,8 +46,10 @@ Why this shape:
     The cheapest passing trial is exported.
   The shipped files are then judged by the same gate as any build; when no trial passed, the closest one
   is exported, judged and marked failed (exit 1).
-- Memory: one model copy per candidate plus the original (an 8B in bf16 with three candidates is
-  about 64 GB on the GPU; scripts/bench_auto.py measures it).
+- Memory: the original plus one copy of the weights per candidate whose calibration rewrites them (AWQ,
+  SmoothQuant: precisions.Precision.rewrites_weights); fp8 and 16-bit copies share the original's parameters,
+  guarded (SharedWeights). An 8B in bf16 with int4_awq, fp8 and none is about 32 GB of weights on the GPU
+  (scripts/bench_auto.py measures it).
 """
 
 from __future__ import annotations
@@ -166,13 +168,36 @@ def _section_for(section, precision: str, group_size: int | None):
                                       "awq_group_size": group_size if PRECISIONS[precision].uses_group_size else None})
 
 
+class SharedWeights:
+    """The original's parameters, as they were before any candidate copy shared them. A copy whose format does not
+    rewrite weights (precisions.Precision.rewrites_weights False: fp8, none) holds the original's parameters
+    themselves, not copies: an 8B model's five default candidates then need the original + 3 copies, not + 5. A
+    copy that changed one in place (its version counter) or swapped its storage (`.data =`) would change the
+    original every trial is measured against: check() refuses to go on."""
+
+    def __init__(self, model):
+        self.seen = {n: (t, t.data_ptr(), t._version) for n, t in model.named_parameters()}
+
+    def memo(self) -> dict:
+        return {id(t): t for t, _, _ in self.seen.values()}
+
+    def check(self, after: str) -> None:
+        changed = [n for n, (t, ptr, version) in self.seen.items() if t.data_ptr() != ptr or t._version != version]
+        if changed:
+            raise RuntimeError(f"precision auto: {after} changed the original model's {', '.join(changed[:3])} "
+                               f"({len(changed)} parameters), which candidate copies share; its format must set "
+                               "rewrites_weights in trtconv/precisions.py")
+
+
 def calibrate_candidates(model, recipe, candidates: list[str], calib_tokens, device: str, reporter) -> tuple[dict, int | None]:
-    """One calibrated copy of the model per candidate format (the original is left untouched)."""
+    """One calibrated copy of the model per candidate format (the original is left untouched; formats that do not
+    rewrite weights share its parameters, SharedWeights)."""
     from trtconv.stages import calibrate
 
     models, group = {}, None
+    shared = SharedWeights(model)
     for precision in candidates:
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(model, memo=None if PRECISIONS[precision].rewrites_weights else shared.memo())
         section = _section_for(recipe.quantization, precision, recipe.quantization.awq_group_size)  # a pinned size holds
         if PRECISIONS[precision].uses_group_size:
             choice = calibrate.choose_group_size(m, section, recipe.export.tp_size)
@@ -183,6 +208,7 @@ def calibrate_candidates(model, recipe, candidates: list[str], calib_tokens, dev
             calibrate.run(m, section, calib_tokens, recipe.calibration.batch_size, device, reporter)
         else:
             _convert_unquantized(m, calib_tokens, device)
+        shared.check(f"calibrating the candidate {precision}")
         models[precision] = m
     return models, group
 
