@@ -209,4 +209,4 @@ def test_an_unchanged_auto_recipe_reuses_the_search(cli, tmp_path, monkeypatch):
         assert changed.exit_code == 0, changed.output
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         assert {s["name"]: s["status"] for s in manifest["stages"]}["search"] == "ok", change
-    assert manifest["calibration"]["search"]["measured_on"].startswith("48 evaluation-pack documents the gate does not use")
+    assert manifest["calibration"]["search"]["measured_on"].startswith("96 evaluation-pack documents the gate does not use")
