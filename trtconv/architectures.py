@@ -91,6 +91,9 @@ class Architecture:
     # Linears one fused GEMM runs at the runtime (they share an activation quantizer; FP8 weights are
     # requantized to the group's scale): leaf names within one parent module. Phi-3 ships them fused.
     fused_groups: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    # Linears that read one input but run as separate GEMMs: precision auto gives them one format all the same
+    # (ModelOpt's export smooths AWQ / SmoothQuant linears that share an input together, and asserts one format).
+    shared_input_groups: tuple[tuple[str, ...], ...] = ()
     attention_module: str = "self_attn"  # where the FP8 KV-cache scales hang (k_proj.k_scale / v_proj.v_scale)
     # transformers' attention the ORIGINAL model must run in (calibration, the gate's baseline); None = its default.
     # Gemma 2 soft-caps attention scores, which transformers applies in eager attention only (sdpa drops it).
@@ -167,6 +170,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "DeepseekV3ForCausalLM", "DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False,
             fused_groups=(("q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj")),
+            shared_input_groups=(("q_proj", "kv_a_proj_with_mqa"),),  # q_lora_rank null: no q_a_proj, q_proj reads the input
             latent_attention=True,
             no_kv_cache_quant=_MLA_KV_WHY,
             no_trtllm_checkpoint="ModelOpt 0.47's legacy export has no TensorRT-LLM config for DeepSeek (NotImplementedError: "

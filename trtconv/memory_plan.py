@@ -541,12 +541,14 @@ def _auto_fit(plan, recipe) -> str:
     fit = int((check.have_bytes - fixed) // plan.load_bytes) - 1  # own copies beside the original
     if fit >= len(own):
         return ""
+    if fit < 0:
+        return f" (the original alone, {size_text(plan.load_bytes)}, does not fit beside the batch in {size_text(check.have_bytes)})"
     priority = list(dict.fromkeys([p for p in (names[0], q.gate_precision) if p in own] + own))  # the cheapest, the gates' format
-    keep = [p for p in names if p not in own or p in priority[:max(fit, 0)]]
+    keep = [p for p in names if p not in own or p in priority[:fit]]
     if len(keep) < 2:
         return f" ({len(names)} candidates need {size_text(check.need_bytes)}; not even two fit {size_text(check.have_bytes)})"
     return (f" ({len(own)} of the {len(names)} candidates rewrite their weights ({', '.join(own)}) and need a copy each: the "
-            f"original + {len(own)} copies, {size_text(check.need_bytes)} of {size_text(check.have_bytes)}; {max(fit, 0)} fit, "
+            f"original + {len(own)} copies, {size_text(check.need_bytes)} of {size_text(check.have_bytes)}; {fit} fit, "
             f"e.g. quantization.search.candidates: [{', '.join(keep)}])")
 
 

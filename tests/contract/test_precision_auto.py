@@ -142,6 +142,30 @@ def test_candidates_that_leave_weights_alone_share_the_original(tmp_path):
     assert all(torch.equal(t.detach(), before[n]) for n, t in original.named_parameters())
 
 
+def test_deepseek_without_q_lora_keeps_the_linears_reading_the_input_together():
+    """DeepSeek-V3 with q_lora_rank null has no q_a_proj: q_proj and kv_a_proj_with_mqa both read the layer input and
+    run apart (architectures.shared_input_groups): one unit, one format (ModelOpt's export asserts it for AWQ)."""
+    from transformers import AutoModelForCausalLM
+
+    from trtconv.architectures import ARCHITECTURES
+    from trtconv.core.ui import Reporter
+    from trtconv.data.samples import TokenSet
+    from trtconv.recipe.schema import recipe_from_dict
+    from trtconv.stages import search
+
+    row = ARCHITECTURES["DeepseekV3ForCausalLM"]
+    cfg = tiny_config("deepseek_v3", q_lora_rank=None)
+    original = AutoModelForCausalLM.from_config(cfg).float().eval()
+    recipe = recipe_from_dict({"name": "t", "model": {"path": "."}, "quantization": {"precision": "auto", "search": {
+        "candidates": ["fp8", "none"]}}, "export": {"tensorrt_llm_checkpoint": False, "hf_checkpoint": True},
+        "engine": {"target": "none"}}, [], source="test").resolved()
+    tokens = TokenSet(torch.randint(0, cfg.vocab_size, (4, 16)).tolist(), [16] * 4, ["d"] * 4, None, "0" * 64, 0)
+    models, _ = search.calibrate_candidates(original, recipe, ["fp8", "none"], tokens, "cpu", Reporter(quiet=True))
+    units, _ = search.search_units(models, row)
+    names = [u.name for u in units if u.layer == 0]
+    assert "model.layers.0.self_attn.q_proj+kv_a_proj_with_mqa" in names, names
+
+
 def test_a_moe_auto_build_searches_what_its_family_converts(cli, tmp_path):
     """No candidates named: a MoE family's auto build searches fp8 and 16-bit (its row), where the default list
     (int4_awq, int8_sq, ...) was refused before any work."""

@@ -249,7 +249,7 @@ def test_a_failed_auto_build_says_what_the_search_found():
     assert early.endswith("(the search stopped early: search.max_trials 8 tried)")
 
 
-@pytest.mark.parametrize("change", ["in_place", "storage"])
+@pytest.mark.parametrize("change", ["in_place", "storage", "through_data"])
 def test_a_copy_that_changes_the_shared_original_is_stopped(change):
     """fp8 and 16-bit candidate copies hold the original's parameters themselves (search.SharedWeights): a calibration
     that changed one, in place or by swapping its storage, would change what every trial is measured against."""
@@ -263,7 +263,21 @@ def test_a_copy_that_changes_the_shared_original_is_stopped(change):
     with torch.no_grad():
         if change == "in_place":
             model[1].weight.mul_(2)
+        elif change == "through_data":  # ModelOpt's way (model_calib._apply_weight_pre_quant_scale): no version moves
+            model[1].weight.data.mul_(2)
         else:
             model[1].weight.data = model[1].weight.data.clone()
     with pytest.raises(RuntimeError, match=r"calibrating the candidate fp8 changed the original model's 1\.weight"):
         shared.check("calibrating the candidate fp8")
+
+
+def test_auto_says_when_the_original_alone_does_not_fit(cli, tmp_path):
+    """No list of candidates helps when the original does not fit: plan says that instead of suggesting one."""
+    model = _folder(tmp_path, {  # Llama-3-70B's shape: 131 GiB in bf16
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80, "vocab_size": 128256})
+    recipe = _auto_recipe(tmp_path, model, "{precision: auto, search: {candidates: [fp8, none]}}")
+    res = cli("plan", recipe, "--gpu", "h100-80gb")
+    said = " ".join(res.output.split())
+    assert res.exit_code != 0 and "the original alone, 131.42 GiB, does not fit beside the batch in 79.60 GiB" in said, said
+    assert "e.g. quantization.search.candidates" not in said

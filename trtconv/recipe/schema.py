@@ -33,7 +33,7 @@ REFERENCE_MODEL_NAMES = tuple(REFERENCE_MODELS)  # the reference models trtconv 
 
 # The allowed names are the registries' keys, so the JSON Schema lists exactly what trtconv offers.
 PrecisionName = Literal[tuple(PRECISIONS)]
-AUTO_PRECISION = "auto"  # the per-layer search (trtconv.stages.search); not a row of the precisions table
+AUTO_PRECISION = "auto"  # the per-GEMM search (trtconv.stages.search); not a row of the precisions table
 PrecisionOrAuto = Literal[(*PRECISIONS, AUTO_PRECISION)]
 KVCacheName = Literal[tuple(KV_CACHE_FORMATS)]
 ReferenceName = Literal[REFERENCE_MODEL_NAMES]
@@ -71,7 +71,7 @@ class ModelSection(Strict):
 
 
 class SearchSection(Strict):
-    """`quantization.precision: auto`: which formats the per-layer search mixes, and its bounds."""
+    """`quantization.precision: auto`: which formats the per-GEMM search mixes, and its bounds."""
 
     candidates: list[PrecisionName] | None = Field(
         None, min_length=1,
@@ -83,7 +83,7 @@ class SearchSection(Strict):
 
 class QuantizationSection(Strict):
     precision: PrecisionOrAuto = Field(..., description="Weight/activation format: " + ", ".join(PRECISIONS)
-                                       + ", or auto (the per-layer mix with the fewest bits that passes the gates)")
+                                       + ", or auto (the per-GEMM mix with the fewest bits that passes the gates)")
     kv_cache: KVCacheName = Field("none", description="KV-cache format: " + ", ".join(KV_CACHE_FORMATS))
     exclude: list[str] = Field(
         default_factory=lambda: ["*lm_head*"],
@@ -244,7 +244,7 @@ class Recipe(Strict):
     def _auto_exports_mixed(self) -> Recipe:
         if self.quantization.is_auto and (self.export.tensorrt_llm_checkpoint or not self.export.hf_checkpoint):
             raise ValueError(
-                "quantization.precision auto writes a per-layer mixed-precision checkpoint, which trtconv exports as the "
+                "quantization.precision auto writes a per-GEMM mixed-precision checkpoint, which trtconv exports as the "
                 "unified HF checkpoint only (the legacy TensorRT-LLM checkpoint writer takes one format per model): set "
                 "export.tensorrt_llm_checkpoint: false and export.hf_checkpoint: true")
         return self

@@ -78,7 +78,7 @@ MEASURE_ROWS = 16
 SEARCH_MARGIN = 0.8
 TARGET_FRACTION = 0.7  # the first trial aims its estimated KL at this fraction of max_kl
 EXPORT_DTYPE_BITS = 16
-GRANULARITY = "one fused GEMM (q/k/v, o, gate/up, down) or one mixture-of-experts block of a decoder layer"
+GRANULARITY = "fused GEMM (q/k/v, o, gate/up, down) or mixture-of-experts block of a decoder layer"
 
 
 def format_bits(precision: str) -> float:
@@ -179,17 +179,30 @@ class SharedWeights:
     original every trial is measured against: check() refuses to go on."""
 
     def __init__(self, model):
-        self.seen = {n: (t, t.data_ptr(), t._version) for n, t in model.named_parameters()}
+        self.seen = {n: (t, t.data_ptr(), t._version, _fingerprint(t)) for n, t in model.named_parameters()}
 
     def memo(self) -> dict:
-        return {id(t): t for t, _, _ in self.seen.values()}
+        return {id(t): t for t, *_ in self.seen.values()}
 
     def check(self, after: str) -> None:
-        changed = [n for n, (t, ptr, version) in self.seen.items() if t.data_ptr() != ptr or t._version != version]
+        """Storage, version counter and values (ModelOpt rewrites weights through `.data.mul_` / `.data.copy_`, which
+        move no version counter of the parameter's own)."""
+        changed = [n for n, (t, ptr, version, values) in self.seen.items()
+                   if t.data_ptr() != ptr or t._version != version or not torch.equal(_fingerprint(t), values)]
         if changed:
             raise RuntimeError(f"precision auto: {after} changed the original model's {', '.join(changed[:3])} "
                                f"({len(changed)} parameters), which candidate copies share; its format must set "
                                "rewrites_weights in trtconv/precisions.py")
+
+
+def _fingerprint(t: torch.Tensor, block: int = 1 << 24) -> torch.Tensor:
+    """Sum and sum of squares of a tensor's values in float64, a block at a time (no float64 copy of a whole
+    vocabulary matrix), on its own device."""
+    flat, out = t.detach().reshape(-1), torch.zeros(2, dtype=torch.float64, device=t.device)
+    for i in range(0, flat.numel(), block):
+        b = flat[i:i + block].double()
+        out += torch.stack([b.sum(), (b * b).sum()])
+    return out
 
 
 def calibrate_candidates(model, recipe, candidates: list[str], calib_tokens, device: str, reporter) -> tuple[dict, int | None]:
@@ -279,7 +292,7 @@ def _layer_units(layer, prefix: str, index: int, enabled: set[str], row) -> list
     from trtconv.architectures import Architecture
     from trtconv.checkpoints.hf_executor import is_fused_experts
 
-    groups = (row or Architecture("", "", "")).fused_groups
+    groups = _input_groups(row or Architecture("", "", ""))
     block = row.experts.module_block if row is not None and row.experts is not None else None
     found: dict[tuple, list[tuple[str, int]]] = {}  # (parent, group) -> [(path, weights)]
     taken: list[str] = []
@@ -298,6 +311,16 @@ def _layer_units(layer, prefix: str, index: int, enabled: set[str], row) -> list
     units = [Unit(f"{parent}.{'+'.join(p.rsplit('.', 1)[1] for p, _ in members)}" if group else parent, index,
                   tuple(p for p, _ in members), (), sum(w for _, w in members)) for (parent, group), members in found.items()]
     return _with_leftover_quantizers(units, prefix, enabled)
+
+
+def _input_groups(row) -> list[tuple[str, ...]]:
+    """The row's fused GEMMs and linears sharing an input, merged where they overlap (DeepSeek-V3's kv_a_proj_with_mqa
+    is fused with q_a_proj, and shares its input with q_proj when there is no q_a_proj): one format each."""
+    merged: list[set[str]] = []
+    for group in row.fused_groups + row.shared_input_groups:
+        joined = set(group).union(*(m for m in merged if m & set(group)))
+        merged = [m for m in merged if not m & set(group)] + [joined]
+    return [tuple(sorted(m)) for m in merged]
 
 
 def _block_weights(block, path: str, enabled: set[str]) -> int:
@@ -451,9 +474,9 @@ def validation_key(recipe) -> dict:
     return {"rows": VALIDATION_ROWS, "after": ev.num_samples, "seq_len": ev.seq_len, "seed": ev.seed, "batch_size": ev.batch_size}
 
 
-def run(model, recipe, calib_tokens, device: str, reporter, validation=None, measured_on: str = "") -> SearchResult:
-    """The search (module docstring); `model` is the original, loaded; returns the chosen mix. Trials are measured
-    on `validation` (validation_for), else on calibration rows."""
+def run(model, recipe, calib_tokens, device: str, reporter, validation=None, measured_on: str = "", arch: str | None = None) -> SearchResult:
+    """The search (module docstring); `model` is the original, loaded, of the architectures row named `arch`;
+    returns the chosen mix. Trials are measured on `validation` (validation_for), else on calibration rows."""
     from trtconv.architectures import by_hf_name
     from trtconv.gate import sensitivity as s
 
@@ -469,7 +492,7 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
         base_logp = torch.log_softmax(model(input_ids=rows, use_cache=False).logits.float(), -1)
     models, group = calibrate_candidates(model, recipe, candidates, calib_tokens, device, reporter)
     seconds["calibrate_candidates"] = time.monotonic() - t0
-    units, fixed = search_units(models, by_hf_name((model.config.architectures or [None])[0]))
+    units, fixed = search_units(models, by_hf_name(arch))
     sens = {}
     with reporter.progress(f"search: sensitivity of {len(units)} units, per format", total=len(candidates)) as advance:
         for f in candidates:
@@ -546,7 +569,7 @@ def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device
         validation, measured_on = validation_for(recipe, tokenizer, calib_tokens)
         if validation is None:
             reporter.warn(f"precision auto: trials measured on {measured_on}")
-        result = run(model, recipe, calib_tokens, device, reporter, validation, measured_on)
+        result = run(model, recipe, calib_tokens, device, reporter, validation, measured_on, arch)
         del model
         census = calibrate.quantizer_census(result.model)
     record = result.record()
