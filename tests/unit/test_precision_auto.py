@@ -281,3 +281,23 @@ def test_auto_says_when_the_original_alone_does_not_fit(cli, tmp_path):
     said = " ".join(res.output.split())
     assert res.exit_code != 0 and "the original alone, 131.42 GiB, does not fit beside the batch in 79.60 GiB" in said, said
     assert "e.g. quantization.search.candidates" not in said
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "qwen3_moe"])
+def test_the_trials_baseline_gives_the_originals_logits_to_the_bit(tmp_path, arch):
+    """Trials after the first run only the original's tail on its kept last-layer output (search.Baseline): the
+    logits are the whole forward's, to the bit (Gemma 2's final soft-capping, Gemma 3's scaled embeddings too)."""
+    import torch
+
+    from tests.factories import make_tiny_model
+    from trtconv.checkpoints.hf_model import load_hf_model
+    from trtconv.stages.search import Baseline
+
+    model = load_hf_model(make_tiny_model(tmp_path / "m", arch), "float32", False, "cpu").eval()
+    base = Baseline(model)
+    for ids in (torch.randint(0, model.config.vocab_size, (2, 12)), torch.randint(0, model.config.vocab_size, (3, 7))):
+        with torch.no_grad():
+            whole = model(input_ids=ids, use_cache=False).logits
+        first, again = base(ids), base(ids)
+        assert torch.equal(first, whole) and torch.equal(again, whole)
+    assert len(base.kept) == 2

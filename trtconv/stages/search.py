@@ -429,16 +429,42 @@ def _margined(evaluate):
     return evaluate.model_copy(update={"gates": gates})
 
 
+class Baseline:
+    """The original's logits on the trial rows, every trial: its last decoder layer's output is kept from the first
+    trial (rows x tokens x hidden; 57 MB for SmolLM2's 96 rows, about 200 MB in bf16 for an 8B), and later trials
+    run only its tail (final norm, lm_head, soft-capping: evaluate_streamed.head_logits, the same operations, the
+    same numbers) instead of the whole model again: a trial costs the mix's forward and the heads."""
+
+    def __init__(self, model):
+        self.model, self.kept = model, {}
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        from trtconv.stages.evaluate_streamed import head_logits
+
+        key = (tuple(ids.shape), ids.cpu().numpy().tobytes())
+        if key in self.kept:
+            return head_logits(self.model, self.kept[key])
+        seen = []
+        handle = self.model.get_decoder().layers[-1].register_forward_hook(
+            lambda mod, args, out: seen.append(out[0] if isinstance(out, (tuple, list)) else out))
+        try:
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            handle.remove()
+        self.kept[key] = seen[-1]
+        return logits
+
+
 def measure(original, mixed, tokens, recipe, device: str, reporter) -> tuple[dict, list, bool]:
     """The gate's statistics and rule (gate.stats), per pack where the rows say which pack is whose, mixed
-    fake-quant model against the original."""
+    fake-quant model against the original (a Baseline, or the model itself)."""
     from trtconv.gate import stats
 
     section = _margined(recipe.evaluate)
-    fn = lambda m: (lambda ids: m(input_ids=ids, use_cache=False).logits)  # noqa: E731
     size = recipe.evaluate.batch_size
+    base = original if isinstance(original, Baseline) else (lambda ids: original(input_ids=ids, use_cache=False).logits)
     with reporter.progress("search: measuring a trial", total=-(-len(tokens.rows) // size)) as advance:
-        doc = stats.per_document_stats(tokens, fn(original), fn(mixed), size, device, advance)
+        doc = stats.per_document_stats(tokens, base, lambda ids: mixed(input_ids=ids, use_cache=False).logits, size, device, advance)
     summary = stats.summarize(doc, recipe.evaluate.seed, packs=tokens.extra.get("packs"))
     gates = stats.apply_gates(summary, section)
     return summary, gates, stats.gates_passed(gates, recipe.evaluate.allow_inconclusive)
@@ -508,6 +534,7 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
     path_kl = [sum(sens[f][p] for p, f in mix.items()) for mix in path]
     max_kl = recipe.evaluate.gates.max_kl or 0.01
     target, scale = TARGET_FRACTION * max_kl, 1.0
+    baseline = Baseline(model)
     failed, passed, step = 0, None, 0  # the last failing and the cheapest passing step measured; the next one
     trials: list[Trial] = []
     stop = ""
@@ -515,7 +542,7 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
         t = time.monotonic()
         formats = path[step]
         mixed = assemble(skeleton, sources, formats, units)
-        summary, gates, ok = measure(model, mixed, measured, recipe, device, reporter)
+        summary, gates, ok = measure(baseline, mixed, measured, recipe, device, reporter)
         kl = summary["mean_kl"]["value"]
         if index == 1:  # the cheapest mix calibrates the estimate's scale
             scale = kl / path_kl[0] if path_kl[0] > 0 else 1.0
@@ -544,7 +571,7 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
     passing = [t for t in trials if t.verdict == "pass"]
     chosen = min(passing, key=lambda t: t.effective_bits) if passing else min(trials, key=lambda t: t.metrics["mean_kl"]["ci_high"] or 0)
     mixed = assemble(skeleton, sources, chosen.formats, units)
-    del sources, models  # the mix holds the units it took; the other copies go with these
+    del sources, models, baseline  # the mix holds the units it took; the other copies go with these
     seconds["trials"] = time.monotonic() - t0 - seconds["calibrate_candidates"] - seconds["sensitivity"]
     return SearchResult(model=mixed, chosen=chosen, passed=bool(passing), trials=trials, sensitivity=sens,
                         candidates=candidates, group_size=group, seconds=seconds, stop_reason=stop,
