@@ -168,11 +168,12 @@ def test_deepseek_without_q_lora_keeps_the_linears_reading_the_input_together():
 
 def test_a_moe_auto_build_searches_what_its_family_converts(cli, tmp_path):
     """No candidates named: a MoE family's auto build searches fp8 and 16-bit (its row), where the default list
-    (int4_awq, int8_sq, ...) was refused before any work."""
+    (int4_awq, int8_sq, ...) was refused before any work; per GEMM, a MoE block is one unit."""
     model = make_tiny_model(tmp_path / "m", "qwen3_moe")
     out = tmp_path / "out"
     res = cli("calibrate", "--model", model, "-o", out, *PLUMBING_ARGS, "--precision", "auto", "--set", "engine.target=none",
-              "--set", "quantization.search.max_trials=2")
+              "--set", "quantization.search.max_trials=2",
+              "--set", "quantization.search.granularity=gemm")
     assert res.exit_code == 0, res.output
     found = json.loads((out / "manifest.json").read_text())["calibration"]["search"]
     assert found["candidates"] == ["fp8", "none"] and found["trials"][0]["units_per_format"] == {"fp8": 7}  # q/k/v, o; a MoE block or gate/up, down
@@ -196,7 +197,7 @@ def test_auto_build_records_trials_and_passes_the_shipped_gate(cli, tmp_path):
     assert found["candidates"] == ["int4_awq", "fp8", "none"]
     first = found["trials"][0]
     assert first["verdict"] == "pass" and first["effective_bits"] == pytest.approx(4.125)  # relaxed gates: the cheapest passes
-    assert set(first["mean_kl"]) == {"value", "ci_low", "ci_high"} and first["units_per_format"] == {"int4_awq": 8}
+    assert set(first["mean_kl"]) == {"value", "ci_low", "ci_high"} and first["units_per_format"] == {"int4_awq": 2}  # per layer, the default
     assert {s["name"] for s in manifest["stages"]} >= {"search", "export", "evaluate"}
     assert "## Precision auto" in (out / "report.md").read_text()
     assert (out / "report_search.png").is_file()
@@ -233,4 +234,4 @@ def test_an_unchanged_auto_recipe_reuses_the_search(cli, tmp_path, monkeypatch):
         assert changed.exit_code == 0, changed.output
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         assert {s["name"]: s["status"] for s in manifest["stages"]}["search"] == "ok", change
-    assert manifest["calibration"]["search"]["measured_on"].startswith("96 evaluation-pack documents the gate does not use")
+    assert manifest["calibration"]["search"]["measured_on"].startswith("48 evaluation-pack documents the gate does not use")

@@ -103,7 +103,7 @@ def _family_exports(model: Path) -> dict:
 
 def calibrate(
     model: Annotated[Path, typer.Option("--model", help="Local Hugging Face checkpoint folder.")],
-    precision: Annotated[str, typer.Option("--precision", help=", ".join(PRECISIONS) + ", or auto (per-GEMM mix; --candidates).")],
+    precision: Annotated[str, typer.Option("--precision", help=", ".join(PRECISIONS) + ", or auto (per-layer mix; --candidates).")],
     output: OutOpt,
     kv_cache: Annotated[str, typer.Option("--kv-cache", help=" or ".join(KV_CACHE_FORMATS) + ".")] = "none",
     data: Annotated[Optional[Path], typer.Option("--data", help="Calibration text (.jsonl/.txt/folder); default: the built-in mix (docstrings, English prose, code).")] = None,
@@ -137,7 +137,7 @@ def calibrate(
     from trtconv.recipe.schema import recipe_from_dict
 
     if candidates and precision != "auto":
-        fail(UserError(f"--candidates applies to --precision auto only (the formats its per-GEMM search mixes); "
+        fail(UserError(f"--candidates applies to --precision auto only (the formats its search mixes); "
                        f"got --precision {precision}: drop --candidates or use --precision auto"), json_mode)
     data_dict = {
         "name": f"{Path(model).name}-{precision}",

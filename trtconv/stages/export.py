@@ -228,7 +228,7 @@ def finish_hf_checkpoint(out: Path, tokenizer, section: ExportSection) -> list[R
 
 def hf_validation(out: Path, quant: QuantizationSection) -> dict:
     """The unified checkpoint's size check (export_bits): its record for the manifest's validation."""
-    if quant.is_auto:  # a per-GEMM mix (trtconv.stages.search): each linear against its own format
+    if quant.is_auto:  # a per-layer or per-GEMM mix (trtconv.stages.search): each linear against its own format
         from trtconv.checkpoints.export_bits import mixed_weight_bits
 
         return {"hf_checkpoint_weight_bits": mixed_weight_bits(out).record()}

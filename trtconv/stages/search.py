@@ -1,16 +1,22 @@
-"""`quantization.precision: auto`: the per-GEMM mix of formats with the fewest weight bits that passes the gates.
+"""`quantization.precision: auto`: the per-layer (or per-GEMM) mix of formats with the fewest weight bits that passes the gates.
 
 Why this shape:
-- Granularity is the unit one fused GEMM runs at the runtime (architectures.fused_groups: q/k/v, gate/up;
-  o_proj and down_proj alone; Phi-3 ships q/k/v and gate/up fused already), and a mixture-of-experts block
+- A unit takes one format. `search.granularity: layer` (the default): a decoder layer, the unit
+  `quantization.exclude` and the failed-gate advice speak (`model.layers.N.*`). `gemm`: one GEMM the runtime
+  runs fused (architectures.fused_groups: q/k/v, gate/up; o_proj and down_proj alone; Phi-3 ships q/k/v
+  and gate/up fused already; linears reading one input, architectures.shared_input_groups), or a mixture-of-experts block
   as a whole (its router, experts and shared expert read one input; ModelOpt's export unifies the input
   scales of linears that share an input, so they must share a format). A unit's linears share an
   activation quantizer and, in FP8, one weight scale, so they can only share a format. The attention's
-  KV-cache quantizers go with its first unit (q/k/v: the keys and values come out of it). lm_head and
-  embeddings stay as the recipe says. Per decoder layer, the first version of this search shipped
-  SmolLM2-135M at 13.87 bits with KL 0.0065 [0.0061, 0.0068], where ModelOpt's mtq.auto_quantize, which
-  picks per linear group, reached 0.0053 [0.0049, 0.0060] at the same bits (docs/accuracy.md): a layer whose
-  down_proj alone is sensitive cost all of its linears' bits.
+  KV-cache quantizers go with the unit of its key projection (the keys and values come out of it). lm_head and
+  embeddings stay as the recipe says. Why both (docs/accuracy.md, SmolLM2-135M, int4_awq / fp8 / none):
+  per layer the search shipped 13.87 bits at KL 0.0065 [0.0061, 0.0068] and passed, where ModelOpt's
+  mtq.auto_quantize, which picks per linear group, reached 0.0053 [0.0049, 0.0060] at the same bits (a layer
+  whose down_proj alone is sensitive costs all of its linears' bits). Per GEMM the search found mixes of 13.3
+  and 13.5 bits that passed its validation documents with a lower mean KL on two of three packs, and both
+  failed the gate on one document of the third (KL 0.11 and 0.12; 0.022 in the per-layer mix): fp8 spread
+  over more layers compounds on a document the search never saw. Per layer stays the default until per GEMM
+  passes too.
 - Every candidate format is calibrated once, with real ModelOpt, on its own copy of the model
   (stages.calibrate.run with that format's config, group size chosen as for any build). A mixed
   model is then assembled from those copies' units: unit u taken from the model calibrated at format f
@@ -65,20 +71,18 @@ from trtconv.precisions import PRECISIONS
 NAME = "search"
 SENSITIVITY_EVAL_ROWS = 8
 # Each trial is measured on VALIDATION_ROWS evaluation-pack documents the gate does not use (samples.validation_rows:
-# the same text as the gate's, other documents), judged per pack as the gate judges, as many as the gate's default
-# evaluate.num_samples: a pack's interval then has the gate's width, and a rare document the gate would meet is as
-# likely met here. Measured on 16 calibration rows instead, SmolLM2-135M's chosen mix read KL 0.0064 there and
-# 0.011 on the gate's "eval" pack (it failed). On 48 documents (16 a pack), the per-GEMM search's choice read
-# 0.0058 [.., 0.0073] on the "eval" pack and 0.0081 [0.0055, 0.0136] on the gate's: one of its 32 documents at KL
-# 0.105 (inconclusive, the build failed). Where the packs hold no documents beyond the gate's, MEASURE_ROWS
-# calibration rows (recorded as such).
-VALIDATION_ROWS = 96
+# the same text as the gate's, other documents), judged per pack as the gate judges: enough documents for the
+# bootstrap intervals, few enough that a trial costs a forward of a few batches. Measured on 16 calibration rows
+# instead, SmolLM2-135M's chosen mix read KL 0.0064 there and 0.011 on the gate's "eval" pack (it failed). 96 (the
+# gate's count) did not catch the one document that failed the per-GEMM mixes (module docstring) and doubled the
+# trials' time, so 48 stays. Where the packs hold no documents beyond the gate's, MEASURE_ROWS calibration rows.
+VALIDATION_ROWS = 48
 MEASURE_ROWS = 16
 # The search judges its trials with gates this much tighter (max gates x, min gates 1 - (1 - t) x).
 SEARCH_MARGIN = 0.8
 TARGET_FRACTION = 0.7  # the first trial aims its estimated KL at this fraction of max_kl
 EXPORT_DTYPE_BITS = 16
-GRANULARITY = "fused GEMM (q/k/v, o, gate/up, down) or mixture-of-experts block of a decoder layer"
+GRANULARITIES = {"layer": "decoder layer", "gemm": "fused GEMM (q/k/v, o, gate/up, down) or mixture-of-experts block of a decoder layer"}
 
 
 def format_bits(precision: str) -> float:
@@ -121,10 +125,11 @@ class SearchResult:
     seconds: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""
     measured_on: str = ""  # which rows the trials were measured on (validation_for)
+    granularity: str = "layer"
 
     def record(self) -> dict:
         closest = "" if self.passed else f"no trial passed; closest: trial {self.chosen.index} ({self.chosen.effective_bits:.2f} bits)"
-        return {"candidates": self.candidates, "method": __doc__.split("\n")[0], "granularity": GRANULARITY, "margin": SEARCH_MARGIN,
+        return {"candidates": self.candidates, "method": __doc__.split("\n")[0], "granularity": GRANULARITIES[self.granularity], "margin": SEARCH_MARGIN,
                 "measured_on": self.measured_on, "chosen_trial": self.chosen.index, "passed": self.passed, "stop_reason": self.stop_reason or closest,
                 "effective_bits": round(self.chosen.effective_bits, 4), "awq_group_size": self.group_size,
                 "trials": [t.record() for t in self.trials], "sensitivity": self.sensitivity,
@@ -272,9 +277,9 @@ class Unit:
         return self.modules + self.quantizers
 
 
-def search_units(models: dict, row) -> tuple[list[Unit], int]:
-    """The units of the candidates' calibrated copies (module docstring), and the weight elements of decoder-layer
-    matrices no unit holds (no candidate quantizes them: a router, an excluded linear; they stay 16-bit)."""
+def search_units(models: dict, row, granularity: str = "gemm") -> tuple[list[Unit], int]:
+    """The units of the candidates' calibrated copies at `granularity` (module docstring), and the weight elements of
+    decoder-layer matrices no unit holds (no candidate quantizes them: a router, an excluded linear; 16-bit)."""
     from trtconv.gate import sensitivity as s
 
     some = next(iter(models.values()))
@@ -282,7 +287,11 @@ def search_units(models: dict, row) -> tuple[list[Unit], int]:
     prefixes = s.layer_prefixes(some)
     units: list[Unit] = []
     for i, prefix in enumerate(prefixes):
-        units += _layer_units(some.get_submodule(prefix), prefix, i, enabled, row)
+        layer = some.get_submodule(prefix)
+        if granularity == "gemm":
+            units += _layer_units(layer, prefix, i, enabled, row)
+        elif weights := _block_weights(layer, prefix, enabled):
+            units.append(Unit(prefix, i, (prefix,), (), weights))
     total = sum(layer_weights(some, prefixes).values())
     return units, total - sum(u.weights for u in units)
 
@@ -518,7 +527,7 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
         base_logp = torch.log_softmax(model(input_ids=rows, use_cache=False).logits.float(), -1)
     models, group = calibrate_candidates(model, recipe, candidates, calib_tokens, device, reporter)
     seconds["calibrate_candidates"] = time.monotonic() - t0
-    units, fixed = search_units(models, by_hf_name(arch))
+    units, fixed = search_units(models, by_hf_name(arch), search.granularity)
     sens = {}
     with reporter.progress(f"search: sensitivity of {len(units)} units, per format", total=len(candidates)) as advance:
         for f in candidates:
@@ -575,7 +584,7 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
     seconds["trials"] = time.monotonic() - t0 - seconds["calibrate_candidates"] - seconds["sensitivity"]
     return SearchResult(model=mixed, chosen=chosen, passed=bool(passing), trials=trials, sensitivity=sens,
                         candidates=candidates, group_size=group, seconds=seconds, stop_reason=stop,
-                        measured_on=measured_on or f"{MEASURE_ROWS} calibration rows")
+                        measured_on=measured_on or f"{MEASURE_ROWS} calibration rows", granularity=search.granularity)
 
 
 def run_unit(recipe, model_dir, arch: str, tokenizer, calib_tokens, root, device: str, reporter, model=None):
