@@ -121,3 +121,18 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool):
     if tok.eos_token_id is None:
         raise ModelError(f"{model_dir}: the tokenizer has no eos token; calibration packs documents separated by it")
     return tok
+
+
+def head_logits(model, hidden):
+    """A transformers causal LM's logits from its last decoder layer's output: the family's own tail (final norm,
+    lm_head, Gemma 2's soft-capping), run by its forward with no decoder layer (as the whole model's: the same
+    operations on the same tensors, the same numbers). The streamed evaluation's baseline and precision auto's
+    trials (stages.search.Baseline) run it."""
+    import torch
+
+    layers, model.model.layers = model.model.layers, torch.nn.ModuleList()
+    try:
+        with torch.no_grad():
+            return model(inputs_embeds=hidden, use_cache=False).logits
+    finally:
+        model.model.layers = layers

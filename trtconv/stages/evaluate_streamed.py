@@ -28,6 +28,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from trtconv.checkpoints.hf_model import head_logits
+
 
 class LayerStreamedPair:
     """Both models' logits for a fixed set of batches, computed one decoder layer at a time."""
@@ -143,17 +145,6 @@ def read_errors(errors: list) -> list[tuple[str, float]]:
     from trtconv.checkpoints.trtllm_reader import read_errors as read
 
     return read(errors)
-
-
-@torch.no_grad()
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The original's logits from its last decoder layer's output: the family's own tail (final norm,
-    lm_head, Gemma 2's soft-capping), run by its forward with no decoder layer (as the whole model's)."""
-    layers, model.model.layers = model.model.layers, torch.nn.ModuleList()
-    try:
-        return model(inputs_embeds=hidden, use_cache=False).logits
-    finally:
-        model.model.layers = layers
 
 
 def candidate_for(checkpoint_dir: Path, device: str | None, model_dir: Path | None = None):

@@ -441,14 +441,14 @@ def _margined(evaluate):
 class Baseline:
     """The original's logits on the trial rows, every trial: its last decoder layer's output is kept from the first
     trial (rows x tokens x hidden; 57 MB for SmolLM2's 96 rows, about 200 MB in bf16 for an 8B), and later trials
-    run only its tail (final norm, lm_head, soft-capping: evaluate_streamed.head_logits, the same operations, the
+    run only its tail (final norm, lm_head, soft-capping: hf_model.head_logits, the same operations, the
     same numbers) instead of the whole model again: a trial costs the mix's forward and the heads."""
 
     def __init__(self, model):
         self.model, self.kept = model, {}
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        from trtconv.stages.evaluate_streamed import head_logits
+        from trtconv.checkpoints.hf_model import head_logits
 
         key = (tuple(ids.shape), ids.cpu().numpy().tobytes())
         if key in self.kept:
