@@ -65,7 +65,7 @@ def test_mixed_checkpoint_is_read_layer_by_layer_and_runs_like_fake_quant(tmp_pa
     tokens = TokenSet(rows, [32] * 4, ["d"] * 4, None, "0" * 64, 0)
     reporter = Reporter(quiet=True)
     models, group = search.calibrate_candidates(original, recipe, search.candidates_of(recipe.quantization), tokens, "cpu", reporter)
-    units, fixed = search.search_units(models, row)
+    units, fixed = search.search_units(models, row, "gemm")
     sources = search.sources_of(models, units)
     chosen, k = {}, 0
     for u in units:
@@ -161,7 +161,7 @@ def test_deepseek_without_q_lora_keeps_the_linears_reading_the_input_together():
         "engine": {"target": "none"}}, [], source="test").resolved()
     tokens = TokenSet(torch.randint(0, cfg.vocab_size, (4, 16)).tolist(), [16] * 4, ["d"] * 4, None, "0" * 64, 0)
     models, _ = search.calibrate_candidates(original, recipe, ["fp8", "none"], tokens, "cpu", Reporter(quiet=True))
-    units, _ = search.search_units(models, row)
+    units, _ = search.search_units(models, row, "gemm")
     names = [u.name for u in units if u.layer == 0]
     assert "model.layers.0.self_attn.q_proj+kv_a_proj_with_mqa" in names, names
 

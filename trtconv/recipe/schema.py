@@ -33,7 +33,10 @@ REFERENCE_MODEL_NAMES = tuple(REFERENCE_MODELS)  # the reference models trtconv 
 
 # The allowed names are the registries' keys, so the JSON Schema lists exactly what trtconv offers.
 PrecisionName = Literal[tuple(PRECISIONS)]
-AUTO_PRECISION = "auto"  # the per-GEMM search (trtconv.stages.search); not a row of the precisions table
+AUTO_PRECISION = "auto"  # the per-layer or per-GEMM search (trtconv.stages.search); not a row of the precisions table
+# What takes one format in precision auto's search (quantization.search.granularity): name -> what the manifest says.
+GRANULARITIES = {"layer": "decoder layer",
+                 "gemm": "fused GEMM (q/k/v, o, gate/up, down) or mixture-of-experts block of a decoder layer"}
 PrecisionOrAuto = Literal[(*PRECISIONS, AUTO_PRECISION)]
 KVCacheName = Literal[tuple(KV_CACHE_FORMATS)]
 ReferenceName = Literal[REFERENCE_MODEL_NAMES]
@@ -77,7 +80,7 @@ class SearchSection(Strict):
         None, min_length=1,
         description="Formats a unit (search.granularity) may take (" + ", ".join(PRECISIONS) + "); null = every precision a CPU or "
         "GPU can calibrate (nvfp4, CUDA-only, must be named).")
-    granularity: Literal["layer", "gemm"] = Field(
+    granularity: Literal[tuple(GRANULARITIES)] = Field(
         "layer", description="What takes one format: layer = a decoder layer; gemm = one fused GEMM (q/k/v, o, gate/up, "
         "down) or one mixture-of-experts block (fewer bits for the same mean KL on SmolLM2-135M, and a document the "
         "search never saw failed the gate: docs/accuracy.md)")

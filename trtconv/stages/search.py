@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trtconv.precisions import PRECISIONS
+from trtconv.recipe.schema import GRANULARITIES
 
 NAME = "search"
 SENSITIVITY_EVAL_ROWS = 8
@@ -82,7 +83,6 @@ MEASURE_ROWS = 16
 SEARCH_MARGIN = 0.8
 TARGET_FRACTION = 0.7  # the first trial aims its estimated KL at this fraction of max_kl
 EXPORT_DTYPE_BITS = 16
-GRANULARITIES = {"layer": "decoder layer", "gemm": "fused GEMM (q/k/v, o, gate/up, down) or mixture-of-experts block of a decoder layer"}
 
 
 def format_bits(precision: str) -> float:
@@ -277,7 +277,7 @@ class Unit:
         return self.modules + self.quantizers
 
 
-def search_units(models: dict, row, granularity: str = "gemm") -> tuple[list[Unit], int]:
+def search_units(models: dict, row, granularity: str) -> tuple[list[Unit], int]:
     """The units of the candidates' calibrated copies at `granularity` (module docstring), and the weight elements of
     decoder-layer matrices no unit holds (no candidate quantizes them: a router, an excluded linear; 16-bit)."""
     from trtconv.gate import sensitivity as s
@@ -440,7 +440,7 @@ def _margined(evaluate):
 
 class Baseline:
     """The original's logits on the trial rows, every trial: its last decoder layer's output is kept from the first
-    trial (rows x tokens x hidden; 57 MB for SmolLM2's 96 rows, about 200 MB in bf16 for an 8B), and later trials
+    trial (rows x tokens x hidden: for SmolLM2's 48 rows of 256 tokens, 28 MB in float32), and later trials
     run only its tail (final norm, lm_head, soft-capping: hf_model.head_logits, the same operations, the
     same numbers) instead of the whole model again: a trial costs the mix's forward and the heads."""
 
