@@ -55,9 +55,11 @@ def _rows(recipe, model_dir: Path):
     return calib, evals
 
 
-def auto_quantize(recipe, model_dir: Path, calib, bits: float, out: Path, device: str, score_batches: int | None = None) -> dict:
+def auto_quantize(recipe, model_dir: Path, calib, bits: float, out: Path, device: str, score_batches: int | None = None,
+                  state_file: Path | None = None) -> dict:
     """ModelOpt's auto_quantize at `bits` over the recipe's candidates, exported as the unified HF checkpoint.
-    Calibrated on every calibration batch; scored on the first `score_batches` (all when None)."""
+    Calibrated on every calibration batch; scored on the first `score_batches` (all when None). With `state_file`,
+    ModelOpt's own search checkpoint: its scores are saved there, and read back (no scoring) when it exists."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
@@ -71,15 +73,17 @@ def auto_quantize(recipe, model_dir: Path, calib, bits: float, out: Path, device
 
     formats = model_opt_formats(candidates_of(recipe.quantization))
     target = modelopt_target(model, bits)
+    restored = bool(state_file and state_file.exists())
     t0 = time.monotonic()
     model, state = mtq.auto_quantize(model, constraints={"effective_bits": target}, quantization_formats=formats,
                                      data_loader=batches, forward_step=lambda m, b: m(input_ids=b, use_cache=False).logits,
-                                     method="kl_div", num_calib_steps=len(batches), num_score_steps=score_batches or len(batches))
+                                     method="kl_div", num_calib_steps=len(batches), num_score_steps=score_batches or len(batches),
+                                     checkpoint=str(state_file) if state_file else None)
     seconds = time.monotonic() - t0
     if device == "cpu":
         model = model.to(torch.bfloat16)  # what trtconv exports from a CPU run: the checkpoint's own dtype
     export_hf_checkpoint(model, export_dir=str(out))
-    return {"seconds": round(seconds, 1), "effective_bits_target": bits, "modelopt_target": round(target, 3),
+    return {"seconds": round(seconds, 1), "scores_restored_from": str(state_file) if restored else None, "effective_bits_target": bits, "modelopt_target": round(target, 3),
             "best": str(state.get("best", {}).get("constraints")),
             "score_rows": sum(len(b) for b in batches[: score_batches or len(batches)]), "calibration_rows": len(calib.rows)}
 
@@ -145,6 +149,8 @@ def main() -> None:
                     "the first N of calibration.batch_size rows each; at batch size 8, 1 = as many rows as trtconv's "
                     "per-layer sensitivity uses (stages.search.SENSITIVITY_EVAL_ROWS), though not the same rows (it "
                     "spreads its 8 over the calibration set)")
+    ap.add_argument("--search-state", type=Path, help="ModelOpt's auto_quantize checkpoint: its scores are saved there, and "
+                    "reused when it exists (same model, formats and score rows), so a second target costs no scoring")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(a.auto)
@@ -156,7 +162,7 @@ def main() -> None:
     bits = rows["auto (trtconv)"]["bits"]
     if not a.no_auto_quantize:
         aq = a.work / "auto_quantize"
-        meta = auto_quantize(recipe, model_dir, calib, bits, aq, a.device, a.score_batches)
+        meta = auto_quantize(recipe, model_dir, calib, bits, aq, a.device, a.score_batches, a.search_state)
         rows["mtq.auto_quantize"] = {**judge(recipe, model_dir, aq, evals, a.device), **meta}
     if a.advice:
         art = advice_run(a.advice, model_dir, a.work / "advice")

@@ -180,16 +180,25 @@ def test_a_result_cut_by_the_time_budget_is_never_cached():
     assert not time_bound({"search": {"stop_reason": ""}}) and not time_bound({})
 
 
-def test_greedy_path_upgrades_the_best_kl_per_bit_first():
-    from trtconv.stages.search import upgrade_path
+def test_threshold_path_keeps_every_units_loss_under_a_falling_threshold():
+    """Each step: every unit at its cheapest format whose estimate is under the threshold, whatever its size (a
+    big unit with a low KL per bit but a high KL, `a`, is upgraded before a small unit with a lower KL, `b`)."""
+    from trtconv.stages.search import threshold_path
 
-    sens = {"int4_awq": {"a": 0.010, "b": 0.001}, "fp8": {"a": 0.002, "b": 0.0005}, "none": {"a": 0.0, "b": 0.0}}
-    weights = {"a": 100, "b": 100}
-    path = upgrade_path(sens, weights, ["int4_awq", "fp8", "none"], {"a": "int4_awq", "b": "int4_awq"})
-    assert path[0] == {"a": "int4_awq", "b": "int4_awq"} and path[1] == {"a": "fp8", "b": "int4_awq"}
-    assert path[-1] == {"a": "none", "b": "none"}
-    bits = [sum(8 * (f == "fp8") + 16 * (f == "none") + 4 * (f == "int4_awq") for f in mix.values()) for mix in path]
-    assert bits == sorted(bits) and len(set(bits)) == len(bits)  # every step adds bits
+    sens = {"int4_awq": {"a": 0.010, "b": 0.004}, "fp8": {"a": 0.002, "b": 0.003}, "none": {"a": 0.0, "b": 0.0}}
+    path = threshold_path(sens, ["int4_awq", "fp8", "none"], ["a", "b"])
+    assert path == [{"a": "int4_awq", "b": "int4_awq"}, {"a": "fp8", "b": "int4_awq"}, {"a": "fp8", "b": "fp8"},
+                    {"a": "fp8", "b": "none"}, {"a": "none", "b": "none"}]
+    kl = [sum(sens[f][n] for n, f in mix.items()) for mix in path]
+    assert kl == sorted(kl, reverse=True) and len(set(kl)) == len(kl)  # every step removes estimated KL
+
+
+def test_threshold_path_skips_a_format_that_measured_worse_than_a_cheaper_one():
+    """Noise can make fp8's estimate exceed int4_awq's: the unit then goes from int4_awq straight to 16-bit."""
+    from trtconv.stages.search import threshold_path
+
+    sens = {"int4_awq": {"a": 0.004}, "fp8": {"a": 0.005}, "none": {"a": 0.0}}
+    assert threshold_path(sens, ["int4_awq", "fp8", "none"], ["a"]) == [{"a": "int4_awq"}, {"a": "none"}]
 
 
 def test_search_bisects_to_the_cheapest_passing_step():

@@ -33,10 +33,13 @@ Why this shape:
   gate.sensitivity's helpers (LayerInputs: the run starts at the unit's layer; the same numbers as a whole
   forward), on SENSITIVITY_EVAL_ROWS calibration rows. Four units a dense layer: four times the per-layer
   pass's forwards, each from the unit's layer on.
-- Greedy path: from every unit at the cheapest format, the move (a unit to a format with more bits)
-  that removes the most estimated KL per added bit, again and again until every unit is at the most
-  accurate format (bits weighted by the unit's weight count). Each step of this path is a mix with more
-  bits than the one before; the search finds where along it the gates start to pass, with measured
+- Threshold path: a threshold on the per-unit estimate falls from above every estimate to below the last;
+  at each value every unit takes the cheapest format whose estimated KL is under it (the lowest-KL one when
+  none is). No unit's own loss may pass the threshold, whatever its size: the minimax rule of ModelOpt's
+  kl_div auto_quantize. It replaced a greedy path (the move removing the most estimated KL per added bit),
+  which put the big gate/up GEMMs in fp8 because their KL per bit was lowest; their KL on one unseen document
+  then compounded past the gate (docs/accuracy.md). Each step of the path is a mix with more bits than the
+  one before; the search finds where along it the gates start to pass, with measured
   trials: the mixed fake-quant model against the original, with the gate's own statistics and rule
   (gate.stats, per pack), gates tightened by SEARCH_MARGIN, on evaluation-pack documents the gate does not
   use (VALIDATION_ROWS; the search must not tune on the documents that judge it, so it sees other documents
@@ -385,23 +388,25 @@ def effective_bits(formats: dict[str, str], weights: dict[str, int], fixed: int 
     return (sum(format_bits(f) * weights[p] for p, f in formats.items()) + EXPORT_DTYPE_BITS * fixed) / max(total, 1)
 
 
-def upgrade_path(sens: dict[str, dict[str, float]], weights: dict[str, int], candidates: list[str],
-                 start: dict[str, str]) -> list[dict[str, str]]:
-    """Every mix the greedy visits, `start` first: each step moves the unit whose move to a format with more
-    bits removes the most estimated KL per added bit, until no move removes any."""
-    formats, path = dict(start), [dict(start)]
-    while True:
-        best = None
-        for p, f in formats.items():
-            for g in candidates:
-                added = (format_bits(g) - format_bits(f)) * weights[p]
-                gain = sens[f][p] - sens[g][p]
-                if added > 0 and gain > 0 and (best is None or gain / added > best[0]):
-                    best = (gain / added, p, g)
-        if best is None:
-            return path
-        formats[best[1]] = best[2]
-        path.append(dict(formats))
+def threshold_path(sens: dict[str, dict[str, float]], candidates: list[str], names: list[str]) -> list[dict[str, str]]:
+    """Every mix a falling threshold visits (module docstring): at each threshold every unit takes the cheapest
+    candidate whose estimated KL is under it, the one with the lowest KL when none is. The threshold starts
+    above every estimate (every unit at the cheapest candidate) and steps down through them, so each step moves
+    at least one unit to a format with more bits and less KL."""
+    scores = sorted({sens[f][n] for f in candidates for n in names}, reverse=True)
+    path: list[dict[str, str]] = []
+    for t in [float("inf"), *scores]:
+        mix = {n: _cheapest_under(sens, candidates, n, t) for n in names}
+        if not path or mix != path[-1]:
+            path.append(mix)
+    return path
+
+
+def _cheapest_under(sens, candidates: list[str], name: str, threshold: float) -> str:
+    under = [f for f in candidates if sens[f][name] < threshold]
+    if not under:
+        return min(candidates, key=lambda f: (sens[f][name], -format_bits(f)))
+    return min(under, key=lambda f: (format_bits(f), sens[f][name]))
 
 
 def next_step(path_kl: list[float], scale: float, target: float, failed: int, passed: int | None) -> int:
@@ -539,7 +544,7 @@ def run(model, recipe, calib_tokens, device: str, reporter, validation=None, mea
     cheapest = candidates[0]
     skeleton = models[cheapest]
     sources = sources_of(models, units)
-    path = upgrade_path(sens, weights, candidates, {u.name: cheapest for u in units})
+    path = threshold_path(sens, candidates, [u.name for u in units])
     path_kl = [sum(sens[f][p] for p, f in mix.items()) for mix in path]
     max_kl = recipe.evaluate.gates.max_kl or 0.01
     target, scale = TARGET_FRACTION * max_kl, 1.0
