@@ -168,12 +168,11 @@ def test_deepseek_without_q_lora_keeps_the_linears_reading_the_input_together():
 
 def test_a_moe_auto_build_searches_what_its_family_converts(cli, tmp_path):
     """No candidates named: a MoE family's auto build searches fp8 and 16-bit (its row), where the default list
-    (int4_awq, int8_sq, ...) was refused before any work; per GEMM, a MoE block is one unit."""
+    (int4_awq, int8_sq, ...) was refused before any work; per GEMM (the default), a MoE block is one unit."""
     model = make_tiny_model(tmp_path / "m", "qwen3_moe")
     out = tmp_path / "out"
     res = cli("calibrate", "--model", model, "-o", out, *PLUMBING_ARGS, "--precision", "auto", "--set", "engine.target=none",
-              "--set", "quantization.search.max_trials=2",
-              "--set", "quantization.search.granularity=gemm")
+              "--set", "quantization.search.max_trials=2")
     assert res.exit_code == 0, res.output
     found = json.loads((out / "manifest.json").read_text())["calibration"]["search"]
     assert found["candidates"] == ["fp8", "none"] and found["trials"][0]["units_per_format"] == {"fp8": 7}  # q/k/v, o; a MoE block or gate/up, down
@@ -197,7 +196,8 @@ def test_auto_build_records_trials_and_passes_the_shipped_gate(cli, tmp_path):
     assert found["candidates"] == ["int4_awq", "fp8", "none"]
     first = found["trials"][0]
     assert first["verdict"] == "pass" and first["effective_bits"] == pytest.approx(4.125)  # relaxed gates: the cheapest passes
-    assert set(first["mean_kl"]) == {"value", "ci_low", "ci_high"} and first["units_per_format"] == {"int4_awq": 2}  # per layer, the default
+    assert set(first["mean_kl"]) == {"value", "ci_low", "ci_high"} and first["units_per_format"] == {"int4_awq": 8}  # per GEMM, the default
+    assert found["granularity"] == "fused GEMM (q/k/v, o, gate/up, down) or mixture-of-experts block of a decoder layer"
     assert {s["name"] for s in manifest["stages"]} >= {"search", "export", "evaluate"}
     assert "## Precision auto" in (out / "report.md").read_text()
     assert (out / "report_search.png").is_file()
@@ -207,13 +207,14 @@ def test_nothing_passes_exits_1_with_the_closest_written_and_failed(cli, tmp_pat
     model = make_tiny_model(tmp_path / "m", "llama")
     out = tmp_path / "out"
     res = cli("calibrate", "--model", model, "-o", out, *PLUMBING_ARGS, "--precision", "auto", "--candidates", "fp8",
-              "--set", "engine.target=none", "--set", "evaluate.gates.max_kl=1e-9")
+              "--set", "engine.target=none", "--set", "evaluate.gates.max_kl=1e-9", "--set", "quantization.search.granularity=layer")
     assert res.exit_code == 1, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "failed"
     assert "precision auto: the path's most accurate mix failed too" in manifest["status_reason"]
     found = manifest["calibration"]["search"]
     assert not found["passed"] and found["trials"][0]["verdict"] == "fail"
+    assert found["granularity"] == "decoder layer" and found["trials"][0]["units_per_format"] == {"fp8": 2}
     assert (out / "hf_checkpoint" / "model.safetensors").is_file()
 
 

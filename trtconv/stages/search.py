@@ -1,22 +1,18 @@
-"""`quantization.precision: auto`: the per-layer (or per-GEMM) mix of formats with the fewest weight bits that passes the gates.
+"""`quantization.precision: auto`: the per-GEMM (or per-layer) mix of formats with the fewest weight bits that passes the gates.
 
 Why this shape:
-- A unit takes one format. `search.granularity: layer` (the default): a decoder layer, the unit
-  `quantization.exclude` and the failed-gate advice speak (`model.layers.N.*`). `gemm`: one GEMM the runtime
+- A unit takes one format. `search.granularity: gemm` (the default): one GEMM the runtime
   runs fused (architectures.fused_groups: q/k/v, gate/up; o_proj and down_proj alone; Phi-3 ships q/k/v
   and gate/up fused already; linears reading one input, architectures.shared_input_groups), or a mixture-of-experts block
   as a whole (its router, experts and shared expert read one input; ModelOpt's export unifies the input
   scales of linears that share an input, so they must share a format). A unit's linears share an
   activation quantizer and, in FP8, one weight scale, so they can only share a format. The attention's
   KV-cache quantizers go with the unit of its key projection (the keys and values come out of it). lm_head and
-  embeddings stay as the recipe says. Why both (docs/accuracy.md, SmolLM2-135M, int4_awq / fp8 / none):
-  per layer the search shipped 13.87 bits at KL 0.0065 [0.0061, 0.0068] and passed, where ModelOpt's
-  mtq.auto_quantize, which picks per linear group, reached 0.0053 [0.0049, 0.0060] at the same bits (a layer
-  whose down_proj alone is sensitive costs all of its linears' bits). Per GEMM the search found mixes of 13.3
-  and 13.5 bits that passed its validation documents with a lower mean KL on two of three packs, and both
-  failed the gate on one document of the third (KL 0.11 and 0.12; 0.022 in the per-layer mix): fp8 spread
-  over more layers compounds on a document the search never saw. Per layer stays the default until per GEMM
-  passes too.
+  embeddings stay as the recipe says. `layer`: a decoder layer, the unit `quantization.exclude` and the
+  failed-gate advice speak (`model.layers.N.*`), a quarter of the sensitivity forwards. Why gemm is the default
+  (docs/accuracy.md, SmolLM2-135M, int4_awq / fp8 / none, fp8's gates): per GEMM the search shipped 13.91 bits
+  whose every pack's KL was lower than the per-layer mix's at 13.87 bits (a layer whose down_proj alone is
+  sensitive costs all of its linears' bits), in 19 min on a 2-core CPU.
 - Every candidate format is calibrated once, with real ModelOpt, on its own copy of the model
   (stages.calibrate.run with that format's config, group size chosen as for any build). A mixed
   model is then assembled from those copies' units: unit u taken from the model calibrated at format f
@@ -128,7 +124,7 @@ class SearchResult:
     seconds: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""
     measured_on: str = ""  # which rows the trials were measured on (validation_for)
-    granularity: str = "layer"
+    granularity: str = "gemm"
 
     def record(self) -> dict:
         closest = "" if self.passed else f"no trial passed; closest: trial {self.chosen.index} ({self.chosen.effective_bits:.2f} bits)"
