@@ -123,7 +123,7 @@ def build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcom
 
 
 def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutcome:
-    from trtconv.checkpoints.hf_model import compute_dtype, load_hf_model, load_tokenizer, release_memory
+    from trtconv.checkpoints.hf_model import compute_dtype, import_model_class, load_hf_model, load_tokenizer, release_memory
     from trtconv.data import samples
     from trtconv.engine.plan import check_cuda_forward, preflight as check_engine
     from trtconv.precisions import PRECISIONS
@@ -174,6 +174,7 @@ def _build(recipe: Recipe, opts: BuildOptions, reporter: Reporter) -> BuildOutco
         if not hashing.pending:
             inputs, export_key = _keys(recipe, model_dir, weights, hashing, calib_packs, eval_packs, device)
         if recipe.quantization.quantizes and not (cache and export_key and export.is_cached(cache, export_key)):
+            import_model_class(hf_cfg)  # first, on this thread: see hf_model.import_model_class
             start_modelopt_import()  # 6-8 s on a thread of its own, under the model load (trtconv.core.imports)
         preloaded = None
         if hashing.pending and not memory.streamed:

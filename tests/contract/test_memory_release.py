@@ -29,11 +29,11 @@ from trtconv.pipeline import run_calibrate_and_export
 from trtconv.recipe.schema import recipe_from_dict
 
 out = Path(sys.argv[1])
+model_dir = make_tiny_model(out / "m", "llama")  # first: the helper's own transformers imports have no retry
 if sys.argv[2] == "background":  # as the pipeline does: started early, joined by the calibrate stage
     from trtconv.core.imports import start_modelopt_import
 
     start_modelopt_import()
-model_dir = make_tiny_model(out / "m", "llama")
 recipe = recipe_from_dict({"name": "r", "model": {"path": str(model_dir)}, "quantization": {"precision": "fp8"},
                            "calibration": {"num_samples": 4, "seq_len": 32}}).resolved()
 tok = load_tokenizer(model_dir, False)

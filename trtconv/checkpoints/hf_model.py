@@ -56,22 +56,39 @@ def compute_dtype(recipe_dtype: str, device: str) -> str:
 
 
 def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: str = "cpu"):
-    from transformers import AutoModelForCausalLM
-
     # Straight onto the device: on a GPU the weights go from the file to GPU memory without a
     # whole-model copy in host RAM (an 8B model is 16 GB of bf16; a float32 host copy 32 GB).
     placement = {} if str(device) == "cpu" else {"device_map": str(device)}
     placement.update(family_attention(model_dir))
+    def load():  # the import too: it can meet the background ModelOpt import half way (KeyError 'accelerate', loaded host)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **placement)
+
     try:
-        model = retry_after_import_deadlock(lambda: AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **placement
-        ))
+        model = retry_after_import_deadlock(load)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(f"{model_dir}: transformers cannot load this checkpoint: {exc}") from None
     model.eval()
     model = model if placement else model.to(device)
     check_finite_model(model, model_dir)  # NaN/inf stop here, named, not deep inside ModelOpt (hf_checks)
     return model
+
+
+def import_model_class(hf_cfg: dict) -> None:
+    """Import transformers' model-loading stack and the family's modeling module on this thread, before ModelOpt's
+    background import starts (trtconv.core.imports). Both need accelerate and transformers' generation utilities;
+    importing them from two threads at once left accelerate half imported on the loaded 2-core host, past any
+    retry (its modules import each other in a fixed order), and cost ModelOpt its HF plugins. The background
+    import then finds them whole. Nothing for a family whose code comes with the model (trust_remote_code)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # with generation utilities, accelerate
+
+    try:
+        MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[hf_cfg.get("model_type", "")]]
+    except (KeyError, ValueError):
+        pass  # remote code or an unknown type: the load reports it
 
 
 def family_attention(model_dir: Path) -> dict:

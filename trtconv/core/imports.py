@@ -12,10 +12,19 @@ trainer, reading some thousand files), while bare ModelOpt's timings start after
 starts it (`start_modelopt_import`) as soon as it knows calibration will run, so it overlaps the
 tokenizer, the token rows and the model load; `import_modelopt` waits for it.
 
-Two threads importing at once can, in rare module cycles, make Python's import lock raise
-`_DeadlockError` in one of them. On the background thread any failure is dropped (the import is
-done again, on demand, where its error is reported); on the main thread `retry_after_import_deadlock`
-waits for the background import and tries once more.
+Two threads importing at once can, in module cycles, make Python's import lock raise
+`_DeadlockError` in one of them, or hand one a module the other has half imported. On the background
+thread any failure is dropped (the import is done again, on demand, where its error is reported); on
+the main thread `retry_after_import_deadlock` waits for the background import and tries once more.
+ModelOpt itself drops a failed plugin import with a warning (modelopt.torch.utils.import_plugin):
+when the main thread was importing transformers' generation utilities (accelerate.hooks) during the
+model load, the background import lost ModelOpt's accelerate, huggingface and transformers plugins to
+a half-imported `accelerate` in 3 of 8 runs on the loaded 2-core host, and ModelOpt calibrated without
+its handling of HF attention (the KV-cache quantizers) and mixture-of-experts blocks, silently; the main
+thread's retry failed too (accelerate's modules import each other in a fixed order, and the half import
+broke it). So the pipeline imports transformers' loading stack first (hf_model.import_model_class), and
+`import_modelopt` checks that every plugin of PLUGINS is imported, imports a missing one again once the
+background import is over (one importer, no race), and stops the run if that fails.
 """
 
 from __future__ import annotations
@@ -32,6 +41,12 @@ from trtconv.core.errors import UserError
 MODULE = "modelopt.torch.quantization"
 # What the calibrate and export stages use, in the order they need it.
 BACKGROUND_MODULES = (MODULE, "modelopt.torch.export")
+# ModelOpt's plugins for the libraries trtconv depends on (a failure ModelOpt only warns about): HF attention, MoE
+# blocks and fused experts (quantization.plugins.huggingface), accelerate's hooks, transformers' modules, and the
+# save/restore of HF models (opt.plugins). Each is a star import into its package (`from .huggingface import *`).
+PLUGINS = ("modelopt.torch.opt.plugins.huggingface", "modelopt.torch.opt.plugins.transformers",
+           "modelopt.torch.quantization.plugins.accelerate", "modelopt.torch.quantization.plugins.huggingface",
+           "modelopt.torch.quantization.plugins.transformers")
 
 _background: threading.Thread | None = None
 T = TypeVar("T")
@@ -119,4 +134,29 @@ def import_modelopt():
             raise exc.with_traceback(None)
     import modelopt.torch.quantization as mtq
 
+    ensure_plugins()
     return mtq
+
+
+def ensure_plugins() -> list[str]:
+    """Import every PLUGINS module that is missing (module docstring) on this thread, as ModelOpt's package does
+    (its public names into the package); returns those imported again. A plugin that fails here stops the run:
+    calibrating without it would change the artifact silently."""
+    import importlib.util
+
+    redone = []
+    for name in PLUGINS:
+        package = name.rpartition(".")[0]
+        if name in sys.modules or package not in sys.modules:
+            continue
+        try:
+            if importlib.util.find_spec(name) is None:  # not in this ModelOpt version
+                continue
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - named in the error
+            raise RuntimeError(f"ModelOpt's plugin {name} failed to import ({exc!r}); trtconv does not calibrate "
+                               "without it, since the artifact would silently differ") from exc
+        public = getattr(module, "__all__", None) or [k for k in vars(module) if not k.startswith("_")]
+        vars(sys.modules[package]).update({k: getattr(module, k) for k in public})
+        redone.append(name)
+    return redone
