@@ -12,7 +12,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+from trtconv.core.imports import PLUGINS
 
 CHILD = r"""
 import importlib.abc, sys, warnings
@@ -29,13 +32,16 @@ class FailOnce(importlib.abc.MetaPathFinder):  # the plugin's first import meets
 sys.meta_path.insert(0, FailOnce())
 with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")
-    from trtconv.core.imports import import_modelopt
+    from trtconv.core.imports import import_modelopt, start_modelopt_import
+    if sys.argv[2] == "bound":  # as the pipeline does: quantization and export imported in the background
+        start_modelopt_import()
     try:
         import_modelopt()
     except RuntimeError as exc:
         print("REFUSED", exc)
         sys.exit(0)
-assert FailOnce.failed and any(target in str(w.message) or "Failed to import modelopt" in str(w.message) for w in seen)
+short = target.rsplit(".", 1)[1]
+assert FailOnce.failed and any(f"Failed to import modelopt {short} plugin" in str(w.message) for w in seen), [str(w.message) for w in seen]
 assert target in sys.modules, "the plugin stayed missing"
 if sys.argv[2] == "kv":  # what the HF plugin does: the attention's KV-cache quantizers exist after quantize
     import torch
@@ -63,12 +69,17 @@ def test_a_plugin_lost_to_a_racing_import_is_imported_again():
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
-def test_each_required_plugin_is_checked():
-    from trtconv.core.imports import PLUGINS
-
-    res = _child("modelopt.torch.quantization.plugins.accelerate")
+@pytest.mark.parametrize("plugin", [p for p in PLUGINS if not p.endswith(".huggingface")])
+def test_each_required_plugin_is_checked(plugin):
+    res = _child(plugin)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
-    assert "modelopt.torch.quantization.plugins.huggingface" in PLUGINS
+
+
+def test_a_lost_plugin_whose_names_are_bound_stops_the_run():
+    """The export binds hf_checkpoint_utils' names when it is imported: lost, it cannot be repaired in-process."""
+    res = _child("modelopt.torch.export.plugins.hf_checkpoint_utils", "bound")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "REFUSED ModelOpt's plugin modelopt.torch.export.plugins.hf_checkpoint_utils was lost" in res.stdout, res.stdout
 
 
 def test_a_plugin_that_fails_again_stops_the_run_naming_it():

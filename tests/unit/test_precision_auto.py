@@ -1,5 +1,5 @@
 """`quantization.precision: auto`: the recipe rules, the gates it defaults to, the plans it must not crash,
-and the search's greedy allocation (trtconv/stages/search.py), without a model."""
+and the search's threshold path and bisection (trtconv/stages/search.py), without a model."""
 
 from __future__ import annotations
 
@@ -181,8 +181,8 @@ def test_a_result_cut_by_the_time_budget_is_never_cached():
 
 
 def test_threshold_path_keeps_every_units_loss_under_a_falling_threshold():
-    """Each step: every unit at its cheapest format whose estimate is under the threshold, whatever its size (a
-    big unit with a low KL per bit but a high KL, `a`, is upgraded before a small unit with a lower KL, `b`)."""
+    """Each step: every unit at its cheapest format whose estimate is under the threshold. The path takes no unit
+    sizes: a unit's own KL decides (`a`'s int4_awq, the highest estimate, goes first), not its KL per bit."""
     from trtconv.stages.search import threshold_path
 
     sens = {"int4_awq": {"a": 0.010, "b": 0.004}, "fp8": {"a": 0.002, "b": 0.003}, "none": {"a": 0.0, "b": 0.0}}
@@ -310,3 +310,29 @@ def test_the_trials_baseline_gives_the_originals_logits_to_the_bit(tmp_path, arc
         first, again = base(ids), base(ids)
         assert torch.equal(first, whole) and torch.equal(again, whole)
     assert len(base.kept) == 2
+
+
+def test_threshold_path_never_chooses_a_nan_estimate_and_stays_monotone():
+    """A NaN estimate (a broken forward) counts as infinite: the unit leaves that format first and never returns;
+    bits never go down along the path."""
+    from trtconv.stages.search import format_bits, threshold_path
+
+    nan = float("nan")
+    sens = {"int4_awq": {"a": 0.01, "b": nan}, "fp8": {"a": 0.002, "b": 0.003}, "none": {"a": 0.0, "b": 0.0}}
+    path = threshold_path(sens, ["int4_awq", "fp8", "none"], ["a", "b"])
+    for unit in ("a", "b"):
+        bits = [format_bits(mix[unit]) for mix in path]
+        assert bits == sorted(bits), (unit, path)
+    assert all(mix["b"] != "int4_awq" for mix in path[1:]) and path[-1] == {"a": "none", "b": "none"}
+
+
+def test_threshold_path_equal_bits_and_equal_estimates():
+    """Of two formats with equal weight bits only the first listed takes part (no W4A8/W4A16 mix); a unit whose
+    formats all estimate 0 stays at the cheapest, with no step that adds bits for nothing."""
+    from trtconv.stages.search import threshold_path
+
+    sens = {"w4a8_awq": {"a": 0.02, "b": 0.0}, "int4_awq": {"a": 0.01, "b": 0.0}, "fp8": {"a": 0.002, "b": 0.0},
+            "none": {"a": 0.0, "b": 0.0}}
+    path = threshold_path(sens, ["w4a8_awq", "int4_awq", "fp8", "none"], ["a", "b"])
+    assert all(mix["a"] != "int4_awq" and mix["b"] == "w4a8_awq" for mix in path)
+    assert path == [{"a": "w4a8_awq", "b": "w4a8_awq"}, {"a": "fp8", "b": "w4a8_awq"}, {"a": "none", "b": "w4a8_awq"}]

@@ -81,14 +81,15 @@ def import_model_class(hf_cfg: dict) -> None:
     background import starts (trtconv.core.imports). Both need accelerate and transformers' generation utilities;
     importing them from two threads at once left accelerate half imported on the loaded 2-core host, past any
     retry (its modules import each other in a fixed order), and cost ModelOpt its HF plugins. The background
-    import then finds them whole. Nothing for a family whose code comes with the model (trust_remote_code)."""
-    from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # with generation utilities, accelerate
-
+    import then finds them whole. Best effort: a model_type transformers does not know (remote code) imports the
+    stack only, and any error is left to the load, which reports it."""
     try:
+        from transformers import CONFIG_MAPPING
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # with generation utilities, accelerate
+
         MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[hf_cfg.get("model_type", "")]]
-    except (KeyError, ValueError):
-        pass  # remote code or an unknown type: the load reports it
+    except Exception:  # noqa: BLE001 - the load that follows reports what is wrong
+        pass
 
 
 def family_attention(model_dir: Path) -> dict:

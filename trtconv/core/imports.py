@@ -19,12 +19,13 @@ the main thread `retry_after_import_deadlock` waits for the background import an
 ModelOpt itself drops a failed plugin import with a warning (modelopt.torch.utils.import_plugin):
 when the main thread was importing transformers' generation utilities (accelerate.hooks) during the
 model load, the background import lost ModelOpt's accelerate, huggingface and transformers plugins to
-a half-imported `accelerate` in 3 of 8 runs on the loaded 2-core host, and ModelOpt calibrated without
-its handling of HF attention (the KV-cache quantizers) and mixture-of-experts blocks, silently; the main
-thread's retry failed too (accelerate's modules import each other in a fixed order, and the half import
-broke it). So the pipeline imports transformers' loading stack first (hf_model.import_model_class), and
-`import_modelopt` checks that every plugin of PLUGINS is imported, imports a missing one again once the
-background import is over (one importer, no race), and stops the run if that fails.
+a half-imported `accelerate` in 3 of 8 runs on the loaded 2-core host; a calibration after that would
+have run without ModelOpt's handling of HF attention (the KV-cache quantizers) and mixture-of-experts
+blocks, silently. The main thread's retry failed too (accelerate's modules import each other in a fixed
+order, and the half import broke it). So the pipeline imports transformers' loading stack first
+(hf_model.import_model_class: 14 of 14 runs clean under load), and `import_modelopt` checks that every
+plugin of PLUGINS is imported, imports a missing one again once the background import is over (one
+importer, no race), and stops the run if that fails or a BOUND_PLUGINS one is missing.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ from trtconv.core.errors import UserError
 MODULE = "modelopt.torch.quantization"
 # What the calibrate and export stages use, in the order they need it.
 BACKGROUND_MODULES = (MODULE, "modelopt.torch.export")
-# ModelOpt's plugins for the libraries trtconv depends on (a failure ModelOpt only warns about): HF attention, MoE
-# blocks and fused experts (quantization.plugins.huggingface), accelerate's hooks, transformers' modules, and the
-# save/restore of HF models (opt.plugins). Each is a star import into its package (`from .huggingface import *`).
-PLUGINS = ("modelopt.torch.opt.plugins.huggingface", "modelopt.torch.opt.plugins.transformers",
-           "modelopt.torch.quantization.plugins.accelerate", "modelopt.torch.quantization.plugins.huggingface",
+# ModelOpt's quantization plugins for the libraries trtconv loads models with (a failure ModelOpt only warns about):
+# HF attention, MoE blocks and fused experts (huggingface), accelerate's hooks, transformers' modules. Each is a
+# star import into its package (`from .huggingface import *`), so one imported again later works as the first would.
+PLUGINS = ("modelopt.torch.quantization.plugins.accelerate", "modelopt.torch.quantization.plugins.huggingface",
            "modelopt.torch.quantization.plugins.transformers")
+# Plugin functions another ModelOpt module binds at import time (module -> name, the plugin that defines it): when the
+# plugin was lost, ModelOpt binds a no-op in its place (sanitize_hf_config_for_deployment shapes the exported
+# config.json), and importing the plugin again later does not rebind it.
+BOUND_PLUGINS = {"modelopt.torch.export.unified_export_hf": ("sanitize_hf_config_for_deployment",
+                                                             "modelopt.torch.export.plugins.hf_checkpoint_utils")}
 
 _background: threading.Thread | None = None
 T = TypeVar("T")
@@ -139,11 +144,17 @@ def import_modelopt():
 
 
 def ensure_plugins() -> list[str]:
-    """Import every PLUGINS module that is missing (module docstring) on this thread, as ModelOpt's package does
-    (its public names into the package); returns those imported again. A plugin that fails here stops the run:
-    calibrating without it would change the artifact silently."""
+    """Import every PLUGINS module that is missing (module docstring) on this thread, once no background import
+    runs, as ModelOpt's package does (its public names into the package); returns those imported again. A plugin
+    that fails here, or a BOUND_PLUGINS one that is missing, stops the run: the artifact would silently differ."""
     import importlib.util
 
+    wait_for_background_import()
+    for user, (attr, plugin) in BOUND_PLUGINS.items():
+        bound = getattr(sys.modules.get(user), attr, None)
+        if bound is not None and bound.__module__ != plugin and importlib.util.find_spec(plugin) is not None:
+            raise RuntimeError(f"ModelOpt's plugin {plugin} was lost to a concurrent import and cannot be imported again "
+                               f"in this process ({user} bound a no-op {attr} in its place); run the command again")
     redone = []
     for name in PLUGINS:
         package = name.rpartition(".")[0]
@@ -156,7 +167,8 @@ def ensure_plugins() -> list[str]:
         except Exception as exc:  # noqa: BLE001 - named in the error
             raise RuntimeError(f"ModelOpt's plugin {name} failed to import ({exc!r}); trtconv does not calibrate "
                                "without it, since the artifact would silently differ") from exc
-        public = getattr(module, "__all__", None) or [k for k in vars(module) if not k.startswith("_")]
+        public = getattr(module, "__all__", None)
+        public = [k for k in vars(module) if not k.startswith("_")] if public is None else public
         vars(sys.modules[package]).update({k: getattr(module, k) for k in public})
         redone.append(name)
     return redone
