@@ -46,7 +46,7 @@ def main() -> None:
     ids, n = torch.tensor([evals.rows[i]]), evals.lengths[i]
     model = load_hf_model(model_dir, "float32", recipe.model.trust_remote_code, "cpu").eval()
     with torch.no_grad():
-        base = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)[0, : n - 1]
+        base = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
     section = recipe.quantization.model_copy(update={"precision": "fp8", "search": None})
     calibrate.run(model, section, calib, recipe.calibration.batch_size, "cpu", Reporter(quiet=True))
     found = json.loads((a.auto / "manifest.json").read_text(encoding="utf-8"))["calibration"]["search"]
@@ -55,9 +55,7 @@ def main() -> None:
 
     def kl_with(paths: list[str]) -> float:
         s._set_quantizers(model, lambda q: q in enabled and any(q.startswith(p + ".") for p in paths))
-        with torch.no_grad():
-            c = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)[0, : n - 1]
-        return (base.exp() * (base - c)).sum(-1).mean().item()
+        return s._kl(model, ids, [n], base)  # the sensitivity pass's own per-token KL, averaged over the document
 
     fp8 = [u for u, f in formats.items() if f == "fp8"]
     out = {"document": a.document, "tokens": n, "fp8_units": len(fp8),

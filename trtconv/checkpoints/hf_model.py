@@ -60,6 +60,7 @@ def load_hf_model(model_dir: Path, dtype: str, trust_remote_code: bool, device: 
     # whole-model copy in host RAM (an 8B model is 16 GB of bf16; a float32 host copy 32 GB).
     placement = {} if str(device) == "cpu" else {"device_map": str(device)}
     placement.update(family_attention(model_dir))
+
     def load():  # the import too: it can meet the background ModelOpt import half way (KeyError 'accelerate', loaded host)
         from transformers import AutoModelForCausalLM
 
